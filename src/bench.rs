@@ -1,0 +1,214 @@
+//! `ctseg bench step`: the time of one training step (forward, loss, backward, optimiser step)
+//! over warm steps, with its spread, images/s, achieved GFLOP/s and peak memory; optionally the
+//! PyTorch peer run with the same shapes in the same invocation, reported as a ratio.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use burn::optim::GradientsParams;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::config::RunConfig;
+use crate::data::{Dataset, make_batch};
+use crate::error::{Error, Result};
+use crate::model::{Mode, summarize};
+use crate::train::{batch_tensors, build_model, forward_loss};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct StepBenchOptions {
+    /// Untimed steps first (kernel compilation, allocator warm-up).
+    pub warmup: usize,
+    /// Timed steps.
+    pub steps: usize,
+}
+
+/// Result of a step benchmark (one JSON line with `--json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StepBench {
+    /// `"ctseg"`.
+    pub bench: String,
+    /// Device description.
+    pub device: String,
+    /// Model width.
+    pub width: usize,
+    /// Input size.
+    pub size: usize,
+    /// Batch.
+    pub batch: usize,
+    /// Trainable parameters.
+    pub params: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Median step time, s.
+    pub median_step_s: f64,
+    /// Fastest step, s.
+    pub min_step_s: f64,
+    /// Slowest step, s.
+    pub max_step_s: f64,
+    /// Interquartile range of step times, s.
+    pub iqr_step_s: f64,
+    /// Images per second at the median.
+    pub images_per_s: f64,
+    /// Forward+backward GFLOP per step (3 × forward, see `ctseg model`).
+    pub gflop_per_step: f64,
+    /// Achieved GFLOP/s at the median.
+    pub gflops: f64,
+    /// Loss of the first and last step (same batch: it should fall).
+    pub first_loss: f64,
+    /// Loss of the last step.
+    pub last_loss: f64,
+    /// Peak resident memory of this process, MB (VmHWM).
+    pub peak_rss_mb: f64,
+}
+
+/// Peak resident set size of this process in MB, from `/proc/self/status` (VmHWM).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let pos = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
+/// Times training steps of `cfg`'s model on one fixed phantom batch.
+pub fn bench_step(cfg: &RunConfig, be: &Backend, o: &StepBenchOptions) -> Result<StepBench> {
+    let (device, device_desc) = (&be.device, be.description.as_str());
+    let b = cfg.train.batch_size;
+    let size = cfg.model.input_size;
+    // One phantom volume with enough slices for the batch.
+    let ds = Dataset::phantom(cfg.seed, 1, b, size, 1);
+    let idx: Vec<usize> = (0..b).collect();
+    let batch = make_batch(&ds, &cfg.data, cfg.model.classes, &idx);
+    let ad = device.clone().autodiff();
+    let mut model = build_model(cfg, &ad, be.chunk_limit);
+    let mut optim = cfg.optimizer.init();
+    let mut times = Vec::with_capacity(o.steps);
+    let mut losses = Vec::new();
+    for step in 0..o.warmup + o.steps {
+        device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
+        let t = Instant::now();
+        let (x, y) = batch_tensors(&batch, &ad);
+        let mode = Mode::Train {
+            seed: cfg.seed,
+            step: step as u64,
+            stream: 0,
+        };
+        let (loss_value, loss) = forward_loss(&model, x, y, mode, cfg.train.loss_smooth)?;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(cfg.optimizer.lr, model, grads);
+        device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
+        let dt = t.elapsed().as_secs_f64();
+        losses.push(loss_value);
+        if step >= o.warmup {
+            times.push(dt);
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = quantile(&sorted, 0.5);
+    let summary = summarize(&cfg.model);
+    let gflop = summary.train_flops() * b as f64 / 1e9;
+    Ok(StepBench {
+        bench: "ctseg".into(),
+        device: device_desc.into(),
+        width: cfg.model.width,
+        size,
+        batch: b,
+        params: summary.params(),
+        steps: times.len(),
+        median_step_s: median,
+        min_step_s: sorted.first().copied().unwrap_or(f64::NAN),
+        max_step_s: sorted.last().copied().unwrap_or(f64::NAN),
+        iqr_step_s: quantile(&sorted, 0.75) - quantile(&sorted, 0.25),
+        images_per_s: b as f64 / median,
+        gflop_per_step: gflop,
+        gflops: gflop / median,
+        first_loss: losses.first().copied().unwrap_or(f64::NAN),
+        last_loss: losses.last().copied().unwrap_or(f64::NAN),
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+/// What the PyTorch peer script printed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerResult {
+    /// Median step, s.
+    pub median_step_s: f64,
+    /// Fastest step, s.
+    pub min_step_s: f64,
+    /// Images/s.
+    pub images_per_s: f64,
+    /// Peak RSS, MB.
+    #[serde(default)]
+    pub peak_rss_mb: f64,
+    /// Torch version.
+    #[serde(default)]
+    pub torch: String,
+    /// Device.
+    #[serde(default)]
+    pub device: String,
+}
+
+/// Runs `python3 SCRIPT` (the livermask PyTorch peer) with the same shapes and parses its JSON
+/// line. `extra` is appended (e.g. `--device cuda`).
+#[allow(clippy::too_many_arguments)]
+pub fn run_peer(
+    python: &str,
+    script: &Path,
+    threads: usize,
+    width: usize,
+    size: usize,
+    batch: usize,
+    dropout: f64,
+    o: &StepBenchOptions,
+    extra: &[String],
+) -> Result<PeerResult> {
+    let out = Command::new(python)
+        .arg(script)
+        .args(["--threads", &threads.to_string()])
+        .args(["--width", &width.to_string()])
+        .args(["--size", &size.to_string()])
+        .args(["--batch", &batch.to_string()])
+        .args(["--warmup", &o.warmup.to_string()])
+        .args(["--steps", &o.steps.to_string()])
+        .args(["--dropout", &dropout.to_string()])
+        .args(extra)
+        .output()
+        .map_err(|e| Error::io(script, e))?;
+    if !out.status.success() {
+        return Err(Error::Invalid(format!(
+            "peer {} failed ({}): {}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .ok_or_else(|| Error::Invalid(format!("peer {} printed no JSON line", script.display())))?;
+    serde_json::from_str(line).map_err(|e| {
+        Error::Invalid(format!(
+            "peer {}: unreadable JSON ({e}): {line}",
+            script.display()
+        ))
+    })
+}

@@ -1,0 +1,389 @@
+//! Command-line interface: clap definitions (raw flags) and the commands they run.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use ctseg::backend::{self, BackendKind};
+use ctseg::bench::{self, StepBenchOptions};
+use ctseg::comm::{Communicator, Local};
+use ctseg::config::{Overrides, RunConfig};
+use ctseg::data::Dataset;
+use ctseg::model::summarize;
+use ctseg::train::{self, TrainOptions, checkpoint::Checkpoint};
+
+/// ctseg: train CT segmentation U-Nets on a CPU or a GPU, alone or over MPI.
+#[derive(Parser, Debug)]
+#[command(name = "ctseg", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model (default: the built-in quick config on phantoms, CPU, one process).
+    Train(TrainArgs),
+    /// Print a config's layer table, trainable parameters and forward GFLOP per image.
+    Model(ModelArgs),
+    /// Write a synthetic CT dataset (phantom slices in shards).
+    Phantom(PhantomArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// List the graphics adapters `--backend gpu` can use.
+    Adapters,
+}
+
+#[derive(Args, Debug, Clone)]
+struct BackendArgs {
+    /// cpu (burn flex) or gpu (burn wgpu).
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
+    /// CPU threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// GPU adapter index (see `ctseg adapters`).
+    #[arg(long)]
+    adapter: Option<usize>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct OverrideArgs {
+    /// Epochs.
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// Images per step on each rank.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Base learning rate (per rank, before rank scaling).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Stop after this many optimiser steps (0: no limit).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Seed of every random stream.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Model width.
+    #[arg(long)]
+    width: Option<usize>,
+    /// Input size (pixels).
+    #[arg(long)]
+    size: Option<usize>,
+}
+
+impl OverrideArgs {
+    fn to_overrides(&self) -> Overrides {
+        Overrides {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            max_steps: self.max_steps,
+            seed: self.seed,
+            width: self.width,
+            size: self.size,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    /// Run config (TOML); default: the built-in configs/quick.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Dataset directory (from `ctseg phantom` or `ctseg prepare`); default: generate phantoms.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run directory; default: runs/<timestamp>.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in this directory from its checkpoint.
+    #[arg(long, conflicts_with_all = ["config", "out"])]
+    resume: Option<PathBuf>,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    backend: BackendArgs,
+    #[command(flatten)]
+    overrides: OverrideArgs,
+}
+
+#[derive(Args, Debug)]
+struct ModelArgs {
+    /// Run config (TOML); default: the built-in quick config.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: OverrideArgs,
+}
+
+#[derive(Args, Debug)]
+struct PhantomArgs {
+    /// Number of slices.
+    #[arg(long)]
+    count: usize,
+    /// Slice size in pixels.
+    #[arg(long, default_value_t = 240)]
+    size: usize,
+    /// Output dataset directory (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Slices per phantom volume (patient).
+    #[arg(long, default_value_t = 24)]
+    slices_per_volume: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Slices per shard file.
+    #[arg(long, default_value_t = 256)]
+    shard_slices: usize,
+    /// Also write a contact sheet of (up to 24) slices to this PNG.
+    #[arg(long)]
+    preview: Option<PathBuf>,
+    /// Threads for generation (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Time training steps (forward, backward, optimiser) on a fixed batch.
+    Step(BenchStepArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchStepArgs {
+    /// Run config (TOML); default: the built-in quick config.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    backend: BackendArgs,
+    #[command(flatten)]
+    overrides: OverrideArgs,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Print one JSON line.
+    #[arg(long)]
+    json: bool,
+    /// Also run this PyTorch peer script (e.g. ../shared/peer/livermask_torch.py) with the same
+    /// shapes and thread count, and print the ratio.
+    #[arg(long)]
+    peer: Option<PathBuf>,
+    /// Python interpreter for the peer.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Device for the peer (`cpu`, or `cuda` beside `--backend gpu`).
+    #[arg(long, default_value = "cpu")]
+    peer_device: String,
+}
+
+/// Parses arguments and runs the command.
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Train(a) => cmd_train(a),
+        Command::Model(a) => cmd_model(a),
+        Command::Phantom(a) => cmd_phantom(a),
+        Command::Bench(BenchCommand::Step(a)) => cmd_bench_step(a),
+        Command::Adapters => {
+            let adapters = backend::list_adapters();
+            print!("{}", backend::describe_adapters(&adapters));
+            Ok(())
+        }
+    }
+}
+
+fn load_config(path: Option<&Path>, o: &OverrideArgs) -> Result<RunConfig> {
+    let mut cfg = RunConfig::load(path)?;
+    cfg.apply(&o.to_overrides());
+    let source = path.map_or_else(
+        || "configs/quick.toml (built in)".to_string(),
+        |p| p.display().to_string(),
+    );
+    cfg.validate(&source)?;
+    Ok(cfg)
+}
+
+fn default_run_dir() -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    PathBuf::from("runs").join(format!("run-{secs}"))
+}
+
+fn cmd_train(a: TrainArgs) -> Result<()> {
+    let comm: Box<dyn Communicator> = Box::new(Local);
+    let (cfg, out_dir, resume) = match &a.resume {
+        Some(dir) => {
+            let ck = Checkpoint::load(dir)?;
+            let mut cfg = RunConfig::from_toml(&ck.meta.config_toml, &dir.join("checkpoint.ctck"))?;
+            cfg.apply(&a.overrides.to_overrides());
+            cfg.validate(&dir.display().to_string())?;
+            (cfg, dir.clone(), true)
+        }
+        None => (
+            load_config(a.config.as_deref(), &a.overrides)?,
+            a.out.clone().unwrap_or_else(default_run_dir),
+            false,
+        ),
+    };
+    let be = backend::open(a.backend.backend, a.backend.threads, a.backend.adapter)?;
+    let opts = TrainOptions {
+        out_dir: out_dir.clone(),
+        data_dir: a.data.clone(),
+        resume,
+        quiet: a.quiet,
+        device: be.device.clone(),
+        device_desc: be.description.clone(),
+        host_threads: rayon::current_num_threads(),
+        chunk_limit: be.chunk_limit,
+    };
+    let s = train::train(&cfg, &opts, comm.as_ref())?;
+    if comm.rank() == 0 {
+        println!(
+            "done: {} steps ({:.2} epochs) in {:.1} s, {:.2} img/s | val loss {:.4} | Dice liver {:.4} | Dice tumour {:.4} | run dir {}",
+            s.steps,
+            s.epochs,
+            s.wall_s,
+            s.images_per_s,
+            s.val_loss,
+            s.dice_liver,
+            s.dice_tumour,
+            out_dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn cmd_model(a: ModelArgs) -> Result<()> {
+    let cfg = load_config(a.config.as_deref(), &a.overrides)?;
+    print!("{}", summarize(&cfg.model).render(&cfg.model));
+    Ok(())
+}
+
+fn cmd_phantom(a: PhantomArgs) -> Result<()> {
+    anyhow::ensure!(a.count > 0, "--count must be at least 1");
+    anyhow::ensure!(
+        a.size >= 16,
+        "--size must be at least 16 pixels, got {}",
+        a.size
+    );
+    anyhow::ensure!(
+        a.slices_per_volume > 0,
+        "--slices-per-volume must be at least 1"
+    );
+    let threads = backend::init_cpu_threads(a.threads);
+    let per = a.slices_per_volume;
+    let volumes = a.count.div_ceil(per);
+    let mut ds = Dataset::phantom(a.seed, volumes, per, a.size, threads);
+    let keep = a.count * a.size * a.size;
+    ds.images.truncate(keep);
+    ds.labels.truncate(keep);
+    ds.volume_ids.truncate(a.count);
+    ds.slice_indices.truncate(a.count);
+    let source = format!(
+        "ctseg phantom --seed {} --count {} --size {} --slices-per-volume {}",
+        a.seed, a.count, a.size, per
+    );
+    let m = ds.write(&a.out, a.shard_slices, &source)?;
+    println!(
+        "wrote {} slices of {}x{} from {} phantom volumes in {} shard(s) to {}",
+        m.slices,
+        m.height,
+        m.width,
+        m.volumes.len(),
+        m.shards.len(),
+        a.out.display()
+    );
+    if let Some(png) = &a.preview {
+        let n = ds.len().min(24);
+        let step = (ds.len() / n.max(1)).max(1);
+        let tiles: Vec<(&[i16], &[u8], usize)> = (0..n)
+            .map(|k| {
+                let i = (k * step).min(ds.len() - 1);
+                (ds.image(i), ds.label(i), ds.size)
+            })
+            .collect();
+        ctseg::preview::write_grid(png, &tiles, 6, [-200.0, 300.0])
+            .with_context(|| format!("writing the preview {}", png.display()))?;
+        println!("preview: {}", png.display());
+    }
+    Ok(())
+}
+
+fn cmd_bench_step(a: BenchStepArgs) -> Result<()> {
+    let cfg = load_config(a.config.as_deref(), &a.overrides)?;
+    let be = backend::open(a.backend.backend, a.backend.threads, a.backend.adapter)?;
+    let o = StepBenchOptions {
+        warmup: a.warmup,
+        steps: a.steps.max(1),
+    };
+    let r = bench::bench_step(&cfg, &be, &o)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "ctseg step ({}): width {} size {} batch {} | median {:.3} s (min {:.3}, max {:.3}, IQR {:.3}, {} steps) | {:.2} img/s | {:.1} GFLOP/s | peak RSS {:.0} MB | loss {:.4} -> {:.4}",
+            r.device,
+            r.width,
+            r.size,
+            r.batch,
+            r.median_step_s,
+            r.min_step_s,
+            r.max_step_s,
+            r.iqr_step_s,
+            r.steps,
+            r.images_per_s,
+            r.gflops,
+            r.peak_rss_mb,
+            r.first_loss,
+            r.last_loss
+        );
+    }
+    if let Some(script) = &a.peer {
+        let threads = if a.backend.threads == 0 {
+            rayon::current_num_threads()
+        } else {
+            a.backend.threads
+        };
+        let extra = vec!["--device".to_string(), a.peer_device.clone()];
+        let p = bench::run_peer(
+            &a.python,
+            script,
+            threads,
+            cfg.model.width,
+            cfg.model.input_size,
+            cfg.train.batch_size,
+            cfg.model.dropout,
+            &o,
+            &extra,
+        )?;
+        let ratio = r.median_step_s / p.median_step_s;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bench": "peer", "peer": p, "ratio_ctseg_over_peer": ratio,
+                    "rss_ratio_ctseg_over_peer": r.peak_rss_mb / p.peak_rss_mb,
+                })
+            );
+        } else {
+            println!(
+                "pytorch {} ({}): median {:.3} s (min {:.3}) | {:.2} img/s | peak RSS {:.0} MB",
+                p.torch, p.device, p.median_step_s, p.min_step_s, p.images_per_s, p.peak_rss_mb
+            );
+            println!(
+                "ratio ctseg/pytorch step time: {ratio:.2}x (peak RSS {:.2}x)",
+                r.peak_rss_mb / p.peak_rss_mb
+            );
+        }
+    }
+    Ok(())
+}

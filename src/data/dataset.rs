@@ -1,0 +1,509 @@
+//! A dataset of labelled axial slices: a directory of shards plus a `dataset.json` manifest, or
+//! phantoms generated in memory; the `[data]` config section; the split by volume id.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::phantom;
+use super::shard::ShardData;
+use crate::error::{Error, Result};
+use crate::rng::{Rng, keys};
+
+/// Manifest file name inside a dataset directory.
+pub const MANIFEST: &str = "dataset.json";
+
+/// How HU values become network inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Intensity {
+    /// Raw HU as f32 (livermask: the first BatchNorm normalises).
+    Raw,
+    /// Clip to `window = [lo, hi]` and map linearly to [0, 1].
+    Window,
+}
+
+/// Data-parallel sampling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sampling {
+    /// Each rank takes every N-th index of one shared permutation per epoch.
+    Sharded,
+    /// Every rank samples from the whole set (livermask/Horovod as the study ran it).
+    Independent,
+}
+
+/// The `[data]` section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// `raw` or `window`.
+    pub intensity: Intensity,
+    /// `[lo, hi]` HU for `intensity = "window"`.
+    pub window: [f64; 2],
+    /// Fraction of volumes (patients) held out for validation.
+    pub val_fraction: f64,
+    /// Phantom volumes generated when no `--data` is given.
+    pub phantom_volumes: usize,
+    /// Slices per phantom volume.
+    pub phantom_slices: usize,
+    /// Batches prepared ahead by the loader thread.
+    pub prefetch: usize,
+    /// `sharded` or `independent`.
+    pub sampling: Sampling,
+}
+
+impl DataConfig {
+    /// Checks the values.
+    pub fn validate(&self, source: &str) -> Result<()> {
+        let bad = |field: &str, message: String| Error::ConfigValue {
+            source_name: source.to_string(),
+            field: format!("data.{field}"),
+            message,
+        };
+        if self.intensity == Intensity::Window && !(self.window[1] > self.window[0]) {
+            return Err(bad(
+                "window",
+                format!("must be [lo, hi] with lo < hi, got {:?}", self.window),
+            ));
+        }
+        if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
+            return Err(bad(
+                "val_fraction",
+                format!("must be in (0, 1), got {}", self.val_fraction),
+            ));
+        }
+        if self.phantom_volumes < 2 {
+            return Err(bad(
+                "phantom_volumes",
+                format!(
+                    "must be at least 2 (one for training, one for validation), got {}",
+                    self.phantom_volumes
+                ),
+            ));
+        }
+        if self.phantom_slices == 0 {
+            return Err(bad("phantom_slices", "must be at least 1".into()));
+        }
+        if self.prefetch == 0 {
+            return Err(bad("prefetch", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// Maps one HU value to a network input.
+    pub fn transform(&self, hu: i16) -> f32 {
+        match self.intensity {
+            Intensity::Raw => hu as f32,
+            Intensity::Window => {
+                let [lo, hi] = self.window;
+                (((hu as f64).clamp(lo, hi) - lo) / (hi - lo)) as f32
+            }
+        }
+    }
+}
+
+/// One shard as listed in the manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    /// File name relative to the dataset directory.
+    pub file: String,
+    /// Slices in it.
+    pub slices: usize,
+}
+
+/// One volume as listed in the manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VolumeEntry {
+    /// Volume id (as stored per slice in the shards).
+    pub id: u32,
+    /// Human-readable origin (a file name, or `phantom-<id>`).
+    pub name: String,
+    /// Slices of this volume in the dataset.
+    pub slices: usize,
+    /// Pixels per label value 0, 1, 2.
+    pub label_counts: [u64; 3],
+    /// Cross-validation fold, when the dataset was prepared with folds.
+    pub fold: Option<usize>,
+}
+
+/// `dataset.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always `"ctseg-dataset"`.
+    pub format: String,
+    /// Manifest version (1).
+    pub version: u32,
+    /// Slice height.
+    pub height: usize,
+    /// Slice width.
+    pub width: usize,
+    /// Total slices.
+    pub slices: usize,
+    /// Shards in order.
+    pub shards: Vec<ShardEntry>,
+    /// Volumes.
+    pub volumes: Vec<VolumeEntry>,
+    /// Where the data came from.
+    pub source: String,
+}
+
+/// Labelled slices in memory.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    /// Where it came from (a directory or a phantom description).
+    pub origin: String,
+    /// Slice height = width.
+    pub size: usize,
+    /// `len · size²` HU values.
+    pub images: Vec<i16>,
+    /// `len · size²` labels.
+    pub labels: Vec<u8>,
+    /// Volume id per slice.
+    pub volume_ids: Vec<u32>,
+    /// Slice index within its volume.
+    pub slice_indices: Vec<u32>,
+    /// Names per volume id (for the manifest).
+    pub volume_names: BTreeMap<u32, String>,
+}
+
+impl Dataset {
+    /// Number of slices.
+    pub fn len(&self) -> usize {
+        self.volume_ids.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.volume_ids.is_empty()
+    }
+
+    /// Pixels per slice.
+    pub fn pixels(&self) -> usize {
+        self.size * self.size
+    }
+
+    /// HU values of slice `i`.
+    pub fn image(&self, i: usize) -> &[i16] {
+        let p = self.pixels();
+        &self.images[i * p..(i + 1) * p]
+    }
+
+    /// Labels of slice `i`.
+    pub fn label(&self, i: usize) -> &[u8] {
+        let p = self.pixels();
+        &self.labels[i * p..(i + 1) * p]
+    }
+
+    /// Generates `volumes × slices` phantom slices of `size²` with `threads` worker threads.
+    pub fn phantom(seed: u64, volumes: usize, slices: usize, size: usize, threads: usize) -> Self {
+        let total = volumes * slices;
+        let px = size * size;
+        let mut images = vec![0i16; total * px];
+        let mut labels = vec![0u8; total * px];
+        let threads = threads.clamp(1, total.max(1));
+        let per = total.div_ceil(threads);
+        std::thread::scope(|s| {
+            for (t, (img_chunk, lab_chunk)) in images
+                .chunks_mut(per * px)
+                .zip(labels.chunks_mut(per * px))
+                .enumerate()
+            {
+                s.spawn(move || {
+                    for (k, (img, lab)) in img_chunk
+                        .chunks_mut(px)
+                        .zip(lab_chunk.chunks_mut(px))
+                        .enumerate()
+                    {
+                        let idx = t * per + k;
+                        let (v, sl) = (idx / slices, idx % slices);
+                        let g = phantom::generate(seed, v as u64, sl as u64, slices as u64, size);
+                        img.copy_from_slice(&g.hu);
+                        lab.copy_from_slice(&g.label);
+                    }
+                });
+            }
+        });
+        let volume_ids = (0..total).map(|i| (i / slices) as u32).collect();
+        let slice_indices = (0..total).map(|i| (i % slices) as u32).collect();
+        let volume_names = (0..volumes as u32)
+            .map(|v| (v, format!("phantom-{v}")))
+            .collect();
+        Self {
+            origin: format!(
+                "phantom(seed {seed}, {volumes} volumes x {slices} slices, {size}x{size})"
+            ),
+            size,
+            images,
+            labels,
+            volume_ids,
+            slice_indices,
+            volume_names,
+        }
+    }
+
+    /// Reads a dataset directory, verifying every shard's checksum and the manifest's counts.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let mpath = dir.join(MANIFEST);
+        let text = fs::read_to_string(&mpath).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::dataset(
+                    &mpath,
+                    format!(
+                        "not found: {} is not a ctseg dataset (make one with `ctseg phantom` or `ctseg prepare`)",
+                        dir.display()
+                    ),
+                )
+            } else {
+                Error::io(&mpath, e)
+            }
+        })?;
+        let m: Manifest = serde_json::from_str(&text)
+            .map_err(|e| Error::dataset(&mpath, format!("invalid manifest: {e}")))?;
+        if m.format != "ctseg-dataset" || m.version != 1 {
+            return Err(Error::dataset(
+                &mpath,
+                format!(
+                    "format {:?} version {}, expected \"ctseg-dataset\" version 1",
+                    m.format, m.version
+                ),
+            ));
+        }
+        if m.height != m.width {
+            return Err(Error::dataset(
+                &mpath,
+                format!("slices must be square, got {}x{}", m.height, m.width),
+            ));
+        }
+        let mut ds = Self {
+            origin: dir.display().to_string(),
+            size: m.height,
+            images: Vec::new(),
+            labels: Vec::new(),
+            volume_ids: Vec::new(),
+            slice_indices: Vec::new(),
+            volume_names: m.volumes.iter().map(|v| (v.id, v.name.clone())).collect(),
+        };
+        for entry in &m.shards {
+            let path = dir.join(&entry.file);
+            let shard = ShardData::read(&path)?;
+            if shard.height != m.height || shard.width != m.width {
+                return Err(Error::dataset(
+                    &path,
+                    format!(
+                        "slices are {}x{}, the manifest says {}x{}",
+                        shard.height, shard.width, m.height, m.width
+                    ),
+                ));
+            }
+            if shard.len() != entry.slices {
+                return Err(Error::dataset(
+                    &path,
+                    format!(
+                        "holds {} slices, the manifest says {}",
+                        shard.len(),
+                        entry.slices
+                    ),
+                ));
+            }
+            if let Some(bad) = shard.labels.iter().find(|&&l| l > 2) {
+                return Err(Error::dataset(
+                    &path,
+                    format!("label value {bad} outside {{0, 1, 2}}"),
+                ));
+            }
+            ds.images.extend_from_slice(&shard.images);
+            ds.labels.extend_from_slice(&shard.labels);
+            ds.volume_ids.extend_from_slice(&shard.volume_ids);
+            ds.slice_indices.extend_from_slice(&shard.slice_indices);
+        }
+        if ds.len() != m.slices {
+            return Err(Error::dataset(
+                &mpath,
+                format!("lists {} slices, the shards hold {}", m.slices, ds.len()),
+            ));
+        }
+        if ds.is_empty() {
+            return Err(Error::dataset(&mpath, "the dataset holds no slices"));
+        }
+        Ok(ds)
+    }
+
+    /// Writes shards of at most `per_shard` slices and the manifest into `dir`, atomically: all
+    /// files go to a temporary sibling directory that is renamed to `dir` at the end. `dir` must
+    /// not exist yet.
+    pub fn write(&self, dir: &Path, per_shard: usize, source: &str) -> Result<Manifest> {
+        if dir.exists() {
+            return Err(Error::dataset(
+                dir,
+                "already exists; choose a new output directory",
+            ));
+        }
+        let parent = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "dataset".into());
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let result = self.write_into(&tmp, per_shard.max(1), source);
+        match result {
+            Ok(m) => {
+                fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+                Ok(m)
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    fn write_into(&self, dir: &Path, per_shard: usize, source: &str) -> Result<Manifest> {
+        let px = self.pixels();
+        let mut shards = Vec::new();
+        let mut start = 0;
+        while start < self.len() {
+            let end = (start + per_shard).min(self.len());
+            let mut s = ShardData::new(self.size, self.size);
+            for i in start..end {
+                s.push(
+                    self.volume_ids[i],
+                    self.slice_indices[i],
+                    self.image(i),
+                    self.label(i),
+                );
+            }
+            let file = format!("shard-{:05}.ctshard", shards.len());
+            s.write(&dir.join(&file))?;
+            shards.push(ShardEntry {
+                file,
+                slices: end - start,
+            });
+            start = end;
+        }
+        let mut volumes: BTreeMap<u32, VolumeEntry> = BTreeMap::new();
+        for i in 0..self.len() {
+            let id = self.volume_ids[i];
+            let e = volumes.entry(id).or_insert_with(|| VolumeEntry {
+                id,
+                name: self
+                    .volume_names
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("volume-{id}")),
+                slices: 0,
+                label_counts: [0; 3],
+                fold: None,
+            });
+            e.slices += 1;
+            for &l in &self.labels[i * px..(i + 1) * px] {
+                e.label_counts[(l as usize).min(2)] += 1;
+            }
+        }
+        let m = Manifest {
+            format: "ctseg-dataset".into(),
+            version: 1,
+            height: self.size,
+            width: self.size,
+            slices: self.len(),
+            shards,
+            volumes: volumes.into_values().collect(),
+            source: source.into(),
+        };
+        let mpath = dir.join(MANIFEST);
+        let text = serde_json::to_string_pretty(&m)
+            .map_err(|e| Error::Invalid(format!("serialising the manifest: {e}")))?;
+        fs::write(&mpath, text).map_err(|e| Error::io(&mpath, e))?;
+        Ok(m)
+    }
+
+    /// Splits slice indices into (train, validation) by volume: `ceil(fraction · volumes)`
+    /// volumes (at least one, and at most all but one) chosen by a seeded shuffle go to
+    /// validation. No volume contributes slices to both sides.
+    pub fn split_by_volume(
+        &self,
+        val_fraction: f64,
+        seed: u64,
+    ) -> Result<(Vec<usize>, Vec<usize>)> {
+        let mut ids: Vec<u32> = self.volume_ids.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() < 2 {
+            return Err(Error::Invalid(format!(
+                "dataset {} has {} volume(s); a split by volume needs at least 2",
+                self.origin,
+                ids.len()
+            )));
+        }
+        let mut rng = Rng::stream(seed, &[keys::SPLIT]);
+        rng.shuffle(&mut ids);
+        let n_val = ((val_fraction * ids.len() as f64).ceil() as usize).clamp(1, ids.len() - 1);
+        let val: std::collections::BTreeSet<u32> = ids[..n_val].iter().copied().collect();
+        let (mut train, mut valid) = (Vec::new(), Vec::new());
+        for (i, v) in self.volume_ids.iter().enumerate() {
+            if val.contains(v) {
+                valid.push(i)
+            } else {
+                train.push(i)
+            }
+        }
+        Ok((train, valid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_never_shares_a_volume() {
+        let ds = Dataset::phantom(3, 10, 4, 32, 2);
+        let (tr, va) = ds.split_by_volume(0.2, 1).unwrap_or_default();
+        assert_eq!(tr.len() + va.len(), 40);
+        assert_eq!(va.len(), 8);
+        let tv: std::collections::BTreeSet<u32> = tr.iter().map(|&i| ds.volume_ids[i]).collect();
+        assert!(va.iter().all(|&i| !tv.contains(&ds.volume_ids[i])));
+    }
+
+    #[test]
+    fn write_then_open_round_trips() {
+        let ds = Dataset::phantom(3, 3, 2, 32, 1);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("d");
+        let m = ds.write(&out, 4, "test").expect("write");
+        assert_eq!(m.shards.len(), 2);
+        let back = Dataset::open(&out).expect("open");
+        assert_eq!(back.images, ds.images);
+        assert_eq!(back.labels, ds.labels);
+        assert_eq!(back.volume_ids, ds.volume_ids);
+        assert!(ds.write(&out, 4, "test").is_err(), "refuses to overwrite");
+    }
+
+    #[test]
+    fn window_maps_to_unit_interval() {
+        let cfg = DataConfig {
+            intensity: Intensity::Window,
+            window: [-100.0, 300.0],
+            val_fraction: 0.1,
+            phantom_volumes: 2,
+            phantom_slices: 1,
+            prefetch: 1,
+            sampling: Sampling::Sharded,
+        };
+        assert_eq!(cfg.transform(-1000), 0.0);
+        assert_eq!(cfg.transform(100), 0.5);
+        assert_eq!(cfg.transform(2000), 1.0);
+    }
+}

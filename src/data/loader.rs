@@ -1,0 +1,253 @@
+//! Sampling order (DistributedSampler semantics, by rank number only — no MPI here) and a
+//! background loader thread that turns slice indices into ready-made host batches ahead of the
+//! training loop.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::dataset::{DataConfig, Dataset, Sampling};
+use crate::rng::{Rng, keys};
+
+/// Which slices one rank trains on, epoch by epoch.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    pool: Vec<usize>,
+    batch: usize,
+    rank: usize,
+    world: usize,
+    seed: u64,
+    sampling: Sampling,
+}
+
+impl Sampler {
+    /// Sampler over `pool` (the training slice indices) for `rank` of `world`.
+    pub fn new(
+        pool: Vec<usize>,
+        batch: usize,
+        rank: usize,
+        world: usize,
+        seed: u64,
+        sampling: Sampling,
+    ) -> Self {
+        Self {
+            pool,
+            batch: batch.max(1),
+            rank,
+            world: world.max(1),
+            seed,
+            sampling,
+        }
+    }
+
+    /// Slices each rank sees per epoch (the pool padded up to a multiple of the rank count).
+    pub fn per_rank(&self) -> usize {
+        self.pool.len().div_ceil(self.world)
+    }
+
+    /// Optimiser steps per epoch: the same on every rank, incomplete last batch dropped
+    /// (livermask: `(N_train // batch) // workers`).
+    pub fn steps_per_epoch(&self) -> usize {
+        match self.sampling {
+            Sampling::Sharded => self.per_rank() / self.batch,
+            Sampling::Independent => self.pool.len() / self.batch / self.world,
+        }
+    }
+
+    /// This rank's slice order for `epoch`.
+    pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        match self.sampling {
+            Sampling::Sharded => {
+                let mut perm = self.pool.clone();
+                Rng::stream(self.seed, &[keys::SAMPLER, epoch]).shuffle(&mut perm);
+                let total = self.per_rank() * self.world;
+                let mut k = 0;
+                while perm.len() < total {
+                    perm.push(perm[k]);
+                    k += 1;
+                }
+                perm.into_iter()
+                    .skip(self.rank)
+                    .step_by(self.world)
+                    .collect()
+            }
+            Sampling::Independent => {
+                let mut perm = self.pool.clone();
+                Rng::stream(self.seed, &[keys::SAMPLER, epoch, self.rank as u64 + 1])
+                    .shuffle(&mut perm);
+                perm
+            }
+        }
+    }
+
+    /// This rank's batches for `epoch`, `steps_per_epoch()` of them.
+    pub fn epoch_batches(&self, epoch: u64) -> Vec<Vec<usize>> {
+        let order = self.epoch_order(epoch);
+        order
+            .chunks_exact(self.batch)
+            .take(self.steps_per_epoch())
+            .map(<[usize]>::to_vec)
+            .collect()
+    }
+}
+
+/// A batch on the host, ready to become tensors.
+#[derive(Clone, Debug)]
+pub struct HostBatch {
+    /// Images in this batch.
+    pub len: usize,
+    /// Side length.
+    pub size: usize,
+    /// `[len, 1, size, size]` network inputs.
+    pub inputs: Vec<f32>,
+    /// `[len, classes, size, size]` targets: channel 0 = label 0, channel c ≥ 1 = label ≥ c.
+    pub targets: Vec<f32>,
+    /// Classes (target channels).
+    pub classes: usize,
+}
+
+/// Builds a host batch from slice indices.
+pub fn make_batch(ds: &Dataset, cfg: &DataConfig, classes: usize, indices: &[usize]) -> HostBatch {
+    let px = ds.pixels();
+    let mut inputs = Vec::with_capacity(indices.len() * px);
+    let mut targets = vec![0.0f32; indices.len() * classes * px];
+    for (b, &i) in indices.iter().enumerate() {
+        inputs.extend(ds.image(i).iter().map(|&h| cfg.transform(h)));
+        let label = ds.label(i);
+        for c in 0..classes {
+            let t = &mut targets[(b * classes + c) * px..(b * classes + c + 1) * px];
+            for (v, &l) in t.iter_mut().zip(label) {
+                let on = if c == 0 { l == 0 } else { l as usize >= c };
+                *v = if on { 1.0 } else { 0.0 };
+            }
+        }
+    }
+    HostBatch {
+        len: indices.len(),
+        size: ds.size,
+        inputs,
+        targets,
+        classes,
+    }
+}
+
+/// A loader thread producing batches in order, `prefetch` ahead of the consumer.
+pub struct Loader {
+    rx: Option<Receiver<HostBatch>>,
+    handle: Option<JoinHandle<()>>,
+    waited: Duration,
+}
+
+impl Loader {
+    /// Starts a thread that builds `batches` in order.
+    pub fn spawn(
+        ds: Arc<Dataset>,
+        cfg: DataConfig,
+        classes: usize,
+        batches: Vec<Vec<usize>>,
+        prefetch: usize,
+    ) -> Self {
+        let (tx, rx): (SyncSender<HostBatch>, Receiver<HostBatch>) = sync_channel(prefetch.max(1));
+        let handle = std::thread::Builder::new()
+            .name("ctseg-loader".into())
+            .spawn(move || {
+                for idx in batches {
+                    if tx.send(make_batch(&ds, &cfg, classes, &idx)).is_err() {
+                        return; // consumer gone
+                    }
+                }
+            })
+            .ok();
+        Self {
+            rx: Some(rx),
+            handle,
+            waited: Duration::ZERO,
+        }
+    }
+
+    /// Next batch, or `None` when all were delivered. Time spent blocked is accumulated.
+    pub fn next_batch(&mut self) -> Option<HostBatch> {
+        let t = Instant::now();
+        let b = self.rx.as_ref()?.recv().ok();
+        self.waited += t.elapsed();
+        b
+    }
+
+    /// Total time the consumer waited on data so far.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.rx.take(); // unblocks a sender waiting on a full channel
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sharded_ranks_partition_one_permutation_with_equal_steps() {
+        let pool: Vec<usize> = (0..10).collect();
+        let s: Vec<Sampler> = (0..3)
+            .map(|r| Sampler::new(pool.clone(), 2, r, 3, 7, Sampling::Sharded))
+            .collect();
+        let orders: Vec<Vec<usize>> = s.iter().map(|x| x.epoch_order(4)).collect();
+        assert!(
+            orders.iter().all(|o| o.len() == 4),
+            "10 padded to 12, 4 per rank"
+        );
+        let mut all: Vec<usize> = orders.concat();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all, pool, "every slice is seen");
+        assert!(s.iter().all(|x| x.steps_per_epoch() == 2));
+        assert_ne!(
+            s[0].epoch_order(4),
+            s[0].epoch_order(5),
+            "new order per epoch"
+        );
+    }
+
+    #[test]
+    fn one_rank_takes_everything() {
+        let pool: Vec<usize> = (0..9).collect();
+        let s = Sampler::new(pool.clone(), 4, 0, 1, 1, Sampling::Sharded);
+        let mut o = s.epoch_order(0);
+        o.sort_unstable();
+        assert_eq!(o, pool);
+        assert_eq!(s.epoch_batches(0).len(), 2);
+    }
+
+    #[test]
+    fn nested_targets() {
+        let ds = Dataset {
+            origin: "t".into(),
+            size: 1,
+            images: vec![0, 0, 0],
+            labels: vec![0, 1, 2],
+            volume_ids: vec![0, 0, 0],
+            slice_indices: vec![0, 1, 2],
+            volume_names: Default::default(),
+        };
+        let cfg = DataConfig {
+            intensity: super::super::dataset::Intensity::Raw,
+            window: [0.0, 1.0],
+            val_fraction: 0.5,
+            phantom_volumes: 2,
+            phantom_slices: 1,
+            prefetch: 1,
+            sampling: Sampling::Sharded,
+        };
+        let b = make_batch(&ds, &cfg, 3, &[0, 1, 2]);
+        // label 0 → [1,0,0]; 1 → [0,1,0]; 2 → [0,1,1] (liver channel includes tumour).
+        assert_eq!(b.targets, vec![1., 0., 0., 0., 1., 0., 0., 1., 1.]);
+    }
+}

@@ -1,0 +1,19 @@
+//! ctseg: a CT segmentation trainer that runs livermask's U-Net on a CPU (burn flex) or a GPU
+//! (burn wgpu) and spreads training over ranks, so GPU workstations and CPU clusters can be
+//! compared on the same work.
+
+pub mod backend;
+pub mod bench;
+pub mod comm;
+pub mod config;
+pub mod data;
+pub mod detmath;
+pub mod error;
+pub mod model;
+pub mod optim;
+pub mod preview;
+pub mod rng;
+pub mod tensor_util;
+pub mod train;
+
+pub use error::{Error, Result};

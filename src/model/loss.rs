@@ -1,0 +1,90 @@
+//! livermask's soft Dice loss, the per-channel soft Dice it logged, and hard Dice counts
+//! (true/false positives, false negatives) that are summed over a whole validation set before the
+//! ratio is taken.
+//!
+//! All reductions go over one spatial axis at a time (W, then H), never over a flattened image:
+//! long single-axis reductions are unreliable on some wgpu adapters (DESIGN.md §2).
+
+use burn::tensor::{Bool, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+/// Per-image, per-channel soft Dice: `(2·Σ y·p + s) / (Σ y² + Σ p² + s)`, `[b, c]`.
+///
+/// A channel empty in both truth and prediction (denominator 0) scores 1 whatever `smooth` is,
+/// so the loss is never NaN, also at the paper's `smooth = 0`.
+pub fn soft_dice(pred: Tensor<4>, target: Tensor<4>, smooth: f64) -> Tensor<2> {
+    let [b, c, _, _] = pred.dims();
+    let spatial_sum = |t: Tensor<4>| -> Tensor<2> { t.sum_dim(3).sum_dim(2).reshape([b, c]) };
+    let num = spatial_sum(target.clone() * pred.clone()).mul_scalar(2.0);
+    let den = spatial_sum(target.clone() * target + pred.clone() * pred);
+    let empty: Tensor<2, Bool> = den.clone().lower_equal_elem(0.0);
+    let dice = (num.add_scalar(smooth)) / (den.clamp_min(f32::MIN_POSITIVE).add_scalar(smooth));
+    dice.mask_fill(empty, 1.0)
+}
+
+/// livermask's loss: `−mean over images and channels` of [`soft_dice`]. Shape `[1]`.
+pub fn dice_loss(pred: Tensor<4>, target: Tensor<4>, smooth: f64) -> Tensor<1> {
+    soft_dice(pred, target, smooth).mean().neg()
+}
+
+/// Hard-Dice counts for one channel, summed over images (and, by the caller, over batches and
+/// ranks). Dice = 2·tp / (2·tp + fp + fn).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiceCounts {
+    /// Pixels predicted and true.
+    pub tp: u64,
+    /// Pixels predicted but not true.
+    pub fp: u64,
+    /// Pixels true but not predicted.
+    pub fn_: u64,
+}
+
+impl DiceCounts {
+    /// Adds another set of counts.
+    pub fn add(&mut self, other: DiceCounts) {
+        self.tp += other.tp;
+        self.fp += other.fp;
+        self.fn_ += other.fn_;
+    }
+
+    /// Dice from the counts; 1 when both truth and prediction are empty (LiTS convention).
+    pub fn dice(&self) -> f64 {
+        let den = 2 * self.tp + self.fp + self.fn_;
+        if den == 0 {
+            1.0
+        } else {
+            2.0 * self.tp as f64 / den as f64
+        }
+    }
+}
+
+/// Per-channel hard-Dice counts of a batch at threshold 0.5. Returns one [`DiceCounts`] per
+/// channel. Counts are reduced per image on the device (exact in f32: an image has < 2^24
+/// pixels) and summed in u64 on the host.
+pub fn hard_counts(pred: Tensor<4>, target: Tensor<4>) -> Result<Vec<DiceCounts>> {
+    let [b, c, _, _] = pred.dims();
+    let p = pred.greater_elem(0.5).float();
+    let y = target.greater_elem(0.5).float();
+    let per_image = |t: Tensor<4>| -> Tensor<2> { t.sum_dim(3).sum_dim(2).reshape([b, c]) };
+    let tp = per_image(p.clone() * y.clone());
+    let ps = per_image(p);
+    let ys = per_image(y);
+    let all = Tensor::cat(vec![tp, ps, ys], 0).into_data();
+    let values = crate::tensor_util::data_to_f32(all)?;
+    let mut out = vec![DiceCounts::default(); c];
+    for i in 0..b {
+        for (ch, counts) in out.iter_mut().enumerate() {
+            let tp = values[i * c + ch] as u64;
+            let ps = values[(b + i) * c + ch] as u64;
+            let ys = values[(2 * b + i) * c + ch] as u64;
+            counts.add(DiceCounts {
+                tp,
+                fp: ps - tp,
+                fn_: ys - tp,
+            });
+        }
+    }
+    Ok(out)
+}
