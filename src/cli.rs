@@ -47,6 +47,26 @@ struct BackendArgs {
     /// GPU adapter index (see `ctseg adapters`).
     #[arg(long)]
     adapter: Option<usize>,
+    /// Skip the start-up check that the GPU computes the model's gradients like the CPU.
+    #[arg(long)]
+    skip_gpu_check: bool,
+}
+
+impl BackendArgs {
+    /// Opens the backend; for the GPU, first checks it against the CPU on this model.
+    fn open(&self, model: &ctseg::model::UNetConfig, quiet: bool) -> Result<backend::Backend> {
+        let be = backend::open(self.backend, self.threads, self.adapter)?;
+        if be.kind == BackendKind::Gpu && !self.skip_gpu_check {
+            let v = ctseg::verify::require_gpu_agrees(model, &be)?;
+            if !quiet {
+                eprintln!(
+                    "gpu check: loss and gradients of {} parameter tensors agree with the CPU (worst relative error {:.1e})",
+                    v.tensors, v.worst.0
+                );
+            }
+        }
+        Ok(be)
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -234,7 +254,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             false,
         ),
     };
-    let be = backend::open(a.backend.backend, a.backend.threads, a.backend.adapter)?;
+    let be = a.backend.open(&cfg.model, a.quiet)?;
     let opts = TrainOptions {
         out_dir: out_dir.clone(),
         data_dir: a.data.clone(),
@@ -320,7 +340,7 @@ fn cmd_phantom(a: PhantomArgs) -> Result<()> {
 
 fn cmd_bench_step(a: BenchStepArgs) -> Result<()> {
     let cfg = load_config(a.config.as_deref(), &a.overrides)?;
-    let be = backend::open(a.backend.backend, a.backend.threads, a.backend.adapter)?;
+    let be = a.backend.open(&cfg.model, a.json)?;
     let o = StepBenchOptions {
         warmup: a.warmup,
         steps: a.steps.max(1),

@@ -15,5 +15,6 @@ pub mod preview;
 pub mod rng;
 pub mod tensor_util;
 pub mod train;
+pub mod verify;
 
 pub use error::{Error, Result};

@@ -88,3 +88,57 @@ pub fn hard_counts(pred: Tensor<4>, target: Tensor<4>) -> Result<Vec<DiceCounts>
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    fn t4(v: Vec<f32>, shape: [usize; 4]) -> Tensor<4> {
+        Tensor::from_data(TensorData::new(v, shape), &Device::flex())
+    }
+
+    #[test]
+    fn soft_dice_closed_form_and_empty_channels() {
+        // One image, two channels of 2×2.
+        // ch0: y = [1,1,0,0], p = [0.5,1,0.5,0]: 2·Σyp = 3, Σy² + Σp² = 2 + 1.5 → 3/3.5.
+        // ch1: y = 0, p = 0: empty in both → 1 (smooth 0 would give 0/0).
+        let p = t4(vec![0.5, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0], [1, 2, 2, 2]);
+        let y = t4(vec![1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [1, 2, 2, 2]);
+        let d =
+            crate::tensor_util::to_f32(soft_dice(p.clone(), y.clone(), 0.0)).unwrap_or_default();
+        assert!((d[0] - 3.0 / 3.5).abs() < 1e-6, "{d:?}");
+        assert_eq!(d[1], 1.0);
+        // With smoothing s = 1: (3 + 1) / (3.5 + 1).
+        let d =
+            crate::tensor_util::to_f32(soft_dice(p.clone(), y.clone(), 1.0)).unwrap_or_default();
+        assert!((d[0] - 4.0 / 4.5).abs() < 1e-6, "{d:?}");
+        let l = crate::tensor_util::to_f32(dice_loss(p, y, 0.0)).unwrap_or_default();
+        assert!((l[0] + (3.0 / 3.5 + 1.0) / 2.0).abs() < 1e-6, "{l:?}");
+    }
+
+    #[test]
+    fn hard_counts_sum_pixels_then_divide() {
+        // Two images, one channel of 4 pixels, threshold 0.5.
+        // image 0: pred [1,1,0,0] truth [1,0,1,0] → tp 1, fp 1, fn 1
+        // image 1: pred [1,1,1,1] truth [1,1,1,0] → tp 3, fp 1, fn 0
+        let p = t4(vec![0.9, 0.6, 0.4, 0.1, 0.7, 0.8, 0.9, 0.51], [2, 1, 2, 2]);
+        let y = t4(vec![1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0], [2, 1, 2, 2]);
+        let c = hard_counts(p, y).unwrap_or_default();
+        assert_eq!(
+            c,
+            vec![DiceCounts {
+                tp: 4,
+                fp: 2,
+                fn_: 1
+            }]
+        );
+        // Global Dice from summed counts: 8 / (8 + 2 + 1) — not the mean of 0.5 and 6/7.
+        assert!((c[0].dice() - 8.0 / 11.0).abs() < 1e-12);
+        assert_eq!(
+            DiceCounts::default().dice(),
+            1.0,
+            "empty in truth and prediction"
+        );
+    }
+}
