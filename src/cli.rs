@@ -32,8 +32,25 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Evaluate a checkpoint on its run's validation split (distributed under mpirun).
+    Validate(ValidateArgs),
     /// List the graphics adapters `--backend gpu` can use.
     Adapters,
+}
+
+#[derive(Args, Debug)]
+struct ValidateArgs {
+    /// Run directory or checkpoint file.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Dataset directory the run trained on (default: the run's phantoms).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Print one JSON line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -212,6 +229,17 @@ pub fn run() -> Result<()> {
         Command::Model(a) => cmd_model(a),
         Command::Phantom(a) => cmd_phantom(a),
         Command::Bench(BenchCommand::Step(a)) => cmd_bench_step(a),
+        Command::Validate(a) => {
+            let comm = open_comm()?;
+            let result = validate_on(&a, comm.as_ref());
+            if let Err(e) = &result
+                && comm.size() > 1
+            {
+                eprintln!("error (rank {}): {e:#}", comm.rank());
+                comm.abort(crate::exit_code(e).into());
+            }
+            result
+        }
         Command::Adapters => {
             let adapters = backend::list_adapters();
             print!("{}", backend::describe_adapters(&adapters));
@@ -238,8 +266,34 @@ fn default_run_dir() -> PathBuf {
     PathBuf::from("runs").join(format!("run-{secs}"))
 }
 
+/// This process's communicator: MPI when an MPI launcher started it (and ctseg was built with
+/// the `mpi` feature), else a single process.
+fn open_comm() -> Result<Box<dyn Communicator>> {
+    if ctseg::comm::launched_by_mpi() {
+        #[cfg(feature = "mpi")]
+        return Ok(Box::new(ctseg::comm::mpi::Mpi::init()?));
+        #[cfg(not(feature = "mpi"))]
+        anyhow::bail!(
+            "started by an MPI launcher, but this ctseg was built without MPI: rebuild with `cargo build --release --features mpi`"
+        );
+    }
+    Ok(Box::new(Local))
+}
+
 fn cmd_train(a: TrainArgs) -> Result<()> {
-    let comm: Box<dyn Communicator> = Box::new(Local);
+    let comm = open_comm()?;
+    let result = train_on(&a, comm.as_ref());
+    if let Err(e) = &result
+        && comm.size() > 1
+    {
+        // Returning would leave the other ranks waiting in a collective: end the whole job.
+        eprintln!("error (rank {}): {e:#}", comm.rank());
+        comm.abort(crate::exit_code(e).into());
+    }
+    result
+}
+
+fn train_on(a: &TrainArgs, comm: &dyn Communicator) -> Result<()> {
     let (cfg, out_dir, resume) = match &a.resume {
         Some(dir) => {
             let ck = Checkpoint::load(dir)?;
@@ -254,7 +308,19 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             false,
         ),
     };
-    let be = a.backend.open(&cfg.model, a.quiet)?;
+    // One device per rank: the node's ranks share its cores, or take one adapter each.
+    let mut backend_args = a.backend.clone();
+    if backend_args.threads == 0 && comm.local_size() > 1 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        backend_args.threads = (cores / comm.local_size()).max(1);
+    }
+    if backend_args.backend == BackendKind::Gpu && backend_args.adapter.is_none() && comm.size() > 1
+    {
+        let n = backend::list_adapters().len().max(1);
+        backend_args.adapter = Some(comm.local_rank() % n);
+    }
+    let quiet = a.quiet || comm.rank() != 0;
+    let be = backend_args.open(&cfg.model, quiet)?;
     let opts = TrainOptions {
         out_dir: out_dir.clone(),
         data_dir: a.data.clone(),
@@ -265,7 +331,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         host_threads: rayon::current_num_threads(),
         chunk_limit: be.chunk_limit,
     };
-    let s = train::train(&cfg, &opts, comm.as_ref())?;
+    let s = train::train(&cfg, &opts, comm)?;
     if comm.rank() == 0 {
         println!(
             "done: {} steps ({:.2} epochs) in {:.1} s, {:.2} img/s | val loss {:.4} | Dice liver {:.4} | Dice tumour {:.4} | run dir {}",
@@ -278,6 +344,31 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             s.dice_tumour,
             out_dir.display()
         );
+    }
+    Ok(())
+}
+
+fn validate_on(a: &ValidateArgs, comm: &dyn Communicator) -> Result<()> {
+    let ck = Checkpoint::load(&a.checkpoint)?;
+    let path = train::checkpoint::resolve(&a.checkpoint);
+    let cfg = RunConfig::from_toml(&ck.meta.config_toml, &path)?;
+    let quiet = a.json || comm.rank() != 0;
+    let be = a.backend.open(&cfg.model, quiet)?;
+    let v = train::validate_checkpoint(&cfg, &ck, &path, a.data.as_deref(), &be, comm)?;
+    if comm.rank() == 0 {
+        if a.json {
+            println!("{}", serde_json::to_string(&v)?);
+        } else {
+            println!(
+                "{} validation slices ({} rank(s)): val loss {:.6} | Dice liver {:.6} | Dice tumour {:.6} | soft Dice {:?}",
+                v.images,
+                comm.size(),
+                v.loss,
+                v.dice(1),
+                v.dice(2),
+                v.soft_dice
+            );
+        }
     }
     Ok(())
 }

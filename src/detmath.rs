@@ -26,8 +26,8 @@ pub fn exp(x: f64) -> f64 {
     }
     // x = k·ln2 + r, |r| ≤ ln2/2; e^r by Taylor to degree 18 (error < 1e-17 for |r| ≤ 0.35).
     // ln2 split in two (fdlibm's Cody–Waite constants): k·LN2_HI is exact, so r keeps its bits.
-    const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-01;
-    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
     let k = (x / LN2).round();
     let r = (x - k * LN2_HI) - k * LN2_LO;
     let mut term = 1.0;

@@ -90,7 +90,7 @@ pub fn check_against_cpu(model: &UNetConfig, backend: &Backend) -> Result<Verdic
     let mut worst = (0.0f64, 0usize);
     for (k, (a, b)) in gc.iter().zip(&gg).enumerate() {
         let e = rel(a, b);
-        if !(e <= worst.0) {
+        if e.is_nan() || e > worst.0 {
             worst = (e, k);
         }
     }

@@ -9,6 +9,25 @@
 
 use crate::error::Result;
 
+#[cfg(feature = "mpi")]
+pub mod mpi;
+
+/// Whether this process was started by an MPI launcher (mpirun/mpiexec/srun), from the
+/// environment variables the common launchers set; `CTSEG_MPI=1` forces MPI (a singleton).
+pub fn launched_by_mpi() -> bool {
+    if std::env::var("CTSEG_MPI").is_ok_and(|v| v == "1") {
+        return true;
+    }
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_RANK",
+        "MPI_LOCALNRANKS",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some())
+}
+
 /// A group of ranks that train one model together.
 pub trait Communicator {
     /// This process's rank, `0..size()`.
@@ -34,6 +53,11 @@ pub trait Communicator {
     fn barrier(&self) -> Result<()>;
     /// Human-readable description (for logs).
     fn describe(&self) -> String;
+    /// Ends the whole job (every rank) with exit status `code`. Not collective: any rank may
+    /// call it, which is how a failing rank avoids leaving its peers waiting in a collective.
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
 }
 
 /// A single process: every collective is the identity. Needs no MPI.

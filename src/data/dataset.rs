@@ -63,7 +63,9 @@ impl DataConfig {
             field: format!("data.{field}"),
             message,
         };
-        if self.intensity == Intensity::Window && !(self.window[1] > self.window[0]) {
+        if self.intensity == Intensity::Window
+            && self.window[1].partial_cmp(&self.window[0]) != Some(std::cmp::Ordering::Greater)
+        {
             return Err(bad(
                 "window",
                 format!("must be [lo, hi] with lo < hi, got {:?}", self.window),

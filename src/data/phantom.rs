@@ -422,7 +422,7 @@ pub fn generate(seed: u64, volume: u64, slice: u64, slices: u64, size: usize) ->
                     cy,
                     rad * r.range(0.8, 1.3),
                     rad * r.range(0.8, 1.3),
-                    r.range(0.0, 3.14),
+                    r.range(0.0, std::f64::consts::PI),
                 )
                 .warped(&mut r, 0.1),
                 gas,
@@ -469,7 +469,7 @@ pub fn generate(seed: u64, volume: u64, slice: u64, slices: u64, size: usize) ->
                 liver.cy + du * s + dv * c,
                 rad,
                 rad * r.range(1.0, 2.0),
-                r.range(0.0, 3.14),
+                r.range(0.0, std::f64::consts::PI),
             )
         })
         .collect();

@@ -75,7 +75,7 @@ impl UNetConfig {
             return Err(bad("depth", format!("must be 1..=8, got {}", self.depth)));
         }
         let f = 1usize << self.depth;
-        if self.input_size == 0 || self.input_size % f != 0 {
+        if self.input_size == 0 || !self.input_size.is_multiple_of(f) {
             return Err(bad(
                 "input_size",
                 format!(

@@ -93,7 +93,7 @@ impl OptimizerConfig {
 
     /// Builds the optimiser for a whole module.
     pub fn init(&self) -> ModuleOptimizer {
-        let decay = (self.weight_decay > 0.0).then(|| WeightDecayConfig {
+        let decay = (self.weight_decay > 0.0).then_some(WeightDecayConfig {
             penalty: self.weight_decay as f32,
         });
         match self.name {
@@ -109,7 +109,7 @@ impl OptimizerConfig {
                 .with_weight_decay(decay)
                 .init(),
             OptimizerKind::Sgd => SgdConfig::new()
-                .with_momentum((self.momentum > 0.0).then(|| MomentumConfig {
+                .with_momentum((self.momentum > 0.0).then_some(MomentumConfig {
                     momentum: self.momentum,
                     dampening: 0.0,
                     nesterov: self.nesterov,

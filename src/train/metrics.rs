@@ -32,6 +32,12 @@ pub struct StepRecord {
     pub images_per_s: f64,
     /// Seconds the loop waited for the loader during the step.
     pub data_wait_s: f64,
+    /// Seconds of forward, loss and backward (device synchronised).
+    pub compute_s: f64,
+    /// Seconds copying the fused gradient buffer off the device (0 on one rank).
+    pub copy_s: f64,
+    /// Seconds of gradient communication the step waited for (0 on one rank).
+    pub comm_s: f64,
 }
 
 /// One validation pass over the whole validation set.

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub use trainer::{
     TrainOptions, TrainSummary, ValResult, batch_tensors, build_model, forward_loss, train,
-    validate,
+    validate, validate_checkpoint,
 };
 
 use crate::error::{Error, Result};

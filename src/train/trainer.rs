@@ -101,6 +101,22 @@ pub struct TrainSummary {
     pub data: String,
     /// Seconds the loop waited on the loader in total.
     pub data_wait_s: f64,
+    /// FNV-1a hash of every weight and BN statistic at the end (hex): equal on all ranks.
+    pub weights_hash: String,
+}
+
+/// Test hook: `CTSEG_FAULT_INJECT=panic:RANK:STEP` makes rank RANK panic after optimiser step
+/// STEP, to test that a failing rank ends the whole MPI job (tests/mpi.rs).
+fn inject_fault(rank: usize, step: u64) {
+    if let Ok(spec) = std::env::var("CTSEG_FAULT_INJECT") {
+        let parts: Vec<&str> = spec.split(':').collect();
+        if let ["panic", r, s] = parts.as_slice()
+            && r.parse() == Ok(rank)
+            && s.parse() == Ok(step)
+        {
+            panic!("CTSEG_FAULT_INJECT: rank {rank} panics after step {step}");
+        }
+    }
 }
 
 /// Builds the model of `cfg` on `device`, with its initial weights and the device's
@@ -216,22 +232,39 @@ fn average_buffers(model: UNet, comm: &dyn Communicator) -> Result<UNet> {
     flat::assign_values(model, Select::Buffers, &buf)
 }
 
-/// Averages gradients across ranks through one fused flat buffer.
+/// Seconds spent in the parts of one data-parallel gradient exchange.
+#[derive(Clone, Copy, Debug, Default)]
+struct ExchangeTimes {
+    /// Device → host copy of the fused gradient buffer.
+    copy_s: f64,
+    /// Allreduce (blocking: all of it is exposed).
+    comm_s: f64,
+}
+
+/// Averages gradients across ranks through one fused flat buffer (tensor fusion): one
+/// device→host copy, one in-place allreduce, scaling by 1/N, one host→device copy.
 fn average_grads(
     model: &UNet,
     grads: GradientsParams,
     slots: &[flat::Slot],
     device: &Device,
     comm: &dyn Communicator,
-) -> Result<GradientsParams> {
+) -> Result<(GradientsParams, ExchangeTimes)> {
     if comm.size() == 1 {
-        return Ok(grads);
+        return Ok((grads, ExchangeTimes::default()));
     }
+    let t = Instant::now();
     let mut buf = flat::flatten_grads(model, &grads)?;
+    let copy_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
     comm.allreduce_sum_f32(&mut buf)?;
+    let comm_s = t.elapsed().as_secs_f64();
     let inv = 1.0 / comm.size() as f32;
     buf.iter_mut().for_each(|v| *v *= inv);
-    flat::unflatten_grads(&buf, slots, device)
+    Ok((
+        flat::unflatten_grads(&buf, slots, device)?,
+        ExchangeTimes { copy_s, comm_s },
+    ))
 }
 
 /// Evaluates `model` on this rank's share of `indices` (every `size`-th slice from `rank`) and
@@ -301,20 +334,41 @@ pub fn validate(
     })
 }
 
-fn load_dataset(cfg: &RunConfig, opts: &TrainOptions) -> Result<Arc<Dataset>> {
-    let ds = match &opts.data_dir {
+/// Evaluates a checkpoint on its run's validation split (the split is recomputed from the
+/// config's seed), distributed over `comm`.
+pub fn validate_checkpoint(
+    cfg: &RunConfig,
+    ck: &Checkpoint,
+    path: &Path,
+    data_dir: Option<&Path>,
+    be: &crate::backend::Backend,
+    comm: &dyn Communicator,
+) -> Result<ValResult> {
+    let ds = load_dataset(cfg, data_dir, be_threads())?;
+    let (_, val_idx) = ds.split_by_volume(cfg.data.val_fraction, cfg.seed)?;
+    let model = build_model(cfg, &be.device, be.chunk_limit);
+    let model = load_model_bytes(model, ck.model.clone(), path)?;
+    validate(&model, &ds, &val_idx, cfg, &be.device, comm)
+}
+
+fn be_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+fn load_dataset(cfg: &RunConfig, data_dir: Option<&Path>, threads: usize) -> Result<Arc<Dataset>> {
+    let ds = match data_dir {
         Some(dir) => Dataset::open(dir)?,
         None => Dataset::phantom(
             cfg.seed,
             cfg.data.phantom_volumes,
             cfg.data.phantom_slices,
             cfg.model.input_size,
-            opts.host_threads,
+            threads,
         ),
     };
     if ds.size != cfg.model.input_size {
         return Err(Error::dataset(
-            opts.data_dir.clone().unwrap_or_default(),
+            data_dir.map(Path::to_path_buf).unwrap_or_default(),
             format!(
                 "slices are {0}x{0} but model.input_size is {1}; prepare the data at size {1} or pass --size {0}",
                 ds.size, cfg.model.input_size
@@ -343,7 +397,7 @@ pub fn train(
     }
 
     // Data: the split is by volume; this rank samples its share of the training slices.
-    let ds = load_dataset(cfg, opts)?;
+    let ds = load_dataset(cfg, opts.data_dir.as_deref(), opts.host_threads)?;
     let (train_idx, val_idx) = ds.split_by_volume(cfg.data.val_fraction, cfg.seed)?;
     let sampler = Sampler::new(
         train_idx.clone(),
@@ -478,6 +532,7 @@ pub fn train(
                 break;
             };
             let lr = schedule.lr(step);
+            let t_compute = Instant::now();
             let (x, y) = to_tensors(&batch, &ad);
             let mode = Mode::Train {
                 seed: cfg.seed,
@@ -498,10 +553,15 @@ pub fn train(
                 });
             }
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let grads = average_grads(&model, grads, &slots, &ad, comm)?;
+            opts.device.sync().map_err(|e| {
+                Error::Device(format!("device error during step {}: {e:?}", step + 1))
+            })?;
+            let compute_s = t_compute.elapsed().as_secs_f64();
+            let (grads, exchange) = average_grads(&model, grads, &slots, &ad, comm)?;
             model = optim.step(lr, model, grads);
             step += 1;
             batch_in_epoch += 1;
+            inject_fault(comm.rank(), step);
 
             // Wait for the step to finish before timing it.
             opts.device
@@ -526,6 +586,9 @@ pub fn train(
                 lr,
                 images_per_s: ips,
                 data_wait_s: wait_s,
+                compute_s,
+                copy_s: exchange.copy_s,
+                comm_s: exchange.comm_s,
             })?;
             progress.step(step, epoch + 1, loss_value, ips);
         }
@@ -594,6 +657,35 @@ pub fn train(
     }
     progress.finish();
 
+    // Every rank must end with the same model; say so (or not) in the log.
+    let hash = flat::hash_f32(&flat::flatten_values(&model, Select::All)?);
+    if world > 1 {
+        // Exact in f64: the hash in four 16-bit pieces, summed over ranks.
+        let pieces: Vec<f64> = (0..4)
+            .map(|k| ((hash >> (16 * k)) & 0xffff) as f64)
+            .collect();
+        let mut sums = pieces.clone();
+        comm.allreduce_sum_f64(&mut sums)?;
+        let same = sums
+            .iter()
+            .zip(&pieces)
+            .all(|(s, p)| *s == p * world as f64);
+        eprintln!(
+            "rank {}/{world}: final weights hash {hash:016x}{}",
+            comm.rank(),
+            if same {
+                " (identical on all ranks)"
+            } else {
+                " (RANKS DIFFER)"
+            }
+        );
+        if !same {
+            return Err(Error::Invalid(format!(
+                "rank {}: the ranks ended with different weights (hash {hash:016x}); the run is not one model",
+                comm.rank()
+            )));
+        }
+    }
     let (val_loss, dice_liver, dice_tumour) = match &last_val {
         Some((_, v)) => (v.loss, v.dice(1), v.dice(2)),
         None => (f64::NAN, f64::NAN, f64::NAN),
@@ -619,6 +711,7 @@ pub fn train(
         device: opts.device_desc.clone(),
         data: ds.origin.clone(),
         data_wait_s: data_wait,
+        weights_hash: format!("{hash:016x}"),
     };
     if rank0 {
         let text = serde_json::to_string_pretty(&summary)
