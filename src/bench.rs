@@ -62,6 +62,18 @@ pub struct StepBench {
     pub last_loss: f64,
     /// Peak resident memory of this process, MB (VmHWM).
     pub peak_rss_mb: f64,
+    /// Ranks (data-parallel: each rank runs `batch` images and the gradients are averaged).
+    pub ranks: usize,
+    /// Median seconds of forward + loss + backward.
+    pub compute_s: f64,
+    /// Median seconds copying the fused gradient buffer off the device (0 on one rank).
+    pub copy_s: f64,
+    /// Median seconds of exposed gradient communication (0 on one rank).
+    pub comm_s: f64,
+    /// Median seconds of the allreduces themselves, overlapped or not.
+    pub comm_total_s: f64,
+    /// Median seconds of the optimiser step.
+    pub apply_s: f64,
 }
 
 /// Peak resident set size of this process in MB, from `/proc/self/status` (VmHWM).
@@ -87,7 +99,13 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// Times training steps of `cfg`'s model on one fixed phantom batch.
-pub fn bench_step(cfg: &RunConfig, be: &Backend, o: &StepBenchOptions) -> Result<StepBench> {
+/// Collective under MPI: every rank times its own batch and the gradient exchange.
+pub fn bench_step(
+    cfg: &RunConfig,
+    be: &Backend,
+    o: &StepBenchOptions,
+    comm: &dyn crate::comm::Communicator,
+) -> Result<StepBench> {
     let (device, device_desc) = (&be.device, be.description.as_str());
     let b = cfg.train.batch_size;
     let size = cfg.model.input_size;
@@ -98,27 +116,49 @@ pub fn bench_step(cfg: &RunConfig, be: &Backend, o: &StepBenchOptions) -> Result
     let ad = device.clone().autodiff();
     let mut model = build_model(cfg, &ad, be.chunk_limit);
     let mut optim = cfg.optimizer.init();
+    let slots = crate::train::flat::layout(&model, crate::train::flat::Select::Trainable);
+    let sync = || device.sync().map_err(|e| Error::Device(format!("{e:?}")));
     let mut times = Vec::with_capacity(o.steps);
+    let mut parts: [Vec<f64>; 5] = Default::default();
     let mut losses = Vec::new();
     for step in 0..o.warmup + o.steps {
-        device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
+        sync()?;
+        comm.barrier()?;
         let t = Instant::now();
         let (x, y) = batch_tensors(&batch, &ad);
         let mode = Mode::Train {
             seed: cfg.seed,
             step: step as u64,
-            stream: 0,
+            stream: comm.rank() as u64,
         };
         let (loss_value, loss) = forward_loss(&model, x, y, mode, cfg.train.loss_smooth)?;
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        sync()?;
+        let compute = t.elapsed().as_secs_f64();
+        let (grads, ex) =
+            crate::train::exchange::average(&model, grads, &slots, &ad, comm, &cfg.distributed)?;
+        let t_apply = Instant::now();
         model = optim.step(cfg.optimizer.lr, model, grads);
-        device.sync().map_err(|e| Error::Device(format!("{e:?}")))?;
+        sync()?;
+        let apply = t_apply.elapsed().as_secs_f64();
         let dt = t.elapsed().as_secs_f64();
         losses.push(loss_value);
         if step >= o.warmup {
             times.push(dt);
+            for (v, x) in
+                parts
+                    .iter_mut()
+                    .zip([compute, ex.copy_s, ex.comm_s, apply, ex.comm_total_s])
+            {
+                v.push(x);
+            }
         }
     }
+    let median_of = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        quantile(v, 0.5)
+    };
+    let [mut pc, mut pcopy, mut pcomm, mut papply, mut ptotal] = parts;
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = quantile(&sorted, 0.5);
@@ -136,12 +176,18 @@ pub fn bench_step(cfg: &RunConfig, be: &Backend, o: &StepBenchOptions) -> Result
         min_step_s: sorted.first().copied().unwrap_or(f64::NAN),
         max_step_s: sorted.last().copied().unwrap_or(f64::NAN),
         iqr_step_s: quantile(&sorted, 0.75) - quantile(&sorted, 0.25),
-        images_per_s: b as f64 / median,
+        images_per_s: (b * comm.size()) as f64 / median,
         gflop_per_step: gflop,
         gflops: gflop / median,
         first_loss: losses.first().copied().unwrap_or(f64::NAN),
         last_loss: losses.last().copied().unwrap_or(f64::NAN),
         peak_rss_mb: peak_rss_mb(),
+        ranks: comm.size(),
+        compute_s: median_of(&mut pc),
+        copy_s: median_of(&mut pcopy),
+        comm_s: median_of(&mut pcomm),
+        comm_total_s: median_of(&mut ptotal),
+        apply_s: median_of(&mut papply),
     })
 }
 
@@ -211,4 +257,84 @@ pub fn run_peer(
             script.display()
         ))
     })
+}
+
+/// One message size of the allreduce benchmark.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AllreduceRow {
+    /// `"allreduce"`.
+    pub bench: String,
+    /// Ranks.
+    pub ranks: usize,
+    /// Message size in bytes (f32 values × 4).
+    pub bytes: usize,
+    /// Timed repetitions.
+    pub iters: usize,
+    /// Median time of one allreduce, s.
+    pub median_s: f64,
+    /// Fastest, s.
+    pub min_s: f64,
+    /// Algorithm bandwidth: bytes / median time, GB/s.
+    pub algbw_gbs: f64,
+    /// Bus bandwidth: algbw × 2(p−1)/p (what each link carries in a ring), GB/s.
+    pub busbw_gbs: f64,
+    /// Ring bound from the link rate, if given: 2(p−1)/p · bytes / rate, s.
+    pub bound_s: Option<f64>,
+    /// bound / median: the fraction of the link's limit reached.
+    pub of_bound: Option<f64>,
+}
+
+/// Times in-place sum-allreduces of f32 buffers from `min_bytes` to `max_bytes` (×2 steps).
+/// Collective: every rank must call it with the same arguments. `link_gbps` (Gbit/s) adds the
+/// ring allreduce bound to each row.
+pub fn bench_allreduce(
+    comm: &dyn crate::comm::Communicator,
+    min_bytes: usize,
+    max_bytes: usize,
+    link_gbps: Option<f64>,
+) -> Result<Vec<AllreduceRow>> {
+    let p = comm.size();
+    let factor = if p > 1 {
+        2.0 * (p - 1) as f64 / p as f64
+    } else {
+        0.0
+    };
+    let mut rows = Vec::new();
+    let mut bytes = min_bytes.max(4);
+    while bytes <= max_bytes {
+        let n = bytes / 4;
+        let mut buf = vec![1.0f32; n];
+        // Fixed counts (never time-based: every rank must run the same number of collectives).
+        let iters = (64 * 1024 * 1024 / bytes).clamp(3, 200);
+        for _ in 0..2 {
+            comm.allreduce_sum_f32(&mut buf)?;
+        }
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            comm.barrier()?;
+            let t = Instant::now();
+            comm.allreduce_sum_f32(&mut buf)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        // A barrier precedes every repetition, so all ranks time the same collective; rank 0's
+        // figures are reported.
+        times.sort_by(f64::total_cmp);
+        let median = quantile(&times, 0.5);
+        let algbw = bytes as f64 / median / 1e9;
+        let bound = link_gbps.map(|g| factor * bytes as f64 / (g * 1e9 / 8.0));
+        rows.push(AllreduceRow {
+            bench: "allreduce".into(),
+            ranks: p,
+            bytes,
+            iters,
+            median_s: median,
+            min_s: times.first().copied().unwrap_or(f64::NAN),
+            algbw_gbs: algbw,
+            busbw_gbs: algbw * factor,
+            bound_s: bound,
+            of_bound: bound.map(|b| b / median),
+        });
+        bytes *= 2;
+    }
+    Ok(rows)
 }

@@ -70,6 +70,21 @@ struct BackendArgs {
 }
 
 impl BackendArgs {
+    /// One device per rank: the node's ranks share its cores (unless `--threads` says
+    /// otherwise), or take adapter `local_rank % adapters` (unless `--adapter` says otherwise).
+    fn for_rank(&self, comm: &dyn Communicator) -> Self {
+        let mut a = self.clone();
+        if a.threads == 0 && comm.local_size() > 1 {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            a.threads = (cores / comm.local_size()).max(1);
+        }
+        if a.backend == BackendKind::Gpu && a.adapter.is_none() && comm.size() > 1 {
+            let n = backend::list_adapters().len().max(1);
+            a.adapter = Some(comm.local_rank() % n);
+        }
+        a
+    }
+
     /// Opens the backend; for the GPU, first checks it against the CPU on this model.
     fn open(&self, model: &ctseg::model::UNetConfig, quiet: bool) -> Result<backend::Backend> {
         let be = backend::open(self.backend, self.threads, self.adapter)?;
@@ -109,6 +124,9 @@ struct OverrideArgs {
     /// Input size (pixels).
     #[arg(long)]
     size: Option<usize>,
+    /// Gradient compression on the wire (data-parallel runs).
+    #[arg(long, value_enum)]
+    grad_compression: Option<ctseg::train::exchange::Compression>,
 }
 
 impl OverrideArgs {
@@ -121,6 +139,7 @@ impl OverrideArgs {
             seed: self.seed,
             width: self.width,
             size: self.size,
+            grad_compression: self.grad_compression,
         }
     }
 }
@@ -188,7 +207,25 @@ struct PhantomArgs {
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
     /// Time training steps (forward, backward, optimiser) on a fixed batch.
-    Step(BenchStepArgs),
+    Step(Box<BenchStepArgs>),
+    /// Allreduce time and bus bandwidth against message size (launch with mpirun).
+    Allreduce(BenchAllreduceArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchAllreduceArgs {
+    /// Smallest message, bytes.
+    #[arg(long, default_value_t = 1024)]
+    min_bytes: usize,
+    /// Largest message, bytes (sizes double).
+    #[arg(long, default_value_t = 128 * 1024 * 1024)]
+    max_bytes: usize,
+    /// Link rate in Gbit/s: adds the ring-allreduce bound 2(p−1)/p·S/rate to each row.
+    #[arg(long)]
+    link_gbps: Option<f64>,
+    /// Print JSON lines.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -228,7 +265,33 @@ pub fn run() -> Result<()> {
         Command::Train(a) => cmd_train(a),
         Command::Model(a) => cmd_model(a),
         Command::Phantom(a) => cmd_phantom(a),
-        Command::Bench(BenchCommand::Step(a)) => cmd_bench_step(a),
+        Command::Bench(BenchCommand::Step(a)) => cmd_bench_step(*a),
+        Command::Bench(BenchCommand::Allreduce(a)) => {
+            let comm = open_comm()?;
+            let rows =
+                bench::bench_allreduce(comm.as_ref(), a.min_bytes, a.max_bytes, a.link_gbps)?;
+            if comm.rank() == 0 {
+                for r in &rows {
+                    if a.json {
+                        println!("{}", serde_json::to_string(r)?);
+                    } else {
+                        println!(
+                            "{} ranks {:>11} B: median {:>10.3} ms (min {:.3}) | algbw {:7.3} GB/s | busbw {:7.3} GB/s{}",
+                            r.ranks,
+                            r.bytes,
+                            r.median_s * 1e3,
+                            r.min_s * 1e3,
+                            r.algbw_gbs,
+                            r.busbw_gbs,
+                            r.of_bound
+                                .map(|f| format!(" | {:.0} % of the ring bound", 100.0 * f))
+                                .unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
         Command::Validate(a) => {
             let comm = open_comm()?;
             let result = validate_on(&a, comm.as_ref());
@@ -430,13 +493,20 @@ fn cmd_phantom(a: PhantomArgs) -> Result<()> {
 }
 
 fn cmd_bench_step(a: BenchStepArgs) -> Result<()> {
+    let comm = open_comm()?;
     let cfg = load_config(a.config.as_deref(), &a.overrides)?;
-    let be = a.backend.open(&cfg.model, a.json)?;
+    let be = a
+        .backend
+        .for_rank(comm.as_ref())
+        .open(&cfg.model, a.json || comm.rank() != 0)?;
     let o = StepBenchOptions {
         warmup: a.warmup,
         steps: a.steps.max(1),
     };
-    let r = bench::bench_step(&cfg, &be, &o)?;
+    let r = bench::bench_step(&cfg, &be, &o, comm.as_ref())?;
+    if comm.rank() != 0 {
+        return Ok(());
+    }
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -456,6 +526,10 @@ fn cmd_bench_step(a: BenchStepArgs) -> Result<()> {
             r.peak_rss_mb,
             r.first_loss,
             r.last_loss
+        );
+        println!(
+            "  per step (median): compute {:.3} s | gradient copy {:.3} s | communication {:.3} s of which exposed {:.3} s | optimiser {:.3} s | {} rank(s)",
+            r.compute_s, r.copy_s, r.comm_total_s, r.comm_s, r.apply_s, r.ranks
         );
     }
     if let Some(script) = &a.peer {

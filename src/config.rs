@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::model::UNetConfig;
 use crate::optim::{OptimizerConfig, ScheduleConfig};
 use crate::train::TrainConfig;
+use crate::train::exchange::{Compression, DistributedConfig};
 
 /// The built-in default config (`configs/quick.toml`).
 pub const QUICK_TOML: &str = include_str!("../configs/quick.toml");
@@ -32,6 +33,8 @@ pub struct RunConfig {
     pub optimizer: OptimizerConfig,
     /// `[schedule]`.
     pub schedule: ScheduleConfig,
+    /// `[distributed]`.
+    pub distributed: DistributedConfig,
 }
 
 /// Command-line overrides; `None` keeps the config's value.
@@ -51,6 +54,8 @@ pub struct Overrides {
     pub width: Option<usize>,
     /// `model.input_size`.
     pub size: Option<usize>,
+    /// `distributed.grad_compression`.
+    pub grad_compression: Option<Compression>,
 }
 
 impl RunConfig {
@@ -96,6 +101,9 @@ impl RunConfig {
         if let Some(v) = o.size {
             self.model.input_size = v;
         }
+        if let Some(v) = o.grad_compression {
+            self.distributed.grad_compression = v;
+        }
     }
 
     /// Checks every section; `source` names the config in messages.
@@ -104,7 +112,8 @@ impl RunConfig {
         self.data.validate(source)?;
         self.train.validate(source)?;
         self.optimizer.validate(source)?;
-        self.schedule.validate(source)
+        self.schedule.validate(source)?;
+        self.distributed.validate(source)
     }
 
     /// The resolved config as TOML (written to `config.resolved.toml` in the run directory).

@@ -29,7 +29,7 @@ pub fn launched_by_mpi() -> bool {
 }
 
 /// A group of ranks that train one model together.
-pub trait Communicator {
+pub trait Communicator: Sync {
     /// This process's rank, `0..size()`.
     fn rank(&self) -> usize;
     /// Number of ranks.
@@ -47,6 +47,14 @@ pub trait Communicator {
     fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<()>;
     /// In-place elementwise sum of `buf` across ranks.
     fn allreduce_sum_f32(&self, buf: &mut [f32]) -> Result<()>;
+    /// In-place elementwise sum of IEEE half-precision values (given as their bits), each
+    /// reduction step adding in f32 and rounding back to half (fp16 gradient compression).
+    fn allreduce_sum_f16(&self, buf: &mut [u16]) -> Result<()>;
+    /// Whether a second thread may run collectives while this one does not call the
+    /// communicator (MPI thread level `Serialized` or better). Enables overlapped exchange.
+    fn concurrent_ok(&self) -> bool {
+        true
+    }
     /// In-place elementwise sum of small f64 vectors (metric sums and counts) across ranks.
     fn allreduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
     /// Waits until every rank arrives.
@@ -75,6 +83,9 @@ impl Communicator for Local {
         Ok(())
     }
     fn allreduce_sum_f32(&self, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn allreduce_sum_f16(&self, _buf: &mut [u16]) -> Result<()> {
         Ok(())
     }
     fn allreduce_sum_f64(&self, _buf: &mut [f64]) -> Result<()> {

@@ -30,6 +30,44 @@ pub struct Mpi {
     local_rank: usize,
     local_size: usize,
     threading: mpi::Threading,
+    f16_sum: ffi::MPI_Op,
+}
+
+// SAFETY: the communicator handles are plain MPI handles. The training code lets a second
+// thread run collectives only when `concurrent_ok` says the library allows it (thread level
+// Serialized or Multiple) and the first thread makes no MPI call meanwhile.
+unsafe impl Sync for Mpi {}
+
+impl Drop for Mpi {
+    fn drop(&mut self) {
+        // Before the universe (and MPI_Finalize) is dropped.
+        // SAFETY: the op was created by MPI_Op_create in `init` and is freed once.
+        unsafe {
+            ffi::MPI_Op_free(&mut self.f16_sum);
+        }
+    }
+}
+
+/// `MPI_User_function` summing IEEE half values: in f32, rounded back to half.
+unsafe extern "C" fn f16_sum(
+    invec: *mut c_void,
+    inoutvec: *mut c_void,
+    len: *mut c_int,
+    _datatype: *mut ffi::MPI_Datatype,
+) {
+    // SAFETY: MPI passes two buffers of `*len` elements of the datatype we reduce with
+    // (uint16), `inoutvec` writable.
+    let (a, b) = unsafe {
+        let n = *len as usize;
+        (
+            std::slice::from_raw_parts(invec as *const u16, n),
+            std::slice::from_raw_parts_mut(inoutvec as *mut u16, n),
+        )
+    };
+    for (x, y) in a.iter().zip(b.iter_mut()) {
+        let s = half::f16::from_bits(*x).to_f32() + half::f16::from_bits(*y).to_f32();
+        *y = half::f16::from_f32(s).to_bits();
+    }
 }
 
 static HOOK: Once = Once::new();
@@ -63,12 +101,19 @@ impl Mpi {
                 }
             }));
         });
+        let mut f16_sum_op: ffi::MPI_Op = unsafe { std::mem::zeroed() };
+        // SAFETY: registers a commutative user function; the handle is freed in Drop.
+        check(
+            unsafe { ffi::MPI_Op_create(Some(f16_sum), 1, &mut f16_sum_op) },
+            "MPI_Op_create",
+        )?;
         Ok(Self {
             _universe: universe,
             world,
             local_rank,
             local_size,
             threading,
+            f16_sum: f16_sum_op,
         })
     }
 
@@ -124,6 +169,31 @@ impl Communicator for Mpi {
             check(code, "MPI_Allreduce(f32)")?;
         }
         Ok(())
+    }
+
+    fn allreduce_sum_f16(&self, buf: &mut [u16]) -> Result<()> {
+        for chunk in buf.chunks_mut(1 << 28) {
+            // SAFETY: as in allreduce_sum_f32, with the half-precision sum operation.
+            let code = unsafe {
+                ffi::MPI_Allreduce(
+                    ctseg_mpi_in_place(),
+                    chunk.as_mut_ptr().cast(),
+                    chunk.len() as c_int,
+                    ffi::RSMPI_UINT16_T,
+                    self.f16_sum,
+                    self.world.as_raw(),
+                )
+            };
+            check(code, "MPI_Allreduce(f16)")?;
+        }
+        Ok(())
+    }
+
+    fn concurrent_ok(&self) -> bool {
+        matches!(
+            self.threading,
+            mpi::Threading::Serialized | mpi::Threading::Multiple
+        )
     }
 
     fn allreduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {

@@ -75,11 +75,19 @@ struct Gather<'a> {
     grads: Option<&'a GradientsParams>,
     parts: Vec<Tensor<1>>,
     missing: Option<ParamId>,
+    /// Only the selected tensors with these indices (in visit order among the selected).
+    range: Option<std::ops::Range<usize>>,
+    index: usize,
 }
 
 impl ModuleVisitor for Gather<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if !self.select.wants(param.is_require_grad()) {
+            return;
+        }
+        let index = self.index;
+        self.index += 1;
+        if self.range.as_ref().is_some_and(|r| !r.contains(&index)) {
             return;
         }
         let t = match self.grads {
@@ -107,11 +115,30 @@ fn gather_host(parts: Vec<Tensor<1>>) -> Result<Vec<f32>> {
 
 /// Gradients of the trainable parameters, concatenated into one host buffer.
 pub fn flatten_grads<M: Module>(module: &M, grads: &GradientsParams) -> Result<Vec<f32>> {
+    flatten_grads_in(module, grads, None)
+}
+
+/// Gradients of the trainable parameters with indices in `range` (visit order), concatenated.
+pub fn flatten_grads_range<M: Module>(
+    module: &M,
+    grads: &GradientsParams,
+    range: std::ops::Range<usize>,
+) -> Result<Vec<f32>> {
+    flatten_grads_in(module, grads, Some(range))
+}
+
+fn flatten_grads_in<M: Module>(
+    module: &M,
+    grads: &GradientsParams,
+    range: Option<std::ops::Range<usize>>,
+) -> Result<Vec<f32>> {
     let mut g = Gather {
         select: Select::Trainable,
         grads: Some(grads),
         parts: Vec::new(),
         missing: None,
+        range,
+        index: 0,
     };
     module.visit(&mut g);
     if let Some(id) = g.missing {
@@ -129,6 +156,8 @@ pub fn flatten_values<M: Module>(module: &M, select: Select) -> Result<Vec<f32>>
         grads: None,
         parts: Vec::new(),
         missing: None,
+        range: None,
+        index: 0,
     };
     module.visit(&mut g);
     gather_host(g.parts)

@@ -36,8 +36,10 @@ pub struct StepRecord {
     pub compute_s: f64,
     /// Seconds copying the fused gradient buffer off the device (0 on one rank).
     pub copy_s: f64,
-    /// Seconds of gradient communication the step waited for (0 on one rank).
+    /// Seconds of gradient communication the step waited for (exposed; 0 on one rank).
     pub comm_s: f64,
+    /// Seconds the allreduces took in total, overlapped or not (0 on one rank).
+    pub comm_total_s: f64,
 }
 
 /// One validation pass over the whole validation set.

@@ -2,6 +2,7 @@
 //! progress. The one place that wires model, data, optimiser and communicator together.
 
 pub mod checkpoint;
+pub mod exchange;
 pub mod flat;
 pub mod metrics;
 pub mod progress;

@@ -14,6 +14,7 @@ use burn::tensor::{Bytes, Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, Checkpoint, CheckpointMeta};
+use super::exchange;
 use super::flat::{self, Select};
 use super::metrics::{self, MetricsLog, StepRecord, ValRecord};
 use super::progress::Progress;
@@ -230,41 +231,6 @@ fn average_buffers(model: UNet, comm: &dyn Communicator) -> Result<UNet> {
     let inv = 1.0 / comm.size() as f32;
     buf.iter_mut().for_each(|v| *v *= inv);
     flat::assign_values(model, Select::Buffers, &buf)
-}
-
-/// Seconds spent in the parts of one data-parallel gradient exchange.
-#[derive(Clone, Copy, Debug, Default)]
-struct ExchangeTimes {
-    /// Device → host copy of the fused gradient buffer.
-    copy_s: f64,
-    /// Allreduce (blocking: all of it is exposed).
-    comm_s: f64,
-}
-
-/// Averages gradients across ranks through one fused flat buffer (tensor fusion): one
-/// device→host copy, one in-place allreduce, scaling by 1/N, one host→device copy.
-fn average_grads(
-    model: &UNet,
-    grads: GradientsParams,
-    slots: &[flat::Slot],
-    device: &Device,
-    comm: &dyn Communicator,
-) -> Result<(GradientsParams, ExchangeTimes)> {
-    if comm.size() == 1 {
-        return Ok((grads, ExchangeTimes::default()));
-    }
-    let t = Instant::now();
-    let mut buf = flat::flatten_grads(model, &grads)?;
-    let copy_s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    comm.allreduce_sum_f32(&mut buf)?;
-    let comm_s = t.elapsed().as_secs_f64();
-    let inv = 1.0 / comm.size() as f32;
-    buf.iter_mut().for_each(|v| *v *= inv);
-    Ok((
-        flat::unflatten_grads(&buf, slots, device)?,
-        ExchangeTimes { copy_s, comm_s },
-    ))
 }
 
 /// Evaluates `model` on this rank's share of `indices` (every `size`-th slice from `rank`) and
@@ -557,7 +523,8 @@ pub fn train(
                 Error::Device(format!("device error during step {}: {e:?}", step + 1))
             })?;
             let compute_s = t_compute.elapsed().as_secs_f64();
-            let (grads, exchange) = average_grads(&model, grads, &slots, &ad, comm)?;
+            let (grads, exchange) =
+                exchange::average(&model, grads, &slots, &ad, comm, &cfg.distributed)?;
             model = optim.step(lr, model, grads);
             step += 1;
             batch_in_epoch += 1;
@@ -589,6 +556,7 @@ pub fn train(
                 compute_s,
                 copy_s: exchange.copy_s,
                 comm_s: exchange.comm_s,
+                comm_total_s: exchange.comm_total_s,
             })?;
             progress.step(step, epoch + 1, loss_value, ips);
         }

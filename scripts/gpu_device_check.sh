@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One prepared run on a machine with a real GPU (the "device" machine of the development
+# workplace): the GPU parity tests on the NVIDIA Vulkan driver, `bench step --backend gpu` beside
+# the PyTorch peer on CUDA at width 32 and 64 (batch 4, 240²), and a short GPU training run.
+# Expects: .devbin/ctseg and .devbin/gpu-tests (x86-64 builds from the build machine, possibly
+# xz-compressed), .gl/*.deb (Vulkan loader, see the device tool's notes), python3 with torch.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+log() { echo "== $*" | tee -a "$OUT/log.txt"; }
+for f in .gl/*.deb; do dpkg -x "$f" /; done
+ldconfig
+if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
+  export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+fi
+export XDG_RUNTIME_DIR=$(mktemp -d)
+for b in .devbin/*.xz; do [ -f "$b" ] && xz -d -k -f "$b"; done
+chmod +x .devbin/ctseg .devbin/gpu-tests
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/log.txt"
+log adapters
+./.devbin/ctseg adapters 2>&1 | tee -a "$OUT/log.txt"
+log "gpu parity tests"
+CTSEG_REQUIRE_GPU=1 timeout 180 ./.devbin/gpu-tests --test-threads 1 2>&1 | grep -E "^test |result|panicked|error|long loops" | tee -a "$OUT/log.txt"
+for w in 32 64; do
+  log "bench step width $w batch 4 240x240 (ctseg wgpu vs pytorch cuda)"
+  timeout 240 ./.devbin/ctseg bench step --config configs/livermask.toml --backend gpu --width $w --batch-size 4 \
+    --warmup 3 --steps 10 --peer tests/reference/livermask_torch.py --peer-device cuda 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
+done
+log "quick config on the GPU"
+timeout 200 ./.devbin/ctseg train --backend gpu --out "$OUT/gpu-quick" --quiet 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
+cp "$OUT/gpu-quick/summary.json" "$OUT/gpu-quick-summary.json" 2>/dev/null
+rm -rf "$OUT/gpu-quick"
