@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod detmath;
 pub mod error;
+pub mod fp16;
 pub mod model;
 pub mod optim;
 pub mod preview;

@@ -223,3 +223,100 @@ fn gpu_training_reduces_the_loss() {
     );
     let _ = model.valid();
 }
+
+/// f32 values that exercise every branch of the fp16 packing: zeros, normals, ties at several
+/// exponents, the overflow edge (65504 is the largest half, 65520 rounds to Inf), the subnormal
+/// range and its rounding ties, values below half the smallest subnormal, f32 subnormals,
+/// Inf and NaN — plus random bit patterns.
+fn fp16_probe_values() -> Vec<f32> {
+    let mut v = vec![
+        0.0f32,
+        -0.0,
+        1.0,
+        -2.5,
+        0.1,
+        65504.0,
+        65519.99,
+        65520.0,
+        -65520.0,
+        1e30,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        6.103_515_6e-5, // smallest normal half, 2^-14
+        6.097_555e-5,   // just below it: largest subnormal region
+        5.960_464_5e-8, // smallest subnormal half, 2^-24
+        2.980_232_2e-8, // 2^-25: a tie between 0 and 2^-24, rounds to even (0)
+        2.980_233e-8,   // just above the tie: rounds up
+        8.940_697e-8,   // 1.5·2^-24: a tie, rounds to even (2·2^-24)
+        1e-10,
+        1e-40, // f32 subnormal
+        -1e-45,
+        1.000_488_3, // 1 + 2^-11: a tie between 1 and 1 + 2^-10, rounds to even (1)
+        1.001_464_8, // 1 + 3·2^-11: a tie, rounds up to 1 + 2^-9
+    ];
+    let mut rng = ctseg::rng::Rng::new(7);
+    for _ in 0..20_000 {
+        let bits = (rng.next_u64() >> 32) as u32;
+        let x = f32::from_bits(bits);
+        if !x.is_nan() {
+            v.push(x);
+        }
+    }
+    for _ in 0..20_000 {
+        v.push((rng.normal() * 1e-3) as f32);
+    }
+    v.push(0.75); // odd length: the last word holds one value
+    v
+}
+
+#[test]
+fn fp16_pack_kernel_matches_the_cpu_reference_bit_for_bit() {
+    let Some(be) = gpu() else { return };
+    let mut x = fp16_probe_values();
+    // Two NaNs with payloads: the kernel keeps them quiet with the top mantissa bits, like the
+    // `half` crate.
+    x.push(f32::from_bits(0x7fc0_0001));
+    x.push(f32::from_bits(0xff80_2000));
+    let t = Tensor::<1>::from_data(TensorData::new(x.clone(), [x.len()]), &be.device);
+    let gpu_bits = ctseg::fp16::pack_on_device(t).expect("pack kernel runs");
+    let cpu_bits = ctseg::fp16::to_f16(&x);
+    assert_eq!(gpu_bits.len(), cpu_bits.len());
+    let bad: Vec<_> = x
+        .iter()
+        .zip(gpu_bits.iter().zip(&cpu_bits))
+        .filter(|(_, (g, c))| g != c)
+        .take(5)
+        .map(|(v, (g, c))| format!("{v:e} ({:#010x}): gpu {g:#06x} cpu {c:#06x}", v.to_bits()))
+        .collect();
+    assert!(bad.is_empty(), "pack kernel differs: {bad:?}");
+}
+
+#[test]
+fn fp16_unpack_kernel_matches_the_cpu_reference_bit_for_bit() {
+    let Some(be) = gpu() else { return };
+    // Every finite half bit pattern (NaNs excluded: a shader may quiet them), odd count.
+    let bits: Vec<u16> = (0..=u16::MAX)
+        .filter(|&b| (b >> 10) & 0x1f != 0x1f || b & 0x3ff == 0)
+        .skip(1)
+        .collect();
+    assert_eq!(bits.len() % 2, 1);
+    for scale in [1.0f32, 0.5, 0.25, 1.0 / 3.0] {
+        let t = ctseg::fp16::unpack_on_device(&bits, scale, &be.device).expect("unpack runs");
+        let gpu = to_f32(t).unwrap();
+        let cpu: Vec<f32> = ctseg::fp16::from_f16(&bits)
+            .into_iter()
+            .map(|v| v * scale)
+            .collect();
+        let bad: Vec<_> = bits
+            .iter()
+            .zip(gpu.iter().zip(&cpu))
+            .filter(|(_, (g, c))| g.to_bits() != c.to_bits())
+            .take(5)
+            .map(|(b, (g, c))| format!("{b:#06x} x {scale}: gpu {g:e} cpu {c:e}"))
+            .collect();
+        assert!(bad.is_empty(), "unpack kernel differs: {bad:?}");
+    }
+    // The device tensor behaves like any other: arithmetic on it goes through burn's fusion.
+    let t = ctseg::fp16::unpack_on_device(&[0x3c00, 0x4000, 0xc200], 1.0, &be.device).unwrap();
+    assert_eq!(to_f32(t * 2.0).unwrap(), vec![2.0, 4.0, -6.0]);
+}

@@ -458,7 +458,55 @@ fn gpu_backend_under_mpirun() {
     let h = hashes(&t);
     assert_eq!(h.len(), 2, "{t}");
     assert_eq!(h[0], h[1], "GPU ranks hold different weights:\n{t}");
-    assert_eq!(losses(&run).len(), 4);
+    let fp32 = losses(&run);
+    assert_eq!(fp32.len(), 4);
+
+    // fp16 compression on the GPU packs and unpacks with the WGSL kernels (shaders/): the ranks
+    // still agree bit for bit, and the trajectory stays within the fp16 bound of the CPU test.
+    let run16 = d.path().join("gpu16");
+    let t = ok(mpirun(
+        2,
+        &[
+            "train",
+            "--config",
+            TINY,
+            "--backend",
+            "gpu",
+            "--out",
+            s(&run16),
+            "--max-steps",
+            "4",
+            "--grad-compression",
+            "fp16",
+            "--quiet",
+        ],
+        &[],
+        300,
+    ));
+    let h = hashes(&t);
+    assert_eq!(h.len(), 2, "{t}");
+    assert_eq!(h[0], h[1], "GPU fp16 ranks hold different weights:\n{t}");
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run16.join("summary.json")).expect("summary"),
+    )
+    .expect("json");
+    assert!(
+        summary["grad_exchange"]
+            .as_str()
+            .is_some_and(|e| e.contains("on the device (WGSL)")),
+        "{summary}"
+    );
+    let fp16 = losses(&run16);
+    let worst = fp32
+        .iter()
+        .zip(&fp16)
+        .map(|(x, y)| ((x - y) / x).abs())
+        .fold(0.0f64, f64::max);
+    eprintln!("GPU fp16 vs fp32 gradients: largest relative loss difference {worst:.2e}");
+    assert!(
+        worst < 1e-3,
+        "GPU fp16 trajectory drifted: {fp32:?} vs {fp16:?}"
+    );
 }
 
 #[test]

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::flat::{self, Slot};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
+use crate::fp16;
 use crate::model::UNet;
 
 /// Gradient compression on the wire.
@@ -57,7 +58,7 @@ impl DistributedConfig {
 /// Seconds spent in the parts of one exchange.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ExchangeTimes {
-    /// Device → host copies (and fp16 packing) on the training thread.
+    /// Device ↔ host copies (with fp16 packing and unpacking) on the training thread.
     pub copy_s: f64,
     /// Communication the training thread waited for after its last copy (exposed).
     pub comm_s: f64,
@@ -83,34 +84,67 @@ pub fn buckets(slots: &[Slot], bucket_bytes: usize) -> Vec<Range<usize>> {
     out
 }
 
-/// f32 → IEEE half bits (round to nearest even).
-pub fn to_f16(values: &[f32]) -> Vec<u16> {
-    values
-        .iter()
-        .map(|&v| half::f16::from_f32(v).to_bits())
-        .collect()
+/// One bucket on its way through the exchange.
+enum Payload {
+    F32(Vec<f32>),
+    /// IEEE half bits.
+    F16(Vec<u16>),
 }
 
-/// IEEE half bits → f32.
-pub fn from_f16(bits: &[u16]) -> Vec<f32> {
-    bits.iter()
-        .map(|&b| half::f16::from_bits(b).to_f32())
-        .collect()
-}
-
-fn reduce(comm: &dyn Communicator, buf: Vec<f32>, compression: Compression) -> Result<Vec<f32>> {
-    match compression {
-        Compression::None => {
-            let mut buf = buf;
-            comm.allreduce_sum_f32(&mut buf)?;
-            Ok(buf)
+/// Copies the gradients of slots `range` off the device, packed to fp16 if asked (on the
+/// device when it is a wgpu adapter, so only half the bytes cross the bus).
+fn copy_bucket(
+    model: &UNet,
+    grads: &GradientsParams,
+    range: Range<usize>,
+    compression: Compression,
+    on_device: bool,
+) -> Result<Payload> {
+    Ok(match compression {
+        Compression::None => Payload::F32(flat::flatten_grads_range(model, grads, range)?),
+        Compression::Fp16 if on_device => {
+            match flat::flatten_grads_range_device(model, grads, range)? {
+                Some(t) => Payload::F16(fp16::pack_on_device(t)?),
+                None => Payload::F16(Vec::new()),
+            }
         }
-        Compression::Fp16 => {
-            let mut bits = to_f16(&buf);
+        Compression::Fp16 => Payload::F16(fp16::to_f16(&flat::flatten_grads_range(
+            model, grads, range,
+        )?)),
+    })
+}
+
+fn reduce(comm: &dyn Communicator, payload: Payload) -> Result<Payload> {
+    match payload {
+        Payload::F32(mut buf) => {
+            comm.allreduce_sum_f32(&mut buf)?;
+            Ok(Payload::F32(buf))
+        }
+        Payload::F16(mut bits) => {
             comm.allreduce_sum_f16(&mut bits)?;
-            Ok(from_f16(&bits))
+            Ok(Payload::F16(bits))
         }
     }
+}
+
+/// One line saying how the gradients are exchanged (logged and kept in `summary.json`).
+pub fn describe(cfg: &DistributedConfig, slots: &[Slot], device: &Device, world: usize) -> String {
+    if world == 1 {
+        return "none (single process)".into();
+    }
+    let n = buckets(slots, (cfg.bucket_mb * 1e6) as usize).len();
+    let wire = match cfg.grad_compression {
+        Compression::None => "fp32",
+        Compression::Fp16 if fp16::device_kernels_apply(device) => {
+            "fp16 packed and unpacked on the device (WGSL)"
+        }
+        Compression::Fp16 => "fp16 packed on the host",
+    };
+    format!(
+        "{n} bucket(s) of <= {} MB, {wire}, overlap {}",
+        cfg.bucket_mb,
+        if cfg.overlap { "on" } else { "off" }
+    )
 }
 
 /// Averages the gradients of `model` over all ranks of `comm`. Collective.
@@ -127,17 +161,18 @@ pub fn average(
     }
     let ranges = buckets(slots, (cfg.bucket_mb * 1e6) as usize);
     let mut times = ExchangeTimes::default();
-    let mut reduced: Vec<Option<Vec<f32>>> = vec![None; ranges.len()];
+    let mut reduced: Vec<Option<Payload>> = (0..ranges.len()).map(|_| None).collect();
     let overlap = cfg.overlap && ranges.len() > 1 && comm.concurrent_ok();
+    let compression = cfg.grad_compression;
+    let on_device = fp16::device_kernels_apply(device);
     if overlap {
         std::thread::scope(|scope| -> Result<()> {
-            let (to_comm, inbox) = mpsc::channel::<(usize, Vec<f32>)>();
-            let (to_main, results) = mpsc::channel::<(usize, Result<Vec<f32>>, f64)>();
-            let compression = cfg.grad_compression;
+            let (to_comm, inbox) = mpsc::channel::<(usize, Payload)>();
+            let (to_main, results) = mpsc::channel::<(usize, Result<Payload>, f64)>();
             scope.spawn(move || {
                 for (k, buf) in inbox {
                     let t = Instant::now();
-                    let r = reduce(comm, buf, compression);
+                    let r = reduce(comm, buf);
                     if to_main.send((k, r, t.elapsed().as_secs_f64())).is_err() {
                         return;
                     }
@@ -145,7 +180,7 @@ pub fn average(
             });
             for (k, r) in ranges.iter().enumerate() {
                 let t = Instant::now();
-                let buf = flat::flatten_grads_range(model, &grads, r.clone())?;
+                let buf = copy_bucket(model, &grads, r.clone(), compression, on_device)?;
                 times.copy_s += t.elapsed().as_secs_f64();
                 if to_comm.send((k, buf)).is_err() {
                     break;
@@ -163,23 +198,47 @@ pub fn average(
     } else {
         for (k, r) in ranges.iter().enumerate() {
             let t = Instant::now();
-            let buf = flat::flatten_grads_range(model, &grads, r.clone())?;
+            let buf = copy_bucket(model, &grads, r.clone(), compression, on_device)?;
             times.copy_s += t.elapsed().as_secs_f64();
             let t = Instant::now();
-            reduced[k] = Some(reduce(comm, buf, cfg.grad_compression)?);
+            reduced[k] = Some(reduce(comm, buf)?);
             let dt = t.elapsed().as_secs_f64();
             times.comm_s += dt;
             times.comm_total_s += dt;
         }
     }
     let inv = 1.0 / comm.size() as f32;
-    let mut all = Vec::with_capacity(slots.iter().map(|s| s.len).sum());
-    for part in reduced {
-        let part =
-            part.ok_or_else(|| Error::Invalid("a gradient bucket was not reduced".into()))?;
-        all.extend(part.into_iter().map(|v| v * inv));
-    }
-    Ok((flat::unflatten_grads(&all, slots, device)?, times))
+    let total = slots.iter().map(|s| s.len).sum();
+    let parts = reduced
+        .into_iter()
+        .map(|p| p.ok_or_else(|| Error::Invalid("a gradient bucket was not reduced".into())))
+        .collect::<Result<Vec<_>>>()?;
+    let t = Instant::now();
+    let averaged = if compression == Compression::Fp16 && on_device {
+        // Unpack and scale on the device: half the bytes go up, nothing f32 crosses the bus.
+        let mut bits = Vec::with_capacity(total);
+        for part in parts {
+            match part {
+                Payload::F16(b) => bits.extend_from_slice(&b),
+                Payload::F32(_) => return Err(Error::Invalid("mixed gradient payloads".into())),
+            }
+        }
+        flat::unflatten_grads_tensor(fp16::unpack_on_device(&bits, inv, device)?, slots)?
+    } else {
+        let mut all = Vec::with_capacity(total);
+        for part in parts {
+            match part {
+                Payload::F32(v) => all.extend(v.into_iter().map(|v| v * inv)),
+                Payload::F16(b) => all.extend(
+                    b.into_iter()
+                        .map(|h| half::f16::from_bits(h).to_f32() * inv),
+                ),
+            }
+        }
+        flat::unflatten_grads(&all, slots, device)?
+    };
+    times.copy_s += t.elapsed().as_secs_f64();
+    Ok((averaged, times))
 }
 
 #[cfg(test)]
@@ -201,17 +260,5 @@ mod tests {
             buckets(&slots, 1),
             (0..6).map(|k| k..k + 1).collect::<Vec<_>>()
         );
-    }
-
-    #[test]
-    fn fp16_round_trip_matches_ieee_half() {
-        // Reference values from numpy: np.float16(x).view(np.uint16) for x in
-        // [0.0, 1.0, -2.5, 65504.0, 1e-8, 0.1] → [0, 15360, 49408, 31743, 0, 11878].
-        let x = [0.0f32, 1.0, -2.5, 65504.0, 1e-8, 0.1];
-        assert_eq!(to_f16(&x), vec![0, 15360, 49408, 31743, 0, 11878]);
-        let back = from_f16(&to_f16(&x));
-        assert_eq!(&back[..4], &[0.0, 1.0, -2.5, 65504.0]);
-        // 0.1 → 0.0999755859375 (nearest half).
-        assert_eq!(back[5], 0.099_975_586);
     }
 }

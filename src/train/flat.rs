@@ -106,11 +106,19 @@ impl ModuleVisitor for Gather<'_> {
 }
 
 fn gather_host(parts: Vec<Tensor<1>>) -> Result<Vec<f32>> {
-    if parts.is_empty() {
-        return Ok(Vec::new());
+    match gather_device(parts) {
+        // One concatenation on the device, one copy to the host.
+        Some(t) => data_to_f32(t.into_data()),
+        None => Ok(Vec::new()),
     }
-    // One concatenation on the device, one copy to the host.
-    data_to_f32(Tensor::cat(parts, 0).into_data())
+}
+
+fn gather_device(parts: Vec<Tensor<1>>) -> Option<Tensor<1>> {
+    if parts.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(parts, 0))
+    }
 }
 
 /// Gradients of the trainable parameters, concatenated into one host buffer.
@@ -127,11 +135,28 @@ pub fn flatten_grads_range<M: Module>(
     flatten_grads_in(module, grads, Some(range))
 }
 
+/// Like [`flatten_grads_range`], but the concatenation stays on the device (`None` if empty).
+pub fn flatten_grads_range_device<M: Module>(
+    module: &M,
+    grads: &GradientsParams,
+    range: std::ops::Range<usize>,
+) -> Result<Option<Tensor<1>>> {
+    Ok(gather_device(gather_grads(module, grads, Some(range))?))
+}
+
 fn flatten_grads_in<M: Module>(
     module: &M,
     grads: &GradientsParams,
     range: Option<std::ops::Range<usize>>,
 ) -> Result<Vec<f32>> {
+    gather_host(gather_grads(module, grads, range)?)
+}
+
+fn gather_grads<M: Module>(
+    module: &M,
+    grads: &GradientsParams,
+    range: Option<std::ops::Range<usize>>,
+) -> Result<Vec<Tensor<1>>> {
     let mut g = Gather {
         select: Select::Trainable,
         grads: Some(grads),
@@ -146,7 +171,7 @@ fn flatten_grads_in<M: Module>(
             "no gradient for trainable parameter {id}: is it used in the forward pass?"
         )));
     }
-    gather_host(g.parts)
+    Ok(g.parts)
 }
 
 /// Values of the selected tensors, concatenated into one host buffer.
@@ -161,6 +186,34 @@ pub fn flatten_values<M: Module>(module: &M, select: Select) -> Result<Vec<f32>>
     };
     module.visit(&mut g);
     gather_host(g.parts)
+}
+
+/// Gradients from one flat tensor already on the device (sliced there, no host copy).
+pub fn unflatten_grads_tensor(flat: Tensor<1>, slots: &[Slot]) -> Result<GradientsParams> {
+    let total: usize = slots.iter().map(|s| s.len).sum();
+    let n = flat.shape().num_elements();
+    if total != n {
+        return Err(Error::Invalid(format!(
+            "gradient buffer has {n} values, the model has {total}"
+        )));
+    }
+    let mut grads = GradientsParams::new();
+    let mut o = 0;
+    for s in slots {
+        let part = flat.clone().slice(o..o + s.len);
+        o += s.len;
+        match s.shape.len() {
+            1 => grads.register::<1>(s.id, part.reshape([s.shape[0]])),
+            2 => grads.register::<2>(s.id, part.reshape([s.shape[0], s.shape[1]])),
+            3 => grads.register::<3>(s.id, part.reshape([s.shape[0], s.shape[1], s.shape[2]])),
+            4 => grads.register::<4>(
+                s.id,
+                part.reshape([s.shape[0], s.shape[1], s.shape[2], s.shape[3]]),
+            ),
+            r => return Err(Error::Invalid(format!("unsupported parameter rank {r}"))),
+        }
+    }
+    Ok(grads)
 }
 
 /// Gradients rebuilt from a flat buffer laid out as `slots`, on `device`.

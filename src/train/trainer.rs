@@ -104,6 +104,9 @@ pub struct TrainSummary {
     pub data_wait_s: f64,
     /// FNV-1a hash of every weight and BN statistic at the end (hex): equal on all ranks.
     pub weights_hash: String,
+    /// How gradients were exchanged between ranks.
+    #[serde(default)]
+    pub grad_exchange: String,
 }
 
 /// Test hook: `CTSEG_FAULT_INJECT=panic:RANK:STEP` makes rank RANK panic after optimiser step
@@ -439,6 +442,7 @@ pub fn train(
     let slots = flat::layout(&model, Select::Trainable);
     let params: usize = slots.iter().map(|s| s.len).sum();
 
+    let exchange_desc = exchange::describe(&cfg.distributed, &slots, &ad, world);
     let mut log = MetricsLog::open(run_dir, rank0)?;
     let mut progress = Progress::new(
         opts.quiet || !rank0,
@@ -458,6 +462,9 @@ pub fn train(
         ));
         if let Some(note) = &progress_note {
             progress.println(note);
+        }
+        if world > 1 {
+            progress.println(&format!("gradient exchange: {exchange_desc}"));
         }
         if opts.resume {
             progress.println(&format!(
@@ -680,6 +687,7 @@ pub fn train(
         data: ds.origin.clone(),
         data_wait_s: data_wait,
         weights_hash: format!("{hash:016x}"),
+        grad_exchange: exchange_desc,
     };
     if rank0 {
         let text = serde_json::to_string_pretty(&summary)

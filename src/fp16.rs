@@ -1,0 +1,251 @@
+//! fp16 gradient compression: IEEE binary16 packing (round to nearest, ties to even) on the host,
+//! and for tensors on a wgpu device, on the device with the WGSL kernels in `shaders/`, so only
+//! half the bytes cross the bus and the unpacked, averaged gradient never leaves the device.
+//!
+//! The host functions are the reference the kernels are tested against (bit for bit); they use
+//! the `half` crate, itself pinned to numpy's conversion in the tests below.
+
+use burn::tensor::{DType, Device, Shape, Tensor};
+use burn_cubecl::cubecl::ir::{UIntKind, metadata::Info};
+use burn_cubecl::cubecl::prelude::*;
+use burn_cubecl::cubecl::server::KernelArguments;
+use burn_cubecl::cubecl::{CubeKernel, PrecompiledSource};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{Cube, CubeBackend};
+use burn_dispatch::DispatchDevice;
+use burn_fusion::NoOp;
+use burn_fusion::custom::{OperationIr, OperationOutput, StreamId};
+
+use crate::error::{Error, Result};
+
+/// f32 → IEEE half bits (round to nearest even).
+pub fn to_f16(values: &[f32]) -> Vec<u16> {
+    values
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_bits())
+        .collect()
+}
+
+/// IEEE half bits → f32.
+pub fn from_f16(bits: &[u16]) -> Vec<f32> {
+    bits.iter()
+        .map(|&b| half::f16::from_bits(b).to_f32())
+        .collect()
+}
+
+/// Invocations per workgroup, as the shaders declare (`@workgroup_size(256, 1, 1)`).
+const WORKGROUP: u32 = 256;
+/// The largest workgroup count in one dimension that every adapter accepts.
+const MAX_GROUPS_X: u32 = 65_535;
+
+const PACK_WGSL: &str = include_str!("../shaders/fp16_pack.wgsl");
+const UNPACK_WGSL: &str = include_str!("../shaders/fp16_unpack.wgsl");
+
+/// A hand-written WGSL kernel: the text is the kernel, there is no IR to compile.
+struct WgslKernel {
+    source: &'static str,
+    /// Distinguishes the kernels in cubecl's compilation caches, which never see the text.
+    name: &'static str,
+}
+
+impl KernelMetadata for WgslKernel {
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info((self.name, crc32fast::hash(self.source.as_bytes())))
+    }
+
+    fn address_type(&self) -> ElemType {
+        ElemType::UInt(UIntKind::U32)
+    }
+}
+
+impl CubeKernel for WgslKernel {
+    fn define(&self) -> KernelDefinition {
+        let settings = KernelSettings::new(
+            CubeDim::new_1d(WORKGROUP).0,
+            ExecutionMode::Checked,
+            AddressType::U32,
+        );
+        KernelDefinition {
+            body: Scope::root(settings.clone()),
+            settings,
+            info: Info::default(),
+        }
+    }
+
+    fn source(&self) -> Option<PrecompiledSource> {
+        Some(PrecompiledSource {
+            source: self.source.to_string(),
+            entrypoint_name: "main".to_string(),
+            lang: "wgsl",
+        })
+    }
+}
+
+/// Workgroups for one invocation per word, as (x, y) with x ≤ 65,535.
+fn grid(words: usize) -> Result<(u32, u32)> {
+    let groups = words.div_ceil(WORKGROUP as usize).max(1);
+    let x = groups.min(MAX_GROUPS_X as usize);
+    let y = groups.div_ceil(x);
+    if y > MAX_GROUPS_X as usize {
+        return Err(Error::Invalid(format!(
+            "fp16 kernel: {words} words exceed the dispatch grid"
+        )));
+    }
+    Ok((x as u32, y as u32))
+}
+
+/// The cubecl device behind `device`, if it is one (a wgpu adapter); `None` for the CPU backend.
+fn cube_device(device: &Device) -> Option<burn_cubecl::CubeDevice> {
+    let device = device.clone().without_autodiff();
+    #[allow(unreachable_patterns)]
+    match device.as_dispatch() {
+        DispatchDevice::Cube(d) => Some(d.clone()),
+        _ => None,
+    }
+}
+
+/// Whether [`pack_on_device`] and [`unpack_on_device`] run on `device`.
+pub fn device_kernels_apply(device: &Device) -> bool {
+    cube_device(device).is_some()
+}
+
+fn gpu_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Device(format!("fp16 {what} kernel: {e:?}"))
+}
+
+/// Packs a flat f32 tensor on its wgpu device into IEEE half bits and copies only those to the
+/// host. Bit-identical to [`to_f16`]. Errors if the tensor is not on a wgpu device.
+pub fn pack_on_device(flat: Tensor<1>) -> Result<Vec<u16>> {
+    let n = flat.shape().num_elements();
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let fused = flat
+        .try_into_primitive::<Cube>()
+        .map_err(|e| gpu_err("pack", e))?;
+    let client = fused.client.clone();
+    let t: CubeTensor = client.resolve_tensor_float::<CubeBackend>(fused);
+    if t.dtype != DType::F32 {
+        return Err(Error::Invalid(format!(
+            "fp16 pack kernel: expected an f32 tensor, got {:?}",
+            t.dtype
+        )));
+    }
+    let t = into_contiguous(t);
+    let words = n.div_ceil(2);
+    let (gx, gy) = grid(words)?;
+    let out = t.client.empty(words * 4);
+    let info = t.client.create_from_slice(&u32_bytes(&[n as u32, gx]));
+    t.client.launch(
+        Box::new(WgslKernel {
+            source: PACK_WGSL,
+            name: "fp16_pack",
+        }),
+        CubeCount::Static(gx, gy, 1),
+        KernelArguments::new().with_buffers(vec![
+            t.handle.clone().binding(),
+            out.clone().binding(),
+            info.binding(),
+        ]),
+    );
+    let bytes = t.client.read_one(out).map_err(|e| gpu_err("pack", e))?;
+    let mut bits = Vec::with_capacity(2 * words);
+    bits.extend(
+        bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]])),
+    );
+    bits.truncate(n);
+    Ok(bits)
+}
+
+/// Uploads IEEE half bits to `device` (a wgpu device) and unpacks them there into an f32 tensor,
+/// each value times `scale`. Bit-identical to `from_f16(bits)[i] * scale`.
+pub fn unpack_on_device(bits: &[u16], scale: f32, device: &Device) -> Result<Tensor<1>> {
+    let cube = cube_device(device).ok_or_else(|| {
+        Error::Device(format!(
+            "fp16 unpack kernel: {device:?} is not a wgpu device"
+        ))
+    })?;
+    let n = bits.len();
+    if n == 0 {
+        return Ok(Tensor::<1>::empty([0], device));
+    }
+    let client = cube.client();
+    let words = n.div_ceil(2);
+    let (gx, gy) = grid(words)?;
+    let mut packed = Vec::with_capacity(words * 4);
+    for pair in bits.chunks(2) {
+        packed.extend_from_slice(&pair[0].to_le_bytes());
+        packed.extend_from_slice(&pair.get(1).copied().unwrap_or(0).to_le_bytes());
+    }
+    let input = client.create_from_slice(&packed);
+    let out = client.empty(n * 4);
+    let info = client.create_from_slice(&u32_bytes(&[n as u32, gx, scale.to_bits()]));
+    client.launch(
+        Box::new(WgslKernel {
+            source: UNPACK_WGSL,
+            name: "fp16_unpack",
+        }),
+        CubeCount::Static(gx, gy, 1),
+        KernelArguments::new().with_buffers(vec![
+            input.binding(),
+            out.clone().binding(),
+            info.binding(),
+        ]),
+    );
+    let shape = Shape::new([n]);
+    let tensor = CubeTensor::new_contiguous(client, cube.clone(), shape.clone(), out, DType::F32);
+    // Hand the buffer to the fusion layer the way burn's own `float_from_data` does: an init
+    // operation that registers the handle, so later (fused) operations see an ordinary tensor.
+    let fclient = burn_fusion::get_client::<CubeBackend>(&cube);
+    let handle = <CubeBackend as burn_ir::BackendIr>::float_tensor_handle(tensor);
+    let desc = burn_ir::InitOperationIr::create(shape, DType::F32, || {
+        fclient.register_tensor_handle(handle)
+    });
+    let fused = fclient
+        .register(
+            StreamId::current(),
+            OperationIr::Init(desc),
+            NoOp::<CubeBackend>::new(),
+        )
+        .output();
+    Ok(Tensor::<1>::from_primitive::<Cube>(fused))
+}
+
+fn u32_bytes(values: &[u32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_round_trip_matches_numpy_half() {
+        // Reference values from numpy: np.float16(x).view(np.uint16) for x in
+        // [0.0, 1.0, -2.5, 65504.0, 1e-8, 0.1] → [0, 15360, 49408, 31743, 0, 11878].
+        let x = [0.0f32, 1.0, -2.5, 65504.0, 1e-8, 0.1];
+        assert_eq!(to_f16(&x), vec![0, 15360, 49408, 31743, 0, 11878]);
+        let back = from_f16(&to_f16(&x));
+        assert_eq!(&back[..4], &[0.0, 1.0, -2.5, 65504.0]);
+        // 0.1 → 0.0999755859375 (nearest half).
+        assert_eq!(back[5], 0.099_975_586);
+    }
+
+    #[test]
+    fn grid_tiles_large_counts() {
+        assert_eq!(grid(1).unwrap(), (1, 1));
+        assert_eq!(grid(256 * 65_535).unwrap(), (65_535, 1));
+        // 125.6 MB of fp32 gradients = 31.4 M values = 15.7 M words → 61,309 groups.
+        assert_eq!(grid(15_695_747).unwrap(), (61_312, 1));
+        assert_eq!(grid(256 * 65_535 + 1).unwrap(), (65_535, 2));
+    }
+
+    #[test]
+    fn cpu_device_has_no_kernels() {
+        assert!(!device_kernels_apply(&Device::flex()));
+        assert!(!device_kernels_apply(&Device::flex().autodiff()));
+    }
+}
