@@ -2,7 +2,9 @@
 
 Run:  python3 tests/reference/torch_reference.py        (torch 2.x, CPU, float32)
 It prints JSON; the numbers are pasted into tests/torch_parity.rs, which states how they were
-made. With --check FILE it compares against a JSON written by the Rust side instead.
+made. With --grads it prints the loss and every parameter's whole gradient instead, for the
+model shape in CTSEG_REF_SHAPE="width,depth,size,batch" (default 4,2,32,2); the Rust test
+compares them tensor by tensor at livermask's resolution.
 
 Weights and inputs follow closed-form rules that the Rust test reproduces exactly:
   trainable parameter k (in `model.parameters()` order, which is ctseg's module-visit order of
@@ -12,7 +14,8 @@ Weights and inputs follow closed-form rules that the Rust test reproduces exactl
     BN gamma    : 1 + 0.1 * sin(0.37 j + 1.3 k + 0.5)
     BN beta     : 0.1 * sin(0.37 j + 1.3 k + 0.5)
   input x[b, 0, y, x] (flat index j) = 50 sin(0.11 j) + 20 cos(0.023 j) + 30 b
-  label: liver disc (y-12)^2 + (x-13)^2 < 64 (+5 px per image along x), tumour (y-12)^2 + (x-15)^2 < 9
+  label, with s = size / 32: liver disc (y-12s)^2 + (x-(13+5b)s)^2 < 64 s^2, tumour
+  (y-12s)^2 + (x-15s)^2 < 9 s^2 (inside the liver)
 """
 import json
 import math
@@ -24,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from livermask_torch import LivermaskUNet, dice_loss  # noqa: E402
 
-W, DEPTH, N, B = 4, 2, 32, 2
+W, DEPTH, N, B = (int(v) for v in os.environ.get("CTSEG_REF_SHAPE", "4,2,32,2").split(","))
 
 
 def fill(model):
@@ -56,10 +59,12 @@ def batch():
     x = 50 * torch.sin(0.11 * j) + 20 * torch.cos(0.023 * j)
     x = x.reshape(B, 1, N, N) + 30 * torch.arange(B, dtype=torch.float64).reshape(B, 1, 1, 1)
     yy, xx = torch.meshgrid(torch.arange(N), torch.arange(N), indexing="ij")
+    yy, xx = yy.double(), xx.double()
+    s = N / 32.0
     y = torch.zeros(B, 3, N, N)
     for b in range(B):
-        liver = (yy - 12) ** 2 + (xx - 13 - 5 * b) ** 2 < 64
-        tumour = ((yy - 12) ** 2 + (xx - 15) ** 2 < 9) & liver
+        liver = (yy - 12 * s) ** 2 + (xx - (13 + 5 * b) * s) ** 2 < 64 * s * s
+        tumour = ((yy - 12 * s) ** 2 + (xx - 15 * s) ** 2 < 9 * s * s) & liver
         y[b, 0] = (~liver).float()
         y[b, 1] = liver.float()
         y[b, 2] = tumour.float()
@@ -111,7 +116,25 @@ def adadelta_reference(steps=6):
     return {"adadelta_w": traj}
 
 
+def all_grads():
+    torch.manual_seed(0)
+    model = LivermaskUNet(W, levels=DEPTH, dropout=0.0)
+    tag(model)
+    fill(model)
+    model.train()
+    x, y = batch()
+    loss = dice_loss(model(x), y)
+    loss.backward()
+    return {
+        "loss": loss.item(),
+        "grads": [q.grad.flatten().tolist() for q in model.parameters()],
+    }
+
+
 if __name__ == "__main__":
+    if "--grads" in sys.argv:
+        print(json.dumps(all_grads()))
+        sys.exit(0)
     out = {"torch": torch.__version__}
     out.update(unet_reference())
     out.update(adadelta_reference())
