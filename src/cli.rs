@@ -32,6 +32,8 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Turn CT volumes (LiTS-style NIfTI pairs: a folder or a CSV) into a training dataset.
+    Prepare(PrepareArgs),
     /// Evaluate a checkpoint on its run's validation split (distributed under mpirun).
     Validate(ValidateArgs),
     /// List the graphics adapters `--backend gpu` can use.
@@ -128,6 +130,9 @@ struct OverrideArgs {
     /// Gradient compression on the wire (data-parallel runs).
     #[arg(long, value_enum)]
     grad_compression: Option<ctseg::train::exchange::Compression>,
+    /// Validate on this fold of a dataset prepared with `--folds`, train on the others.
+    #[arg(long)]
+    fold: Option<usize>,
 }
 
 impl OverrideArgs {
@@ -141,6 +146,7 @@ impl OverrideArgs {
             width: self.width,
             size: self.size,
             grad_compression: self.grad_compression,
+            fold: self.fold,
         }
     }
 }
@@ -175,6 +181,38 @@ struct ModelArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     overrides: OverrideArgs,
+}
+
+#[derive(Args, Debug)]
+struct PrepareArgs {
+    /// A folder of volume-N.nii[.gz] / segmentation-N.nii[.gz] (LiTS layout), or a CSV file of
+    /// image,label rows (paths relative to the CSV).
+    #[arg(long)]
+    input: PathBuf,
+    /// Output dataset directory (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Slice size after resizing.
+    #[arg(long, default_value_t = 240)]
+    size: usize,
+    /// Cross-validation folds, assigned by volume (1: none).
+    #[arg(long, default_value_t = 1)]
+    folds: usize,
+    /// Slices kept above and below the liver's z-range.
+    #[arg(long, default_value_t = 0)]
+    margin: usize,
+    /// Image resizing (labels always take the nearest voxel).
+    #[arg(long, value_enum, default_value_t = ctseg::data::prepare::Resize::Nearest)]
+    resize: ctseg::data::prepare::Resize,
+    /// Slices per shard file.
+    #[arg(long, default_value_t = 256)]
+    shard_slices: usize,
+    /// Seed of the fold assignment.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// No per-volume progress lines.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args, Debug)]
@@ -266,6 +304,7 @@ pub fn run() -> Result<()> {
         Command::Train(a) => cmd_train(a),
         Command::Model(a) => cmd_model(a),
         Command::Phantom(a) => cmd_phantom(a),
+        Command::Prepare(a) => cmd_prepare(a),
         Command::Bench(BenchCommand::Step(a)) => cmd_bench_step(*a),
         Command::Bench(BenchCommand::Allreduce(a)) => {
             let comm = open_comm()?;
@@ -440,6 +479,49 @@ fn validate_on(a: &ValidateArgs, comm: &dyn Communicator) -> Result<()> {
 fn cmd_model(a: ModelArgs) -> Result<()> {
     let cfg = load_config(a.config.as_deref(), &a.overrides)?;
     print!("{}", summarize(&cfg.model).render(&cfg.model));
+    Ok(())
+}
+
+fn cmd_prepare(a: PrepareArgs) -> Result<()> {
+    let opts = ctseg::data::prepare::PrepareOptions {
+        input: a.input,
+        out: a.out.clone(),
+        size: a.size,
+        folds: a.folds,
+        margin: a.margin,
+        resize: a.resize,
+        per_shard: a.shard_slices,
+        seed: a.seed,
+        quiet: a.quiet,
+    };
+    let (m, summary) = ctseg::data::prepare::prepare(&opts)?;
+    let mut counts = [0u64; 3];
+    for v in &m.volumes {
+        for (c, n) in counts.iter_mut().zip(v.label_counts) {
+            *c += n;
+        }
+    }
+    println!(
+        "prepared {} volumes, {} slices of {}x{} in {:.1} s ({:.1} volumes/min) -> {} | pixels: background {}, liver {}, tumour {}{}",
+        summary.volumes,
+        summary.slices,
+        m.height,
+        m.width,
+        summary.seconds,
+        summary.volumes as f64 / summary.seconds.max(1e-9) * 60.0,
+        a.out.display(),
+        counts[0],
+        counts[1],
+        counts[2],
+        if summary.skipped_no_liver.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " | skipped (no liver): {}",
+                summary.skipped_no_liver.join(", ")
+            )
+        }
+    );
     Ok(())
 }
 

@@ -56,6 +56,8 @@ pub struct Overrides {
     pub size: Option<usize>,
     /// `distributed.grad_compression`.
     pub grad_compression: Option<Compression>,
+    /// `data.fold`.
+    pub fold: Option<usize>,
 }
 
 impl RunConfig {
@@ -100,6 +102,9 @@ impl RunConfig {
         }
         if let Some(v) = o.size {
             self.model.input_size = v;
+        }
+        if let Some(v) = o.fold {
+            self.data.fold = Some(v);
         }
         if let Some(v) = o.grad_compression {
             self.distributed.grad_compression = v;

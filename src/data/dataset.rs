@@ -53,6 +53,10 @@ pub struct DataConfig {
     pub prefetch: usize,
     /// `sharded` or `independent`.
     pub sampling: Sampling,
+    /// Cross-validation fold held out for validation (a dataset prepared with `--folds`);
+    /// unset: `val_fraction` of the volumes. Usually given as `ctseg train --fold i`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fold: Option<usize>,
 }
 
 impl DataConfig {
@@ -170,6 +174,8 @@ pub struct Dataset {
     pub slice_indices: Vec<u32>,
     /// Names per volume id (for the manifest).
     pub volume_names: BTreeMap<u32, String>,
+    /// Cross-validation fold per volume id (datasets prepared with folds).
+    pub folds: BTreeMap<u32, usize>,
 }
 
 impl Dataset {
@@ -244,6 +250,7 @@ impl Dataset {
             volume_ids,
             slice_indices,
             volume_names,
+            folds: BTreeMap::new(),
         }
     }
 
@@ -288,6 +295,11 @@ impl Dataset {
             volume_ids: Vec::new(),
             slice_indices: Vec::new(),
             volume_names: m.volumes.iter().map(|v| (v.id, v.name.clone())).collect(),
+            folds: m
+                .volumes
+                .iter()
+                .filter_map(|v| v.fold.map(|f| (v.id, f)))
+                .collect(),
         };
         for entry in &m.shards {
             let path = dir.join(&entry.file);
@@ -407,7 +419,7 @@ impl Dataset {
                     .unwrap_or_else(|| format!("volume-{id}")),
                 slices: 0,
                 label_counts: [0; 3],
-                fold: None,
+                fold: self.folds.get(&id).copied(),
             });
             e.slices += 1;
             for &l in &self.labels[i * px..(i + 1) * px] {
@@ -429,6 +441,53 @@ impl Dataset {
             .map_err(|e| Error::Invalid(format!("serialising the manifest: {e}")))?;
         fs::write(&mpath, text).map_err(|e| Error::io(&mpath, e))?;
         Ok(m)
+    }
+
+    /// The (train, validation) split the config asks for: by fold if `data.fold` is set, else
+    /// [`Dataset::split_by_volume`].
+    pub fn split(&self, cfg: &DataConfig, seed: u64) -> Result<(Vec<usize>, Vec<usize>)> {
+        match cfg.fold {
+            Some(f) => self.split_by_fold(f),
+            None => self.split_by_volume(cfg.val_fraction, seed),
+        }
+    }
+
+    /// Validation = the volumes of fold `fold`, training = all other volumes.
+    pub fn split_by_fold(&self, fold: usize) -> Result<(Vec<usize>, Vec<usize>)> {
+        let k = self.folds.values().max().map(|m| m + 1).unwrap_or(0);
+        if k == 0 {
+            return Err(Error::Invalid(format!(
+                "dataset {} has no folds: prepare it with `ctseg prepare --folds K` to use --fold",
+                self.origin
+            )));
+        }
+        if fold >= k {
+            return Err(Error::Invalid(format!(
+                "--fold {fold}: dataset {} has folds 0..{}",
+                self.origin,
+                k - 1
+            )));
+        }
+        let (mut train, mut valid) = (Vec::new(), Vec::new());
+        for (i, v) in self.volume_ids.iter().enumerate() {
+            match self.folds.get(v) {
+                Some(&f) if f == fold => valid.push(i),
+                Some(_) => train.push(i),
+                None => {
+                    return Err(Error::Invalid(format!(
+                        "dataset {}: volume {v} has no fold",
+                        self.origin
+                    )));
+                }
+            }
+        }
+        if train.is_empty() {
+            return Err(Error::Invalid(format!(
+                "--fold {fold}: no training volumes left in {}",
+                self.origin
+            )));
+        }
+        Ok((train, valid))
     }
 
     /// Splits slice indices into (train, validation) by volume: `ceil(fraction · volumes)`
@@ -503,6 +562,7 @@ mod tests {
             phantom_slices: 1,
             prefetch: 1,
             sampling: Sampling::Sharded,
+            fold: None,
         };
         assert_eq!(cfg.transform(-1000), 0.0);
         assert_eq!(cfg.transform(100), 0.5);

@@ -236,6 +236,7 @@ mod tests {
             volume_ids: vec![0, 0, 0],
             slice_indices: vec![0, 1, 2],
             volume_names: Default::default(),
+            folds: Default::default(),
         };
         let cfg = DataConfig {
             intensity: super::super::dataset::Intensity::Raw,
@@ -245,6 +246,7 @@ mod tests {
             phantom_slices: 1,
             prefetch: 1,
             sampling: Sampling::Sharded,
+            fold: None,
         };
         let b = make_batch(&ds, &cfg, 3, &[0, 1, 2]);
         // label 0 → [1,0,0]; 1 → [0,1,0]; 2 → [0,1,1] (liver channel includes tumour).

@@ -1,9 +1,12 @@
-//! Data: the phantom generator, the slice-shard format, datasets and their split by volume,
-//! sampling and the background loader. Knows rank and world as numbers, never MPI.
+//! Data: the phantom generator, NIfTI volumes and their preparation into datasets, the
+//! slice-shard format, datasets and their split by volume or fold, sampling and the background
+//! loader. Knows rank and world as numbers, never MPI.
 
 pub mod dataset;
 pub mod loader;
+pub mod nifti;
 pub mod phantom;
+pub mod prepare;
 pub mod shard;
 
 pub use dataset::{DataConfig, Dataset, Intensity, Sampling};

@@ -314,7 +314,7 @@ pub fn validate_checkpoint(
     comm: &dyn Communicator,
 ) -> Result<ValResult> {
     let ds = load_dataset(cfg, data_dir, be_threads())?;
-    let (_, val_idx) = ds.split_by_volume(cfg.data.val_fraction, cfg.seed)?;
+    let (_, val_idx) = ds.split(&cfg.data, cfg.seed)?;
     let model = build_model(cfg, &be.device, be.chunk_limit);
     let model = load_model_bytes(model, ck.model.clone(), path)?;
     validate(&model, &ds, &val_idx, cfg, &be.device, comm)
@@ -367,7 +367,7 @@ pub fn train(
 
     // Data: the split is by volume; this rank samples its share of the training slices.
     let ds = load_dataset(cfg, opts.data_dir.as_deref(), opts.host_threads)?;
-    let (train_idx, val_idx) = ds.split_by_volume(cfg.data.val_fraction, cfg.seed)?;
+    let (train_idx, val_idx) = ds.split(&cfg.data, cfg.seed)?;
     let sampler = Sampler::new(
         train_idx.clone(),
         cfg.train.batch_size,

@@ -1,0 +1,595 @@
+//! NIfTI-1 volumes (`.nii`, `.nii.gz`): reading with scaling and the voxel-to-world affine
+//! (sform, else qform, else pixdim), reorientation to ctseg's canonical axial layout, and
+//! writing label masks. Every error names the file and the header field or voxel at fault.
+//!
+//! Written against the NIfTI-1 standard (nifti1.h) rather than on a crate so that errors can
+//! say which field is wrong and so that nothing but the volume itself is held in memory.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use flate2::read::GzDecoder;
+
+use crate::error::{Error, Result};
+
+/// A 3-D volume: `dims[0]` is the fastest-varying axis (NIfTI order, i then j then k).
+#[derive(Clone, Debug)]
+pub struct Volume {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// Voxels along i, j, k.
+    pub dims: [usize; 3],
+    /// Voxel sizes (mm) along i, j, k.
+    pub spacing: [f64; 3],
+    /// Voxel index (i, j, k, 1) → world (x, y, z) in mm, RAS+ (NIfTI convention), row-major 3×4.
+    pub affine: [[f64; 4]; 3],
+    /// Scaled voxel values, i fastest.
+    pub data: Vec<f32>,
+    /// The NIfTI datatype code it was stored with.
+    pub datatype: i16,
+}
+
+fn err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::dataset(path, msg.into())
+}
+
+/// Element size in bytes of a supported NIfTI datatype, or an error naming the code.
+fn datatype_size(path: &Path, code: i16) -> Result<usize> {
+    Ok(match code {
+        2 | 256 => 1,          // uint8, int8
+        4 | 512 => 2,          // int16, uint16
+        8 | 16 | 768 => 4,     // int32, float32, uint32
+        64 | 1024 | 1280 => 8, // float64, int64, uint64
+        other => {
+            let name = match other {
+                0 => "unknown",
+                1 => "binary",
+                32 => "complex64",
+                128 => "RGB24",
+                1536 => "float128",
+                1792 => "complex128",
+                2048 => "complex256",
+                2304 => "RGBA32",
+                _ => "not a NIfTI-1 code",
+            };
+            return Err(err(
+                path,
+                format!(
+                    "header field datatype = {other} ({name}) is not supported; expected an integer or real type (2, 4, 8, 16, 64, 256, 512, 768, 1024, 1280)"
+                ),
+            ));
+        }
+    })
+}
+
+struct Header {
+    big_endian: bool,
+    dims: [usize; 3],
+    datatype: i16,
+    pixdim: [f32; 8],
+    vox_offset: usize,
+    slope: f32,
+    inter: f32,
+    qform_code: i16,
+    sform_code: i16,
+    quatern: [f32; 3],
+    qoffset: [f32; 3],
+    srow: [[f32; 4]; 3],
+}
+
+fn parse_header(path: &Path, h: &[u8; 348]) -> Result<Header> {
+    let le = i32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+    let be = i32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+    let big_endian = match (le, be) {
+        (348, _) => false,
+        (_, 348) => true,
+        _ if le == 540 || be == 540 => {
+            return Err(err(
+                path,
+                "header field sizeof_hdr = 540: a NIfTI-2 file; only NIfTI-1 is supported",
+            ));
+        }
+        _ => {
+            return Err(err(
+                path,
+                format!("header field sizeof_hdr = {le}; expected 348 (not a NIfTI-1 file?)"),
+            ));
+        }
+    };
+    let magic = &h[344..348];
+    if magic != b"n+1\0" && magic != b"ni1\0" {
+        return Err(err(
+            path,
+            format!(
+                "header field magic = {:?}; expected \"n+1\" (a NIfTI-1 file)",
+                String::from_utf8_lossy(&magic[..3])
+            ),
+        ));
+    }
+    if magic == b"ni1\0" {
+        return Err(err(
+            path,
+            "header field magic = \"ni1\": a header/image pair (.hdr/.img); convert it to a single .nii",
+        ));
+    }
+    let i16_at = |o: usize| {
+        let b = [h[o], h[o + 1]];
+        if big_endian {
+            i16::from_be_bytes(b)
+        } else {
+            i16::from_le_bytes(b)
+        }
+    };
+    let f32_at = |o: usize| {
+        let b = [h[o], h[o + 1], h[o + 2], h[o + 3]];
+        if big_endian {
+            f32::from_be_bytes(b)
+        } else {
+            f32::from_le_bytes(b)
+        }
+    };
+    let mut dim = [0i16; 8];
+    for (k, d) in dim.iter_mut().enumerate() {
+        *d = i16_at(40 + 2 * k);
+    }
+    let ndim = dim[0];
+    if !(1..=7).contains(&ndim) {
+        return Err(err(
+            path,
+            format!("header field dim[0] = {ndim}; expected 1 to 7"),
+        ));
+    }
+    for (k, &d) in dim.iter().enumerate().take(ndim as usize + 1).skip(1) {
+        if d < 1 {
+            return Err(err(
+                path,
+                format!("header field dim[{k}] = {d}; expected at least 1"),
+            ));
+        }
+    }
+    let extra: Vec<i16> = (4..=ndim as usize).map(|k| dim[k]).collect();
+    if extra.iter().any(|&d| d > 1) {
+        return Err(err(
+            path,
+            format!(
+                "a {ndim}-D volume (header field dim = {:?}); expected a 3-D volume (one time point)",
+                &dim[1..=ndim as usize]
+            ),
+        ));
+    }
+    let size = |k: usize| {
+        if k <= ndim as usize {
+            dim[k] as usize
+        } else {
+            1
+        }
+    };
+    let dims = [size(1), size(2), size(3)];
+    let datatype = i16_at(70);
+    datatype_size(path, datatype)?;
+    let mut pixdim = [0f32; 8];
+    for (k, p) in pixdim.iter_mut().enumerate() {
+        *p = f32_at(76 + 4 * k);
+    }
+    let vox_offset = f32_at(108);
+    if !(vox_offset >= 348.0 && vox_offset.is_finite()) {
+        return Err(err(
+            path,
+            format!("header field vox_offset = {vox_offset}; expected at least 348"),
+        ));
+    }
+    let mut srow = [[0f32; 4]; 3];
+    for (r, row) in srow.iter_mut().enumerate() {
+        for (c, v) in row.iter_mut().enumerate() {
+            *v = f32_at(280 + 16 * r + 4 * c);
+        }
+    }
+    Ok(Header {
+        big_endian,
+        dims,
+        datatype,
+        pixdim,
+        vox_offset: vox_offset as usize,
+        slope: f32_at(112),
+        inter: f32_at(116),
+        qform_code: i16_at(252),
+        sform_code: i16_at(254),
+        quatern: [f32_at(256), f32_at(260), f32_at(264)],
+        qoffset: [f32_at(268), f32_at(272), f32_at(276)],
+        srow,
+    })
+}
+
+/// The voxel-to-world affine as nibabel computes it: sform if sform_code > 0, else qform if
+/// qform_code > 0, else the pixdim diagonal.
+fn affine(h: &Header) -> [[f64; 4]; 3] {
+    let p = |k: usize| h.pixdim[k] as f64;
+    if h.sform_code > 0 {
+        return h.srow.map(|r| r.map(|v| v as f64));
+    }
+    if h.qform_code > 0 {
+        let [b, c, d] = h.quatern.map(|v| v as f64);
+        let a = (1.0 - (b * b + c * c + d * d)).max(0.0).sqrt();
+        let r = [
+            [
+                a * a + b * b - c * c - d * d,
+                2.0 * (b * c - a * d),
+                2.0 * (b * d + a * c),
+            ],
+            [
+                2.0 * (b * c + a * d),
+                a * a + c * c - b * b - d * d,
+                2.0 * (c * d - a * b),
+            ],
+            [
+                2.0 * (b * d - a * c),
+                2.0 * (c * d + a * b),
+                a * a + d * d - c * c - b * b,
+            ],
+        ];
+        let qfac = if p(0) < 0.0 { -1.0 } else { 1.0 };
+        let s = [p(1), p(2), qfac * p(3)];
+        let mut out = [[0.0; 4]; 3];
+        for i in 0..3 {
+            for j in 0..3 {
+                out[i][j] = r[i][j] * s[j];
+            }
+            out[i][3] = h.qoffset[i] as f64;
+        }
+        return out;
+    }
+    [
+        [p(1), 0.0, 0.0, 0.0],
+        [0.0, p(2), 0.0, 0.0],
+        [0.0, 0.0, p(3), 0.0],
+    ]
+}
+
+fn open_stream(path: &Path) -> Result<Box<dyn Read>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let gz = path
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().to_ascii_lowercase().ends_with(".gz"));
+    if gz {
+        Ok(Box::new(GzDecoder::new(BufReader::with_capacity(
+            1 << 20,
+            file,
+        ))))
+    } else {
+        Ok(Box::new(BufReader::with_capacity(1 << 20, file)))
+    }
+}
+
+fn read_exact_named(path: &Path, r: &mut dyn Read, buf: &mut [u8], what: &str) -> Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Err(err(
+                    path,
+                    format!(
+                        "ends after {got} of {} bytes of the {what} (truncated file?)",
+                        buf.len()
+                    ),
+                ));
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let gz = path.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
+                let early = e.kind() == std::io::ErrorKind::UnexpectedEof
+                    || e.to_string().contains("incomplete");
+                return Err(err(
+                    path,
+                    if gz && early {
+                        format!(
+                            "reading the {what}: the gzip stream ends early after {got} bytes (truncated file?)"
+                        )
+                    } else if gz {
+                        format!("reading the {what}: not a valid gzip stream ({e})")
+                    } else {
+                        format!("reading the {what}: {e}")
+                    },
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads the header only: dimensions, spacing, affine.
+pub fn read_header(path: &Path) -> Result<Volume> {
+    let mut r = open_stream(path)?;
+    let mut hb = [0u8; 348];
+    read_exact_named(path, r.as_mut(), &mut hb, "header")?;
+    let h = parse_header(path, &hb)?;
+    Ok(Volume {
+        path: path.to_path_buf(),
+        dims: h.dims,
+        spacing: [h.pixdim[1], h.pixdim[2], h.pixdim[3]].map(|v| v.abs() as f64),
+        affine: affine(&h),
+        data: Vec::new(),
+        datatype: h.datatype,
+    })
+}
+
+/// Reads a 3-D NIfTI-1 volume and applies scl_slope / scl_inter (when the slope is finite and
+/// non-zero, as nibabel does). Non-finite voxels are an error naming the first one.
+pub fn read(path: &Path) -> Result<Volume> {
+    let mut r = open_stream(path)?;
+    let mut hb = [0u8; 348];
+    read_exact_named(path, r.as_mut(), &mut hb, "header")?;
+    let h = parse_header(path, &hb)?;
+    // Skip extensions up to vox_offset.
+    let mut skip = vec![0u8; h.vox_offset - 348];
+    read_exact_named(path, r.as_mut(), &mut skip, "header extensions")?;
+    let n = h.dims.iter().product::<usize>();
+    let es = datatype_size(path, h.datatype)?;
+    let mut raw = vec![0u8; n * es];
+    read_exact_named(path, r.as_mut(), &mut raw, "voxel data")?;
+    let data = decode(&raw, h.datatype, h.big_endian);
+    drop(raw);
+    let (slope, inter) = if h.slope.is_finite() && h.slope != 0.0 {
+        (h.slope, if h.inter.is_finite() { h.inter } else { 0.0 })
+    } else {
+        (1.0, 0.0)
+    };
+    let mut data = data;
+    if slope != 1.0 || inter != 0.0 {
+        for v in &mut data {
+            *v = *v * slope + inter;
+        }
+    }
+    if let Some(bad) = data.iter().position(|v| !v.is_finite()) {
+        let (i, j, k) = (
+            bad % h.dims[0],
+            bad / h.dims[0] % h.dims[1],
+            bad / (h.dims[0] * h.dims[1]),
+        );
+        return Err(err(
+            path,
+            format!(
+                "voxel ({i}, {j}, {k}) is {}; expected finite values",
+                data[bad]
+            ),
+        ));
+    }
+    Ok(Volume {
+        path: path.to_path_buf(),
+        dims: h.dims,
+        spacing: [h.pixdim[1], h.pixdim[2], h.pixdim[3]].map(|v| v.abs() as f64),
+        affine: affine(&h),
+        data,
+        datatype: h.datatype,
+    })
+}
+
+fn decode(raw: &[u8], datatype: i16, big: bool) -> Vec<f32> {
+    macro_rules! conv {
+        ($t:ty, $n:expr) => {
+            raw.chunks_exact($n)
+                .map(|c| {
+                    let mut b = [0u8; $n];
+                    b.copy_from_slice(c);
+                    (if big {
+                        <$t>::from_be_bytes(b)
+                    } else {
+                        <$t>::from_le_bytes(b)
+                    }) as f32
+                })
+                .collect()
+        };
+    }
+    match datatype {
+        2 => raw.iter().map(|&v| v as f32).collect(),
+        256 => raw.iter().map(|&v| v as i8 as f32).collect(),
+        4 => conv!(i16, 2),
+        512 => conv!(u16, 2),
+        8 => conv!(i32, 4),
+        768 => conv!(u32, 4),
+        16 => conv!(f32, 4),
+        64 => conv!(f64, 8),
+        1024 => conv!(i64, 8),
+        1280 => conv!(u64, 8),
+        _ => Vec::new(), // rejected by datatype_size before decoding
+    }
+}
+
+/// Axis codes of an affine: for each voxel axis, the world axis (0 = x/R, 1 = y/A, 2 = z/S) it
+/// is closest to and the sign (+1: index increases towards R/A/S). Errors if two voxel axes
+/// map to the same world axis (an oblique or degenerate affine).
+pub fn orientation(path: &Path, affine: &[[f64; 4]; 3]) -> Result<[(usize, i8); 3]> {
+    let mut out = [(0usize, 1i8); 3];
+    let mut used = [false; 3];
+    // Greedy on the largest normalised components, as nibabel's io_orientation does for
+    // non-oblique affines.
+    let mut cand: Vec<(f64, usize, usize)> = Vec::new();
+    for vox in 0..3 {
+        let column: Vec<f64> = affine.iter().map(|row| row[vox]).collect();
+        let norm = column.iter().map(|v| v * v).sum::<f64>().sqrt();
+        if norm == 0.0 || !norm.is_finite() {
+            return Err(err(
+                path,
+                format!("affine column {vox} is zero or not finite: no orientation"),
+            ));
+        }
+        for (w, v) in column.iter().enumerate() {
+            cand.push(((v / norm).abs(), vox, w));
+        }
+    }
+    cand.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut done = [false; 3];
+    for (_, vox, w) in cand {
+        if done[vox] || used[w] {
+            continue;
+        }
+        done[vox] = true;
+        used[w] = true;
+        out[vox] = (w, if affine[w][vox] < 0.0 { -1 } else { 1 });
+    }
+    Ok(out)
+}
+
+/// A volume in ctseg's canonical axial layout: `data[z][row][col]` with columns running
+/// towards the patient's left, rows towards posterior and z towards superior (radiological
+/// display: the patient's right on the image's left, anterior at the top).
+#[derive(Clone, Debug)]
+pub struct Canonical {
+    /// Columns, rows, slices.
+    pub cols: usize,
+    /// Rows per slice.
+    pub rows: usize,
+    /// Slices.
+    pub slices: usize,
+    /// Values, column fastest.
+    pub data: Vec<f32>,
+    /// For each canonical axis (col, row, z): the source voxel axis and whether it is flipped.
+    pub axes: [(usize, bool); 3],
+}
+
+/// Reorients `vol` to the canonical axial layout (see [`Canonical`]).
+pub fn to_canonical(vol: &Volume) -> Result<Canonical> {
+    let o = orientation(&vol.path, &vol.affine)?;
+    // Target: col → world x decreasing (towards L), row → y decreasing (towards P), z → S.
+    let mut axes = [(0usize, false); 3];
+    let want_sign = [-1i8, -1, 1];
+    for (vox, &(w, sign)) in o.iter().enumerate() {
+        axes[w] = (vox, sign != want_sign[w]);
+    }
+    let d = vol.dims;
+    let n = [d[axes[0].0], d[axes[1].0], d[axes[2].0]];
+    let stride = [1usize, d[0], d[0] * d[1]];
+    let mut data = Vec::with_capacity(vol.data.len());
+    for z in 0..n[2] {
+        for r in 0..n[1] {
+            for c in 0..n[0] {
+                let idx = [c, r, z];
+                let mut off = 0;
+                for a in 0..3 {
+                    let (src, flip) = axes[a];
+                    let i = if flip { n[a] - 1 - idx[a] } else { idx[a] };
+                    off += i * stride[src];
+                }
+                data.push(vol.data[off]);
+            }
+        }
+    }
+    Ok(Canonical {
+        cols: n[0],
+        rows: n[1],
+        slices: n[2],
+        data,
+        axes,
+    })
+}
+
+impl Canonical {
+    /// Inverse of [`to_canonical`]: values in the source volume's voxel order (i fastest).
+    pub fn to_source_order(&self, values: &[u8], dims: [usize; 3]) -> Vec<u8> {
+        let n = [self.cols, self.rows, self.slices];
+        let stride = [1usize, dims[0], dims[0] * dims[1]];
+        let mut out = vec![0u8; dims.iter().product()];
+        let mut k = 0;
+        for z in 0..n[2] {
+            for r in 0..n[1] {
+                for c in 0..n[0] {
+                    let idx = [c, r, z];
+                    let mut off = 0;
+                    for a in 0..3 {
+                        let (src, flip) = self.axes[a];
+                        let i = if flip { n[a] - 1 - idx[a] } else { idx[a] };
+                        off += i * stride[src];
+                    }
+                    out[off] = values[k];
+                    k += 1;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Writes a uint8 volume (a label mask) as NIfTI-1 (gzip-compressed if the name ends in `.gz`)
+/// with `affine` as both sform and (for viewers that read only the pixdim) the pixdims of
+/// its columns; atomically (temporary file, then rename).
+pub fn write_u8(path: &Path, dims: [usize; 3], affine: &[[f64; 4]; 3], data: &[u8]) -> Result<()> {
+    if data.len() != dims.iter().product::<usize>() {
+        return Err(Error::Invalid(format!(
+            "{}: {} values for a {dims:?} volume",
+            path.display(),
+            data.len()
+        )));
+    }
+    let mut h = [0u8; 352];
+    h[0..4].copy_from_slice(&348i32.to_le_bytes());
+    let dim: [i16; 8] = [
+        3,
+        dims[0] as i16,
+        dims[1] as i16,
+        dims[2] as i16,
+        1,
+        1,
+        1,
+        1,
+    ];
+    for (k, d) in dim.iter().enumerate() {
+        h[40 + 2 * k..42 + 2 * k].copy_from_slice(&d.to_le_bytes());
+    }
+    h[70..72].copy_from_slice(&2i16.to_le_bytes()); // uint8
+    h[72..74].copy_from_slice(&8i16.to_le_bytes()); // bitpix
+    let col_norm = |j: usize| (0..3).map(|i| affine[i][j].powi(2)).sum::<f64>().sqrt();
+    let pixdim: [f32; 8] = [
+        1.0,
+        col_norm(0) as f32,
+        col_norm(1) as f32,
+        col_norm(2) as f32,
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+    ];
+    for (k, p) in pixdim.iter().enumerate() {
+        h[76 + 4 * k..80 + 4 * k].copy_from_slice(&p.to_le_bytes());
+    }
+    h[108..112].copy_from_slice(&352f32.to_le_bytes()); // vox_offset
+    h[112..116].copy_from_slice(&1f32.to_le_bytes()); // scl_slope
+    h[123] = 10; // xyzt_units: mm, s
+    h[254..256].copy_from_slice(&1i16.to_le_bytes()); // sform_code: scanner
+    for (r, row) in affine.iter().enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            h[280 + 16 * r + 4 * c..284 + 16 * r + 4 * c]
+                .copy_from_slice(&(*v as f32).to_le_bytes());
+        }
+    }
+    h[344..348].copy_from_slice(b"n+1\0");
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map_or("out".into(), |n| n.to_string_lossy()),
+        std::process::id()
+    ));
+    let result = (|| -> std::io::Result<()> {
+        let f = File::create(&tmp)?;
+        let gz = path.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
+        if gz {
+            let mut w = flate2::write::GzEncoder::new(f, flate2::Compression::new(6));
+            w.write_all(&h)?;
+            w.write_all(data)?;
+            w.finish()?.sync_all()?;
+        } else {
+            let mut w = std::io::BufWriter::new(f);
+            w.write_all(&h)?;
+            w.write_all(data)?;
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(Error::io(path, e))
+        }
+    }
+}

@@ -1,0 +1,559 @@
+//! `ctseg prepare`: real CT volumes (LiTS-style NIfTI pairs, a folder or a CSV manifest) into a
+//! slice-shard dataset — canonical axial orientation, grid checks, the liver's z-range plus a
+//! margin, resizing, k folds by volume — written into a temporary directory renamed at the end.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::dataset::{MANIFEST, Manifest, ShardEntry, VolumeEntry};
+use super::nifti::{self, Canonical, Volume};
+use super::shard::ShardData;
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// How images are resized to the training size (labels always take the nearest voxel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Resize {
+    /// Nearest neighbour (the study's choice).
+    Nearest,
+    /// Mean over the source pixels each target pixel covers (anti-aliased downsampling).
+    Area,
+}
+
+/// What `prepare` does.
+#[derive(Clone, Debug)]
+pub struct PrepareOptions {
+    /// A LiTS-layout folder, or a CSV file of `image,label` rows.
+    pub input: PathBuf,
+    /// Output dataset directory (must not exist).
+    pub out: PathBuf,
+    /// Slice size after resizing (square).
+    pub size: usize,
+    /// Number of cross-validation folds (1: none).
+    pub folds: usize,
+    /// Slices kept above and below the liver's z-range.
+    pub margin: usize,
+    /// Image resizing.
+    pub resize: Resize,
+    /// Slices per shard file.
+    pub per_shard: usize,
+    /// Seed of the fold assignment.
+    pub seed: u64,
+    /// No per-volume progress lines.
+    pub quiet: bool,
+}
+
+/// One (image, label) pair to prepare.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pair {
+    /// CT volume.
+    pub image: PathBuf,
+    /// Label volume (0 background, 1 liver, 2 tumour).
+    pub label: PathBuf,
+}
+
+/// What was prepared.
+#[derive(Clone, Debug, Serialize)]
+pub struct PrepareSummary {
+    /// Volumes written.
+    pub volumes: usize,
+    /// Volumes skipped because their label has no liver.
+    pub skipped_no_liver: Vec<String>,
+    /// Slices written.
+    pub slices: usize,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+fn is_nifti(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.ends_with(".nii") || n.ends_with(".nii.gz")
+}
+
+/// The number N in `prefix-N.nii[.gz]`.
+fn lits_number(name: &str, prefix: &str) -> Option<u64> {
+    let rest = name.strip_prefix(prefix)?;
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let tail = &rest[digits.len()..];
+    if digits.is_empty() || !is_nifti(tail) || !(tail == ".nii" || tail == ".nii.gz") {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The (image, label) pairs of `input`: a folder with LiTS names (`volume-N.nii[.gz]` and
+/// `segmentation-N.nii[.gz]`, possibly in sub-folders one level down), or a CSV file whose rows
+/// are `image,label` (a header row naming the columns is allowed; relative paths are relative
+/// to the CSV's folder).
+pub fn find_pairs(input: &Path) -> Result<Vec<Pair>> {
+    let meta = fs::metadata(input).map_err(|e| Error::io(input, e))?;
+    if meta.is_file() {
+        return read_csv(input);
+    }
+    let mut images: BTreeMap<u64, PathBuf> = BTreeMap::new();
+    let mut labels: BTreeMap<u64, PathBuf> = BTreeMap::new();
+    let mut dirs = vec![input.to_path_buf()];
+    if let Ok(rd) = fs::read_dir(input) {
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                dirs.push(e.path());
+            }
+        }
+    }
+    for dir in dirs {
+        let rd = fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (map, n, what) = if let Some(n) = lits_number(&name, "volume-") {
+                (&mut images, n, "volume")
+            } else if let Some(n) = lits_number(&name, "segmentation-") {
+                (&mut labels, n, "segmentation")
+            } else {
+                continue;
+            };
+            if let Some(prev) = map.insert(n, e.path()) {
+                return Err(Error::dataset(
+                    e.path(),
+                    format!("{what} {n} appears twice (also {})", prev.display()),
+                ));
+            }
+        }
+    }
+    if images.is_empty() {
+        return Err(Error::dataset(
+            input,
+            "no volume-N.nii or volume-N.nii.gz files (LiTS layout); pass a folder of them or a CSV of image,label pairs",
+        ));
+    }
+    let mut pairs = Vec::new();
+    for (n, image) in images {
+        let label = labels.remove(&n).ok_or_else(|| {
+            Error::dataset(&image, format!("no segmentation-{n}.nii[.gz] next to it"))
+        })?;
+        pairs.push(Pair { image, label });
+    }
+    if let Some((n, label)) = labels.into_iter().next() {
+        return Err(Error::dataset(
+            &label,
+            format!("no volume-{n}.nii[.gz] for this segmentation"),
+        ));
+    }
+    Ok(pairs)
+}
+
+fn read_csv(path: &Path) -> Result<Vec<Pair>> {
+    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut pairs = Vec::new();
+    for (k, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line
+            .split(',')
+            .map(|f| f.trim().trim_matches('"'))
+            .collect();
+        if fields.len() < 2 {
+            return Err(Error::dataset(
+                path,
+                format!(
+                    "line {}: expected two columns image,label, got {line:?}",
+                    k + 1
+                ),
+            ));
+        }
+        let resolve = |f: &str| {
+            let p = PathBuf::from(f);
+            if p.is_absolute() { p } else { base.join(p) }
+        };
+        let (image, label) = (resolve(fields[0]), resolve(fields[1]));
+        if pairs.is_empty()
+            && !image.exists()
+            && !label.exists()
+            && !is_nifti(fields[0])
+            && !is_nifti(fields[1])
+        {
+            continue; // a header row
+        }
+        for (p, what) in [(&image, "image"), (&label, "label")] {
+            if !p.exists() {
+                return Err(Error::dataset(
+                    path,
+                    format!("line {}: {what} {} does not exist", k + 1, p.display()),
+                ));
+            }
+        }
+        pairs.push(Pair { image, label });
+    }
+    if pairs.is_empty() {
+        return Err(Error::dataset(path, "no image,label rows"));
+    }
+    Ok(pairs)
+}
+
+fn read_volume(path: &Path) -> Result<Volume> {
+    if path.is_dir() {
+        return Err(Error::dataset(
+            path,
+            "a folder (a DICOM series?): ctseg prepare reads NIfTI volumes; DICOM series are not supported yet, convert with dcm2niix",
+        ));
+    }
+    nifti::read(path)
+}
+
+/// Checks that the label shares the image's grid: same dimensions and affines equal within
+/// 1e-3·(1 + |value|) per element.
+pub fn check_same_grid(image: &Volume, label: &Volume) -> Result<()> {
+    if image.dims != label.dims {
+        return Err(Error::dataset(
+            &label.path,
+            format!(
+                "dims {:?} differ from the image {} with dims {:?}",
+                label.dims,
+                image.path.display(),
+                image.dims
+            ),
+        ));
+    }
+    for r in 0..3 {
+        for c in 0..4 {
+            let (a, b) = (image.affine[r][c], label.affine[r][c]);
+            if (a - b).abs() > 1e-3 * (1.0 + a.abs()) {
+                return Err(Error::dataset(
+                    &label.path,
+                    format!(
+                        "affine[{r}][{c}] = {b} differs from {a} in the image {}: image and label are not on the same grid",
+                        image.path.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Label voxels as u8, or an error naming the first voxel that is not 0, 1 or 2.
+pub fn label_values(label: &Volume) -> Result<Vec<u8>> {
+    let d = label.dims;
+    label
+        .data
+        .iter()
+        .enumerate()
+        .map(|(k, &v)| {
+            if v == 0.0 || v == 1.0 || v == 2.0 {
+                Ok(v as u8)
+            } else {
+                Err(Error::dataset(
+                    &label.path,
+                    format!(
+                        "voxel ({}, {}, {}) has label {v}; expected 0 (background), 1 (liver) or 2 (tumour)",
+                        k % d[0],
+                        k / d[0] % d[1],
+                        k / (d[0] * d[1])
+                    ),
+                ))
+            }
+        })
+        .collect()
+}
+
+/// Source index of target pixel `t` of `n_out` along an axis of `n_in` (nearest, centres).
+fn nearest(t: usize, n_in: usize, n_out: usize) -> usize {
+    (((t as f64 + 0.5) * n_in as f64 / n_out as f64) as usize).min(n_in - 1)
+}
+
+/// Mean of `src` over rows `r0..r1` and columns `c0..c1` (the area resize's reducer).
+pub type AreaFn<'a, T> = &'a dyn Fn(&[T], usize, usize, usize, usize) -> T;
+
+/// Resizes one `rows × cols` slice to `size × size`: nearest, or with `area` over the source
+/// pixels each target pixel covers.
+pub fn resize_slice<T: Copy>(
+    src: &[T],
+    rows: usize,
+    cols: usize,
+    size: usize,
+    area: Option<AreaFn<'_, T>>,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(size * size);
+    for r in 0..size {
+        for c in 0..size {
+            match area {
+                Some(f) => {
+                    let r0 = r * rows / size;
+                    let r1 = ((r + 1) * rows).div_ceil(size).max(r0 + 1).min(rows);
+                    let c0 = c * cols / size;
+                    let c1 = ((c + 1) * cols).div_ceil(size).max(c0 + 1).min(cols);
+                    out.push(f(src, r0, r1, c0, c1));
+                }
+                None => out.push(src[nearest(r, rows, size) * cols + nearest(c, cols, size)]),
+            }
+        }
+    }
+    out
+}
+
+fn hu_i16(v: f32) -> i16 {
+    v.round().clamp(i16::MIN as f32, i16::MAX as f32) as i16
+}
+
+/// The kept slice range of a canonical label volume: the liver's z-range ± `margin`, or `None`
+/// if there is no liver.
+pub fn liver_range(
+    label: &[u8],
+    slice_px: usize,
+    slices: usize,
+    margin: usize,
+) -> Option<(usize, usize)> {
+    let has = |z: usize| {
+        label[z * slice_px..(z + 1) * slice_px]
+            .iter()
+            .any(|&l| l >= 1)
+    };
+    let lo = (0..slices).find(|&z| has(z))?;
+    let hi = (0..slices).rev().find(|&z| has(z))?;
+    Some((lo.saturating_sub(margin), (hi + margin).min(slices - 1)))
+}
+
+/// Runs `prepare`.
+pub fn prepare(opts: &PrepareOptions) -> Result<(Manifest, PrepareSummary)> {
+    let start = Instant::now();
+    if opts.size == 0 || opts.folds == 0 || opts.per_shard == 0 {
+        return Err(Error::Invalid(
+            "prepare: --size, --folds and the shard size must be at least 1".into(),
+        ));
+    }
+    if opts.out.exists() {
+        return Err(Error::dataset(
+            &opts.out,
+            "already exists; choose a new output directory",
+        ));
+    }
+    let pairs = find_pairs(&opts.input)?;
+    let parent = opts
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let name = opts
+        .out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "dataset".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    match prepare_into(opts, &pairs, &tmp, start) {
+        Ok(r) => {
+            fs::rename(&tmp, &opts.out).map_err(|e| Error::io(&opts.out, e))?;
+            Ok(r)
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+struct ShardSink<'a> {
+    dir: &'a Path,
+    size: usize,
+    per_shard: usize,
+    current: ShardData,
+    shards: Vec<ShardEntry>,
+}
+
+impl ShardSink<'_> {
+    fn push(&mut self, volume: u32, slice: u32, image: &[i16], label: &[u8]) -> Result<()> {
+        self.current.push(volume, slice, image, label);
+        if self.current.len() >= self.per_shard {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.current.is_empty() {
+            return Ok(());
+        }
+        let file = format!("shard-{:05}.ctshard", self.shards.len());
+        self.current.write(&self.dir.join(&file))?;
+        self.shards.push(ShardEntry {
+            file,
+            slices: self.current.len(),
+        });
+        self.current = ShardData::new(self.size, self.size);
+        Ok(())
+    }
+}
+
+fn prepare_into(
+    opts: &PrepareOptions,
+    pairs: &[Pair],
+    dir: &Path,
+    start: Instant,
+) -> Result<(Manifest, PrepareSummary)> {
+    let s = opts.size;
+    let mut sink = ShardSink {
+        dir,
+        size: s,
+        per_shard: opts.per_shard,
+        current: ShardData::new(s, s),
+        shards: Vec::new(),
+    };
+    let mut volumes = Vec::new();
+    let mut skipped = Vec::new();
+    for (k, pair) in pairs.iter().enumerate() {
+        let t = Instant::now();
+        let image = read_volume(&pair.image)?;
+        let label = read_volume(&pair.label)?;
+        check_same_grid(&image, &label)?;
+        let lab = label_values(&label)?;
+        let ci: Canonical = nifti::to_canonical(&image)?;
+        let lab_vol = Volume {
+            data: Vec::new(),
+            ..label.clone()
+        };
+        drop(label);
+        let cl = canonical_u8(&lab_vol, &lab)?;
+        let px = ci.rows * ci.cols;
+        let vname = pair
+            .image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Some((lo, hi)) = liver_range(&cl, px, ci.slices, opts.margin) else {
+            if !opts.quiet {
+                eprintln!(
+                    "[{}/{}] {vname}: no liver in {}, skipped",
+                    k + 1,
+                    pairs.len(),
+                    pair.label.display()
+                );
+            }
+            skipped.push(vname);
+            continue;
+        };
+        let id = volumes.len() as u32;
+        let mut counts = [0u64; 3];
+        for z in lo..=hi {
+            let img = &ci.data[z * px..(z + 1) * px];
+            let lb = &cl[z * px..(z + 1) * px];
+            let img_r: Vec<f32> = match opts.resize {
+                Resize::Nearest => resize_slice(img, ci.rows, ci.cols, s, None),
+                Resize::Area => {
+                    let cols = ci.cols;
+                    let f = move |src: &[f32], r0: usize, r1: usize, c0: usize, c1: usize| {
+                        let mut sum = 0.0f64;
+                        for r in r0..r1 {
+                            for c in c0..c1 {
+                                sum += src[r * cols + c] as f64;
+                            }
+                        }
+                        (sum / ((r1 - r0) * (c1 - c0)) as f64) as f32
+                    };
+                    resize_slice(img, ci.rows, ci.cols, s, Some(&f))
+                }
+            };
+            let lab_r = resize_slice(lb, ci.rows, ci.cols, s, None);
+            for &l in &lab_r {
+                counts[l as usize] += 1;
+            }
+            let hu: Vec<i16> = img_r.into_iter().map(hu_i16).collect();
+            sink.push(id, (z - lo) as u32, &hu, &lab_r)?;
+        }
+        let n = hi - lo + 1;
+        if !opts.quiet {
+            eprintln!(
+                "[{}/{}] {vname}: {}x{}x{} voxels ({:.2}x{:.2}x{:.2} mm) -> {n} slices (z {lo}..={hi}) at {s}x{s}, {:.1} s",
+                k + 1,
+                pairs.len(),
+                image.dims[0],
+                image.dims[1],
+                image.dims[2],
+                image.spacing[0],
+                image.spacing[1],
+                image.spacing[2],
+                t.elapsed().as_secs_f64()
+            );
+        }
+        volumes.push(VolumeEntry {
+            id,
+            name: vname,
+            slices: n,
+            label_counts: counts,
+            fold: None,
+        });
+    }
+    sink.flush()?;
+    if volumes.is_empty() {
+        return Err(Error::dataset(
+            &opts.input,
+            "no volume has any liver voxel (label 1 or 2); nothing to train on",
+        ));
+    }
+    if opts.folds > 1 {
+        if opts.folds > volumes.len() {
+            return Err(Error::Invalid(format!(
+                "prepare: --folds {} but only {} volumes with liver",
+                opts.folds,
+                volumes.len()
+            )));
+        }
+        let mut order: Vec<usize> = (0..volumes.len()).collect();
+        Rng::new(opts.seed).shuffle(&mut order);
+        for (pos, &v) in order.iter().enumerate() {
+            volumes[v].fold = Some(pos % opts.folds);
+        }
+    }
+    let slices = volumes.iter().map(|v| v.slices).sum();
+    let manifest = Manifest {
+        format: "ctseg-dataset".into(),
+        version: 1,
+        height: s,
+        width: s,
+        slices,
+        shards: sink.shards,
+        volumes,
+        source: format!(
+            "prepare {} (size {s}, margin {}, resize {:?}, folds {})",
+            opts.input.display(),
+            opts.margin,
+            opts.resize,
+            opts.folds
+        ),
+    };
+    let mpath = dir.join(MANIFEST);
+    let text = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| Error::Invalid(format!("serialising the manifest: {e}")))?;
+    fs::write(&mpath, text).map_err(|e| Error::io(&mpath, e))?;
+    let summary = PrepareSummary {
+        volumes: manifest.volumes.len(),
+        skipped_no_liver: skipped,
+        slices,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    Ok((manifest, summary))
+}
+
+/// A u8 label volume in the canonical layout of its (header-only) volume `vol`.
+fn canonical_u8(vol: &Volume, values: &[u8]) -> Result<Vec<u8>> {
+    let as_f32 = Volume {
+        data: values.iter().map(|&v| v as f32).collect(),
+        ..vol.clone()
+    };
+    Ok(nifti::to_canonical(&as_f32)?
+        .data
+        .into_iter()
+        .map(|v| v as u8)
+        .collect())
+}
