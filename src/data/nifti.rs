@@ -448,8 +448,9 @@ pub struct Canonical {
     pub axes: [(usize, bool); 3],
 }
 
-/// Reorients `vol` to the canonical axial layout (see [`Canonical`]).
-pub fn to_canonical(vol: &Volume) -> Result<Canonical> {
+/// The canonical axes of `vol`: for (col, row, z), the source voxel axis and whether it runs
+/// backwards; and the canonical sizes.
+pub fn canonical_axes(vol: &Volume) -> Result<([(usize, bool); 3], [usize; 3])> {
     let o = orientation(&vol.path, &vol.affine)?;
     // Target: col → world x decreasing (towards L), row → y decreasing (towards P), z → S.
     let mut axes = [(0usize, false); 3];
@@ -458,22 +459,37 @@ pub fn to_canonical(vol: &Volume) -> Result<Canonical> {
         axes[w] = (vox, sign != want_sign[w]);
     }
     let d = vol.dims;
-    let n = [d[axes[0].0], d[axes[1].0], d[axes[2].0]];
-    let stride = [1usize, d[0], d[0] * d[1]];
+    Ok((axes, [d[axes[0].0], d[axes[1].0], d[axes[2].0]]))
+}
+
+/// Canonical slice `z` of `data` (a volume of `dims`, i fastest), row-major `rows × cols`.
+pub fn canonical_slice<T: Copy>(
+    data: &[T],
+    dims: [usize; 3],
+    axes: [(usize, bool); 3],
+    z: usize,
+) -> Vec<T> {
+    let n = [dims[axes[0].0], dims[axes[1].0], dims[axes[2].0]];
+    let stride = [1usize, dims[0], dims[0] * dims[1]];
+    let at = |a: usize, i: usize| {
+        let (src, flip) = axes[a];
+        (if flip { n[a] - 1 - i } else { i }) * stride[src]
+    };
+    let base_z = at(2, z);
+    let mut out = Vec::with_capacity(n[0] * n[1]);
+    for r in 0..n[1] {
+        let base = base_z + at(1, r);
+        out.extend((0..n[0]).map(|c| data[base + at(0, c)]));
+    }
+    out
+}
+
+/// Reorients `vol` to the canonical axial layout (see [`Canonical`]).
+pub fn to_canonical(vol: &Volume) -> Result<Canonical> {
+    let (axes, n) = canonical_axes(vol)?;
     let mut data = Vec::with_capacity(vol.data.len());
     for z in 0..n[2] {
-        for r in 0..n[1] {
-            for c in 0..n[0] {
-                let idx = [c, r, z];
-                let mut off = 0;
-                for a in 0..3 {
-                    let (src, flip) = axes[a];
-                    let i = if flip { n[a] - 1 - idx[a] } else { idx[a] };
-                    off += i * stride[src];
-                }
-                data.push(vol.data[off]);
-            }
-        }
+        data.extend(canonical_slice(&vol.data, vol.dims, axes, z));
     }
     Ok(Canonical {
         cols: n[0],

@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::dataset::{MANIFEST, Manifest, ShardEntry, VolumeEntry};
-use super::nifti::{self, Canonical, Volume};
+use super::nifti::{self, Volume};
 use super::shard::ShardData;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -418,20 +418,23 @@ fn prepare_into(
         let label = read_volume(&pair.label)?;
         check_same_grid(&image, &label)?;
         let lab = label_values(&label)?;
-        let ci: Canonical = nifti::to_canonical(&image)?;
-        let lab_vol = Volume {
-            data: Vec::new(),
-            ..label.clone()
-        };
+        // Labels go to the canonical layout whole (to find the liver's z-range); the image
+        // only slice by slice, for the slices kept.
+        let (axes, n3) = nifti::canonical_axes(&image)?;
+        let (cols, rows, nz) = (n3[0], n3[1], n3[2]);
+        let mut cl = Vec::with_capacity(lab.len());
+        for z in 0..nz {
+            cl.extend(nifti::canonical_slice(&lab, label.dims, axes, z));
+        }
+        drop(lab);
         drop(label);
-        let cl = canonical_u8(&lab_vol, &lab)?;
-        let px = ci.rows * ci.cols;
+        let px = rows * cols;
         let vname = pair
             .image
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let Some((lo, hi)) = liver_range(&cl, px, ci.slices, opts.margin) else {
+        let Some((lo, hi)) = liver_range(&cl, px, nz, opts.margin) else {
             if !opts.quiet {
                 eprintln!(
                     "[{}/{}] {vname}: no liver in {}, skipped",
@@ -446,12 +449,12 @@ fn prepare_into(
         let id = volumes.len() as u32;
         let mut counts = [0u64; 3];
         for z in lo..=hi {
-            let img = &ci.data[z * px..(z + 1) * px];
+            let img_slice = nifti::canonical_slice(&image.data, image.dims, axes, z);
+            let img = &img_slice[..];
             let lb = &cl[z * px..(z + 1) * px];
             let img_r: Vec<f32> = match opts.resize {
-                Resize::Nearest => resize_slice(img, ci.rows, ci.cols, s, None),
+                Resize::Nearest => resize_slice(img, rows, cols, s, None),
                 Resize::Area => {
-                    let cols = ci.cols;
                     let f = move |src: &[f32], r0: usize, r1: usize, c0: usize, c1: usize| {
                         let mut sum = 0.0f64;
                         for r in r0..r1 {
@@ -461,10 +464,10 @@ fn prepare_into(
                         }
                         (sum / ((r1 - r0) * (c1 - c0)) as f64) as f32
                     };
-                    resize_slice(img, ci.rows, ci.cols, s, Some(&f))
+                    resize_slice(img, rows, cols, s, Some(&f))
                 }
             };
-            let lab_r = resize_slice(lb, ci.rows, ci.cols, s, None);
+            let lab_r = resize_slice(lb, rows, cols, s, None);
             for &l in &lab_r {
                 counts[l as usize] += 1;
             }
@@ -543,17 +546,4 @@ fn prepare_into(
         seconds: start.elapsed().as_secs_f64(),
     };
     Ok((manifest, summary))
-}
-
-/// A u8 label volume in the canonical layout of its (header-only) volume `vol`.
-fn canonical_u8(vol: &Volume, values: &[u8]) -> Result<Vec<u8>> {
-    let as_f32 = Volume {
-        data: values.iter().map(|&v| v as f32).collect(),
-        ..vol.clone()
-    };
-    Ok(nifti::to_canonical(&as_f32)?
-        .data
-        .into_iter()
-        .map(|v| v as u8)
-        .collect())
 }
