@@ -34,6 +34,12 @@ enum Command {
     Bench(BenchCommand),
     /// Turn CT volumes (LiTS-style NIfTI pairs: a folder or a CSV) into a training dataset.
     Prepare(PrepareArgs),
+    /// Segment CT volumes with a trained model: NIfTI masks on the input's grid.
+    Predict(PredictArgs),
+    /// Segment a folder of labelled CT volumes and score them: per-case and global Dice.
+    Evaluate(EvaluateArgs),
+    /// Write a trained model as safetensors under the PyTorch peer model's tensor names.
+    Export(ExportArgs),
     /// Evaluate a checkpoint on its run's validation split (distributed under mpirun).
     Validate(ValidateArgs),
     /// List the graphics adapters `--backend gpu` can use.
@@ -184,6 +190,75 @@ struct ModelArgs {
 }
 
 #[derive(Args, Debug)]
+struct InferArgs {
+    /// Run directory or checkpoint file.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Slices per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Keep only the largest connected liver component (and the tumour inside it).
+    #[arg(long)]
+    largest_component: bool,
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+impl InferArgs {
+    fn options(&self) -> ctseg::infer::PredictOptions {
+        ctseg::infer::PredictOptions {
+            batch_size: self.batch_size,
+            largest_component: self.largest_component,
+        }
+    }
+
+    fn predictor(&self) -> Result<ctseg::infer::Predictor> {
+        let ck = Checkpoint::load(&self.checkpoint)?;
+        let path = train::checkpoint::resolve(&self.checkpoint);
+        let cfg = RunConfig::from_toml(&ck.meta.config_toml, &path)?;
+        let be = self.backend.open(&cfg.model, false)?;
+        Ok(ctseg::infer::Predictor::new(cfg, ck, &path, &be)?)
+    }
+}
+
+#[derive(Args, Debug)]
+struct PredictArgs {
+    #[command(flatten)]
+    infer: InferArgs,
+    /// A CT volume (.nii or .nii.gz), or a folder of them.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output mask (.nii.gz) for one input, or a folder for a folder of inputs.
+    #[arg(long)]
+    output: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct EvaluateArgs {
+    #[command(flatten)]
+    infer: InferArgs,
+    /// Labelled volumes: a LiTS-layout folder or a CSV of image,label rows.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output folder for evaluation.csv and evaluation.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write each predicted mask into the output folder.
+    #[arg(long)]
+    save_masks: bool,
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// Run directory or checkpoint file.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Output file (.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
 struct PrepareArgs {
     /// A folder of volume-N.nii[.gz] / segmentation-N.nii[.gz] (LiTS layout), or a CSV file of
     /// image,label rows (paths relative to the CSV).
@@ -305,6 +380,9 @@ pub fn run() -> Result<()> {
         Command::Model(a) => cmd_model(a),
         Command::Phantom(a) => cmd_phantom(a),
         Command::Prepare(a) => cmd_prepare(a),
+        Command::Predict(a) => cmd_predict(a),
+        Command::Evaluate(a) => cmd_evaluate(a),
+        Command::Export(a) => cmd_export(a),
         Command::Bench(BenchCommand::Step(a)) => cmd_bench_step(*a),
         Command::Bench(BenchCommand::Allreduce(a)) => {
             let comm = open_comm()?;
@@ -479,6 +557,123 @@ fn validate_on(a: &ValidateArgs, comm: &dyn Communicator) -> Result<()> {
 fn cmd_model(a: ModelArgs) -> Result<()> {
     let cfg = load_config(a.config.as_deref(), &a.overrides)?;
     print!("{}", summarize(&cfg.model).render(&cfg.model));
+    Ok(())
+}
+
+fn is_nifti_name(p: &Path) -> bool {
+    let n = p.to_string_lossy().to_ascii_lowercase();
+    n.ends_with(".nii") || n.ends_with(".nii.gz")
+}
+
+fn cmd_predict(a: PredictArgs) -> Result<()> {
+    let jobs: Vec<(PathBuf, PathBuf)> = if a.input.is_dir() {
+        let mut inputs: Vec<PathBuf> = std::fs::read_dir(&a.input)
+            .map_err(|e| ctseg::error::Error::io(&a.input, e))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && is_nifti_name(p))
+            .collect();
+        inputs.sort();
+        if inputs.is_empty() {
+            anyhow::bail!("--input {}: no .nii or .nii.gz files", a.input.display());
+        }
+        std::fs::create_dir_all(&a.output).map_err(|e| ctseg::error::Error::io(&a.output, e))?;
+        inputs
+            .into_iter()
+            .map(|p| {
+                let name = p
+                    .file_name()
+                    .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+                let stem = name
+                    .trim_end_matches(".gz")
+                    .trim_end_matches(".nii")
+                    .to_string();
+                let out = a.output.join(format!("{stem}-pred.nii.gz"));
+                (p, out)
+            })
+            .collect()
+    } else {
+        vec![(a.input.clone(), ctseg::infer::check_output_name(&a.output)?)]
+    };
+    let predictor = a.infer.predictor()?;
+    let opts = a.infer.options();
+    for (input, output) in jobs {
+        let t = std::time::Instant::now();
+        let vol = ctseg::data::nifti::read(&input)?;
+        let labels = predictor.predict(&vol, &opts)?;
+        ctseg::data::nifti::write_u8(&output, vol.dims, &vol.affine, &labels)?;
+        let ml = ctseg::infer::voxel_ml(&vol.affine);
+        let liver = labels.iter().filter(|&&l| l >= 1).count() as f64 * ml;
+        let tumour = labels.iter().filter(|&&l| l == 2).count() as f64 * ml;
+        println!(
+            "{} -> {} | {}x{}x{} | liver {liver:.1} mL, tumour {tumour:.1} mL | {:.1} s",
+            input.display(),
+            output.display(),
+            vol.dims[0],
+            vol.dims[1],
+            vol.dims[2],
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn cmd_export(a: ExportArgs) -> Result<()> {
+    let ck = Checkpoint::load(&a.checkpoint)?;
+    let path = train::checkpoint::resolve(&a.checkpoint);
+    let cfg = RunConfig::from_toml(&ck.meta.config_toml, &path)?;
+    ctseg::export::check_exportable(&cfg.model)?;
+    let mut be = backend::open(BackendKind::Cpu, 0, None)?;
+    // Trainable and non-trainable tensors are told apart by require-grad, which needs an
+    // autodiff device.
+    be.device = be.device.autodiff();
+    let steps = ck.meta.step;
+    let model = train::load_trained(&cfg, ck, &path, &be)?;
+    let n = ctseg::export::export_safetensors(&model, &cfg, steps, &a.out)?;
+    println!(
+        "{} tensors -> {} | in PyTorch: LivermaskUNet({}, levels={}, classes={}).load_state_dict(safetensors.torch.load_file(...)); inputs: {}",
+        n,
+        a.out.display(),
+        cfg.model.width,
+        cfg.model.depth,
+        cfg.model.classes,
+        match cfg.data.intensity {
+            ctseg::data::Intensity::Raw => "raw HU".to_string(),
+            ctseg::data::Intensity::Window => format!(
+                "HU windowed to [{}, {}] and scaled to [0, 1]",
+                cfg.data.window[0], cfg.data.window[1]
+            ),
+        }
+    );
+    Ok(())
+}
+
+fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
+    let predictor = a.infer.predictor()?;
+    let eval = ctseg::infer::evaluate(
+        &predictor,
+        &a.infer.checkpoint,
+        &a.input,
+        &a.out,
+        &a.infer.options(),
+        a.save_masks,
+        |c, k, n| {
+            println!(
+                "[{k}/{n}] {}: Dice liver {:.4}, tumour {:.4} | liver {:.1} mL (true {:.1})",
+                c.case, c.dice_liver, c.dice_tumour, c.liver_ml_pred, c.liver_ml_true
+            )
+        },
+    )?;
+    let g = &eval.global;
+    println!(
+        "{} cases: global Dice liver {:.4}, tumour {:.4} | mean per case: liver {:.4}, tumour {:.4} | {}",
+        g.cases,
+        g.dice_liver,
+        g.dice_tumour,
+        g.mean_case_dice_liver,
+        g.mean_case_dice_tumour,
+        a.out.join("evaluation.csv").display()
+    );
     Ok(())
 }
 

@@ -73,6 +73,10 @@ pub enum Error {
     #[error("{0}")]
     Device(String),
 
+    /// A command-line argument the user gave is wrong (named in the message).
+    #[error("{0}")]
+    Argument(String),
+
     /// Anything else that is the caller's fault, with an explanation.
     #[error("{0}")]
     Invalid(String),

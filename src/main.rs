@@ -12,7 +12,8 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
             ctseg::Error::ConfigParse { .. }
             | ctseg::Error::ConfigValue { .. }
             | ctseg::Error::Dataset { .. }
-            | ctseg::Error::Checkpoint { .. },
+            | ctseg::Error::Checkpoint { .. }
+            | ctseg::Error::Argument(_),
         ) => 2,
         Some(ctseg::Error::Diverged { .. }) => 3,
         _ => 1,

@@ -434,3 +434,251 @@ fn written_masks_open_with_the_input_grid() {
         Err(e) => eprintln!("skipped the nibabel check: python3 not found ({e})"),
     }
 }
+
+/// The three commands of the README's real-CT section: prepare → train → predict / evaluate.
+#[test]
+fn predict_and_evaluate_a_trained_model() {
+    let d = tempfile::tempdir().expect("tmp");
+    let lits = d.path().join("lits");
+    std::fs::create_dir_all(&lits).expect("mkdir");
+    for n in 0..2 {
+        std::fs::copy(ct(), lits.join(format!("volume-{n}.nii.gz"))).expect("copy");
+        std::fs::copy(liver(), lits.join(format!("segmentation-{n}.nii.gz"))).expect("copy");
+    }
+    let bin = env!("CARGO_BIN_EXE_ctseg");
+    let run_ok = |args: &[&std::ffi::OsStr]| {
+        let o = Command::new(bin).args(args).output().expect("run");
+        let text =
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{args:?}: {text}");
+        text
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let ds = d.path().join("ds");
+    run_ok(&[
+        &os("prepare"),
+        &os("--input"),
+        lits.as_os_str(),
+        &os("--out"),
+        ds.as_os_str(),
+        &os("--size"),
+        &os("32"),
+        &os("--quiet"),
+    ]);
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny.toml");
+    let run = d.path().join("run");
+    run_ok(&[
+        &os("train"),
+        &os("--config"),
+        config.as_os_str(),
+        &os("--data"),
+        ds.as_os_str(),
+        &os("--size"),
+        &os("32"),
+        &os("--max-steps"),
+        &os("30"),
+        &os("--quiet"),
+        &os("--out"),
+        run.as_os_str(),
+    ]);
+
+    // predict: a mask on the input's grid, labels in {0, 1, 2}.
+    let mask = d.path().join("mask.nii.gz");
+    let text = run_ok(&[
+        &os("predict"),
+        &os("--checkpoint"),
+        run.as_os_str(),
+        &os("--input"),
+        ct().as_os_str(),
+        &os("--output"),
+        mask.as_os_str(),
+        &os("--largest-component"),
+    ]);
+    assert!(text.contains("liver"), "{text}");
+    let input = nifti::read(&ct()).expect("ct");
+    let m = nifti::read(&mask).expect("mask");
+    assert_eq!(m.dims, input.dims);
+    for (a, b) in m.affine.iter().zip(&input.affine) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-4, "affine {a:?} vs {b:?}");
+        }
+    }
+    assert!(m.data.iter().all(|&v| v == 0.0 || v == 1.0 || v == 2.0));
+    // A bad output name is refused before any work.
+    let o = Command::new(bin)
+        .args(["predict", "--checkpoint"])
+        .arg(&run)
+        .arg("--input")
+        .arg(ct())
+        .args(["--output", "mask.png"])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2), "bad input exit code");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("mask.png"));
+
+    // evaluate: per-case and global Dice, and the masks it scored.
+    let eval_dir = d.path().join("eval");
+    let text = run_ok(&[
+        &os("evaluate"),
+        &os("--checkpoint"),
+        run.as_os_str(),
+        &os("--input"),
+        lits.as_os_str(),
+        &os("--out"),
+        eval_dir.as_os_str(),
+        &os("--save-masks"),
+    ]);
+    assert!(text.contains("2 cases: global Dice liver"), "{text}");
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(eval_dir.join("evaluation.json")).expect("json"),
+    )
+    .expect("parse");
+    assert_eq!(v["cases"].as_array().map(Vec::len), Some(2));
+    let dice = v["cases"][0]["dice_liver"].as_f64().expect("dice");
+    assert!(v["global"]["dice_liver"].as_f64().is_some());
+    // No tumour in truth; the tumour Dice is 1 unless the model predicted some.
+    let csv = std::fs::read_to_string(eval_dir.join("evaluation.csv")).expect("csv");
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(csv.starts_with("case,dice_liver,dice_tumour,"));
+    // The same Dice recomputed independently from the saved mask, with nibabel and numpy when
+    // present, else with this crate's reader and plain counting.
+    let pred = eval_dir.join("volume-0-pred.nii.gz");
+    let script = format!(
+        "import nibabel as nib, numpy as np\n\
+         p = np.asarray(nib.load({p:?}).dataobj) >= 1\n\
+         t = np.asarray(nib.load({t:?}).dataobj) >= 1\n\
+         print(repr(float(2.0 * (p & t).sum() / (p.sum() + t.sum()))))",
+        p = pred.display().to_string(),
+        t = liver().display().to_string()
+    );
+    let reference = match Command::new("python3").args(["-c", &script]).output() {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse::<f64>()
+            .expect("float"),
+        _ => {
+            eprintln!("nibabel not available: recomputing with the crate's reader");
+            let p = nifti::read(&pred).expect("pred");
+            let t = nifti::read(&liver()).expect("truth");
+            let (mut tp, mut np, mut nt) = (0.0, 0.0, 0.0);
+            for (a, b) in p.data.iter().zip(&t.data) {
+                let (a, b) = (*a >= 1.0, *b >= 1.0);
+                tp += (a && b) as u8 as f64;
+                np += a as u8 as f64;
+                nt += b as u8 as f64;
+            }
+            2.0 * tp / (np + nt)
+        }
+    };
+    assert!(
+        (dice - reference).abs() < 1e-9,
+        "evaluate says {dice}, recomputed {reference}"
+    );
+}
+
+/// `ctseg export` → PyTorch: the peer model loads the file with `strict=True` and, in eval
+/// mode, reproduces ctseg's outputs on the same input (run when python3 with torch is present;
+/// the file is parsed with the `safetensors` package if installed, else by hand).
+#[test]
+fn exported_weights_reproduce_ctseg_in_pytorch() {
+    let d = tempfile::tempdir().expect("tmp");
+    let bin = env!("CARGO_BIN_EXE_ctseg");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny.toml");
+    let run = d.path().join("run");
+    let o = Command::new(bin)
+        .args(["train", "--config"])
+        .arg(&config)
+        .args(["--max-steps", "5", "--quiet", "--out"])
+        .arg(&run)
+        .output()
+        .expect("train");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let st = d.path().join("model.safetensors");
+    let o = Command::new(bin)
+        .args(["export", "--checkpoint"])
+        .arg(&run)
+        .arg("--out")
+        .arg(&st)
+        .output()
+        .expect("export");
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // 2 levels + bottleneck + 2 decoder levels = 10 blocks × 7 tensors + head weight and bias.
+    assert!(text.starts_with("72 tensors"), "{text}");
+
+    // ctseg's own eval-mode output on a closed-form input.
+    let be = ctseg::backend::open(ctseg::backend::BackendKind::Cpu, 1, None).expect("cpu");
+    let ck = ctseg::train::checkpoint::Checkpoint::load(&run).expect("checkpoint");
+    let cfg = ctseg::config::RunConfig::from_toml(&ck.meta.config_toml, &run).expect("config");
+    let model = ctseg::train::load_trained(&cfg, ck, &run, &be).expect("model");
+    let n = cfg.model.input_size;
+    let x: Vec<f32> = (0..2 * n * n)
+        .map(|j| (0.5 + 0.4 * (j as f64 * 0.05).sin()) as f32)
+        .collect();
+    let xt = burn::tensor::Tensor::<4>::from_data(
+        burn::tensor::TensorData::new(x.clone(), [2, 1, n, n]),
+        &be.device,
+    );
+    let ours = ctseg::tensor_util::to_f32(model.forward(xt, ctseg::model::Mode::Eval)).expect("y");
+    let raw = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+    std::fs::write(d.path().join("x.f32"), raw(&x)).expect("x");
+    std::fs::write(d.path().join("y.f32"), raw(&ours)).expect("y");
+    let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference");
+    let script = format!(
+        r#"
+import json, struct, sys
+import numpy as np, torch
+sys.path.insert(0, {peer:?})
+from livermask_torch import LivermaskUNet
+path = {st:?}
+try:
+    from safetensors.torch import load_file
+    sd = load_file(path)
+except ImportError:
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    sd = {{}}
+    for k, v in header.items():
+        a, b = v["data_offsets"]
+        dt = {{"F32": np.float32, "I64": np.int64}}[v["dtype"]]
+        sd[k] = torch.from_numpy(np.frombuffer(raw[8 + n + a:8 + n + b], dtype=dt).copy().reshape(v["shape"]))
+m = LivermaskUNet({w}, levels={depth}, classes={c}, dropout=0.0)
+m.load_state_dict(sd, strict=True)
+m.eval()
+x = torch.from_numpy(np.fromfile({xf:?}, dtype=np.float32).reshape(2, 1, {n}, {n}))
+y = np.fromfile({yf:?}, dtype=np.float32)
+with torch.no_grad():
+    p = m(x).numpy().ravel()
+print(float(np.abs(p - y).max()))
+"#,
+        peer = peer.display().to_string(),
+        st = st.display().to_string(),
+        w = cfg.model.width,
+        depth = cfg.model.depth,
+        c = cfg.model.classes,
+        xf = d.path().join("x.f32").display().to_string(),
+        yf = d.path().join("y.f32").display().to_string(),
+    );
+    match Command::new("python3").args(["-c", &script]).output() {
+        Ok(o) if o.status.success() => {
+            let diff: f64 = String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse()
+                .expect("float");
+            eprintln!("PyTorch vs ctseg, largest output difference: {diff:.2e}");
+            // Probabilities in [0, 1]; f32 sums in another order.
+            assert!(diff < 1e-5, "outputs differ by {diff}");
+        }
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            if err.contains("No module named 'torch'") || err.contains("No module named 'numpy'") {
+                eprintln!("skipped: PyTorch is not installed");
+            } else {
+                panic!("PyTorch could not load the export: {err}");
+            }
+        }
+        Err(e) => eprintln!("skipped: python3 not found ({e})"),
+    }
+}

@@ -456,13 +456,13 @@ impl Dataset {
     pub fn split_by_fold(&self, fold: usize) -> Result<(Vec<usize>, Vec<usize>)> {
         let k = self.folds.values().max().map(|m| m + 1).unwrap_or(0);
         if k == 0 {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Argument(format!(
                 "dataset {} has no folds: prepare it with `ctseg prepare --folds K` to use --fold",
                 self.origin
             )));
         }
         if fold >= k {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Argument(format!(
                 "--fold {fold}: dataset {} has folds 0..{}",
                 self.origin,
                 k - 1
@@ -474,7 +474,7 @@ impl Dataset {
                 Some(&f) if f == fold => valid.push(i),
                 Some(_) => train.push(i),
                 None => {
-                    return Err(Error::Invalid(format!(
+                    return Err(Error::Argument(format!(
                         "dataset {}: volume {v} has no fold",
                         self.origin
                     )));
@@ -482,7 +482,7 @@ impl Dataset {
             }
         }
         if train.is_empty() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Argument(format!(
                 "--fold {fold}: no training volumes left in {}",
                 self.origin
             )));

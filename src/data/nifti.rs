@@ -448,9 +448,12 @@ pub struct Canonical {
     pub axes: [(usize, bool); 3],
 }
 
+/// For each canonical axis (col, row, z): the source voxel axis and whether it runs backwards.
+pub type Axes = [(usize, bool); 3];
+
 /// The canonical axes of `vol`: for (col, row, z), the source voxel axis and whether it runs
 /// backwards; and the canonical sizes.
-pub fn canonical_axes(vol: &Volume) -> Result<([(usize, bool); 3], [usize; 3])> {
+pub fn canonical_axes(vol: &Volume) -> Result<(Axes, [usize; 3])> {
     let o = orientation(&vol.path, &vol.affine)?;
     // Target: col → world x decreasing (towards L), row → y decreasing (towards P), z → S.
     let mut axes = [(0usize, false); 3];
@@ -500,29 +503,38 @@ pub fn to_canonical(vol: &Volume) -> Result<Canonical> {
     })
 }
 
+/// Inverse of the canonical layout: `values` (canonical order, column fastest) back into the
+/// source voxel order (i fastest) of a volume of `dims` with canonical `axes`.
+pub fn from_canonical<T: Copy + Default>(
+    values: &[T],
+    dims: [usize; 3],
+    axes: [(usize, bool); 3],
+) -> Vec<T> {
+    let n = [dims[axes[0].0], dims[axes[1].0], dims[axes[2].0]];
+    let stride = [1usize, dims[0], dims[0] * dims[1]];
+    let at = |a: usize, i: usize| {
+        let (src, flip) = axes[a];
+        (if flip { n[a] - 1 - i } else { i }) * stride[src]
+    };
+    let mut out = vec![T::default(); dims.iter().product()];
+    let mut k = 0;
+    for z in 0..n[2] {
+        let bz = at(2, z);
+        for r in 0..n[1] {
+            let br = bz + at(1, r);
+            for c in 0..n[0] {
+                out[br + at(0, c)] = values[k];
+                k += 1;
+            }
+        }
+    }
+    out
+}
+
 impl Canonical {
     /// Inverse of [`to_canonical`]: values in the source volume's voxel order (i fastest).
     pub fn to_source_order(&self, values: &[u8], dims: [usize; 3]) -> Vec<u8> {
-        let n = [self.cols, self.rows, self.slices];
-        let stride = [1usize, dims[0], dims[0] * dims[1]];
-        let mut out = vec![0u8; dims.iter().product()];
-        let mut k = 0;
-        for z in 0..n[2] {
-            for r in 0..n[1] {
-                for c in 0..n[0] {
-                    let idx = [c, r, z];
-                    let mut off = 0;
-                    for a in 0..3 {
-                        let (src, flip) = self.axes[a];
-                        let i = if flip { n[a] - 1 - idx[a] } else { idx[a] };
-                        off += i * stride[src];
-                    }
-                    out[off] = values[k];
-                    k += 1;
-                }
-            }
-        }
-        out
+        from_canonical(values, dims, self.axes)
     }
 }
 

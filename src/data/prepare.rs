@@ -324,8 +324,8 @@ pub fn liver_range(
 pub fn prepare(opts: &PrepareOptions) -> Result<(Manifest, PrepareSummary)> {
     let start = Instant::now();
     if opts.size == 0 || opts.folds == 0 || opts.per_shard == 0 {
-        return Err(Error::Invalid(
-            "prepare: --size, --folds and the shard size must be at least 1".into(),
+        return Err(Error::Argument(
+            "prepare: --size, --folds and --shard-slices must be at least 1".into(),
         ));
     }
     if opts.out.exists() {
@@ -506,7 +506,7 @@ fn prepare_into(
     }
     if opts.folds > 1 {
         if opts.folds > volumes.len() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Argument(format!(
                 "prepare: --folds {} but only {} volumes with liver",
                 opts.folds,
                 volumes.len()

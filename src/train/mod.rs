@@ -11,8 +11,8 @@ mod trainer;
 use serde::{Deserialize, Serialize};
 
 pub use trainer::{
-    TrainOptions, TrainSummary, ValResult, batch_tensors, build_model, forward_loss, train,
-    validate, validate_checkpoint,
+    TrainOptions, TrainSummary, ValResult, batch_tensors, build_model, forward_loss, load_trained,
+    train, validate, validate_checkpoint,
 };
 
 use crate::error::{Error, Result};

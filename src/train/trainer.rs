@@ -303,6 +303,18 @@ pub fn validate(
     })
 }
 
+/// The model saved in checkpoint `ck` (read from `path`), built from its run config `cfg`, on
+/// `be`'s device.
+pub fn load_trained(
+    cfg: &RunConfig,
+    ck: Checkpoint,
+    path: &Path,
+    be: &crate::backend::Backend,
+) -> Result<UNet> {
+    let model = build_model(cfg, &be.device, be.chunk_limit);
+    load_model_bytes(model, ck.model, path)
+}
+
 /// Evaluates a checkpoint on its run's validation split (the split is recomputed from the
 /// config's seed), distributed over `comm`.
 pub fn validate_checkpoint(

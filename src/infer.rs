@@ -1,0 +1,480 @@
+//! Inference on real volumes: `predict` (a NIfTI CT in, a label mask on the input's grid out)
+//! and `evaluate` (per-case and global Dice for liver and tumour, LiTS conventions).
+
+use std::collections::VecDeque;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::Serialize;
+
+use crate::backend::Backend;
+use crate::config::RunConfig;
+use crate::data::nifti::{self, Volume};
+use crate::data::prepare::{self, Pair};
+use crate::error::{Error, Result};
+use crate::model::{Mode, UNet};
+use crate::tensor_util::to_f32;
+use crate::train::checkpoint::{Checkpoint, write_atomic};
+
+/// How `predict` runs.
+#[derive(Clone, Debug)]
+pub struct PredictOptions {
+    /// Slices per forward pass.
+    pub batch_size: usize,
+    /// Keep only the largest 6-connected liver component (and the tumour inside it).
+    pub largest_component: bool,
+}
+
+/// A trained model ready for inference.
+pub struct Predictor {
+    /// The run's config (input size, intensity transform).
+    pub cfg: RunConfig,
+    model: UNet,
+    device: Device,
+}
+
+/// Nearest-neighbour resize of a `h_in × w_in` slice to `h_out × w_out` (pixel centres).
+pub fn resize_nearest<T: Copy>(
+    src: &[T],
+    h_in: usize,
+    w_in: usize,
+    h_out: usize,
+    w_out: usize,
+) -> Vec<T> {
+    let pick = |t: usize, n_in: usize, n_out: usize| {
+        (((t as f64 + 0.5) * n_in as f64 / n_out as f64) as usize).min(n_in - 1)
+    };
+    let cols: Vec<usize> = (0..w_out).map(|c| pick(c, w_in, w_out)).collect();
+    let mut out = Vec::with_capacity(h_out * w_out);
+    for r in 0..h_out {
+        let row = pick(r, h_in, h_out) * w_in;
+        out.extend(cols.iter().map(|&c| src[row + c]));
+    }
+    out
+}
+
+impl Predictor {
+    /// The model of checkpoint `ck` (read from `path`; its run config `cfg`) on `be`'s device.
+    pub fn new(cfg: RunConfig, ck: Checkpoint, path: &Path, be: &Backend) -> Result<Self> {
+        let model = crate::train::load_trained(&cfg, ck, path, be)?;
+        Ok(Self {
+            cfg,
+            model,
+            device: be.device.clone(),
+        })
+    }
+
+    /// Labels (0 background, 1 liver, 2 tumour) for every voxel of `vol`, in its voxel order:
+    /// slices taken in the canonical axial layout training used, resized to the model's input
+    /// size (nearest, HU rounded to integers as in the shards), segmented in batches and
+    /// resized back (nearest). Tumour where channel 2 fires inside the liver (channel 1).
+    pub fn predict(&self, vol: &Volume, opts: &PredictOptions) -> Result<Vec<u8>> {
+        let (axes, n) = nifti::canonical_axes(vol)?;
+        let (cols, rows, nz) = (n[0], n[1], n[2]);
+        let s = self.cfg.model.input_size;
+        let px = s * s;
+        let batch = opts.batch_size.max(1);
+        let mut canonical = Vec::with_capacity(cols * rows * nz);
+        let mut z0 = 0;
+        while z0 < nz {
+            let b = batch.min(nz - z0);
+            let mut inputs = Vec::with_capacity(b * px);
+            for z in z0..z0 + b {
+                let slice = nifti::canonical_slice(&vol.data, vol.dims, axes, z);
+                let small = resize_nearest(&slice, rows, cols, s, s);
+                inputs.extend(small.into_iter().map(|v| {
+                    let hu = v.round().clamp(i16::MIN as f32, i16::MAX as f32) as i16;
+                    self.cfg.data.transform(hu)
+                }));
+            }
+            let x = Tensor::<4>::from_data(TensorData::new(inputs, [b, 1, s, s]), &self.device);
+            let probs = to_f32(self.model.forward(x, Mode::Eval))?;
+            let classes = self.cfg.model.classes;
+            if classes < 3 {
+                return Err(Error::Invalid(format!(
+                    "the model has {classes} output channels; predict needs background, liver and tumour (3)"
+                )));
+            }
+            for k in 0..b {
+                let p = |c: usize| &probs[(k * classes + c) * px..(k * classes + c + 1) * px];
+                let (liver, tumour) = (p(1), p(2));
+                let small: Vec<u8> = liver
+                    .iter()
+                    .zip(tumour)
+                    .map(|(&l, &t)| match (l > 0.5, t > 0.5) {
+                        (true, true) => 2,
+                        (true, false) => 1,
+                        _ => 0,
+                    })
+                    .collect();
+                canonical.extend(resize_nearest(&small, s, s, rows, cols));
+            }
+            z0 += b;
+        }
+        let mut labels = nifti::from_canonical(&canonical, vol.dims, axes);
+        if opts.largest_component {
+            keep_largest_component(&mut labels, vol.dims);
+        }
+        Ok(labels)
+    }
+}
+
+/// Zeroes every liver voxel (label ≥ 1) outside the largest 6-connected liver component.
+pub fn keep_largest_component(labels: &mut [u8], dims: [usize; 3]) {
+    let [nx, ny, nz] = dims;
+    let mut comp = vec![0u32; labels.len()];
+    let mut sizes = vec![0usize]; // component 0 = none
+    let mut queue = VecDeque::new();
+    for start in 0..labels.len() {
+        if labels[start] == 0 || comp[start] != 0 {
+            continue;
+        }
+        let id = sizes.len() as u32;
+        let mut size = 0;
+        comp[start] = id;
+        queue.push_back(start);
+        while let Some(v) = queue.pop_front() {
+            size += 1;
+            let (x, y, z) = (v % nx, v / nx % ny, v / (nx * ny));
+            let mut visit = |w: usize| {
+                if labels[w] != 0 && comp[w] == 0 {
+                    comp[w] = id;
+                    queue.push_back(w);
+                }
+            };
+            if x > 0 {
+                visit(v - 1);
+            }
+            if x + 1 < nx {
+                visit(v + 1);
+            }
+            if y > 0 {
+                visit(v - nx);
+            }
+            if y + 1 < ny {
+                visit(v + nx);
+            }
+            if z > 0 {
+                visit(v - nx * ny);
+            }
+            if z + 1 < nz {
+                visit(v + nx * ny);
+            }
+        }
+        sizes.push(size);
+    }
+    let Some(best) = (1..sizes.len()).max_by_key(|&c| sizes[c]) else {
+        return;
+    };
+    for (l, &c) in labels.iter_mut().zip(&comp) {
+        if c != 0 && c as usize != best {
+            *l = 0;
+        }
+    }
+}
+
+/// True-positive / false-positive / false-negative voxel counts of one structure.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Counts {
+    /// Voxels in both.
+    pub tp: u64,
+    /// Voxels predicted but not true.
+    pub fp: u64,
+    /// Voxels true but not predicted.
+    pub fn_: u64,
+}
+
+impl Counts {
+    /// Counts of `pred` against `truth` for the structure `is(label)`.
+    pub fn of(truth: &[u8], pred: &[u8], is: impl Fn(u8) -> bool) -> Self {
+        let mut c = Counts::default();
+        for (&t, &p) in truth.iter().zip(pred) {
+            match (is(t), is(p)) {
+                (true, true) => c.tp += 1,
+                (false, true) => c.fp += 1,
+                (true, false) => c.fn_ += 1,
+                _ => {}
+            }
+        }
+        c
+    }
+
+    /// Dice = 2·tp / (2·tp + fp + fn); 1 when the structure is absent from both (LiTS).
+    pub fn dice(&self) -> f64 {
+        let den = 2 * self.tp + self.fp + self.fn_;
+        if den == 0 {
+            1.0
+        } else {
+            2.0 * self.tp as f64 / den as f64
+        }
+    }
+
+    /// Voxels in the truth.
+    pub fn truth(&self) -> u64 {
+        self.tp + self.fn_
+    }
+
+    /// Voxels in the prediction.
+    pub fn predicted(&self) -> u64 {
+        self.tp + self.fp
+    }
+
+    fn add(&mut self, o: &Counts) {
+        self.tp += o.tp;
+        self.fp += o.fp;
+        self.fn_ += o.fn_;
+    }
+}
+
+/// One case of an evaluation.
+#[derive(Clone, Debug, Serialize)]
+pub struct CaseResult {
+    /// The image file's name.
+    pub case: String,
+    /// Liver (label ≥ 1) Dice.
+    pub dice_liver: f64,
+    /// Tumour (label 2) Dice; 1 when neither truth nor prediction has tumour.
+    pub dice_tumour: f64,
+    /// True / predicted liver volume, mL.
+    pub liver_ml_true: f64,
+    /// Predicted liver volume, mL.
+    pub liver_ml_pred: f64,
+    /// Relative liver volume difference (pred − true) / true; null without true liver.
+    pub liver_rvd: Option<f64>,
+    /// True tumour volume, mL.
+    pub tumour_ml_true: f64,
+    /// Predicted tumour volume, mL.
+    pub tumour_ml_pred: f64,
+    /// Relative tumour volume difference; null without true tumour.
+    pub tumour_rvd: Option<f64>,
+    /// Voxel counts for liver.
+    pub liver: Counts,
+    /// Voxel counts for tumour.
+    pub tumour: Counts,
+}
+
+/// Dice from the counts summed over all cases (LiTS "Dice global"), and the per-case mean.
+#[derive(Clone, Debug, Serialize)]
+pub struct Global {
+    /// Liver Dice over all voxels of all cases.
+    pub dice_liver: f64,
+    /// Tumour Dice over all voxels of all cases.
+    pub dice_tumour: f64,
+    /// Mean of the per-case liver Dice.
+    pub mean_case_dice_liver: f64,
+    /// Mean of the per-case tumour Dice.
+    pub mean_case_dice_tumour: f64,
+    /// Cases.
+    pub cases: usize,
+}
+
+/// `evaluation.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Evaluation {
+    /// Run directory or checkpoint evaluated.
+    pub checkpoint: String,
+    /// Input folder.
+    pub input: String,
+    /// Global figures.
+    pub global: Global,
+    /// Per case.
+    pub cases: Vec<CaseResult>,
+}
+
+/// Scores one predicted volume against its truth (same grid).
+pub fn score_case(case: &str, truth: &[u8], pred: &[u8], voxel_ml: f64) -> CaseResult {
+    let liver = Counts::of(truth, pred, |l| l >= 1);
+    let tumour = Counts::of(truth, pred, |l| l == 2);
+    let rvd = |c: &Counts| {
+        (c.truth() > 0).then(|| (c.predicted() as f64 - c.truth() as f64) / c.truth() as f64)
+    };
+    CaseResult {
+        case: case.to_string(),
+        dice_liver: liver.dice(),
+        dice_tumour: tumour.dice(),
+        liver_ml_true: liver.truth() as f64 * voxel_ml,
+        liver_ml_pred: liver.predicted() as f64 * voxel_ml,
+        liver_rvd: rvd(&liver),
+        tumour_ml_true: tumour.truth() as f64 * voxel_ml,
+        tumour_ml_pred: tumour.predicted() as f64 * voxel_ml,
+        tumour_rvd: rvd(&tumour),
+        liver,
+        tumour,
+    }
+}
+
+/// Volume of one voxel in mL: |det| of the affine's 3×3 part, mm³ → mL.
+pub fn voxel_ml(affine: &[[f64; 4]; 3]) -> f64 {
+    let a = affine;
+    let det = a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
+        - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+        + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]);
+    det.abs() / 1000.0
+}
+
+/// Summarises per-case results.
+pub fn global(cases: &[CaseResult]) -> Global {
+    let (mut l, mut t) = (Counts::default(), Counts::default());
+    for c in cases {
+        l.add(&c.liver);
+        t.add(&c.tumour);
+    }
+    let n = cases.len().max(1) as f64;
+    Global {
+        dice_liver: l.dice(),
+        dice_tumour: t.dice(),
+        mean_case_dice_liver: cases.iter().map(|c| c.dice_liver).sum::<f64>() / n,
+        mean_case_dice_tumour: cases.iter().map(|c| c.dice_tumour).sum::<f64>() / n,
+        cases: cases.len(),
+    }
+}
+
+/// Runs `evaluate`: every (image, label) pair of `input` (a LiTS folder or CSV) predicted and
+/// scored; `evaluation.csv` and `evaluation.json` written atomically into `out` (and, with
+/// `save_masks`, each prediction as `<case>-pred.nii.gz`).
+pub fn evaluate(
+    predictor: &Predictor,
+    checkpoint: &Path,
+    input: &Path,
+    out: &Path,
+    opts: &PredictOptions,
+    save_masks: bool,
+    mut progress: impl FnMut(&CaseResult, usize, usize),
+) -> Result<Evaluation> {
+    let pairs: Vec<Pair> = prepare::find_pairs(input)?;
+    fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut cases = Vec::new();
+    for (k, pair) in pairs.iter().enumerate() {
+        let image = nifti::read(&pair.image)?;
+        let label = nifti::read(&pair.label)?;
+        prepare::check_same_grid(&image, &label)?;
+        let truth = prepare::label_values(&label)?;
+        drop(label);
+        let pred = predictor.predict(&image, opts)?;
+        let name = pair
+            .image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if save_masks {
+            let stem = name.trim_end_matches(".gz").trim_end_matches(".nii");
+            nifti::write_u8(
+                &out.join(format!("{stem}-pred.nii.gz")),
+                image.dims,
+                &image.affine,
+                &pred,
+            )?;
+        }
+        let r = score_case(&name, &truth, &pred, voxel_ml(&image.affine));
+        progress(&r, k + 1, pairs.len());
+        cases.push(r);
+    }
+    let eval = Evaluation {
+        checkpoint: checkpoint.display().to_string(),
+        input: input.display().to_string(),
+        global: global(&cases),
+        cases,
+    };
+    let json = serde_json::to_string_pretty(&eval)
+        .map_err(|e| Error::Invalid(format!("serialising the evaluation: {e}")))?;
+    write_atomic(&out.join("evaluation.json"), json.as_bytes())?;
+    let mut csv = String::from(
+        "case,dice_liver,dice_tumour,liver_ml_true,liver_ml_pred,liver_rvd,tumour_ml_true,tumour_ml_pred,tumour_rvd\n",
+    );
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
+    for c in &eval.cases {
+        csv.push_str(&format!(
+            "{},{:.6},{:.6},{:.3},{:.3},{},{:.3},{:.3},{}\n",
+            c.case,
+            c.dice_liver,
+            c.dice_tumour,
+            c.liver_ml_true,
+            c.liver_ml_pred,
+            opt(c.liver_rvd),
+            c.tumour_ml_true,
+            c.tumour_ml_pred,
+            opt(c.tumour_rvd)
+        ));
+    }
+    write_atomic(&out.join("evaluation.csv"), csv.as_bytes())?;
+    Ok(eval)
+}
+
+/// Output path check for `predict`: a `.nii` or `.nii.gz` file name.
+pub fn check_output_name(path: &Path) -> Result<PathBuf> {
+    let name = path.to_string_lossy().to_ascii_lowercase();
+    if !(name.ends_with(".nii") || name.ends_with(".nii.gz")) {
+        return Err(Error::Argument(format!(
+            "--output {}: expected a .nii or .nii.gz file name",
+            path.display()
+        )));
+    }
+    Ok(path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dice_follows_lits_conventions() {
+        // Closed form: truth {0,1,1,2,2,0}, prediction {0,1,2,2,0,1}.
+        let truth = [0u8, 1, 1, 2, 2, 0];
+        let pred = [0u8, 1, 2, 2, 0, 1];
+        let r = score_case("c", &truth, &pred, 0.5);
+        // Liver (≥1): truth at 1..=4, pred at 1,2,3,5 → tp 3, fp 1, fn 1 → 6/8.
+        assert_eq!(
+            r.liver,
+            Counts {
+                tp: 3,
+                fp: 1,
+                fn_: 1
+            }
+        );
+        assert_eq!(r.dice_liver, 0.75);
+        // Tumour (=2): truth at 3,4; pred at 2,3 → tp 1, fp 1, fn 1 → 2/4.
+        assert_eq!(r.dice_tumour, 0.5);
+        assert_eq!(r.liver_ml_true, 2.0);
+        assert_eq!(r.liver_rvd, Some(0.0));
+        // No tumour anywhere: Dice 1 (LiTS); tumour only predicted: 0, no RVD.
+        let none = score_case("n", &[0, 1, 1], &[0, 1, 0], 1.0);
+        assert_eq!(none.dice_tumour, 1.0);
+        let false_alarm = score_case("f", &[0, 1, 1], &[0, 2, 1], 1.0);
+        assert_eq!(false_alarm.dice_tumour, 0.0);
+        assert_eq!(false_alarm.tumour_rvd, None);
+        // Global Dice sums counts first: liver tp 3+1, fp 1+0, fn 1+1 → 8 / (8 + 1 + 2).
+        let g = global(&[r, none]);
+        assert_eq!(g.dice_liver, 2.0 * 4.0 / (2.0 * 4.0 + 1.0 + 2.0));
+        assert_eq!(g.mean_case_dice_liver, (0.75 + 2.0 / 3.0) / 2.0);
+    }
+
+    #[test]
+    fn largest_component_keeps_one_blob() {
+        // 4×1×1 volume: two blobs, sizes 2 and 1.
+        let mut l = vec![1u8, 2, 0, 1];
+        keep_largest_component(&mut l, [4, 1, 1]);
+        assert_eq!(l, vec![1, 2, 0, 0]);
+        let mut e = vec![0u8; 8];
+        keep_largest_component(&mut e, [2, 2, 2]);
+        assert_eq!(e, vec![0; 8]);
+    }
+
+    #[test]
+    fn resize_nearest_round_trips_integer_factors() {
+        let src: Vec<u8> = (0..6).collect(); // 2×3
+        let up = resize_nearest(&src, 2, 3, 4, 6);
+        assert_eq!(&up[..6], &[0, 0, 1, 1, 2, 2]);
+        assert_eq!(resize_nearest(&up, 4, 6, 2, 3), src);
+    }
+
+    #[test]
+    fn voxel_volume_from_the_affine() {
+        let a = [
+            [-0.7, 0.0, 0.0, 1.0],
+            [0.0, 0.7, 0.0, 2.0],
+            [0.0, 0.0, 2.5, 3.0],
+        ];
+        assert!((voxel_ml(&a) - 0.7 * 0.7 * 2.5 / 1000.0).abs() < 1e-15);
+    }
+}
