@@ -225,7 +225,7 @@ impl InferArgs {
 struct PredictArgs {
     #[command(flatten)]
     infer: InferArgs,
-    /// A CT volume (.nii or .nii.gz), or a folder of them.
+    /// A CT volume (.nii or .nii.gz), a folder of them, or a folder holding one DICOM series.
     #[arg(long)]
     input: PathBuf,
     /// Output mask (.nii.gz) for one input, or a folder for a folder of inputs.
@@ -566,17 +566,21 @@ fn is_nifti_name(p: &Path) -> bool {
 }
 
 fn cmd_predict(a: PredictArgs) -> Result<()> {
-    let jobs: Vec<(PathBuf, PathBuf)> = if a.input.is_dir() {
-        let mut inputs: Vec<PathBuf> = std::fs::read_dir(&a.input)
+    let niftis: Vec<PathBuf> = if a.input.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&a.input)
             .map_err(|e| ctseg::error::Error::io(&a.input, e))?
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.is_file() && is_nifti_name(p))
             .collect();
-        inputs.sort();
-        if inputs.is_empty() {
-            anyhow::bail!("--input {}: no .nii or .nii.gz files", a.input.display());
-        }
+        v.sort();
+        v
+    } else {
+        Vec::new()
+    };
+    // A folder of NIfTI files gives a folder of masks; any other folder is one DICOM series.
+    let jobs: Vec<(PathBuf, PathBuf)> = if !niftis.is_empty() {
+        let inputs = niftis;
         std::fs::create_dir_all(&a.output).map_err(|e| ctseg::error::Error::io(&a.output, e))?;
         inputs
             .into_iter()
@@ -599,7 +603,7 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
     let opts = a.infer.options();
     for (input, output) in jobs {
         let t = std::time::Instant::now();
-        let vol = ctseg::data::nifti::read(&input)?;
+        let vol = ctseg::data::prepare::read_volume(&input)?;
         let labels = predictor.predict(&vol, &opts)?;
         ctseg::data::nifti::write_u8(&output, vol.dims, &vol.affine, &labels)?;
         let ml = ctseg::infer::voxel_ml(&vol.affine);

@@ -346,7 +346,7 @@ pub fn evaluate(
     fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut cases = Vec::new();
     for (k, pair) in pairs.iter().enumerate() {
-        let image = nifti::read(&pair.image)?;
+        let image = prepare::read_volume(&pair.image)?;
         let label = nifti::read(&pair.label)?;
         prepare::check_same_grid(&image, &label)?;
         let truth = prepare::label_values(&label)?;

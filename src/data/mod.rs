@@ -1,8 +1,9 @@
-//! Data: the phantom generator, NIfTI volumes and their preparation into datasets, the
+//! Data: the phantom generator, NIfTI volumes and DICOM series and their preparation into datasets, the
 //! slice-shard format, datasets and their split by volume or fold, sampling and the background
 //! loader. Knows rank and world as numbers, never MPI.
 
 pub mod dataset;
+pub mod dicom;
 pub mod loader;
 pub mod nifti;
 pub mod phantom;

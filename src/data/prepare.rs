@@ -197,12 +197,10 @@ fn read_csv(path: &Path) -> Result<Vec<Pair>> {
     Ok(pairs)
 }
 
-fn read_volume(path: &Path) -> Result<Volume> {
+/// Reads an image volume: a NIfTI file, or a folder holding one DICOM series.
+pub fn read_volume(path: &Path) -> Result<Volume> {
     if path.is_dir() {
-        return Err(Error::dataset(
-            path,
-            "a folder (a DICOM series?): ctseg prepare reads NIfTI volumes; DICOM series are not supported yet, convert with dcm2niix",
-        ));
+        return super::dicom::read_series(path);
     }
     nifti::read(path)
 }
@@ -415,7 +413,7 @@ fn prepare_into(
     for (k, pair) in pairs.iter().enumerate() {
         let t = Instant::now();
         let image = read_volume(&pair.image)?;
-        let label = read_volume(&pair.label)?;
+        let label = nifti::read(&pair.label)?;
         check_same_grid(&image, &label)?;
         let lab = label_values(&label)?;
         // Labels go to the canonical layout whole (to find the liver's z-range); the image
