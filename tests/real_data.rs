@@ -504,6 +504,27 @@ fn predict_and_evaluate_a_trained_model() {
         }
     }
     assert!(m.data.iter().all(|&v| v == 0.0 || v == 1.0 || v == 2.0));
+    // nibabel, when present, sees the input's shape and affine too.
+    let script = format!(
+        "import nibabel as nib, numpy as np\n\
+         a = nib.load({m:?}); b = nib.load({c:?})\n\
+         assert a.shape == b.shape, (a.shape, b.shape)\n\
+         assert np.allclose(a.affine, b.affine, atol=1e-4), (a.affine, b.affine)\n\
+         assert set(np.unique(np.asarray(a.dataobj))) <= {{0, 1, 2}}\n\
+         print('nibabel ok')",
+        m = mask.display().to_string(),
+        c = ct().display().to_string()
+    );
+    match Command::new("python3").args(["-c", &script]).output() {
+        Ok(o) if o.status.success() => {
+            assert!(String::from_utf8_lossy(&o.stdout).contains("nibabel ok"))
+        }
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named 'nibabel'") => {
+            eprintln!("skipped the nibabel check: nibabel is not installed")
+        }
+        Ok(o) => panic!("nibabel disagrees: {}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => eprintln!("skipped the nibabel check: python3 not found ({e})"),
+    }
     // A bad output name is refused before any work.
     let o = Command::new(bin)
         .args(["predict", "--checkpoint"])
