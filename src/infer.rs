@@ -13,7 +13,7 @@ use crate::config::RunConfig;
 use crate::data::nifti::{self, Volume};
 use crate::data::prepare::{self, Pair};
 use crate::error::{Error, Result};
-use crate::model::{Mode, UNet};
+use crate::model::{DiceCounts, Mode, UNet};
 use crate::tensor_util::to_f32;
 use crate::train::checkpoint::{Checkpoint, write_atomic};
 
@@ -174,57 +174,19 @@ pub fn keep_largest_component(labels: &mut [u8], dims: [usize; 3]) {
     }
 }
 
-/// True-positive / false-positive / false-negative voxel counts of one structure.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
-pub struct Counts {
-    /// Voxels in both.
-    pub tp: u64,
-    /// Voxels predicted but not true.
-    pub fp: u64,
-    /// Voxels true but not predicted.
-    pub fn_: u64,
-}
-
-impl Counts {
-    /// Counts of `pred` against `truth` for the structure `is(label)`.
-    pub fn of(truth: &[u8], pred: &[u8], is: impl Fn(u8) -> bool) -> Self {
-        let mut c = Counts::default();
-        for (&t, &p) in truth.iter().zip(pred) {
-            match (is(t), is(p)) {
-                (true, true) => c.tp += 1,
-                (false, true) => c.fp += 1,
-                (true, false) => c.fn_ += 1,
-                _ => {}
-            }
-        }
-        c
-    }
-
-    /// Dice = 2·tp / (2·tp + fp + fn); 1 when the structure is absent from both (LiTS).
-    pub fn dice(&self) -> f64 {
-        let den = 2 * self.tp + self.fp + self.fn_;
-        if den == 0 {
-            1.0
-        } else {
-            2.0 * self.tp as f64 / den as f64
+/// Voxel counts of `pred` against `truth` for the structure `is(label)`; Dice and the LiTS
+/// empty-structure convention come with [`DiceCounts`].
+pub fn counts_of(truth: &[u8], pred: &[u8], is: impl Fn(u8) -> bool) -> DiceCounts {
+    let mut c = DiceCounts::default();
+    for (&t, &p) in truth.iter().zip(pred) {
+        match (is(t), is(p)) {
+            (true, true) => c.tp += 1,
+            (false, true) => c.fp += 1,
+            (true, false) => c.fn_ += 1,
+            _ => {}
         }
     }
-
-    /// Voxels in the truth.
-    pub fn truth(&self) -> u64 {
-        self.tp + self.fn_
-    }
-
-    /// Voxels in the prediction.
-    pub fn predicted(&self) -> u64 {
-        self.tp + self.fp
-    }
-
-    fn add(&mut self, o: &Counts) {
-        self.tp += o.tp;
-        self.fp += o.fp;
-        self.fn_ += o.fn_;
-    }
+    c
 }
 
 /// One case of an evaluation.
@@ -249,9 +211,9 @@ pub struct CaseResult {
     /// Relative tumour volume difference; null without true tumour.
     pub tumour_rvd: Option<f64>,
     /// Voxel counts for liver.
-    pub liver: Counts,
+    pub liver: DiceCounts,
     /// Voxel counts for tumour.
-    pub tumour: Counts,
+    pub tumour: DiceCounts,
 }
 
 /// Dice from the counts summed over all cases (LiTS "Dice global"), and the per-case mean.
@@ -284,20 +246,19 @@ pub struct Evaluation {
 
 /// Scores one predicted volume against its truth (same grid).
 pub fn score_case(case: &str, truth: &[u8], pred: &[u8], voxel_ml: f64) -> CaseResult {
-    let liver = Counts::of(truth, pred, |l| l >= 1);
-    let tumour = Counts::of(truth, pred, |l| l == 2);
-    let rvd = |c: &Counts| {
-        (c.truth() > 0).then(|| (c.predicted() as f64 - c.truth() as f64) / c.truth() as f64)
-    };
+    let liver = counts_of(truth, pred, |l| l >= 1);
+    let tumour = counts_of(truth, pred, |l| l == 2);
+    let (t, p) = (|c: &DiceCounts| c.tp + c.fn_, |c: &DiceCounts| c.tp + c.fp);
+    let rvd = |c: &DiceCounts| (t(c) > 0).then(|| (p(c) as f64 - t(c) as f64) / t(c) as f64);
     CaseResult {
         case: case.to_string(),
         dice_liver: liver.dice(),
         dice_tumour: tumour.dice(),
-        liver_ml_true: liver.truth() as f64 * voxel_ml,
-        liver_ml_pred: liver.predicted() as f64 * voxel_ml,
+        liver_ml_true: t(&liver) as f64 * voxel_ml,
+        liver_ml_pred: p(&liver) as f64 * voxel_ml,
         liver_rvd: rvd(&liver),
-        tumour_ml_true: tumour.truth() as f64 * voxel_ml,
-        tumour_ml_pred: tumour.predicted() as f64 * voxel_ml,
+        tumour_ml_true: t(&tumour) as f64 * voxel_ml,
+        tumour_ml_pred: p(&tumour) as f64 * voxel_ml,
         tumour_rvd: rvd(&tumour),
         liver,
         tumour,
@@ -315,10 +276,10 @@ pub fn voxel_ml(affine: &[[f64; 4]; 3]) -> f64 {
 
 /// Summarises per-case results.
 pub fn global(cases: &[CaseResult]) -> Global {
-    let (mut l, mut t) = (Counts::default(), Counts::default());
+    let (mut l, mut t) = (DiceCounts::default(), DiceCounts::default());
     for c in cases {
-        l.add(&c.liver);
-        t.add(&c.tumour);
+        l.add(c.liver);
+        t.add(c.tumour);
     }
     let n = cases.len().max(1) as f64;
     Global {
@@ -426,7 +387,7 @@ mod tests {
         // Liver (≥1): truth at 1..=4, pred at 1,2,3,5 → tp 3, fp 1, fn 1 → 6/8.
         assert_eq!(
             r.liver,
-            Counts {
+            DiceCounts {
                 tp: 3,
                 fp: 1,
                 fn_: 1

@@ -37,14 +37,7 @@ fn gpu() -> Option<Backend> {
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| ((x - y) as f64).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    num / den.max(1e-30)
+    verify::rel_l2(a, b)
 }
 
 #[test]

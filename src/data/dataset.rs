@@ -157,6 +157,43 @@ pub struct Manifest {
     pub source: String,
 }
 
+/// Creates directory `dir` atomically: `fill` writes into a temporary sibling directory that
+/// is renamed to `dir` when it succeeds and removed when it fails, so a failure leaves nothing
+/// behind. `dir` must not exist yet.
+pub fn write_dir_atomically<T>(dir: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    if dir.exists() {
+        return Err(Error::dataset(
+            dir,
+            "already exists; choose a new output directory",
+        ));
+    }
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "dataset".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    match fill(&tmp) {
+        Ok(v) => {
+            fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
 /// Labelled slices in memory.
 #[derive(Clone, Debug)]
 pub struct Dataset {
@@ -350,38 +387,7 @@ impl Dataset {
     /// files go to a temporary sibling directory that is renamed to `dir` at the end. `dir` must
     /// not exist yet.
     pub fn write(&self, dir: &Path, per_shard: usize, source: &str) -> Result<Manifest> {
-        if dir.exists() {
-            return Err(Error::dataset(
-                dir,
-                "already exists; choose a new output directory",
-            ));
-        }
-        let parent = dir
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "dataset".into());
-        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        }
-        fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let result = self.write_into(&tmp, per_shard.max(1), source);
-        match result {
-            Ok(m) => {
-                fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-                Ok(m)
-            }
-            Err(e) => {
-                let _ = fs::remove_dir_all(&tmp);
-                Err(e)
-            }
-        }
+        write_dir_atomically(dir, |tmp| self.write_into(tmp, per_shard.max(1), source))
     }
 
     fn write_into(&self, dir: &Path, per_shard: usize, source: &str) -> Result<Manifest> {

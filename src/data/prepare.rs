@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::dataset::{MANIFEST, Manifest, ShardEntry, VolumeEntry};
+use super::dataset::{MANIFEST, Manifest, ShardEntry, VolumeEntry, write_dir_atomically};
 use super::nifti::{self, Volume};
 use super::shard::ShardData;
 use crate::error::{Error, Result};
@@ -326,40 +326,8 @@ pub fn prepare(opts: &PrepareOptions) -> Result<(Manifest, PrepareSummary)> {
             "prepare: --size, --folds and --shard-slices must be at least 1".into(),
         ));
     }
-    if opts.out.exists() {
-        return Err(Error::dataset(
-            &opts.out,
-            "already exists; choose a new output directory",
-        ));
-    }
     let pairs = find_pairs(&opts.input)?;
-    let parent = opts
-        .out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let name = opts
-        .out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "dataset".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    match prepare_into(opts, &pairs, &tmp, start) {
-        Ok(r) => {
-            fs::rename(&tmp, &opts.out).map_err(|e| Error::io(&opts.out, e))?;
-            Ok(r)
-        }
-        Err(e) => {
-            let _ = fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    write_dir_atomically(&opts.out, |tmp| prepare_into(opts, &pairs, tmp, start))
 }
 
 struct ShardSink<'a> {
