@@ -235,11 +235,13 @@ fn a_panicking_rank_ends_the_job_and_resume_recovers_the_run() {
     // Rank 1 panics after step 3 (epoch 2; the epoch-1 checkpoint is at step 2).
     let run = d.path().join("crash");
     let start = Instant::now();
+    // The whole run (3 steps, then the panic) gets 60 s: a job that outlives its failed rank
+    // is killed by the timeout (status 124) and fails the test as a hang.
     let o = mpirun(
         2,
         &["train", "--config", TINY, "--out", s(&run), "--quiet"],
         &[("CTSEG_FAULT_INJECT", "panic:1:3")],
-        120,
+        60,
     );
     let took = start.elapsed();
     let t = text(&o);
@@ -247,9 +249,8 @@ fn a_panicking_rank_ends_the_job_and_resume_recovers_the_run() {
     assert_ne!(
         o.status.code(),
         Some(124),
-        "the job hung until the timeout:\n{t}"
+        "the job hung after the panic until the 60 s timeout:\n{t}"
     );
-    assert!(took < Duration::from_secs(60), "took {took:?} to die");
     assert!(t.contains("CTSEG_FAULT_INJECT"), "{t}");
     let ck = ctseg::train::checkpoint::Checkpoint::load(&run).expect("last checkpoint");
     assert_eq!(ck.meta.step, 2);
@@ -327,15 +328,25 @@ fn a_killed_rank_ends_the_job_promptly() {
     let _ = Command::new("kill")
         .args(["-9", pids.last().map(String::as_str).unwrap_or("")])
         .status();
-    let status = child.wait().expect("wait");
-    let took = killed.elapsed();
+    // A hang guard, not a speed test: mpirun gets 30 s to notice the dead rank, after which
+    // the job is killed and the test fails as a hang.
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if killed.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("mpirun still running 30 s after a rank was killed: the job hangs");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(!status.success(), "mpirun must report the failure");
     assert_ne!(status.code(), Some(124), "hung until the timeout");
-    assert!(
-        took < Duration::from_secs(30),
-        "mpirun took {took:?} to exit after the kill"
+    eprintln!(
+        "mpirun exited {:?} after a rank was killed (status {status})",
+        killed.elapsed()
     );
-    eprintln!("mpirun exited {took:?} after a rank was killed (status {status})");
 }
 
 #[test]
@@ -437,55 +448,42 @@ fn gpu_backend_under_mpirun() {
         return;
     }
     let d = tempfile::tempdir().expect("tmp");
+    let gpu_run = |run: &Path, compression: &str| {
+        let t = ok(mpirun(
+            2,
+            &[
+                "train",
+                "--config",
+                TINY,
+                "--backend",
+                "gpu",
+                "--out",
+                s(run),
+                "--max-steps",
+                "4",
+                "--grad-compression",
+                compression,
+                "--quiet",
+            ],
+            &[],
+            300,
+        ));
+        let h = hashes(&t);
+        assert_eq!(h.len(), 2, "{t}");
+        assert_eq!(
+            h[0], h[1],
+            "GPU ranks ({compression}) hold different weights:\n{t}"
+        );
+    };
     let run = d.path().join("gpu");
-    let t = ok(mpirun(
-        2,
-        &[
-            "train",
-            "--config",
-            TINY,
-            "--backend",
-            "gpu",
-            "--out",
-            s(&run),
-            "--max-steps",
-            "4",
-            "--quiet",
-        ],
-        &[],
-        300,
-    ));
-    let h = hashes(&t);
-    assert_eq!(h.len(), 2, "{t}");
-    assert_eq!(h[0], h[1], "GPU ranks hold different weights:\n{t}");
+    gpu_run(&run, "none");
     let fp32 = losses(&run);
     assert_eq!(fp32.len(), 4);
 
     // fp16 compression on the GPU packs and unpacks with the WGSL kernels (shaders/): the ranks
     // still agree bit for bit, and the trajectory stays within the fp16 bound of the CPU test.
     let run16 = d.path().join("gpu16");
-    let t = ok(mpirun(
-        2,
-        &[
-            "train",
-            "--config",
-            TINY,
-            "--backend",
-            "gpu",
-            "--out",
-            s(&run16),
-            "--max-steps",
-            "4",
-            "--grad-compression",
-            "fp16",
-            "--quiet",
-        ],
-        &[],
-        300,
-    ));
-    let h = hashes(&t);
-    assert_eq!(h.len(), 2, "{t}");
-    assert_eq!(h[0], h[1], "GPU fp16 ranks hold different weights:\n{t}");
+    gpu_run(&run16, "fp16");
     let summary: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(run16.join("summary.json")).expect("summary"),
     )

@@ -38,6 +38,17 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     w.finish().expect("gzip")
 }
 
+/// A LiTS-layout folder `root/lits` with `n` copies of the real (CT, liver) pair.
+fn lits_folder(root: &Path, n: usize) -> PathBuf {
+    let lits = root.join("lits");
+    std::fs::create_dir_all(&lits).expect("mkdir");
+    for k in 0..n {
+        std::fs::copy(ct(), lits.join(format!("volume-{k}.nii.gz"))).expect("copy");
+        std::fs::copy(liver(), lits.join(format!("segmentation-{k}.nii.gz"))).expect("copy");
+    }
+    lits
+}
+
 fn opts(input: &Path, out: &Path, size: usize, folds: usize) -> PrepareOptions {
     PrepareOptions {
         input: input.to_path_buf(),
@@ -176,12 +187,7 @@ fn prepare_from_csv_and_lits_folder_with_folds() {
 #[test]
 fn prepare_and_train_on_a_fold_from_the_command_line() {
     let d = tempfile::tempdir().expect("tmp");
-    let lits = d.path().join("lits");
-    std::fs::create_dir_all(&lits).expect("mkdir");
-    for n in 0..2 {
-        std::fs::copy(ct(), lits.join(format!("volume-{n}.nii.gz"))).expect("copy");
-        std::fs::copy(liver(), lits.join(format!("segmentation-{n}.nii.gz"))).expect("copy");
-    }
+    let lits = lits_folder(d.path(), 2);
     let bin = env!("CARGO_BIN_EXE_ctseg");
     let ds = d.path().join("ds");
     let o = Command::new(bin)
@@ -439,12 +445,7 @@ fn written_masks_open_with_the_input_grid() {
 #[test]
 fn predict_and_evaluate_a_trained_model() {
     let d = tempfile::tempdir().expect("tmp");
-    let lits = d.path().join("lits");
-    std::fs::create_dir_all(&lits).expect("mkdir");
-    for n in 0..2 {
-        std::fs::copy(ct(), lits.join(format!("volume-{n}.nii.gz"))).expect("copy");
-        std::fs::copy(liver(), lits.join(format!("segmentation-{n}.nii.gz"))).expect("copy");
-    }
+    let lits = lits_folder(d.path(), 2);
     let bin = env!("CARGO_BIN_EXE_ctseg");
     let run_ok = |args: &[&std::ffi::OsStr]| {
         let o = Command::new(bin).args(args).output().expect("run");

@@ -121,6 +121,33 @@ impl Mpi {
     pub fn threading(&self) -> mpi::Threading {
         self.threading
     }
+
+    /// In-place sum-allreduce of `len` elements of `datatype` at `ptr` with `op`.
+    ///
+    /// # Safety
+    /// `ptr` must point to `len` valid, exclusively borrowed elements of `datatype`, and `len`
+    /// must fit a C int; MPI_IN_PLACE makes the buffer both send and receive buffer.
+    unsafe fn allreduce_in_place(
+        &self,
+        ptr: *mut c_void,
+        len: usize,
+        datatype: ffi::MPI_Datatype,
+        op: ffi::MPI_Op,
+        what: &str,
+    ) -> Result<()> {
+        // SAFETY: guaranteed by the caller (see above).
+        let code = unsafe {
+            ffi::MPI_Allreduce(
+                ctseg_mpi_in_place(),
+                ptr,
+                len as c_int,
+                datatype,
+                op,
+                self.world.as_raw(),
+            )
+        };
+        check(code, what)
+    }
 }
 
 impl Communicator for Mpi {
@@ -154,37 +181,33 @@ impl Communicator for Mpi {
 
     fn allreduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
         for chunk in buf.chunks_mut(1 << 28) {
-            // SAFETY: `chunk` is a valid, exclusively borrowed f32 buffer of `len` elements;
-            // MPI_IN_PLACE makes it both send and receive buffer.
-            let code = unsafe {
-                ffi::MPI_Allreduce(
-                    ctseg_mpi_in_place(),
+            // SAFETY: `chunk` is a valid, exclusively borrowed buffer of f32 (MPI_FLOAT).
+            unsafe {
+                self.allreduce_in_place(
                     chunk.as_mut_ptr().cast(),
-                    chunk.len() as c_int,
+                    chunk.len(),
                     ffi::RSMPI_FLOAT,
                     ffi::RSMPI_SUM,
-                    self.world.as_raw(),
-                )
-            };
-            check(code, "MPI_Allreduce(f32)")?;
+                    "MPI_Allreduce(f32)",
+                )?;
+            }
         }
         Ok(())
     }
 
     fn allreduce_sum_f16(&self, buf: &mut [u16]) -> Result<()> {
         for chunk in buf.chunks_mut(1 << 28) {
-            // SAFETY: as in allreduce_sum_f32, with the half-precision sum operation.
-            let code = unsafe {
-                ffi::MPI_Allreduce(
-                    ctseg_mpi_in_place(),
+            // SAFETY: `chunk` is a valid, exclusively borrowed buffer of half bits (uint16_t),
+            // summed by the half-precision operation.
+            unsafe {
+                self.allreduce_in_place(
                     chunk.as_mut_ptr().cast(),
-                    chunk.len() as c_int,
+                    chunk.len(),
                     ffi::RSMPI_UINT16_T,
                     self.f16_sum,
-                    self.world.as_raw(),
-                )
-            };
-            check(code, "MPI_Allreduce(f16)")?;
+                    "MPI_Allreduce(f16)",
+                )?;
+            }
         }
         Ok(())
     }

@@ -445,7 +445,7 @@ pub struct Canonical {
     /// Values, column fastest.
     pub data: Vec<f32>,
     /// For each canonical axis (col, row, z): the source voxel axis and whether it is flipped.
-    pub axes: [(usize, bool); 3],
+    pub axes: Axes,
 }
 
 /// For each canonical axis (col, row, z): the source voxel axis and whether it runs backwards.
@@ -465,19 +465,21 @@ pub fn canonical_axes(vol: &Volume) -> Result<(Axes, [usize; 3])> {
     Ok((axes, [d[axes[0].0], d[axes[1].0], d[axes[2].0]]))
 }
 
-/// Canonical slice `z` of `data` (a volume of `dims`, i fastest), row-major `rows × cols`.
-pub fn canonical_slice<T: Copy>(
-    data: &[T],
-    dims: [usize; 3],
-    axes: [(usize, bool); 3],
-    z: usize,
-) -> Vec<T> {
+/// Canonical sizes (cols, rows, slices) of a volume of `dims`, and the source offset of
+/// canonical index `i` along canonical axis `a` (offsets of the three axes add up).
+fn canonical_index(dims: [usize; 3], axes: Axes) -> ([usize; 3], impl Fn(usize, usize) -> usize) {
     let n = [dims[axes[0].0], dims[axes[1].0], dims[axes[2].0]];
     let stride = [1usize, dims[0], dims[0] * dims[1]];
-    let at = |a: usize, i: usize| {
+    let at = move |a: usize, i: usize| {
         let (src, flip) = axes[a];
         (if flip { n[a] - 1 - i } else { i }) * stride[src]
     };
+    (n, at)
+}
+
+/// Canonical slice `z` of `data` (a volume of `dims`, i fastest), row-major `rows × cols`.
+pub fn canonical_slice<T: Copy>(data: &[T], dims: [usize; 3], axes: Axes, z: usize) -> Vec<T> {
+    let (n, at) = canonical_index(dims, axes);
     let base_z = at(2, z);
     let mut out = Vec::with_capacity(n[0] * n[1]);
     for r in 0..n[1] {
@@ -505,17 +507,8 @@ pub fn to_canonical(vol: &Volume) -> Result<Canonical> {
 
 /// Inverse of the canonical layout: `values` (canonical order, column fastest) back into the
 /// source voxel order (i fastest) of a volume of `dims` with canonical `axes`.
-pub fn from_canonical<T: Copy + Default>(
-    values: &[T],
-    dims: [usize; 3],
-    axes: [(usize, bool); 3],
-) -> Vec<T> {
-    let n = [dims[axes[0].0], dims[axes[1].0], dims[axes[2].0]];
-    let stride = [1usize, dims[0], dims[0] * dims[1]];
-    let at = |a: usize, i: usize| {
-        let (src, flip) = axes[a];
-        (if flip { n[a] - 1 - i } else { i }) * stride[src]
-    };
+pub fn from_canonical<T: Copy + Default>(values: &[T], dims: [usize; 3], axes: Axes) -> Vec<T> {
+    let (n, at) = canonical_index(dims, axes);
     let mut out = vec![T::default(); dims.iter().product()];
     let mut k = 0;
     for z in 0..n[2] {
