@@ -32,6 +32,8 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Plots and tables from run directories: speedup, loss and Dice against time, time to target.
+    Report(ReportArgs),
     /// Turn CT volumes (LiTS-style NIfTI pairs: a folder or a CSV) into a training dataset.
     Prepare(PrepareArgs),
     /// Segment CT volumes with a trained model: NIfTI masks on the input's grid.
@@ -110,7 +112,7 @@ impl BackendArgs {
     }
 }
 
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Default)]
 struct OverrideArgs {
     /// Epochs.
     #[arg(long)]
@@ -139,6 +141,9 @@ struct OverrideArgs {
     /// Validate on this fold of a dataset prepared with `--folds`, train on the others.
     #[arg(long)]
     fold: Option<usize>,
+    /// Micro-batches per optimiser step on each rank (global batch = batch size × ranks × this).
+    #[arg(long)]
+    accumulate: Option<usize>,
 }
 
 impl OverrideArgs {
@@ -153,6 +158,7 @@ impl OverrideArgs {
             size: self.size,
             grad_compression: self.grad_compression,
             fold: self.fold,
+            accumulate: self.accumulate,
         }
     }
 }
@@ -174,6 +180,9 @@ struct TrainArgs {
     /// No progress output.
     #[arg(long)]
     quiet: bool,
+    /// Name of the run in `ctseg report` (default: the run directory's name).
+    #[arg(long, default_value = "")]
+    label: String,
     #[command(flatten)]
     backend: BackendArgs,
     #[command(flatten)]
@@ -324,6 +333,104 @@ enum BenchCommand {
     Step(Box<BenchStepArgs>),
     /// Allreduce time and bus bandwidth against message size (launch with mpirun).
     Allreduce(BenchAllreduceArgs),
+    /// Train one config at several rank counts and backends; epoch time, speedup, step split.
+    Scaling(Box<BenchScalingArgs>),
+    /// Predict step time, epoch time, speedup and time-to-target for 1 … 1024 ranks.
+    Model(Box<BenchModelArgs>),
+}
+
+#[derive(Args, Debug)]
+struct BenchScalingArgs {
+    /// Run config (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Dataset directory; default: phantoms from the config.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Rank counts of the CPU series.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    ranks: Vec<usize>,
+    /// Backends (cpu, gpu).
+    #[arg(long, value_delimiter = ',', default_value = "cpu")]
+    backends: Vec<String>,
+    /// Rank counts of the GPU runs.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    gpu_ranks: Vec<usize>,
+    /// Launcher template, `{n}` = ranks: e.g. 'mpirun -np {n} --hostfile hosts',
+    /// 'srun -N {n} -n {n}', 'scripts/emulate_hosts.sh -k {n} -r 1gbit --'. Empty: only 1-rank
+    /// runs, started directly.
+    #[arg(long, default_value = "mpirun -np {n} --oversubscribe --bind-to none")]
+    launcher: String,
+    /// Output directory (one run directory per backend and rank count, scaling.json, scaling.md).
+    #[arg(long)]
+    out: PathBuf,
+    /// Kill a run after this many seconds.
+    #[arg(long, default_value_t = 3600.0)]
+    timeout_s: f64,
+    /// Also run this PyTorch peer script with the config's width, size and batch, and print its
+    /// step time beside ctseg's 1-rank CPU step.
+    #[arg(long)]
+    peer: Option<PathBuf>,
+    /// Python interpreter for the peer.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Arguments passed on to every `ctseg train` (after `--`), e.g. `-- --max-steps 20 --threads 1`.
+    #[arg(last = true)]
+    train_args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct BenchModelArgs {
+    /// Run directory whose measured compute, copy and optimiser times feed the model.
+    #[arg(long)]
+    run: PathBuf,
+    /// Link rate per node, Gbit/s.
+    #[arg(long, default_value_t = 10.0)]
+    link_gbps: f64,
+    /// Per-message latency, µs.
+    #[arg(long, default_value_t = 50.0)]
+    latency_us: f64,
+    /// Allreduce algorithm.
+    #[arg(long, value_enum, default_value = "ring")]
+    algorithm: ctseg::bench::model::Algorithm,
+    /// Largest rank count (powers of two from 1).
+    #[arg(long, default_value_t = 1024)]
+    max_ranks: usize,
+    /// Steps to the target at given global batches, from the large-batch study:
+    /// GLOBAL_BATCH=STEPS,… (log-log interpolated, never extrapolated).
+    #[arg(long)]
+    steps_to_target: Option<String>,
+    /// Measured runs to compare the model with (their rank counts are predicted).
+    #[arg(long, num_args = 1..)]
+    validate: Vec<PathBuf>,
+    /// Write the tables (Markdown) and predictions (JSON) to this directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// Run directories (from `ctseg train` or `ctseg bench scaling`); a directory holding
+    /// run directories (e.g. a `bench scaling --out`) stands for all of them.
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// Output directory (PNG, SVG, Markdown, CSV, index.html).
+    #[arg(long)]
+    out: PathBuf,
+    /// Training-loss thresholds for the time-to-target table (the loss is −Dice: lower is better).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        default_value = "-0.75,-0.76"
+    )]
+    loss_targets: Vec<f64>,
+    /// Validation liver Dice target.
+    #[arg(long, default_value_t = 0.9)]
+    dice_target: f64,
+    /// Title of the report.
+    #[arg(long, default_value = "ctseg runs")]
+    title: String,
 }
 
 #[derive(Args, Debug)]
@@ -384,6 +491,9 @@ pub fn run() -> Result<()> {
         Command::Evaluate(a) => cmd_evaluate(a),
         Command::Export(a) => cmd_export(a),
         Command::Bench(BenchCommand::Step(a)) => cmd_bench_step(*a),
+        Command::Bench(BenchCommand::Scaling(a)) => cmd_bench_scaling(*a),
+        Command::Bench(BenchCommand::Model(a)) => cmd_bench_model(*a),
+        Command::Report(a) => cmd_report(a),
         Command::Bench(BenchCommand::Allreduce(a)) => {
             let comm = open_comm()?;
             let rows =
@@ -511,6 +621,11 @@ fn train_on(a: &TrainArgs, comm: &dyn Communicator) -> Result<()> {
         device_desc: be.description.clone(),
         host_threads: rayon::current_num_threads(),
         chunk_limit: be.chunk_limit,
+        backend: match backend_args.backend {
+            BackendKind::Cpu => "cpu".into(),
+            BackendKind::Gpu => "gpu".into(),
+        },
+        label: a.label.clone(),
     };
     let s = train::train(&cfg, &opts, comm)?;
     if comm.rank() == 0 {
@@ -771,6 +886,223 @@ fn cmd_phantom(a: PhantomArgs) -> Result<()> {
             .with_context(|| format!("writing the preview {}", png.display()))?;
         println!("preview: {}", png.display());
     }
+    Ok(())
+}
+
+fn cmd_bench_scaling(a: BenchScalingArgs) -> Result<()> {
+    use ctseg::bench::scaling;
+    let cfg = load_config(Some(&a.config), &OverrideArgs::default())?;
+    let o = scaling::ScalingOptions {
+        exe: std::env::current_exe().context("locating the ctseg executable")?,
+        config: a.config.clone(),
+        data: a.data.clone(),
+        ranks: a.ranks.clone(),
+        gpu_ranks: a.gpu_ranks.clone(),
+        backends: a.backends.clone(),
+        launcher: a.launcher.clone(),
+        out: a.out.clone(),
+        train_args: a.train_args.clone(),
+        timeout_s: a.timeout_s,
+    };
+    for b in &o.backends {
+        if b != "cpu" && b != "gpu" {
+            return Err(ctseg::error::Error::Argument(format!(
+                "--backends: `{b}` is not cpu or gpu"
+            ))
+            .into());
+        }
+    }
+    let rows = scaling::run_scaling(&o, |r| {
+        eprintln!(
+            "{} × {}: epoch {:.1} s ({} steps × {:.3} s), {:.2} img/s, compute {:.3} s, copy {:.3} s, exposed comm {:.3} s, peak RSS {:.0} MB, launch {:.1} s",
+            r.backend,
+            r.ranks,
+            r.epoch_time_s,
+            r.steps_per_epoch,
+            r.median_step_s,
+            r.images_per_s,
+            r.compute_s,
+            r.copy_s,
+            r.comm_s,
+            r.peak_rss_mb,
+            r.launch_s
+        );
+    })?;
+    let mut md = format!(
+        "# ctseg bench scaling: {}\n\n{}",
+        a.config.display(),
+        scaling::table(&rows)
+    );
+    if let Some(script) = &a.peer {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let p = bench::run_peer(
+            &a.python,
+            script,
+            threads,
+            cfg.model.width,
+            cfg.model.input_size,
+            cfg.train.batch_size,
+            cfg.model.dropout,
+            &StepBenchOptions {
+                warmup: 2,
+                steps: 5,
+            },
+            &["--device".to_string(), "cpu".to_string()],
+        )?;
+        if let Some(r) = rows.iter().find(|r| r.backend == "cpu" && r.ranks == 1) {
+            md.push_str(&format!(
+                "\nPyTorch {} peer ({}, {threads} threads, width {}, size {}, batch {}): median step {:.3} s; ctseg 1-rank CPU median step {:.3} s = {:.2}× the peer's.\n",
+                p.torch,
+                p.device,
+                cfg.model.width,
+                cfg.model.input_size,
+                cfg.train.batch_size,
+                p.median_step_s,
+                r.median_step_s,
+                r.median_step_s / p.median_step_s
+            ));
+        }
+    }
+    let path = a.out.join("scaling.md");
+    train::checkpoint::write_atomic(&path, md.as_bytes())?;
+    print!("{md}");
+    println!("results: {}", a.out.join(scaling::RESULTS).display());
+    Ok(())
+}
+
+fn cmd_bench_model(a: BenchModelArgs) -> Result<()> {
+    use ctseg::bench::model;
+    if !(a.link_gbps > 0.0 && a.latency_us >= 0.0) {
+        return Err(ctseg::error::Error::Argument(format!(
+            "--link-gbps must be > 0 and --latency-us >= 0 (got {} and {})",
+            a.link_gbps, a.latency_us
+        ))
+        .into());
+    }
+    let m = model::measured_from_run(&a.run)?;
+    let net = model::Network {
+        link_gbps: a.link_gbps,
+        latency_us: a.latency_us,
+        algorithm: a.algorithm,
+    };
+    let targets = match &a.steps_to_target {
+        Some(t) => model::parse_steps_to_target(t)?,
+        None => Vec::new(),
+    };
+    let ranks: Vec<usize> = std::iter::successors(Some(1usize), |n| n.checked_mul(2))
+        .take_while(|n| *n <= a.max_ranks.max(1))
+        .collect();
+    let preds = model::predict(&m, &net, &ranks, &targets);
+    let mut md = format!(
+        "# ctseg bench model\n\nMeasured in `{}`: {:.4} s compute per image, {:.3} s other per step, {:.3} s gradient copy, {:.1} MB of gradients on the wire, batch {} × {} micro-batch(es), {} training slices.\nNetwork: {} Gbit/s, {} µs latency, {:?} allreduce.\n\n| ranks | global batch | compute (s) | allreduce (s) | step (s) | steps/epoch | epoch (s) | speedup | steps to target | time to target (h) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        m.source,
+        m.compute_per_image_s,
+        m.other_s,
+        m.copy_s,
+        m.grad_bytes / 1e6,
+        m.batch,
+        m.accumulate,
+        m.train_slices,
+        net.link_gbps,
+        net.latency_us,
+        net.algorithm
+    );
+    for p in &preds {
+        let opt = |v: Option<f64>, scale: f64, digits: usize| {
+            v.map_or("—".to_string(), |v| format!("{:.*}", digits, v * scale))
+        };
+        md.push_str(&format!(
+            "| {} | {} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} |\n",
+            p.ranks,
+            p.global_batch,
+            p.compute_s,
+            p.allreduce_s,
+            p.step_s,
+            p.steps_per_epoch,
+            if p.steps_per_epoch > 0 {
+                format!("{:.1}", p.epoch_s)
+            } else {
+                "batch > data".into()
+            },
+            if p.speedup.is_finite() {
+                format!("{:.2}", p.speedup)
+            } else {
+                "—".into()
+            },
+            opt(p.steps_to_target, 1.0, 0),
+            opt(p.time_to_target_s, 1.0 / 3600.0, 3),
+        ));
+    }
+    let dirs: Vec<&Path> = a.validate.iter().map(PathBuf::as_path).collect();
+    let checks = model::validate(&m, &net, &dirs)?;
+    if !checks.is_empty() {
+        md.push_str("\n## Predicted against measured\n\n| run | ranks | measured step (s) | predicted (s) | error | predicted with the run's own compute (s) | error | measured exposed comm (s) | predicted allreduce (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for c in &checks {
+            md.push_str(&format!(
+                "| {} | {} | {:.3} | {:.3} | {:+.1} % | {:.3} | {:+.1} % | {:.3} | {:.3} |\n",
+                c.run_dir,
+                c.ranks,
+                c.measured_step_s,
+                c.predicted_step_s,
+                100.0 * c.error,
+                c.predicted_comm_only_step_s,
+                100.0 * c.comm_only_error,
+                c.measured_comm_s,
+                c.predicted_allreduce_s
+            ));
+        }
+    }
+    print!("{md}");
+    if let Some(out) = &a.out {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        train::checkpoint::write_atomic(&out.join("model.md"), md.as_bytes())?;
+        let json = serde_json::json!({ "measured": m, "network": net, "predictions": preds, "validation": checks });
+        train::checkpoint::write_atomic(
+            &out.join("model.json"),
+            serde_json::to_string_pretty(&json)?.as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
+fn cmd_report(a: ReportArgs) -> Result<()> {
+    // A directory without metrics.jsonl that holds run directories stands for them.
+    let mut dirs = Vec::new();
+    for d in &a.runs {
+        if d.join("metrics.jsonl").exists() || d.join("summary.json").exists() {
+            dirs.push(d.clone());
+            continue;
+        }
+        let entries = std::fs::read_dir(d).with_context(|| format!("reading {}", d.display()))?;
+        let mut inner: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("metrics.jsonl").exists())
+            .collect();
+        inner.sort();
+        if inner.is_empty() {
+            return Err(ctseg::error::Error::Argument(format!(
+                "{}: neither a run directory (no metrics.jsonl or summary.json) nor a folder of them",
+                d.display()
+            ))
+            .into());
+        }
+        dirs.extend(inner);
+    }
+    let out = ctseg::report::report(
+        &dirs,
+        &a.out,
+        &ctseg::report::ReportOptions {
+            loss_targets: a.loss_targets.clone(),
+            dice_target: a.dice_target,
+            title: a.title.clone(),
+        },
+    )?;
+    println!(
+        "report of {} run(s): {} ({} files)",
+        out.runs,
+        a.out.join("index.html").display(),
+        out.files.len()
+    );
     Ok(())
 }
 

@@ -58,6 +58,8 @@ pub struct Overrides {
     pub grad_compression: Option<Compression>,
     /// `data.fold`.
     pub fold: Option<usize>,
+    /// `train.accumulate`.
+    pub accumulate: Option<usize>,
 }
 
 impl RunConfig {
@@ -102,6 +104,9 @@ impl RunConfig {
         }
         if let Some(v) = o.size {
             self.model.input_size = v;
+        }
+        if let Some(v) = o.accumulate {
+            self.train.accumulate = v;
         }
         if let Some(v) = o.fold {
             self.data.fold = Some(v);

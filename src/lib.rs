@@ -15,6 +15,7 @@ pub mod infer;
 pub mod model;
 pub mod optim;
 pub mod preview;
+pub mod report;
 pub mod rng;
 pub mod tensor_util;
 pub mod train;

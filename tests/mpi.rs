@@ -583,3 +583,49 @@ fn fp16_compression_and_bucketing_keep_the_trajectory() {
             && step["comm_total_s"].as_f64().unwrap_or(-1.0) > 0.0
     );
 }
+
+#[test]
+fn accumulating_micro_batches_equals_more_ranks() {
+    // `--accumulate 2` on one process runs the micro-batches of virtual ranks 0 and 1: the same
+    // images, dropout masks (stream = virtual rank) and linear LR scaling as 2 ranks. Without
+    // BatchNorm the arithmetic is the same too: rank sums g0 + g1 (commutative, so the same
+    // bits as MPI's 2-rank sum) then × 1/2, so the runs must end bit-identical.
+    let d = tempfile::tempdir().expect("tmp");
+    let cfg = config(d.path(), "acc.toml", |t| {
+        t.replace("norm = \"batch\"", "norm = \"none\"")
+            .replace("batch_size = 4", "batch_size = 2")
+    });
+    let two = d.path().join("two");
+    ok(mpirun(
+        2,
+        &["train", "--config", s(&cfg), "--out", s(&two), "--quiet"],
+        &[],
+        120,
+    ));
+    let acc = d.path().join("acc");
+    ok(single(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&acc),
+        "--quiet",
+        "--threads",
+        "1",
+        "--accumulate",
+        "2",
+    ]));
+    let summary = |run: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).expect("summary"))
+            .expect("summary json")
+    };
+    let (a, b) = (summary(&two), summary(&acc));
+    assert_eq!(a["global_batch"], 4);
+    assert_eq!(b["global_batch"], 4);
+    assert_eq!(b["accumulate"], 2);
+    assert_eq!(a["steps"], b["steps"]);
+    let (la, lb) = (losses(&two), losses(&acc));
+    assert!(la.len() >= 5, "{la:?}");
+    assert_eq!(la, lb, "loss trajectories");
+    assert_eq!(a["weights_hash"], b["weights_hash"], "final weights");
+}

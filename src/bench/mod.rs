@@ -1,6 +1,10 @@
-//! `ctseg bench step`: the time of one training step (forward, loss, backward, optimiser step)
-//! over warm steps, with its spread, images/s, achieved GFLOP/s and peak memory; optionally the
-//! PyTorch peer run with the same shapes in the same invocation, reported as a ratio.
+//! Benchmarks. Here `ctseg bench step` (the time of one training step: forward, loss, backward,
+//! optimiser step) over warm steps, with its spread, images/s, achieved GFLOP/s and peak memory; optionally the
+//! PyTorch peer run with the same shapes in the same invocation, reported as a ratio; and
+//! `bench allreduce`. Rank-count series are in [`scaling`], the performance model in [`model`].
+
+pub mod model;
+pub mod scaling;
 
 use std::path::Path;
 use std::process::Command;
@@ -87,6 +91,31 @@ pub fn peak_rss_mb() -> f64 {
                 .and_then(|v| v.parse::<f64>().ok())
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Median and spread of a set of timings (for the harness benches in `benches/`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Spread {
+    /// Median.
+    pub median: f64,
+    /// Smallest.
+    pub min: f64,
+    /// Largest.
+    pub max: f64,
+    /// Interquartile range.
+    pub iqr: f64,
+}
+
+/// The [`Spread`] of `times` (NaN fields when empty).
+pub fn spread(times: &[f64]) -> Spread {
+    let mut s = times.to_vec();
+    s.sort_by(f64::total_cmp);
+    Spread {
+        median: quantile(&s, 0.5),
+        min: s.first().copied().unwrap_or(f64::NAN),
+        max: s.last().copied().unwrap_or(f64::NAN),
+        iqr: quantile(&s, 0.75) - quantile(&s, 0.25),
+    }
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {

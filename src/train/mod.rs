@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub use trainer::{
     TrainOptions, TrainSummary, ValResult, batch_tensors, build_model, forward_loss, load_trained,
-    train, validate, validate_checkpoint,
+    train, validate, validate_checkpoint, warm_median,
 };
 
 use crate::error::{Error, Result};
@@ -23,8 +23,13 @@ use crate::error::{Error, Result};
 pub struct TrainConfig {
     /// Epochs (passes over this rank's share of the training slices).
     pub epochs: u64,
-    /// Images per optimiser step on each rank.
+    /// Images per micro-batch on each rank (per optimiser step when `accumulate` is 1).
     pub batch_size: usize,
+    /// Micro-batches per optimiser step on each rank: their gradients are averaged before the
+    /// step, the same arithmetic as `accumulate` times more ranks (without BatchNorm), so the
+    /// global batch is `batch_size × ranks × accumulate`.
+    #[serde(default = "one")]
+    pub accumulate: usize,
     /// Stop after this many optimiser steps in total (0: no limit).
     pub max_steps: u64,
     /// Dice smoothing term (livermask: 0; never produces NaN).
@@ -35,6 +40,10 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Seconds between plain progress lines when stderr is not a terminal.
     pub log_every_s: f64,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl TrainConfig {
@@ -50,6 +59,9 @@ impl TrainConfig {
         }
         if self.batch_size == 0 {
             return Err(bad("batch_size", "must be at least 1".into()));
+        }
+        if self.accumulate == 0 {
+            return Err(bad("accumulate", "must be at least 1".into()));
         }
         if !(self.loss_smooth >= 0.0 && self.loss_smooth.is_finite()) {
             return Err(bad(

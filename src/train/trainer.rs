@@ -45,6 +45,10 @@ pub struct TrainOptions {
     pub host_threads: usize,
     /// Convolution chunk limit of the device (see [`crate::backend::Backend::chunk_limit`]).
     pub chunk_limit: usize,
+    /// `"cpu"` or `"gpu"` (kept in `summary.json` for reports).
+    pub backend: String,
+    /// A name for the run in reports (`summary.json`'s `label`; empty: the directory name).
+    pub label: String,
 }
 
 /// Validation results (global over all ranks).
@@ -107,6 +111,50 @@ pub struct TrainSummary {
     /// How gradients were exchanged between ranks.
     #[serde(default)]
     pub grad_exchange: String,
+    /// Optimiser steps per epoch.
+    #[serde(default)]
+    pub steps_per_epoch: u64,
+    /// Median wall time of one optimiser step in this segment of the run (the first two steps
+    /// are left out as warm-up when there are more than four), s.
+    #[serde(default)]
+    pub median_step_s: f64,
+    /// `steps_per_epoch × median_step_s`: the epoch time without validation and checkpoints, s.
+    #[serde(default)]
+    pub epoch_time_s: f64,
+    /// Median seconds of forward + loss + backward per step (all micro-batches).
+    #[serde(default)]
+    pub median_compute_s: f64,
+    /// Largest peak resident memory (VmHWM) of any rank, MB.
+    #[serde(default)]
+    pub peak_rss_mb: f64,
+    /// `"cpu"` or `"gpu"`.
+    #[serde(default)]
+    pub backend: String,
+    /// Micro-batches per optimiser step on each rank.
+    #[serde(default)]
+    pub accumulate: usize,
+    /// Images per micro-batch on each rank.
+    #[serde(default)]
+    pub batch_size: usize,
+    /// Name of the run in reports.
+    #[serde(default)]
+    pub label: String,
+}
+
+/// Median of `v` after dropping the first two (warm-up) values when there are more than four.
+pub fn warm_median(v: &[f64]) -> f64 {
+    let warm = if v.len() > 4 { &v[2..] } else { v };
+    let mut s: Vec<f64> = warm.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    }
 }
 
 /// Test hook: `CTSEG_FAULT_INJECT=panic:RANK:STEP` makes rank RANK panic after optimiser step
@@ -121,6 +169,34 @@ fn inject_fault(rank: usize, step: u64) {
             panic!("CTSEG_FAULT_INJECT: rank {rank} panics after step {step}");
         }
     }
+}
+
+/// The mean of the micro-batches' gradients (summed on the host in micro-batch order, then
+/// scaled by 1/K: for K = 2 exactly the bits a 2-rank allreduce average gives). One
+/// micro-batch passes through untouched.
+fn accumulate_grads(
+    model: &UNet,
+    mut micro: Vec<GradientsParams>,
+    slots: &[flat::Slot],
+    device: &Device,
+) -> Result<GradientsParams> {
+    if micro.len() == 1 {
+        return micro
+            .pop()
+            .ok_or_else(|| Error::Invalid("no micro-batch gradients".into()));
+    }
+    let inv = 1.0 / micro.len() as f32;
+    let mut sum: Vec<f32> = Vec::new();
+    for g in &micro {
+        let v = flat::flatten_grads(model, g)?;
+        if sum.is_empty() {
+            sum = v;
+        } else {
+            sum.iter_mut().zip(v).for_each(|(s, x)| *s += x);
+        }
+    }
+    sum.iter_mut().for_each(|v| *v *= inv);
+    flat::unflatten_grads(&sum, slots, device)
 }
 
 /// Builds the model of `cfg` on `device`, with its initial weights and the device's
@@ -380,21 +456,31 @@ pub fn train(
     // Data: the split is by volume; this rank samples its share of the training slices.
     let ds = load_dataset(cfg, opts.data_dir.as_deref(), opts.host_threads)?;
     let (train_idx, val_idx) = ds.split(&cfg.data, cfg.seed)?;
-    let sampler = Sampler::new(
-        train_idx.clone(),
-        cfg.train.batch_size,
-        comm.rank(),
-        world,
-        cfg.seed,
-        cfg.data.sampling,
-    );
-    let steps_per_epoch = sampler.steps_per_epoch() as u64;
+    // With `accumulate = K`, rank r runs the micro-batches of K virtual ranks r·K … r·K+K−1 of a
+    // world of ranks·K: the same images, dropout streams and learning-rate scaling as a run on
+    // ranks·K processes, one micro-batch each.
+    let accumulate = cfg.train.accumulate.max(1);
+    let virtual_world = world * accumulate;
+    let samplers: Vec<Sampler> = (0..accumulate)
+        .map(|k| {
+            Sampler::new(
+                train_idx.clone(),
+                cfg.train.batch_size,
+                comm.rank() * accumulate + k,
+                virtual_world,
+                cfg.seed,
+                cfg.data.sampling,
+            )
+        })
+        .collect();
+    let steps_per_epoch = samplers[0].steps_per_epoch() as u64;
     if steps_per_epoch == 0 {
         return Err(Error::Invalid(format!(
-            "the training set has {} slices: not one full batch of {} per rank on {} rank(s); lower train.batch_size or add data",
+            "the training set has {} slices: not one full batch of {} per rank on {} rank(s) × {} micro-batch(es); lower train.batch_size or train.accumulate, or add data",
             train_idx.len(),
             cfg.train.batch_size,
-            world
+            world,
+            accumulate
         )));
     }
     let mut total_steps = cfg.train.epochs * steps_per_epoch;
@@ -404,11 +490,11 @@ pub fn train(
     let schedule = Schedule::new(
         &cfg.schedule,
         cfg.optimizer.lr,
-        world,
+        virtual_world,
         steps_per_epoch,
         total_steps,
     );
-    let global_batch = cfg.train.batch_size * world;
+    let global_batch = cfg.train.batch_size * virtual_world;
 
     // 1. Model and optimiser: fresh, or restored from the checkpoint; then rank 0's copy everywhere.
     let ad = opts.device.clone().autodiff();
@@ -425,7 +511,7 @@ pub fn train(
             .map_err(|e| Error::checkpoint(&path, format!("optimiser record: {e}")))?;
         step = ck.meta.step;
         wall_offset = ck.meta.wall_s;
-        if ck.meta.world_size == world {
+        if ck.meta.world_size == world && ck.meta.global_batch == global_batch {
             epoch = ck.meta.epoch;
             skip = ck.meta.batch_in_epoch;
         } else {
@@ -435,8 +521,9 @@ pub fn train(
             epoch = s / steps_per_epoch;
             skip = s % steps_per_epoch;
             progress_note = Some(format!(
-                "resuming a checkpoint written by {} rank(s) on {world}: learning rate rescaled to {:.4} ({:?} scaling), sampler restarted at epoch {}, batch {} ({} images seen)",
+                "resuming a checkpoint written by {} rank(s) (global batch {}) on {world} (global batch {global_batch}): learning rate rescaled to {:.4} ({:?} scaling), sampler restarted at epoch {}, batch {} ({} images seen)",
                 ck.meta.world_size,
+                ck.meta.global_batch,
                 schedule.target(),
                 cfg.schedule.lr_scaling,
                 epoch + 1,
@@ -493,13 +580,14 @@ pub fn train(
     let mut trained_images = 0u64;
     let mut train_time = 0.0f64;
     let mut data_wait = 0.0f64;
+    let (mut step_times, mut compute_times) = (Vec::new(), Vec::new());
 
     // 2. Epochs of steps.
     while step < total_steps {
-        let batches: Vec<Vec<usize>> = sampler
-            .epoch_batches(epoch)
-            .into_iter()
-            .skip(skip as usize)
+        let per_sampler: Vec<Vec<Vec<usize>>> =
+            samplers.iter().map(|s| s.epoch_batches(epoch)).collect();
+        let batches: Vec<Vec<usize>> = (skip as usize..steps_per_epoch as usize)
+            .flat_map(|b| per_sampler.iter().filter_map(move |p| p.get(b).cloned()))
             .collect();
         let mut batch_in_epoch = skip;
         skip = 0;
@@ -513,19 +601,29 @@ pub fn train(
         let mut t_prev = Instant::now();
         let mut waited_prev = loader.waited();
         while step < total_steps {
-            let Some(batch) = loader.next_batch() else {
-                break;
-            };
             let lr = schedule.lr(step);
             let t_compute = Instant::now();
-            let (x, y) = to_tensors(&batch, &ad);
-            let mode = Mode::Train {
-                seed: cfg.seed,
-                step,
-                stream: comm.rank() as u64,
-            };
-            let (local_loss, loss) = forward_loss(&model, x, y, mode, cfg.train.loss_smooth)?;
-            let mut loss_sum = [local_loss];
+            let mut local_loss = 0.0;
+            let mut micro = Vec::with_capacity(accumulate);
+            for k in 0..accumulate {
+                let Some(batch) = loader.next_batch() else {
+                    break;
+                };
+                let (x, y) = to_tensors(&batch, &ad);
+                let mode = Mode::Train {
+                    seed: cfg.seed,
+                    step,
+                    stream: (comm.rank() * accumulate + k) as u64,
+                };
+                let (l, loss) = forward_loss(&model, x, y, mode, cfg.train.loss_smooth)?;
+                local_loss += l;
+                micro.push(GradientsParams::from_grads(loss.backward(), &model));
+            }
+            if micro.len() < accumulate {
+                // The loader always yields whole steps of `accumulate` micro-batches.
+                break;
+            }
+            let mut loss_sum = [local_loss / accumulate as f64];
             comm.allreduce_sum_f64(&mut loss_sum)?;
             let loss_value = loss_sum[0] / world as f64;
             if !loss_value.is_finite() {
@@ -537,7 +635,7 @@ pub fn train(
                     run_dir: run_dir.to_path_buf(),
                 });
             }
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let grads = accumulate_grads(&model, micro, &slots, &ad)?;
             opts.device.sync().map_err(|e| {
                 Error::Device(format!("device error during step {}: {e:?}", step + 1))
             })?;
@@ -561,6 +659,8 @@ pub fn train(
             data_wait += wait_s;
             trained_images += global_batch as u64;
             train_time += dt;
+            step_times.push(dt);
+            compute_times.push(compute_s);
             last_loss = loss_value;
             let ips = global_batch as f64 / dt.max(1e-9);
             log.write(&StepRecord {
@@ -677,6 +777,11 @@ pub fn train(
         Some((_, v)) => (v.loss, v.dice(1), v.dice(2)),
         None => (f64::NAN, f64::NAN, f64::NAN),
     };
+    // Every rank's peak memory, gathered by an allreduce of one slot per rank.
+    let mut rss = vec![0.0f64; world];
+    rss[comm.rank()] = crate::bench::peak_rss_mb();
+    comm.allreduce_sum_f64(&mut rss)?;
+    let median_step_s = warm_median(&step_times);
     let summary = TrainSummary {
         steps: step,
         epochs: step as f64 / steps_per_epoch as f64,
@@ -700,6 +805,15 @@ pub fn train(
         data_wait_s: data_wait,
         weights_hash: format!("{hash:016x}"),
         grad_exchange: exchange_desc,
+        steps_per_epoch,
+        median_step_s,
+        epoch_time_s: median_step_s * steps_per_epoch as f64,
+        median_compute_s: warm_median(&compute_times),
+        peak_rss_mb: rss.iter().copied().fold(0.0, f64::max),
+        backend: opts.backend.clone(),
+        accumulate,
+        batch_size: cfg.train.batch_size,
+        label: opts.label.clone(),
     };
     if rank0 {
         let text = serde_json::to_string_pretty(&summary)

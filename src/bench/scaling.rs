@@ -1,0 +1,399 @@
+//! `ctseg bench scaling`: trains the same config at several rank counts and backends through a
+//! launcher template (`mpirun -np {n} …`, `srun -n {n} …`, the emulated-hosts script), one run
+//! directory each, and gathers epoch time, images/s, the per-step split and peak memory into
+//! `scaling.json`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::train::TrainSummary;
+use crate::train::metrics;
+
+/// The file `bench scaling` writes in its output directory.
+pub const RESULTS: &str = "scaling.json";
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct ScalingOptions {
+    /// The ctseg executable each rank runs.
+    pub exe: PathBuf,
+    /// Run config file.
+    pub config: PathBuf,
+    /// Dataset directory (phantoms when `None`).
+    pub data: Option<PathBuf>,
+    /// Rank counts of the CPU series.
+    pub ranks: Vec<usize>,
+    /// Rank counts of GPU runs (usually `[1]`).
+    pub gpu_ranks: Vec<usize>,
+    /// Backends: `"cpu"`, `"gpu"`.
+    pub backends: Vec<String>,
+    /// Launcher template; `{n}` becomes the rank count. Empty: 1-rank runs start ctseg directly.
+    pub launcher: String,
+    /// Output directory: one run directory per (backend, ranks), and `scaling.json`.
+    pub out: PathBuf,
+    /// Extra arguments for `ctseg train` (e.g. `--max-steps 20`, `--threads 1`).
+    pub train_args: Vec<String>,
+    /// A run that takes longer is killed and reported as failed, s.
+    pub timeout_s: f64,
+}
+
+/// One run of the series.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ScalingRow {
+    /// `"cpu"` or `"gpu"`.
+    pub backend: String,
+    /// Ranks.
+    pub ranks: usize,
+    /// Run directory.
+    pub run_dir: PathBuf,
+    /// The command that ran.
+    pub command: String,
+    /// Device description.
+    pub device: String,
+    /// Global batch.
+    pub global_batch: usize,
+    /// Optimiser steps per epoch.
+    pub steps_per_epoch: u64,
+    /// Median step time (warm), s.
+    pub median_step_s: f64,
+    /// Epoch time = steps per epoch × median step, s.
+    pub epoch_time_s: f64,
+    /// Images per second at the median step.
+    pub images_per_s: f64,
+    /// Median per-step compute (forward, loss, backward), s.
+    pub compute_s: f64,
+    /// Median per-step gradient copy off the device, s.
+    pub copy_s: f64,
+    /// Median per-step exposed communication, s.
+    pub comm_s: f64,
+    /// Median per-step loader wait, s.
+    pub data_wait_s: f64,
+    /// Largest peak RSS of any rank, MB.
+    pub peak_rss_mb: f64,
+    /// Speedup of the epoch time against the 1-rank run of the same backend (NaN without one).
+    pub speedup: f64,
+    /// Parallel efficiency: speedup / ranks.
+    pub efficiency: f64,
+    /// Last training loss.
+    pub final_loss: f64,
+    /// Last validation liver Dice.
+    pub dice_liver: f64,
+    /// Wall time of the whole launch (start-up, validation, checkpoints included), s.
+    pub launch_s: f64,
+}
+
+/// Per-step medians of a run directory's `metrics.jsonl`: (compute, copy, comm, data wait),
+/// with the same warm-up rule as the summary's median step.
+pub fn step_split(run_dir: &Path) -> Result<[f64; 4]> {
+    let recs = metrics::read_all(&run_dir.join(metrics::FILE))?;
+    let mut cols: [Vec<f64>; 4] = Default::default();
+    for r in recs.iter().filter(|r| r["kind"] == "step") {
+        for (c, key) in cols
+            .iter_mut()
+            .zip(["compute_s", "copy_s", "comm_s", "data_wait_s"])
+        {
+            c.push(r[key].as_f64().unwrap_or(f64::NAN));
+        }
+    }
+    Ok(cols.map(|c| crate::train::warm_median(&c)))
+}
+
+/// Reads a run directory's `summary.json`.
+pub fn read_summary(run_dir: &Path) -> Result<TrainSummary> {
+    let path = run_dir.join("summary.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("{}: not a ctseg summary: {e}", path.display())))
+}
+
+/// The argument vector of one launch: the launcher template with `{n}` replaced, then ctseg.
+pub fn launch_argv(
+    o: &ScalingOptions,
+    backend: &str,
+    ranks: usize,
+    run_dir: &Path,
+) -> Result<Vec<String>> {
+    let mut argv: Vec<String> = Vec::new();
+    if !(o.launcher.trim().is_empty() && ranks == 1) {
+        if o.launcher.trim().is_empty() {
+            return Err(Error::Argument(format!(
+                "{ranks} ranks need a launcher: pass --launcher 'mpirun -np {{n}}' (or srun, or scripts/emulate_hosts.sh)"
+            )));
+        }
+        if !o.launcher.contains("{n}") {
+            return Err(Error::Argument(format!(
+                "--launcher '{}' has no {{n}} for the rank count",
+                o.launcher
+            )));
+        }
+        argv.extend(
+            o.launcher
+                .split_whitespace()
+                .map(|w| w.replace("{n}", &ranks.to_string())),
+        );
+    }
+    argv.push(o.exe.display().to_string());
+    argv.extend(
+        [
+            "train",
+            "--config",
+            &o.config.display().to_string(),
+            "--out",
+            &run_dir.display().to_string(),
+            "--backend",
+            backend,
+            "--label",
+            &format!("{backend} × {ranks}"),
+            "--quiet",
+        ]
+        .map(String::from),
+    );
+    if let Some(d) = &o.data {
+        argv.push("--data".into());
+        argv.push(d.display().to_string());
+    }
+    argv.extend(o.train_args.iter().cloned());
+    Ok(argv)
+}
+
+fn run_one(argv: &[String], log: &Path, timeout: Duration) -> Result<f64> {
+    let file = std::fs::File::create(log).map_err(|e| Error::io(log, e))?;
+    let err = file.try_clone().map_err(|e| Error::io(log, e))?;
+    let t = Instant::now();
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| Error::io(Path::new(&argv[0]), e))?;
+    loop {
+        match child.try_wait().map_err(|e| Error::io(log, e))? {
+            Some(status) if status.success() => return Ok(t.elapsed().as_secs_f64()),
+            Some(status) => {
+                return Err(Error::Invalid(format!(
+                    "`{}` failed ({status}); its output is in {}",
+                    argv.join(" "),
+                    log.display()
+                )));
+            }
+            None if t.elapsed() > timeout => {
+                // Ends the launcher; mpirun takes its ranks down with it.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Invalid(format!(
+                    "`{}` ran past {:.0} s and was killed; its output is in {}",
+                    argv.join(" "),
+                    timeout.as_secs_f64(),
+                    log.display()
+                )));
+            }
+            None => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// A row from a finished run directory (`speedup` filled in later by [`fill_speedups`]).
+pub fn row_from_run(
+    backend: &str,
+    ranks: usize,
+    run_dir: &Path,
+    command: String,
+    launch_s: f64,
+) -> Result<ScalingRow> {
+    let s = read_summary(run_dir)?;
+    let [compute_s, copy_s, comm_s, data_wait_s] = step_split(run_dir)?;
+    Ok(ScalingRow {
+        backend: backend.to_string(),
+        ranks,
+        run_dir: run_dir.to_path_buf(),
+        command,
+        device: s.device.clone(),
+        global_batch: s.global_batch,
+        steps_per_epoch: s.steps_per_epoch,
+        median_step_s: s.median_step_s,
+        epoch_time_s: s.epoch_time_s,
+        images_per_s: s.global_batch as f64 / s.median_step_s,
+        compute_s,
+        copy_s,
+        comm_s,
+        data_wait_s,
+        peak_rss_mb: s.peak_rss_mb,
+        speedup: f64::NAN,
+        efficiency: f64::NAN,
+        final_loss: s.final_loss,
+        dice_liver: s.dice_liver,
+        launch_s,
+    })
+}
+
+/// Speedup of each row's epoch time against the 1-rank row of its backend.
+pub fn fill_speedups(rows: &mut [ScalingRow]) {
+    let base: Vec<(String, f64)> = rows
+        .iter()
+        .filter(|r| r.ranks == 1)
+        .map(|r| (r.backend.clone(), r.epoch_time_s))
+        .collect();
+    for r in rows.iter_mut() {
+        if let Some((_, t1)) = base.iter().find(|(b, _)| *b == r.backend) {
+            r.speedup = t1 / r.epoch_time_s;
+            r.efficiency = r.speedup / r.ranks as f64;
+        }
+    }
+}
+
+/// Runs the series; each run's output goes to `<run dir>.log`. A failed or timed-out run is an
+/// error that names its command and log (the rows finished before it are kept in the results).
+pub fn run_scaling(
+    o: &ScalingOptions,
+    mut on_row: impl FnMut(&ScalingRow),
+) -> Result<Vec<ScalingRow>> {
+    std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
+    let mut rows = Vec::new();
+    for backend in &o.backends {
+        let counts = if backend == "gpu" {
+            &o.gpu_ranks
+        } else {
+            &o.ranks
+        };
+        for &n in counts {
+            let run_dir = o.out.join(format!("{backend}-n{n}"));
+            if run_dir.exists() {
+                return Err(Error::Argument(format!(
+                    "{} exists: bench scaling writes fresh run directories (remove it or pick another --out)",
+                    run_dir.display()
+                )));
+            }
+            let argv = launch_argv(o, backend, n, &run_dir)?;
+            let log = o.out.join(format!("{backend}-n{n}.log"));
+            let result = run_one(&argv, &log, Duration::from_secs_f64(o.timeout_s));
+            let launch_s = match result {
+                Ok(t) => t,
+                Err(e) => {
+                    write_results(&o.out, &rows)?;
+                    return Err(e);
+                }
+            };
+            let row = row_from_run(backend, n, &run_dir, argv.join(" "), launch_s)?;
+            on_row(&row);
+            rows.push(row);
+            fill_speedups(&mut rows);
+            write_results(&o.out, &rows)?;
+        }
+    }
+    Ok(rows)
+}
+
+fn write_results(out: &Path, rows: &[ScalingRow]) -> Result<()> {
+    let text = serde_json::to_string_pretty(rows)
+        .map_err(|e| Error::Invalid(format!("serialising the results: {e}")))?;
+    crate::train::checkpoint::write_atomic(&out.join(RESULTS), text.as_bytes())
+}
+
+/// A Markdown table of the rows.
+pub fn table(rows: &[ScalingRow]) -> String {
+    let mut t = String::from(
+        "| backend | ranks | global batch | step (s) | epoch (s) | img/s | compute (s) | copy (s) | exposed comm (s) | data wait (s) | peak RSS (MB) | speedup | efficiency |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        t.push_str(&format!(
+            "| {} | {} | {} | {:.3} | {:.1} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.2} | {:.0} % |\n",
+            r.backend,
+            r.ranks,
+            r.global_batch,
+            r.median_step_s,
+            r.epoch_time_s,
+            r.images_per_s,
+            r.compute_s,
+            r.copy_s,
+            r.comm_s,
+            r.data_wait_s,
+            r.peak_rss_mb,
+            r.speedup,
+            100.0 * r.efficiency
+        ));
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(launcher: &str) -> ScalingOptions {
+        ScalingOptions {
+            exe: PathBuf::from("/bin/ctseg"),
+            config: PathBuf::from("c.toml"),
+            data: None,
+            ranks: vec![1, 2],
+            gpu_ranks: vec![1],
+            backends: vec!["cpu".into()],
+            launcher: launcher.into(),
+            out: PathBuf::from("/tmp/x"),
+            train_args: vec!["--max-steps".into(), "3".into()],
+            timeout_s: 10.0,
+        }
+    }
+
+    #[test]
+    fn launcher_template_and_errors() {
+        let argv = launch_argv(
+            &opts("mpirun -np {n} --bind-to none"),
+            "cpu",
+            4,
+            Path::new("r"),
+        )
+        .expect("argv");
+        assert_eq!(&argv[..5], ["mpirun", "-np", "4", "--bind-to", "none"]);
+        assert_eq!(argv[5], "/bin/ctseg");
+        assert_eq!(&argv[argv.len() - 2..], ["--max-steps", "3"]);
+        // One rank without a launcher starts ctseg directly; more ranks need one.
+        let argv = launch_argv(&opts(""), "cpu", 1, Path::new("r")).expect("argv");
+        assert_eq!(argv[0], "/bin/ctseg");
+        let e = launch_argv(&opts(""), "cpu", 2, Path::new("r")).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("launcher")));
+        let e = launch_argv(&opts("mpirun -np 2"), "cpu", 2, Path::new("r")).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("{n}")));
+    }
+
+    #[test]
+    fn speedup_is_against_the_one_rank_run_of_the_backend() {
+        let row = |backend: &str, ranks, epoch| ScalingRow {
+            backend: backend.into(),
+            ranks,
+            run_dir: PathBuf::new(),
+            command: String::new(),
+            device: String::new(),
+            global_batch: 0,
+            steps_per_epoch: 0,
+            median_step_s: 0.0,
+            epoch_time_s: epoch,
+            images_per_s: 0.0,
+            compute_s: 0.0,
+            copy_s: 0.0,
+            comm_s: 0.0,
+            data_wait_s: 0.0,
+            peak_rss_mb: 0.0,
+            speedup: f64::NAN,
+            efficiency: f64::NAN,
+            final_loss: 0.0,
+            dice_liver: 0.0,
+            launch_s: 0.0,
+        };
+        let mut rows = vec![
+            row("cpu", 1, 100.0),
+            row("cpu", 2, 60.0),
+            row("cpu", 4, 40.0),
+            row("gpu", 1, 10.0),
+        ];
+        fill_speedups(&mut rows);
+        // 100/60 = 1.667 (efficiency 0.833), 100/40 = 2.5 (0.625); the GPU is its own base.
+        assert!((rows[1].speedup - 100.0 / 60.0).abs() < 1e-12);
+        assert!((rows[2].efficiency - 0.625).abs() < 1e-12);
+        assert_eq!(rows[3].speedup, 1.0);
+    }
+}
