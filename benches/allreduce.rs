@@ -67,6 +67,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
+    if comm.size() == 1 {
+        println!(
+            "allreduce: one process (no MPI peers); launch under mpirun for the allreduce rows, e.g. mpirun -np 2 target/release/deps/allreduce-* (built with --features mpi)"
+        );
+        return Ok(());
+    }
     let rows = bench_allreduce(comm.as_ref(), 1 << 20, 128 << 20, None)?;
     if comm.rank() == 0 {
         for r in rows {

@@ -400,6 +400,10 @@ struct BenchModelArgs {
     /// GLOBAL_BATCH=STEPS,… (log-log interpolated, never extrapolated).
     #[arg(long)]
     steps_to_target: Option<String>,
+    /// Gradient copy rate (device → fused buffer → device), GB/s, for a 1-rank `--run` (a
+    /// multi-rank run's measured copy time is used as it is).
+    #[arg(long, default_value_t = ctseg::bench::model::DEFAULT_COPY_GBS)]
+    copy_gbs: f64,
     /// Measured runs to compare the model with (their rank counts are predicted).
     #[arg(long, num_args = 1..)]
     validate: Vec<PathBuf>,
@@ -972,14 +976,14 @@ fn cmd_bench_scaling(a: BenchScalingArgs) -> Result<()> {
 
 fn cmd_bench_model(a: BenchModelArgs) -> Result<()> {
     use ctseg::bench::model;
-    if !(a.link_gbps > 0.0 && a.latency_us >= 0.0) {
+    if !(a.link_gbps > 0.0 && a.latency_us >= 0.0 && a.copy_gbs > 0.0) {
         return Err(ctseg::error::Error::Argument(format!(
-            "--link-gbps must be > 0 and --latency-us >= 0 (got {} and {})",
-            a.link_gbps, a.latency_us
+            "--link-gbps and --copy-gbs must be > 0 and --latency-us >= 0 (got {}, {} and {})",
+            a.link_gbps, a.copy_gbs, a.latency_us
         ))
         .into());
     }
-    let m = model::measured_from_run(&a.run)?;
+    let m = model::measured_from_run(&a.run, a.copy_gbs)?;
     let net = model::Network {
         link_gbps: a.link_gbps,
         latency_us: a.latency_us,
@@ -994,7 +998,7 @@ fn cmd_bench_model(a: BenchModelArgs) -> Result<()> {
         .collect();
     let preds = model::predict(&m, &net, &ranks, &targets);
     let mut md = format!(
-        "# ctseg bench model\n\nMeasured in `{}`: {:.4} s compute per image, {:.3} s other per step, {:.3} s gradient copy, {:.1} MB of gradients on the wire, batch {} × {} micro-batch(es), {} training slices.\nNetwork: {} Gbit/s, {} µs latency, {:?} allreduce.\n\n| ranks | global batch | compute (s) | allreduce (s) | step (s) | steps/epoch | epoch (s) | speedup | steps to target | time to target (h) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "# ctseg bench model\n\nMeasured in `{}`: {:.4} s compute per image, {:.3} s other per step, {:.3} s gradient copy, {:.1} MB of gradients on the wire, batch {} × {} micro-batch(es), {} training slices.\nNetwork: {} Gbit/s, {} µs latency, {:?} allreduce.\n\n| ranks | global batch | compute (s) | allreduce (s) | step (s) | steps/epoch | epoch (s) | speedup | steps to target | time to target (s) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         m.source,
         m.compute_per_image_s,
         m.other_s,
@@ -1030,11 +1034,11 @@ fn cmd_bench_model(a: BenchModelArgs) -> Result<()> {
                 "—".into()
             },
             opt(p.steps_to_target, 1.0, 0),
-            opt(p.time_to_target_s, 1.0 / 3600.0, 3),
+            opt(p.time_to_target_s, 1.0, 1),
         ));
     }
     let dirs: Vec<&Path> = a.validate.iter().map(PathBuf::as_path).collect();
-    let checks = model::validate(&m, &net, &dirs)?;
+    let checks = model::validate(&m, &net, &dirs, a.copy_gbs)?;
     if !checks.is_empty() {
         md.push_str("\n## Predicted against measured\n\n| run | ranks | measured step (s) | predicted (s) | error | predicted with the run's own compute (s) | error | measured exposed comm (s) | predicted allreduce (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for c in &checks {

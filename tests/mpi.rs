@@ -371,7 +371,10 @@ fn resuming_with_another_rank_count_rescales_and_says_so() {
     // 4 steps × global batch 8 = 32 images; one process (batch 4, 5 steps/epoch) resumes at
     // image 32 = step 8 = epoch 2, batch 3, with the learning rate scaled for 1 rank.
     let t = ok(single(&["train", "--resume", s(&run), "--max-steps", "10"]));
-    assert!(t.contains("written by 2 rank(s) on 1"), "{t}");
+    assert!(
+        t.contains("written by 2 rank(s) (global batch 8) on 1 (global batch 4)"),
+        "{t}"
+    );
     assert!(
         t.contains("sampler restarted at epoch 2, batch 3 (32 images seen)"),
         "{t}"
@@ -628,4 +631,111 @@ fn accumulating_micro_batches_equals_more_ranks() {
     assert!(la.len() >= 5, "{la:?}");
     assert_eq!(la, lb, "loss trajectories");
     assert_eq!(a["weights_hash"], b["weights_hash"], "final weights");
+}
+
+#[test]
+fn scaling_series_model_and_report_from_the_command_line() {
+    // The documented sequence on the tiny config: a 1- and 2-rank CPU series through mpirun
+    // (each launch under `timeout`), the performance model checked against the 2-rank run, and
+    // the report of both runs.
+    let d = tempfile::tempdir().expect("tmp");
+    let out = d.path().join("series");
+    let launcher =
+        "timeout 120 mpirun -np {n} --oversubscribe --bind-to none --mca btl self,vader,tcp";
+    let t = ok(Command::new(env!("CARGO_BIN_EXE_ctseg"))
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .args([
+            "bench",
+            "scaling",
+            "--config",
+            TINY,
+            "--ranks",
+            "1,2",
+            "--launcher",
+            launcher,
+            "--out",
+            s(&out),
+            "--",
+            "--max-steps",
+            "6",
+        ])
+        .output()
+        .expect("run ctseg bench scaling"));
+    assert!(t.contains("| cpu | 2 |"), "{t}");
+    let rows: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("scaling.json")).expect("scaling.json"),
+    )
+    .expect("json");
+    let rows = rows.as_array().expect("rows");
+    assert_eq!(rows.len(), 2);
+    for (r, n) in rows.iter().zip([1u64, 2]) {
+        assert_eq!(r["ranks"], n);
+        // Global batch = 4 per rank; the epoch time is steps per epoch × the median step.
+        assert_eq!(r["global_batch"], 4 * n);
+        let (spe, step, epoch) = (
+            r["steps_per_epoch"].as_f64().unwrap_or(0.0),
+            r["median_step_s"].as_f64().unwrap_or(0.0),
+            r["epoch_time_s"].as_f64().unwrap_or(0.0),
+        );
+        assert!(spe >= 1.0 && step > 0.0, "{r}");
+        assert!((epoch - spe * step).abs() < 1e-9 * epoch.max(1.0), "{r}");
+        assert!(r["peak_rss_mb"].as_f64().unwrap_or(0.0) > 1.0, "{r}");
+    }
+    assert_eq!(rows[0]["speedup"], 1.0);
+
+    let model = d.path().join("model");
+    let t = ok(single(&[
+        "bench",
+        "model",
+        "--run",
+        s(&out.join("cpu-n1")),
+        "--link-gbps",
+        "10",
+        "--max-ranks",
+        "8",
+        "--steps-to-target",
+        "4=30,16=12",
+        "--validate",
+        s(&out.join("cpu-n2")),
+        "--out",
+        s(&model),
+    ]));
+    assert!(t.contains("Predicted against measured"), "{t}");
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model.join("model.json")).expect("model.json"),
+    )
+    .expect("json");
+    assert_eq!(m["predictions"].as_array().map(Vec::len), Some(4)); // 1, 2, 4, 8 ranks
+    // Steps to target are given at global batch 4 and 16: 30 at 1 rank (batch 4), log-log
+    // interpolated 30·(12/30)^(1/2) = 18.97 at 2 ranks (batch 8), none beyond 16.
+    assert_eq!(m["predictions"][0]["steps_to_target"], 30.0);
+    let s2 = m["predictions"][1]["steps_to_target"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!((s2 - 30.0 * (12.0f64 / 30.0).sqrt()).abs() < 1e-9, "{s2}");
+    assert!(m["predictions"][3]["steps_to_target"].is_null());
+    assert_eq!(m["validation"][0]["ranks"], 2);
+
+    let report = d.path().join("report");
+    let t = ok(single(&["report", s(&out), "--out", s(&report)]));
+    assert!(t.contains("report of 2 run(s)"), "{t}");
+    for f in [
+        "index.html",
+        "speedup.png",
+        "loss.svg",
+        "dice.png",
+        "time_to_target.md",
+        "runs.csv",
+    ] {
+        assert!(report.join(f).is_file(), "{f} missing");
+    }
+
+    // Bad input: a folder without runs is named, exit status 2, nothing written.
+    let empty = d.path().join("empty");
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    let o = single(&["report", s(&empty), "--out", s(&d.path().join("r2"))]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains(s(&empty)), "{}", text(&o));
+    assert!(!d.path().join("r2").exists());
 }

@@ -522,7 +522,23 @@ impl Speedup {
     }
 }
 
-/// Groups CPU runs by (device, workload) into series normalised to their 1-rank run (else
+/// A CPU device description without its thread count: "cpu (burn flex, 2 threads)" →
+/// "cpu (burn flex)".
+pub(crate) fn cpu_family(device: &str) -> String {
+    let d = device.trim();
+    match d.strip_prefix("cpu (").and_then(|r| r.strip_suffix(')')) {
+        Some(inner) => {
+            let kept: Vec<&str> = inner
+                .split(", ")
+                .filter(|p| !(p.ends_with(" thread") || p.ends_with(" threads")))
+                .collect();
+            format!("cpu ({})", kept.join(", "))
+        }
+        None => d.to_string(),
+    }
+}
+
+/// Groups CPU runs by (device without thread count, workload) into series normalised to their 1-rank run (else
 /// their smallest rank count), and expresses GPU runs against the series of the same workload
 /// (else the series with the most runs).
 pub(crate) fn speedup(runs: &[Run]) -> Speedup {
@@ -542,7 +558,9 @@ pub(crate) fn speedup(runs: &[Run]) -> Speedup {
                         .push((r.label.clone(), "rank count unknown".into()));
                     continue;
                 }
-                let key = (r.device.clone(), r.workload.clone());
+                // Ranks on one host split its cores, so the thread count differs along a
+                // series: it is not part of the series' identity.
+                let key = (cpu_family(&r.device), r.workload.clone());
                 match groups.iter_mut().find(|(k, _)| *k == key) {
                     Some((_, v)) => v.push(r),
                     None => groups.push((key, vec![r])),
@@ -744,6 +762,14 @@ mod tests {
         assert_eq!(seconds_to_dice(&vals, 0.95), None);
         let hours = Cell::hours(None);
         assert_eq!(hours.csv, "not reached");
+    }
+
+    #[test]
+    fn report_cpu_series_ignore_thread_counts() {
+        // bench scaling gives 1 rank 2 threads and 2 ranks 1 thread each on a 2-core host.
+        assert_eq!(cpu_family("cpu (burn flex, 2 threads)"), "cpu (burn flex)");
+        assert_eq!(cpu_family("cpu (burn flex, 1 thread)"), "cpu (burn flex)");
+        assert_eq!(cpu_family("gpu (burn wgpu, x)"), "gpu (burn wgpu, x)");
     }
 
     #[test]
