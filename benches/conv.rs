@@ -1,0 +1,122 @@
+//! `cargo bench --bench conv`: one 3×3 convolution layer of the livermask U-Net, forward and
+//! backward (input and weight gradients), on the CPU backend, two ways: burn's `conv2d` (flex:
+//! tiled im2col + gemm forward; its backward is burn's generic one: a transposed convolution for
+//! the input gradient and, for the weight gradient, a convolution of the input by the output
+//! gradient used as a 240×240 kernel), and an im2col-by-shifted-slices + batched matmul
+//! composite whose backward autodiff derives as two matmuls and slice scatters. Both run the same
+//! arithmetic; the bench checks they agree and prints median times with spread, as evidence for
+//! where the CPU step's time goes (issue 6).
+
+use std::time::Instant;
+
+use burn::tensor::module::conv2d;
+use burn::tensor::ops::{ConvOptions, PadMode};
+use burn::tensor::{Device, Tensor, TensorData};
+use ctseg::backend::{self, BackendKind};
+use ctseg::bench::spread;
+use ctseg::tensor_util::to_f32;
+
+/// 3×3, stride 1, padding 1 convolution as im2col (9 shifted views, concatenated on the
+/// channel axis) times the kernel as a `[c_out, 9·c_in]` matrix.
+fn conv_im2col(x: Tensor<4>, w: Tensor<4>) -> Tensor<4> {
+    let [b, c, h, wd] = x.dims();
+    let [co, _, _, _] = w.dims();
+    let xp = x.pad([(0, 0), (0, 0), (1, 1), (1, 1)], PadMode::Constant(0.0));
+    let mut views = Vec::with_capacity(9);
+    for i in 0..3 {
+        for j in 0..3 {
+            views.push(xp.clone().slice([0..b, 0..c, i..i + h, j..j + wd]));
+        }
+    }
+    let cols = Tensor::cat(views, 1).reshape([b, 9 * c, h * wd]);
+    // Column order (i, j, c): the kernel as [c_out, i, j, c].
+    let wm = w.permute([0, 2, 3, 1]).reshape([1, co, 9 * c]);
+    wm.matmul(cols).reshape([b, co, h, wd])
+}
+
+/// Step times, and the input and weight gradients of the last repetition.
+type Timed = (Vec<f64>, Vec<Vec<f32>>);
+
+fn run(
+    device: &Device,
+    shape: [usize; 4],
+    co: usize,
+    im2col: bool,
+    reps: usize,
+) -> Result<Timed, Box<dyn std::error::Error>> {
+    let ad = device.clone().autodiff();
+    let n: usize = shape.iter().product();
+    let xs: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+        .collect();
+    let ws: Vec<f32> = (0..co * shape[1] * 9)
+        .map(|i| ((i * 104729) % 89) as f32 / 890.0 - 0.05)
+        .collect();
+    let mut times = Vec::new();
+    let mut last = Vec::new();
+    for _ in 0..reps {
+        let x = Tensor::<4>::from_data(TensorData::new(xs.clone(), shape), &ad).require_grad();
+        let w = Tensor::<4>::from_data(TensorData::new(ws.clone(), [co, shape[1], 3, 3]), &ad)
+            .require_grad();
+        device.sync()?;
+        let t = Instant::now();
+        let y = if im2col {
+            conv_im2col(x.clone(), w.clone())
+        } else {
+            conv2d(
+                x.clone(),
+                w.clone(),
+                None,
+                ConvOptions::new([1, 1], [1, 1], [1, 1], 1),
+            )
+        };
+        let grads = (y.clone() * y.clone()).sum().backward();
+        let gx = x.grad(&grads).ok_or("no x grad")?;
+        let gw = w.grad(&grads).ok_or("no w grad")?;
+        let (gx, gw) = (to_f32(gx)?, to_f32(gw)?);
+        times.push(t.elapsed().as_secs_f64());
+        last = vec![gx, gw];
+    }
+    Ok((times, last))
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(p, q)| ((p - q) as f64).powi(2)).sum();
+    let den: f64 = a.iter().map(|p| (*p as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let threads: usize = std::env::var("CTSEG_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let be = backend::open(BackendKind::Cpu, threads, None)?;
+    // livermask at width 32 and 64, batch 4: the first level (240²) and the bottleneck (15²).
+    let cases = [
+        ([4, 32, 240, 240], 32),
+        ([4, 64, 240, 240], 64),
+        ([4, 256, 30, 30], 256),
+        ([4, 512, 15, 15], 512),
+    ];
+    println!("{}", be.description);
+    for (shape, co) in cases {
+        let flop = 3.0 * 2.0 * (shape[0] * shape[2] * shape[3] * co * shape[1] * 9) as f64;
+        let (t_burn, g_burn) = run(&be.device, shape, co, false, 4)?;
+        let (t_cols, g_cols) = run(&be.device, shape, co, true, 4)?;
+        let (sb, sc) = (spread(&t_burn[1..]), spread(&t_cols[1..]));
+        println!(
+            "{shape:?} -> {co}: burn conv2d {:.3} s [IQR {:.3}] {:.1} GFLOP/s | im2col+matmul {:.3} s [IQR {:.3}] {:.1} GFLOP/s | ratio {:.2} | rel. L2 diff x-grad {:.1e}, w-grad {:.1e}",
+            sb.median,
+            sb.iqr,
+            flop / sb.median / 1e9,
+            sc.median,
+            sc.iqr,
+            flop / sc.median / 1e9,
+            sb.median / sc.median,
+            rel_l2(&g_burn[0], &g_cols[0]),
+            rel_l2(&g_burn[1], &g_cols[1]),
+        );
+    }
+    Ok(())
+}
