@@ -939,20 +939,11 @@ fn cmd_bench_scaling(a: BenchScalingArgs) -> Result<()> {
     );
     if let Some(script) = &a.peer {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let p = bench::run_peer(
-            &a.python,
-            script,
-            threads,
-            cfg.model.width,
-            cfg.model.input_size,
-            cfg.train.batch_size,
-            cfg.model.dropout,
-            &StepBenchOptions {
-                warmup: 2,
-                steps: 5,
-            },
-            &["--device".to_string(), "cpu".to_string()],
-        )?;
+        let o = StepBenchOptions {
+            warmup: 2,
+            steps: 5,
+        };
+        let p = bench::run_peer(&a.python, script, threads, &cfg, &o, "cpu")?;
         if let Some(r) = rows.iter().find(|r| r.backend == "cpu" && r.ranks == 1) {
             md.push_str(&format!(
                 "\nPyTorch {} peer ({}, {threads} threads, width {}, size {}, batch {}): median step {:.3} s; ctseg 1-rank CPU median step {:.3} s = {:.2}× the peer's.\n",
@@ -1156,18 +1147,7 @@ fn cmd_bench_step(a: BenchStepArgs) -> Result<()> {
         } else {
             a.backend.threads
         };
-        let extra = vec!["--device".to_string(), a.peer_device.clone()];
-        let p = bench::run_peer(
-            &a.python,
-            script,
-            threads,
-            cfg.model.width,
-            cfg.model.input_size,
-            cfg.train.batch_size,
-            cfg.model.dropout,
-            &o,
-            &extra,
-        )?;
+        let p = bench::run_peer(&a.python, script, threads, &cfg, &o, &a.peer_device)?;
         let ratio = r.median_step_s / p.median_step_s;
         if a.json {
             println!(

@@ -106,6 +106,34 @@ pub struct Spread {
     pub iqr: f64,
 }
 
+/// Steps left out as warm-up by the medians of per-step figures (the trainer's summary, `bench
+/// scaling`, `ctseg report`), when a run has more than [`WARMUP_MIN_STEPS`] steps.
+pub const WARMUP_STEPS: usize = 2;
+/// Runs with at most this many steps keep all of them in the medians.
+pub const WARMUP_MIN_STEPS: usize = 4;
+
+/// Median (mean of the two middle values for an even count); `None` when empty.
+pub fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(quantile(&v, 0.5))
+}
+
+/// Median of per-step values without the first [`WARMUP_STEPS`] when there are more than
+/// [`WARMUP_MIN_STEPS`]; non-finite values are left out. `None` when nothing is left.
+pub fn warm_median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let v: Vec<f64> = values.into_iter().collect();
+    let skip = if v.len() > WARMUP_MIN_STEPS {
+        WARMUP_STEPS
+    } else {
+        0
+    };
+    median(v.into_iter().skip(skip).filter(|x| x.is_finite()))
+}
+
 /// The [`Spread`] of `times` (NaN fields when empty).
 pub fn spread(times: &[f64]) -> Spread {
     let mut s = times.to_vec();
@@ -240,30 +268,26 @@ pub struct PeerResult {
     pub device: String,
 }
 
-/// Runs `python3 SCRIPT` (the livermask PyTorch peer) with the same shapes and parses its JSON
-/// line. `extra` is appended (e.g. `--device cuda`).
-#[allow(clippy::too_many_arguments)]
+/// Runs `python3 SCRIPT` (the livermask PyTorch peer) with `cfg`'s width, input size, batch
+/// and dropout on `device` (`cpu` or `cuda`) and parses its JSON line.
 pub fn run_peer(
     python: &str,
     script: &Path,
     threads: usize,
-    width: usize,
-    size: usize,
-    batch: usize,
-    dropout: f64,
+    cfg: &RunConfig,
     o: &StepBenchOptions,
-    extra: &[String],
+    device: &str,
 ) -> Result<PeerResult> {
     let out = Command::new(python)
         .arg(script)
         .args(["--threads", &threads.to_string()])
-        .args(["--width", &width.to_string()])
-        .args(["--size", &size.to_string()])
-        .args(["--batch", &batch.to_string()])
+        .args(["--width", &cfg.model.width.to_string()])
+        .args(["--size", &cfg.model.input_size.to_string()])
+        .args(["--batch", &cfg.train.batch_size.to_string()])
         .args(["--warmup", &o.warmup.to_string()])
         .args(["--steps", &o.steps.to_string()])
-        .args(["--dropout", &dropout.to_string()])
-        .args(extra)
+        .args(["--dropout", &cfg.model.dropout.to_string()])
+        .args(["--device", device])
         .output()
         .map_err(|e| Error::io(script, e))?;
     if !out.status.success() {

@@ -99,7 +99,7 @@ pub fn step_split(run_dir: &Path) -> Result<[f64; 4]> {
             c.push(r[key].as_f64().unwrap_or(f64::NAN));
         }
     }
-    Ok(cols.map(|c| crate::train::warm_median(&c)))
+    Ok(cols.map(|c| super::warm_median(c).unwrap_or(f64::NAN)))
 }
 
 /// Reads a run directory's `summary.json`.

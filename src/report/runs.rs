@@ -9,13 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::bench::{WARMUP_MIN_STEPS, WARMUP_STEPS, median, warm_median};
 use crate::error::{Error, Result};
-
-/// Steps skipped as warm-up by the medians of per-step times, when a run has more than
-/// [`WARMUP_MIN_STEPS`] steps.
-pub(crate) const WARMUP_STEPS: usize = 2;
-/// Runs with at most this many steps keep all of them in the medians.
-pub(crate) const WARMUP_MIN_STEPS: usize = 4;
 
 /// One `kind: "step"` record (only what the report uses).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -351,33 +346,6 @@ pub(crate) fn median_step_time(steps: &[Step]) -> Option<f64> {
             .skip(skip)
             .filter(|d| d.is_finite() && *d >= 0.0),
     )
-}
-
-/// Median of per-step values, without the first [`WARMUP_STEPS`] when there are more than
-/// [`WARMUP_MIN_STEPS`].
-pub(crate) fn warm_median(values: impl Iterator<Item = f64>) -> Option<f64> {
-    let v: Vec<f64> = values.collect();
-    let skip = if v.len() > WARMUP_MIN_STEPS {
-        WARMUP_STEPS
-    } else {
-        0
-    };
-    median(v.into_iter().skip(skip).filter(|x| x.is_finite()))
-}
-
-/// Median (mean of the two middle values for an even count); `None` when empty.
-pub(crate) fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
-    let mut v: Vec<f64> = values.collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    })
 }
 
 /// Steps per epoch without `summary.steps_per_epoch`: the last step of epoch 1 when the run

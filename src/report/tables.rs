@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use super::runs::{Run, Step, Val, median, short_device};
+use super::runs::{Run, Step, Val, short_device};
+use crate::bench::median;
 
 /// Steps in the trailing moving average of the loss that decides "loss ≤ target".
 pub(crate) const LOSS_WINDOW: usize = 5;
@@ -488,7 +489,7 @@ impl Series {
             by.entry(p.ranks).or_default().push(p.speedup);
         }
         by.into_iter()
-            .filter_map(|(r, v)| median(v.into_iter()).map(|m| (r, m)))
+            .filter_map(|(r, v)| median(v).map(|m| (r, m)))
             .collect()
     }
 }

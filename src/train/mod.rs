@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub use trainer::{
     TrainOptions, TrainSummary, ValResult, batch_tensors, build_model, forward_loss, load_trained,
-    train, validate, validate_checkpoint, warm_median,
+    train, validate, validate_checkpoint,
 };
 
 use crate::error::{Error, Result};

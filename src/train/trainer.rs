@@ -141,22 +141,6 @@ pub struct TrainSummary {
     pub label: String,
 }
 
-/// Median of `v` after dropping the first two (warm-up) values when there are more than four.
-pub fn warm_median(v: &[f64]) -> f64 {
-    let warm = if v.len() > 4 { &v[2..] } else { v };
-    let mut s: Vec<f64> = warm.iter().copied().filter(|x| x.is_finite()).collect();
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        0.5 * (s[n / 2 - 1] + s[n / 2])
-    }
-}
-
 /// Test hook: `CTSEG_FAULT_INJECT=panic:RANK:STEP` makes rank RANK panic after optimiser step
 /// STEP, to test that a failing rank ends the whole MPI job (tests/mpi.rs).
 fn inject_fault(rank: usize, step: u64) {
@@ -781,7 +765,7 @@ pub fn train(
     let mut rss = vec![0.0f64; world];
     rss[comm.rank()] = crate::bench::peak_rss_mb();
     comm.allreduce_sum_f64(&mut rss)?;
-    let median_step_s = warm_median(&step_times);
+    let median_step_s = crate::bench::warm_median(step_times).unwrap_or(f64::NAN);
     let summary = TrainSummary {
         steps: step,
         epochs: step as f64 / steps_per_epoch as f64,
@@ -808,7 +792,7 @@ pub fn train(
         steps_per_epoch,
         median_step_s,
         epoch_time_s: median_step_s * steps_per_epoch as f64,
-        median_compute_s: warm_median(&compute_times),
+        median_compute_s: crate::bench::warm_median(compute_times).unwrap_or(f64::NAN),
         peak_rss_mb: rss.iter().copied().fold(0.0, f64::max),
         backend: opts.backend.clone(),
         accumulate,
