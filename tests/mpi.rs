@@ -395,22 +395,34 @@ fn training_across_two_emulated_hosts() {
         return;
     }
     let d = tempfile::tempdir().expect("tmp");
-    let run = d.path().join("hosts");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/emulate_hosts.sh");
-    let o = Command::new("timeout")
-        .args([
-            "180",
-            script,
-            "-k",
-            "2",
-            "-r",
-            "1gbit",
-            "--",
-            env!("CARGO_BIN_EXE_ctseg"),
-        ])
-        .args(["train", "--config", TINY, "--out", s(&run), "--quiet"])
-        .output()
-        .expect("run emulate_hosts.sh");
+    let launch = |run: &Path| {
+        Command::new("timeout")
+            .args([
+                "180",
+                script,
+                "-k",
+                "2",
+                "-r",
+                "1gbit",
+                "--",
+                env!("CARGO_BIN_EXE_ctseg"),
+            ])
+            .args(["train", "--config", TINY, "--out", s(run), "--quiet"])
+            .output()
+            .expect("run emulate_hosts.sh")
+    };
+    let mut o = launch(&d.path().join("hosts"));
+    // OpenMPI sometimes fails to start its daemon in the second namespace while other tests
+    // load the machine (orted's session-directory/TCP start-up, before any ctseg rank runs:
+    // seen 3 times in 12 runs of this file). Only that failure is retried, once, and said.
+    if !o.status.success() && text(&o).contains("ORTE was unable to reliably start") {
+        eprintln!(
+            "OpenMPI daemon start-up failed; retrying once:\n{}",
+            text(&o)
+        );
+        o = launch(&d.path().join("hosts-retry"));
+    }
     let t = ok(o);
     assert!(t.contains("emulate_hosts: 2 host(s)"), "{t}");
     let h = hashes(&t);
