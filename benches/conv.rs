@@ -1,38 +1,20 @@
 //! `cargo bench --bench conv`: one 3×3 convolution layer of the livermask U-Net, forward and
-//! backward (input and weight gradients), on the CPU backend, two ways: burn's `conv2d` (flex:
-//! tiled im2col + gemm forward; its backward is burn's generic one: a transposed convolution for
-//! the input gradient and, for the weight gradient, a convolution of the input by the output
-//! gradient used as a 240×240 kernel), and an im2col-by-shifted-slices + batched matmul
-//! composite whose backward autodiff derives as two matmuls and slice scatters. Both run the same
-//! arithmetic; the bench checks they agree and prints median times with spread, as evidence for
-//! where the CPU step's time goes (issue 6).
+//! backward (input, weight and bias gradients), on the CPU backend, two ways: burn's `conv2d`
+//! (flex: tiled im2col + gemm forward; its backward is burn's generic one: a transposed
+//! convolution for the input gradient and, for the weight gradient, a convolution of the input by
+//! the output gradient used as a 240×240 kernel), and ctseg's own operation
+//! ([`ctseg::model::cpuconv`]: tiled im2col + gemm for all three). Both run the same arithmetic;
+//! the bench checks they agree and prints median times with spread and GFLOP/s (issue 6).
 
 use std::time::Instant;
 
 use burn::tensor::module::conv2d;
-use burn::tensor::ops::{ConvOptions, PadMode};
+use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor, TensorData};
 use ctseg::backend::{self, BackendKind};
 use ctseg::bench::spread;
+use ctseg::model::cpuconv::{self, ConvShape, conv2d_same};
 use ctseg::tensor_util::to_f32;
-
-/// 3×3, stride 1, padding 1 convolution as im2col (9 shifted views, concatenated on the
-/// channel axis) times the kernel as a `[c_out, 9·c_in]` matrix.
-fn conv_im2col(x: Tensor<4>, w: Tensor<4>) -> Tensor<4> {
-    let [b, c, h, wd] = x.dims();
-    let [co, _, _, _] = w.dims();
-    let xp = x.pad([(0, 0), (0, 0), (1, 1), (1, 1)], PadMode::Constant(0.0));
-    let mut views = Vec::with_capacity(9);
-    for i in 0..3 {
-        for j in 0..3 {
-            views.push(xp.clone().slice([0..b, 0..c, i..i + h, j..j + wd]));
-        }
-    }
-    let cols = Tensor::cat(views, 1).reshape([b, 9 * c, h * wd]);
-    // Column order (i, j, c): the kernel as [c_out, i, j, c].
-    let wm = w.permute([0, 2, 3, 1]).reshape([1, co, 9 * c]);
-    wm.matmul(cols).reshape([b, co, h, wd])
-}
 
 /// Step times, and the input and weight gradients of the last repetition.
 type Timed = (Vec<f64>, Vec<Vec<f32>>);
@@ -41,7 +23,7 @@ fn run(
     device: &Device,
     shape: [usize; 4],
     co: usize,
-    im2col: bool,
+    ours: bool,
     reps: usize,
 ) -> Result<Timed, Box<dyn std::error::Error>> {
     let ad = device.clone().autodiff();
@@ -60,13 +42,14 @@ fn run(
             .require_grad();
         device.sync()?;
         let t = Instant::now();
-        let y = if im2col {
-            conv_im2col(x.clone(), w.clone())
+        let b = Tensor::<1>::zeros([co], &ad).require_grad();
+        let y = if ours {
+            conv2d_same(x.clone(), w.clone(), b.clone())
         } else {
             conv2d(
                 x.clone(),
                 w.clone(),
-                None,
+                Some(b.clone()),
                 ConvOptions::new([1, 1], [1, 1], [1, 1], 1),
             )
         };
@@ -106,7 +89,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (t_cols, g_cols) = run(&be.device, shape, co, true, 4)?;
         let (sb, sc) = (spread(&t_burn[1..]), spread(&t_cols[1..]));
         println!(
-            "{shape:?} -> {co}: burn conv2d {:.3} s [IQR {:.3}] {:.1} GFLOP/s | im2col+matmul {:.3} s [IQR {:.3}] {:.1} GFLOP/s | ratio {:.2} | rel. L2 diff x-grad {:.1e}, w-grad {:.1e}",
+            "{shape:?} -> {co}: burn conv2d {:.3} s [IQR {:.3}] {:.1} GFLOP/s | ctseg cpuconv {:.3} s [IQR {:.3}] {:.1} GFLOP/s | ratio {:.2} | rel. L2 diff x-grad {:.1e}, w-grad {:.1e}",
             sb.median,
             sb.iqr,
             flop / sb.median / 1e9,
@@ -117,6 +100,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rel_l2(&g_burn[0], &g_cols[0]),
             rel_l2(&g_burn[1], &g_cols[1]),
         );
+        kernels_alone(shape, co);
     }
     Ok(())
+}
+
+/// The three cpuconv kernels on host slices, without burn around them: where the layer's time
+/// goes, and GFLOP/s each (one product of 2·b·h·w·c_out·c_in·9 flop per kernel).
+fn kernels_alone(shape: [usize; 4], co: usize) {
+    let s = ConvShape {
+        batch: shape[0],
+        c_in: shape[1],
+        c_out: co,
+        h: shape[2],
+        w: shape[3],
+        k: 3,
+    };
+    let x: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|i| ((i % 97) as f32) / 97.0)
+        .collect();
+    let w: Vec<f32> = (0..co * shape[1] * 9)
+        .map(|i| ((i % 89) as f32) / 890.0)
+        .collect();
+    let flop = 2.0 * (shape[0] * shape[2] * shape[3] * co * shape[1] * 9) as f64;
+    let time = |f: &mut dyn FnMut()| {
+        let t: Vec<f64> = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        spread(&t[1..]).median
+    };
+    let mut y = Vec::new();
+    let tf = time(&mut || y = cpuconv::forward(&x, &w, None, &s));
+    let tx = time(&mut || drop(cpuconv::input_grad(&y, &w, &s)));
+    let tw = time(&mut || drop(cpuconv::weight_bias_grad(&x, &y, &s)));
+    println!(
+        "    kernels alone: forward {:.3} s ({:.0} GFLOP/s), input grad {:.3} s ({:.0}), weight+bias grad {:.3} s ({:.0})",
+        tf,
+        flop / tf / 1e9,
+        tx,
+        flop / tx / 1e9,
+        tw,
+        flop / tw / 1e9
+    );
 }

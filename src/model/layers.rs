@@ -9,6 +9,7 @@ use burn::tensor::module::{conv_transpose2d, conv2d};
 use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 
+use super::cpuconv::conv2d_same;
 use crate::rng::{Rng, keys};
 
 /// Hands out independent initialisation streams, one per parameter tensor, in construction order.
@@ -88,6 +89,9 @@ impl Conv {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let pad = self.kernel / 2;
         let (weight, bias) = (self.weight.val(), self.bias.val());
+        if self.chunk_limit == 0 {
+            return conv2d_same(x, weight, bias);
+        }
         chunked_rows(x, self.chunk_limit, pad, |x, pad_h| {
             conv2d(
                 x,

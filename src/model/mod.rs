@@ -1,6 +1,7 @@
 //! The model: livermask's U-Net, its layers, the Dice loss and metrics, and the layer summary.
-//! Imports only burn.
+//! Imports burn, and for the CPU convolution kernels burn's autodiff and flex crates and gemm.
 
+pub mod cpuconv;
 pub mod layers;
 pub mod loss;
 pub mod summary;
