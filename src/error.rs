@@ -54,11 +54,13 @@ pub enum Error {
         message: String,
     },
 
-    /// The loss became NaN or infinite.
+    /// The training or validation loss became NaN or infinite.
     #[error(
-        "training diverged: the loss is {value} at step {step} (epoch {epoch}); the last good checkpoint is kept in {run_dir}"
+        "training diverged: the {what} is {value} at step {step} (epoch {epoch}); the last good checkpoint is kept in {run_dir}"
     )]
     Diverged {
+        /// Which loss: the training loss, or the validation loss at an epoch's end.
+        what: &'static str,
         /// The optimiser step at which the loss was not finite.
         step: u64,
         /// The epoch of that step.

@@ -613,6 +613,7 @@ pub fn train(
             if !loss_value.is_finite() {
                 progress.finish();
                 return Err(Error::Diverged {
+                    what: "loss",
                     step: step + 1,
                     epoch: epoch + 1,
                     value: loss_value,
@@ -680,6 +681,18 @@ pub fn train(
         }
         if do_val {
             let v = validate(&model, &ds, &val_idx, cfg, &opts.device, comm)?;
+            // Every rank holds the same (reduced) value, so all stop together, and before the
+            // checkpoint below could replace the last good one with this model.
+            if !v.loss.is_finite() {
+                progress.finish();
+                return Err(Error::Diverged {
+                    what: "validation loss",
+                    step,
+                    epoch: epoch + 1,
+                    value: v.loss,
+                    run_dir: run_dir.to_path_buf(),
+                });
+            }
             let rec = ValRecord {
                 kind: "val".into(),
                 epoch: epoch + 1,
