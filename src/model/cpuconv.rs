@@ -180,6 +180,17 @@ fn with_tile_cols<R>(
 /// Forward convolution: `x` `[batch, c_in, h, w]`, `weight` `[c_out, c_in, k, k]`, optional
 /// `bias` `[c_out]` → `[batch, c_out, h, w]`, all contiguous row-major f32.
 pub fn forward(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
+    forward_act(x, weight, bias, s, false)
+}
+
+/// [`forward`], followed by `max(0, ·)` when `relu` (applied per tile while it is in cache).
+pub fn forward_act(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    s: &ConvShape,
+    relu: bool,
+) -> Vec<f32> {
     assert_eq!(x.len(), s.batch * s.c_in * s.hw(), "conv input size");
     assert_eq!(weight.len(), s.c_out * s.kdim(), "conv kernel size");
     let hw = s.hw();
@@ -216,10 +227,14 @@ pub fn forward(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape) -
                     false,
                     gemm::Parallelism::None,
                 );
-                if let Some(bias) = bias {
-                    for (co, &bv) in bias.iter().enumerate() {
-                        let row = std::slice::from_raw_parts_mut(d.add(co * hw), n);
-                        row.iter_mut().for_each(|v| *v += bv);
+                for co in 0..s.c_out {
+                    let row = std::slice::from_raw_parts_mut(d.add(co * hw), n);
+                    let bv = bias.map_or(0.0, |b| b[co]);
+                    match (bias.is_some(), relu) {
+                        (true, true) => row.iter_mut().for_each(|v| *v = (*v + bv).max(0.0)),
+                        (true, false) => row.iter_mut().for_each(|v| *v += bv),
+                        (false, true) => row.iter_mut().for_each(|v| *v = v.max(0.0)),
+                        (false, false) => {}
                     }
                 }
             }
@@ -355,7 +370,8 @@ pub fn input_grad(dy: &[f32], weight: &[f32], s: &ConvShape) -> Vec<f32> {
 // burn glue
 // ---------------------------------------------------------------------------------------------
 
-fn f32_values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+/// The f32 values of a flex tensor, borrowed when contiguous.
+pub(super) fn f32_values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     match t.as_slice::<f32>() {
         Some(v) => std::borrow::Cow::Borrowed(v),
         None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().map_or_else(
@@ -366,7 +382,8 @@ fn f32_values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     }
 }
 
-fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+/// A contiguous flex tensor owning `values`.
+pub(super) fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
@@ -382,9 +399,15 @@ fn shape_of(x: &FlexTensor, w: &FlexTensor) -> ConvShape {
     }
 }
 
-fn forward_flex(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
+fn forward_flex(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor, relu: bool) -> FlexTensor {
     let s = shape_of(x, w);
-    let y = forward(&f32_values(x), &f32_values(w), Some(&f32_values(b)), &s);
+    let y = forward_act(
+        &f32_values(x),
+        &f32_values(w),
+        Some(&f32_values(b)),
+        &s,
+        relu,
+    );
     flex(y, vec![s.batch, s.c_out, s.h, s.w])
 }
 
@@ -392,16 +415,23 @@ fn forward_flex(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
 struct ConvBackward;
 
 impl Backward<Flex, 3> for ConvBackward {
-    type State = (NodeId, NodeId);
+    /// Input and kernel nodes, and the output when a ReLU followed the convolution.
+    type State = (NodeId, NodeId, Option<FlexTensor>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
         let [node_x, node_w, node_b] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
-        let (xs, ws) = ops.state;
+        let (xs, ws, relu_out) = ops.state;
         let x = ckpt.retrieve_node_output::<FlexTensor>(xs);
         let w = ckpt.retrieve_node_output::<FlexTensor>(ws);
         let s = shape_of(&x, &w);
-        let dyv = f32_values(&dy);
+        let mut dyv = f32_values(&dy);
+        if let Some(y) = relu_out {
+            // Through the ReLU: the gradient passes where the output is positive.
+            let mut masked = dyv.into_owned();
+            relu_mask(&mut masked, &f32_values(&y));
+            dyv = std::borrow::Cow::Owned(masked);
+        }
         if let Some(node) = node_x {
             let dx = input_grad(&dyv, &f32_values(&w), &s);
             grads.register::<Flex>(node.id, flex(dx, vec![s.batch, s.c_in, s.h, s.w]));
@@ -416,6 +446,17 @@ impl Backward<Flex, 3> for ConvBackward {
             }
         }
     }
+}
+
+/// `g[i] = 0` where `y[i] ≤ 0` (PyTorch's ReLU gradient: zero at 0).
+fn relu_mask(g: &mut [f32], y: &[f32]) {
+    g.par_chunks_mut(1 << 14)
+        .zip(y.par_chunks(1 << 14))
+        .for_each(|(g, y)| {
+            g.iter_mut()
+                .zip(y)
+                .for_each(|(g, &y)| *g = if y > 0.0 { *g } else { 0.0 })
+        });
 }
 
 /// Whether [`conv2d_same`] takes this module's path for these tensors (flex, f32, odd square
@@ -434,9 +475,22 @@ fn applies(x: &Tensor<4>, weight: &Tensor<4>) -> bool {
 /// - `x`: `[batch, c_in, h, w]`, `weight`: `[c_out, c_in, k, k]` (k odd), `bias`: `[c_out]`
 ///   → `[batch, c_out, h, w]`
 pub fn conv2d_same(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>) -> Tensor<4> {
-    if let Some(y) = on_cpu(&x, &weight, &bias) {
+    if let Some(y) = on_cpu(&x, &weight, &bias, false) {
         return y;
     }
+    burn_conv2d_same(x, weight, bias)
+}
+
+/// `relu(conv2d_same(x, weight, bias))`, with the ReLU fused into the convolution's tiles and
+/// its gradient into the convolution's backward on the CPU backend.
+pub fn conv2d_same_relu(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>) -> Tensor<4> {
+    if let Some(y) = on_cpu(&x, &weight, &bias, true) {
+        return y;
+    }
+    burn::tensor::activation::relu(burn_conv2d_same(x, weight, bias))
+}
+
+fn burn_conv2d_same(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>) -> Tensor<4> {
     let [_, _, k, _] = weight.dims();
     let p = k / 2;
     conv2d(
@@ -449,7 +503,7 @@ pub fn conv2d_same(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>) -> Tensor<4
 
 /// This module's path: `Some` when the tensors are f32 on the flex device (with or without
 /// autodiff) and the kernel is square and odd.
-fn on_cpu(x: &Tensor<4>, weight: &Tensor<4>, bias: &Tensor<1>) -> Option<Tensor<4>> {
+fn on_cpu(x: &Tensor<4>, weight: &Tensor<4>, bias: &Tensor<1>, relu: bool) -> Option<Tensor<4>> {
     if !applies(x, weight) {
         return None;
     }
@@ -469,12 +523,15 @@ fn on_cpu(x: &Tensor<4>, weight: &Tensor<4>, bias: &Tensor<1>) -> Option<Tensor<
             OpsKind::Tracked(mut prep) => {
                 let xs = prep.checkpoint(&x);
                 let ws = prep.checkpoint(&w);
-                let y = forward_flex(x.primitive(), w.primitive(), b.primitive());
-                prep.finish((xs, ws), y)
+                let y = forward_flex(x.primitive(), w.primitive(), b.primitive(), relu);
+                prep.finish((xs, ws, relu.then(|| y.clone())), y)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(forward_flex(x.primitive(), w.primitive(), b.primitive()))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(forward_flex(
+                x.primitive(),
+                w.primitive(),
+                b.primitive(),
+                relu,
+            )),
         };
         return Some(Tensor::from_primitive::<Autodiff<Flex>>(out));
     }
@@ -484,7 +541,9 @@ fn on_cpu(x: &Tensor<4>, weight: &Tensor<4>, bias: &Tensor<1>) -> Option<Tensor<
         bias.clone().try_into_primitive::<Flex>(),
     );
     if let (Ok(x), Ok(w), Ok(b)) = plain {
-        return Some(Tensor::from_primitive::<Flex>(forward_flex(&x, &w, &b)));
+        return Some(Tensor::from_primitive::<Flex>(forward_flex(
+            &x, &w, &b, relu,
+        )));
     }
     None
 }
@@ -678,7 +737,8 @@ mod tests {
 
     /// Through burn's autodiff on the CPU device: the output and the gradients of x, weight and
     /// bias equal those of burn's own `conv2d` (flex forward, burn's generic backward) to float
-    /// rounding; without autodiff the forward equals too.
+    /// rounding, with and without a fused ReLU (against burn's `relu`); without autodiff the
+    /// forward equals too.
     #[test]
     fn autodiff_op_matches_burn_conv2d() {
         let s = ConvShape {
@@ -694,7 +754,7 @@ mod tests {
         let wv = values(s.c_out * s.kdim(), 6);
         let bv = values(s.c_out, 7);
         let gv = values(s.batch * s.c_out * s.hw(), 8);
-        let run = |ours: bool| {
+        let run = |ours: bool, relu: bool| {
             let x = Tensor::<4>::from_data(
                 TensorData::new(xv.clone(), [s.batch, s.c_in, s.h, s.w]),
                 &device,
@@ -712,14 +772,19 @@ mod tests {
                 &device,
             );
             let y = if ours {
-                on_cpu(&x, &w, &b).expect("the autodiff CPU device takes the cpuconv path")
+                on_cpu(&x, &w, &b, relu).expect("the autodiff CPU device takes the cpuconv path")
             } else {
-                conv2d(
+                let y = conv2d(
                     x.clone(),
                     w.clone(),
                     Some(b.clone()),
                     ConvOptions::new([1, 1], [1, 1], [1, 1], 1),
-                )
+                );
+                if relu {
+                    burn::tensor::activation::relu(y)
+                } else {
+                    y
+                }
             };
             let grads = (y.clone() * g).sum().backward();
             let v = |t: Tensor<4>| t.into_data().try_to_vec::<f32>().unwrap();
@@ -734,23 +799,34 @@ mod tests {
                     .unwrap(),
             )
         };
-        let (a, b) = (run(true), run(false));
-        for (name, p, q) in [
-            ("y", &a.0, &b.0),
-            ("dx", &a.1, &b.1),
-            ("dw", &a.2, &b.2),
-            ("db", &a.3, &b.3),
-        ] {
-            let q64: Vec<f64> = q.iter().map(|&v| v as f64).collect();
-            let e = max_rel(p, &q64);
-            assert!(e < 1e-5, "{name}: max rel difference to burn conv2d {e:e}");
+        for relu in [true, false] {
+            let (a, b) = (run(true, relu), run(false, relu));
+            if relu {
+                // Both signs occur, so the ReLU gradient mask matters.
+                let zeros = a.0.iter().filter(|&&v| v == 0.0).count();
+                assert!(zeros > a.0.len() / 10 && zeros < a.0.len() * 9 / 10);
+            }
+            for (name, p, q) in [
+                ("y", &a.0, &b.0),
+                ("dx", &a.1, &b.1),
+                ("dw", &a.2, &b.2),
+                ("db", &a.3, &b.3),
+            ] {
+                let q64: Vec<f64> = q.iter().map(|&v| v as f64).collect();
+                let e = max_rel(p, &q64);
+                assert!(
+                    e < 1e-5,
+                    "relu {relu}, {name}: max rel difference to burn {e:e}"
+                );
+            }
         }
+        let a = run(true, false);
         // Plain (no autodiff) device.
         let plain = Device::flex();
         let x = Tensor::<4>::from_data(TensorData::new(xv, [s.batch, s.c_in, s.h, s.w]), &plain);
         let w = Tensor::<4>::from_data(TensorData::new(wv, [s.c_out, s.c_in, 3, 3]), &plain);
         let bias = Tensor::<1>::from_data(TensorData::new(bv, [s.c_out]), &plain);
-        let y = on_cpu(&x, &w, &bias)
+        let y = on_cpu(&x, &w, &bias, false)
             .expect("the plain CPU device takes the cpuconv path")
             .into_data()
             .try_to_vec::<f32>()

@@ -9,7 +9,7 @@ use burn::tensor::module::{conv_transpose2d, conv2d};
 use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::cpuconv::conv2d_same;
+use super::cpuconv::{conv2d_same, conv2d_same_relu};
 use crate::rng::{Rng, keys};
 
 /// Hands out independent initialisation streams, one per parameter tensor, in construction order.
@@ -100,6 +100,14 @@ impl Conv {
                 ConvOptions::new([1, 1], [pad_h, pad], [1, 1], 1),
             )
         })
+    }
+
+    /// `relu(self.forward(x))`; on the CPU backend the ReLU is fused into the convolution.
+    pub fn forward_relu(&self, x: Tensor<4>) -> Tensor<4> {
+        if self.chunk_limit == 0 {
+            return conv2d_same_relu(x, self.weight.val(), self.bias.val());
+        }
+        burn::tensor::activation::relu(self.forward(x))
     }
 
     /// Number of trainable values.
@@ -253,6 +261,40 @@ impl BatchNorm {
     /// - `x`: `[batch, c, h, w]` → same
     pub fn forward_train(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
+        let (out, mean1, var1) = match super::cpunorm::batch_norm_train(
+            &x,
+            &self.gamma.val(),
+            &self.beta.val(),
+            self.epsilon,
+        ) {
+            Some(fused) => fused,
+            None => self.forward_train_tensor_ops(x),
+        };
+        let n = (b * h * w) as f64;
+        let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+        let keep = self.momentum;
+        let var1 = var1.mul_scalar(unbiased);
+        let rm = self.running_mean.value_sync().without_autodiff();
+        let rv = self.running_var.value_sync().without_autodiff();
+        self.running_mean
+            .update(rm.mul_scalar(keep) + mean1.mul_scalar(1.0 - keep));
+        self.running_var
+            .update(rv.mul_scalar(keep) + var1.mul_scalar(1.0 - keep));
+        // Commit now, so that visitors (checkpoints, cross-rank averaging) see this step's value.
+        let _ = self.running_mean.value_sync();
+        let _ = self.running_var.value_sync();
+        debug_assert_eq!(out.dims(), [b, c, h, w]);
+        out
+    }
+
+    /// The batch-statistics normalisation written with tensor operations (the GPU path; on the
+    /// CPU [`super::cpunorm`] computes the same in one fused operation): the output, and the
+    /// per-channel mean and biased variance as `[c]` tensors without autodiff.
+    pub(crate) fn forward_train_tensor_ops(
+        &self,
+        x: Tensor<4>,
+    ) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
+        let [b, c, h, w] = x.dims();
         // Per-channel values are expanded explicitly: the backward of `expand` reduces one axis
         // at a time, where an implicit broadcast reduces batch·height·width in one go (see
         // `chunked_rows` for why long reductions are avoided).
@@ -264,24 +306,9 @@ impl BatchNorm {
         let y = centered * inv_std.expand(full);
         let out = y * self.gamma.val().reshape([1, c, 1, 1]).expand(full)
             + self.beta.val().reshape([1, c, 1, 1]).expand(full);
-
-        let n = (b * h * w) as f64;
-        let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
-        let keep = self.momentum;
-        let mean1 = mean.detach().reshape([c]);
-        let var1 = var.detach().reshape([c]).mul_scalar(unbiased);
-        let rm = self.running_mean.value_sync().without_autodiff();
-        let rv = self.running_var.value_sync().without_autodiff();
-        let mean1 = mean1.without_autodiff();
-        let var1 = var1.without_autodiff();
-        self.running_mean
-            .update(rm.mul_scalar(keep) + mean1.mul_scalar(1.0 - keep));
-        self.running_var
-            .update(rv.mul_scalar(keep) + var1.mul_scalar(1.0 - keep));
-        // Commit now, so that visitors (checkpoints, cross-rank averaging) see this step's value.
-        let _ = self.running_mean.value_sync();
-        let _ = self.running_var.value_sync();
-        out
+        let mean1 = mean.detach().reshape([c]).without_autodiff();
+        let var1 = var.detach().reshape([c]).without_autodiff();
+        (out, mean1, var1)
     }
 
     /// Normalises with the running statistics (inference).
@@ -369,7 +396,7 @@ impl Block {
             ),
             _ => x,
         };
-        burn::tensor::activation::relu(self.conv.forward(x))
+        self.conv.forward_relu(x)
     }
 }
 

@@ -2,6 +2,7 @@
 //! Imports burn, and for the CPU convolution kernels burn's autodiff and flex crates and gemm.
 
 pub mod cpuconv;
+pub mod cpunorm;
 pub mod layers;
 pub mod loss;
 pub mod summary;

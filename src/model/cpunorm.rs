@@ -1,0 +1,363 @@
+//! Batch normalisation (training mode) for the CPU backend as one fused autodiff operation: two
+//! passes over the activations forward and two backward, where the same function written with
+//! tensor operations (kept for wgpu in [`super::layers::BatchNorm`]) makes about twenty, each
+//! allocating a full-size tensor (issue 6: after the convolutions, such passes were most of a
+//! CPU step).
+//!
+//! With `N = batch·h·w` values per channel, `μ`, `σ²` their mean and biased variance (summed
+//! in float64), `r = 1/sqrt(σ² + ε)` and `x̂ = (x − μ)·r`:
+//! - forward: `y = γ·x̂ + β`;
+//! - backward: `dβ = Σ dy`, `dγ = Σ dy·x̂`, `dx = γ·r·(dy − dβ/N − x̂·dγ/N)`.
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn_dispatch::backends::autodiff::NodeId;
+use burn_dispatch::backends::autodiff::checkpoint::base::Checkpointer;
+use burn_dispatch::backends::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_dispatch::backends::autodiff::grads::Gradients;
+use burn_dispatch::backends::autodiff::ops::{Backward, Ops, OpsKind};
+use burn_dispatch::backends::flex::FlexTensor;
+use burn_dispatch::backends::{Autodiff, Flex};
+use rayon::prelude::*;
+
+use super::cpuconv::{f32_values, flex};
+
+/// Per-channel statistics of one forward pass.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stats {
+    /// Mean per channel.
+    pub mean: Vec<f64>,
+    /// Biased variance per channel.
+    pub var: Vec<f64>,
+}
+
+/// Mean and biased variance per channel of `x` `[batch, c, hw]` (two passes, float64 sums).
+pub fn stats(x: &[f32], batch: usize, c: usize, hw: usize) -> Stats {
+    let n = (batch * hw) as f64;
+    let per: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let planes = || (0..batch).map(|b| &x[(b * c + ch) * hw..][..hw]);
+            let mean = planes()
+                .map(|p| p.iter().map(|&v| v as f64).sum::<f64>())
+                .sum::<f64>()
+                / n;
+            let var = planes()
+                .map(|p| {
+                    p.iter()
+                        .map(|&v| {
+                            let d = v as f64 - mean;
+                            d * d
+                        })
+                        .sum::<f64>()
+                })
+                .sum::<f64>()
+                / n;
+            (mean, var)
+        })
+        .collect();
+    Stats {
+        mean: per.iter().map(|p| p.0).collect(),
+        var: per.iter().map(|p| p.1).collect(),
+    }
+}
+
+/// `1/sqrt(σ² + ε)` per channel.
+fn inv_std(st: &Stats, eps: f64) -> Vec<f64> {
+    st.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()
+}
+
+/// Forward: `y = γ·(x − μ)·r + β` for `x` `[batch, c, hw]`.
+pub fn forward(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    st: &Stats,
+    eps: f64,
+    (batch, c, hw): (usize, usize, usize),
+) -> Vec<f32> {
+    assert_eq!(x.len(), batch * c * hw, "batch-norm input size");
+    let r = inv_std(st, eps);
+    let mut y = vec![0.0f32; x.len()];
+    y.par_chunks_mut(hw)
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .for_each(|(plane, (yp, xp))| {
+            let ch = plane % c;
+            let scale = (gamma[ch] as f64 * r[ch]) as f32;
+            let shift = (beta[ch] as f64 - st.mean[ch] * gamma[ch] as f64 * r[ch]) as f32;
+            yp.iter_mut()
+                .zip(xp)
+                .for_each(|(o, &v)| *o = v.mul_add(scale, shift));
+        });
+    y
+}
+
+/// Backward: (`dx` if asked, `dγ`, `dβ`) for `x`, `dy` `[batch, c, hw]`.
+pub fn backward(
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    st: &Stats,
+    eps: f64,
+    (batch, c, hw): (usize, usize, usize),
+    want_dx: bool,
+) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let r = inv_std(st, eps);
+    let n = (batch * hw) as f64;
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mu, rc) = (st.mean[ch], r[ch]);
+            (0..batch).fold((0.0, 0.0), |(sd, sdx), b| {
+                let o = (b * c + ch) * hw;
+                let (p, q) = x[o..o + hw].iter().zip(&dy[o..o + hw]).fold(
+                    (0.0f64, 0.0f64),
+                    |(a, ax), (&xv, &g)| {
+                        let g = g as f64;
+                        (a + g, ax + g * (xv as f64 - mu) * rc)
+                    },
+                );
+                (sd + p, sdx + q)
+            })
+        })
+        .collect();
+    let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+    let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+    let dx = want_dx.then(|| {
+        let mut dx = vec![0.0f32; x.len()];
+        dx.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
+            let ch = plane % c;
+            let o = plane * hw;
+            let (mu, rc, g) = (st.mean[ch], r[ch], gamma[ch] as f64);
+            // dx = k·dy − k·mean(dy) − k·x̂·mean(dy·x̂), k = γ·r, x̂ = (x − μ)·r
+            //    = a·dy + b·x + d with a = k, b = −k·r·mean(dy·x̂), d = −k·mean(dy) − b·μ.
+            let k = g * rc;
+            let a = k as f32;
+            let bx = -k * rc * sums[ch].1 / n;
+            let d = (-k * sums[ch].0 / n - bx * mu) as f32;
+            let bx = bx as f32;
+            out.iter_mut()
+                .zip(&dy[o..o + hw])
+                .zip(&x[o..o + hw])
+                .for_each(|((v, &g), &xv)| *v = a * g + bx * xv + d);
+        });
+        dx
+    });
+    (dx, dgamma, dbeta)
+}
+
+#[derive(Debug)]
+struct BatchNormBackward;
+
+impl Backward<Flex, 3> for BatchNormBackward {
+    /// Input and γ nodes, statistics, ε.
+    type State = (NodeId, NodeId, Stats, f64);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
+        let [node_x, node_g, node_b] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (xs, gs, st, eps) = ops.state;
+        let x = ckpt.retrieve_node_output::<FlexTensor>(xs);
+        let gamma = ckpt.retrieve_node_output::<FlexTensor>(gs);
+        let dims = x.layout().shape().clone();
+        let (b, c, hw) = (dims[0], dims[1], dims[2] * dims[3]);
+        let (dx, dgamma, dbeta) = backward(
+            &f32_values(&x),
+            &f32_values(&dy),
+            &f32_values(&gamma),
+            &st,
+            eps,
+            (b, c, hw),
+            node_x.is_some(),
+        );
+        if let (Some(node), Some(dx)) = (node_x, dx) {
+            grads.register::<Flex>(node.id, flex(dx, vec![b, c, dims[2], dims[3]]));
+        }
+        if let Some(node) = node_g {
+            grads.register::<Flex>(node.id, flex(dgamma, vec![c]));
+        }
+        if let Some(node) = node_b {
+            grads.register::<Flex>(node.id, flex(dbeta, vec![c]));
+        }
+    }
+}
+
+fn forward_flex(x: &FlexTensor, g: &FlexTensor, b: &FlexTensor, eps: f64) -> (FlexTensor, Stats) {
+    let dims = x.layout().shape().clone();
+    let shape = (dims[0], dims[1], dims[2] * dims[3]);
+    let xv = f32_values(x);
+    let st = stats(&xv, shape.0, shape.1, shape.2);
+    let y = forward(&xv, &f32_values(g), &f32_values(b), &st, eps, shape);
+    (flex(y, vec![dims[0], dims[1], dims[2], dims[3]]), st)
+}
+
+/// Training-mode batch normalisation on the CPU backend: `Some((y, mean, biased variance))`
+/// when `x`, `gamma` and `beta` are f32 tensors on the flex device (with or without autodiff),
+/// `None` otherwise (the caller then uses tensor operations). The statistics come back as
+/// `[c]` tensors on the device without autodiff, for the running averages.
+pub fn batch_norm_train(
+    x: &Tensor<4>,
+    gamma: &Tensor<1>,
+    beta: &Tensor<1>,
+    eps: f64,
+) -> Option<(Tensor<4>, Tensor<1>, Tensor<1>)> {
+    if x.dtype() != DType::F32 || gamma.dtype() != DType::F32 || beta.dtype() != DType::F32 {
+        return None;
+    }
+    let device = x.device().without_autodiff();
+    let [_, c, _, _] = x.dims();
+    let stat_tensors = |st: &Stats, device: &Device| {
+        let t = |v: &[f64]| {
+            let v: Vec<f32> = v.iter().map(|&m| m as f32).collect();
+            Tensor::<1>::from_data(TensorData::new(v, [c]), device)
+        };
+        (t(&st.mean), t(&st.var))
+    };
+    let ad = (
+        x.clone().try_into_primitive::<Autodiff<Flex>>(),
+        gamma.clone().try_into_primitive::<Autodiff<Flex>>(),
+        beta.clone().try_into_primitive::<Autodiff<Flex>>(),
+    );
+    if let (Ok(x), Ok(g), Ok(b)) = ad {
+        let nodes = [x.node(), g.node(), b.node()];
+        let (y, st) = forward_flex(x.primitive(), g.primitive(), b.primitive(), eps);
+        let out = match BatchNormBackward
+            .prepare::<NoCheckpointing>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let xs = prep.checkpoint(&x);
+                let gs = prep.checkpoint(&g);
+                prep.finish((xs, gs, st.clone(), eps), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        let (m, v) = stat_tensors(&st, &device);
+        return Some((Tensor::from_primitive::<Autodiff<Flex>>(out), m, v));
+    }
+    let plain = (
+        x.clone().try_into_primitive::<Flex>(),
+        gamma.clone().try_into_primitive::<Flex>(),
+        beta.clone().try_into_primitive::<Flex>(),
+    );
+    if let (Ok(x), Ok(g), Ok(b)) = plain {
+        let (y, st) = forward_flex(&x, &g, &b, eps);
+        let (m, v) = stat_tensors(&st, &device);
+        return Some((Tensor::from_primitive::<Flex>(y), m, v));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::layers::BatchNorm;
+
+    fn values(n: usize, salt: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + salt * 104_729) % 211) as f32 / 21.1) - 4.0 + (i % 3) as f32)
+            .collect()
+    }
+
+    fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+        let scale = b
+            .iter()
+            .fold(0.0f64, |m, v| m.max(v.abs() as f64))
+            .max(1e-30);
+        a.iter()
+            .zip(b)
+            .fold(0.0f64, |m, (p, q)| m.max((p - q).abs() as f64))
+            / scale
+    }
+
+    /// The fused operation against the tensor-operation formula it replaces (burn's autodiff
+    /// derives that one's gradients; the formula itself is pinned to a float64 closed form in
+    /// layers.rs): output, statistics and the gradients of x, γ and β of L = Σ y·g.
+    #[test]
+    fn fused_equals_the_tensor_operation_formula() {
+        let device = Device::flex().autodiff();
+        let (b, c, h, w) = (3, 4, 9, 11);
+        let mut bn = BatchNorm::new(c, 0.99, 1e-3, &device);
+        bn.gamma = burn::module::Param::from_tensor(Tensor::from_data(
+            TensorData::new(vec![0.5f32, -1.5, 2.0, 1.0], [c]),
+            &device,
+        ));
+        bn.beta = burn::module::Param::from_tensor(Tensor::from_data(
+            TensorData::new(vec![0.1f32, 0.2, -0.3, 0.0], [c]),
+            &device,
+        ));
+        let xv = values(b * c * h * w, 1);
+        let gv = values(b * c * h * w, 2);
+        let v4 = |t: Tensor<4>| t.into_data().try_to_vec::<f32>().unwrap();
+        let v1 = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().unwrap();
+        let run = |fused: bool| {
+            let x = Tensor::<4>::from_data(TensorData::new(xv.clone(), [b, c, h, w]), &device)
+                .require_grad();
+            let g = Tensor::<4>::from_data(TensorData::new(gv.clone(), [b, c, h, w]), &device);
+            let (y, m, var) = if fused {
+                batch_norm_train(&x, &bn.gamma.val(), &bn.beta.val(), bn.epsilon)
+                    .expect("the flex autodiff device takes the fused path")
+            } else {
+                bn.forward_train_tensor_ops(x.clone())
+            };
+            let grads = (y.clone() * g).sum().backward();
+            vec![
+                v4(y.without_autodiff()),
+                v1(m),
+                v1(var),
+                v4(x.grad(&grads).unwrap()),
+                v1(bn.gamma.val().grad(&grads).unwrap()),
+                v1(bn.beta.val().grad(&grads).unwrap()),
+            ]
+        };
+        let (ours, ops) = (run(true), run(false));
+        for (i, name) in ["y", "mean", "var", "dx", "dgamma", "dbeta"]
+            .iter()
+            .enumerate()
+        {
+            let e = max_rel(&ours[i], &ops[i]);
+            assert!(e < 2e-5, "{name}: max rel difference {e:e}");
+        }
+        // Without autodiff: the same output.
+        let plain = Device::flex();
+        let x = Tensor::<4>::from_data(TensorData::new(xv, [b, c, h, w]), &plain);
+        let (y, _, _) = batch_norm_train(
+            &x,
+            &bn.gamma.val().without_autodiff(),
+            &bn.beta.val().without_autodiff(),
+            bn.epsilon,
+        )
+        .expect("the plain flex device takes the fused path");
+        assert_eq!(v4(y), ours[0]);
+    }
+
+    /// Per-channel sums run in a fixed order: the thread count changes nothing.
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let (b, c, hw) = (2, 5, 37);
+        let x = values(b * c * hw, 3);
+        let dy = values(b * c * hw, 4);
+        let gamma = vec![1.0f32, 2.0, -1.0, 0.5, 3.0];
+        let beta = vec![0.0f32; c];
+        let all = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let st = stats(&x, b, c, hw);
+                let y = forward(&x, &gamma, &beta, &st, 1e-3, (b, c, hw));
+                (
+                    y,
+                    backward(&x, &dy, &gamma, &st, 1e-3, (b, c, hw), true),
+                    st,
+                )
+            })
+        };
+        let one = all(1);
+        for t in [2, 3] {
+            assert!(all(t) == one, "{t} threads differ from 1");
+        }
+    }
+}
