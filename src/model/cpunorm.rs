@@ -30,28 +30,73 @@ pub struct Stats {
     pub var: Vec<f64>,
 }
 
-/// Mean and biased variance per channel of `x` `[batch, c, hw]` (two passes, float64 sums).
+/// Values per partial sum: summed in f32 over 16 independent lanes (which the compiler
+/// vectorises), then accumulated in float64.
+const CHUNK: usize = 256;
+
+/// `Σ f(v)` over `p`, in f32 per [`CHUNK`] values (16 lanes) and float64 across chunks.
+#[inline]
+fn chunked_sum(p: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    p.chunks(CHUNK)
+        .map(|c| {
+            let mut acc = [0.0f32; 16];
+            let mut it = c.chunks_exact(16);
+            for v in &mut it {
+                for (a, &x) in acc.iter_mut().zip(v) {
+                    *a += f(x);
+                }
+            }
+            let tail: f32 = it.remainder().iter().map(|&x| f(x)).sum();
+            (acc.iter().sum::<f32>() + tail) as f64
+        })
+        .sum()
+}
+
+/// `(Σ g, Σ g·(x − μ))` over paired slices, like [`chunked_sum`].
+#[inline]
+fn chunked_sums2(x: &[f32], g: &[f32], mu: f32) -> (f64, f64) {
+    let mut out = (0.0f64, 0.0f64);
+    for (xc, gc) in x.chunks(CHUNK).zip(g.chunks(CHUNK)) {
+        let (mut a, mut b) = ([0.0f32; 16], [0.0f32; 16]);
+        let (mut xi, mut gi) = (xc.chunks_exact(16), gc.chunks_exact(16));
+        for (xv, gv) in (&mut xi).zip(&mut gi) {
+            for k in 0..16 {
+                a[k] += gv[k];
+                b[k] += gv[k] * (xv[k] - mu);
+            }
+        }
+        let (mut ta, mut tb) = (0.0f32, 0.0f32);
+        for (&xv, &gv) in xi.remainder().iter().zip(gi.remainder()) {
+            ta += gv;
+            tb += gv * (xv - mu);
+        }
+        out.0 += (a.iter().sum::<f32>() + ta) as f64;
+        out.1 += (b.iter().sum::<f32>() + tb) as f64;
+    }
+    out
+}
+
+/// Mean and biased variance per channel of `x` `[batch, c, hw]`: two passes (the variance
+/// sums squared deviations from the mean, so a large mean costs no precision).
 pub fn stats(x: &[f32], batch: usize, c: usize, hw: usize) -> Stats {
     let n = (batch * hw) as f64;
     let per: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
             let planes = || (0..batch).map(|b| &x[(b * c + ch) * hw..][..hw]);
-            let mean = planes()
-                .map(|p| p.iter().map(|&v| v as f64).sum::<f64>())
-                .sum::<f64>()
-                / n;
+            let mean = planes().map(|p| chunked_sum(p, |v| v)).sum::<f64>() / n;
+            let m = mean as f32;
             let var = planes()
                 .map(|p| {
-                    p.iter()
-                        .map(|&v| {
-                            let d = v as f64 - mean;
-                            d * d
-                        })
-                        .sum::<f64>()
+                    chunked_sum(p, |v| {
+                        let d = v - m;
+                        d * d
+                    })
                 })
                 .sum::<f64>()
                 / n;
+            // The f32 mean's rounding, removed: Σ(x − m)²/n = σ² + (μ − m)².
+            let var = (var - (mean - m as f64).powi(2)).max(0.0);
             (mean, var)
         })
         .collect();
@@ -87,7 +132,7 @@ pub fn forward(
             let shift = (beta[ch] as f64 - st.mean[ch] * gamma[ch] as f64 * r[ch]) as f32;
             yp.iter_mut()
                 .zip(xp)
-                .for_each(|(o, &v)| *o = v.mul_add(scale, shift));
+                .for_each(|(o, &v)| *o = v * scale + shift);
         });
     y
 }
@@ -108,17 +153,14 @@ pub fn backward(
         .into_par_iter()
         .map(|ch| {
             let (mu, rc) = (st.mean[ch], r[ch]);
-            (0..batch).fold((0.0, 0.0), |(sd, sdx), b| {
+            let m = mu as f32;
+            let (sd, sdc) = (0..batch).fold((0.0, 0.0), |(sd, sdc), b| {
                 let o = (b * c + ch) * hw;
-                let (p, q) = x[o..o + hw].iter().zip(&dy[o..o + hw]).fold(
-                    (0.0f64, 0.0f64),
-                    |(a, ax), (&xv, &g)| {
-                        let g = g as f64;
-                        (a + g, ax + g * (xv as f64 - mu) * rc)
-                    },
-                );
-                (sd + p, sdx + q)
-            })
+                let (p, q) = chunked_sums2(&x[o..o + hw], &dy[o..o + hw], m);
+                (sd + p, sdc + q)
+            });
+            // Σ dy·x̂ = r·(Σ dy·(x − m) − (μ − m)·Σ dy).
+            (sd, rc * (sdc - (mu - m as f64) * sd))
         })
         .collect();
     let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();

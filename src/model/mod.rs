@@ -3,6 +3,7 @@
 
 pub mod cpuconv;
 pub mod cpunorm;
+pub mod cpuops;
 pub mod layers;
 pub mod loss;
 pub mod summary;

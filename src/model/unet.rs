@@ -13,6 +13,7 @@ use burn::tensor::module::max_pool2d;
 use burn::tensor::ops::MaxPoolOptions;
 use serde::{Deserialize, Serialize};
 
+use super::cpuops::{max_pool2_cpu, upsample_cat_cpu};
 use super::layers::{BatchNorm, Block, Conv, Mode, ParamInit, UpConv};
 use crate::error::{Error, Result};
 
@@ -227,17 +228,22 @@ impl UNet {
             }
             if i < last {
                 skips.push(x.clone());
-                x = max_pool2d(x, MaxPoolOptions::new([2, 2]));
+                x = match max_pool2_cpu(&x) {
+                    Some(y) => y,
+                    None => max_pool2d(x, MaxPoolOptions::new([2, 2])),
+                };
             }
         }
         // 2. Decoder: upsample, concat([skip, upsampled]), two blocks.
         for (i, level) in self.decoder.iter().enumerate() {
-            x = match self.up.get(i) {
-                Some(up) => up.forward(x),
-                None => upsample_nearest2(x),
-            };
             let skip = skips.pop().expect("one skip per decoder level");
-            x = Tensor::cat(vec![skip, x], 1);
+            x = match self.up.get(i) {
+                Some(up) => Tensor::cat(vec![skip, up.forward(x)], 1),
+                None => match upsample_cat_cpu(&skip, &x) {
+                    Some(y) => y,
+                    None => Tensor::cat(vec![skip, upsample_nearest2(x)], 1),
+                },
+            };
             for block in level {
                 x = block.forward(x, mode);
             }
