@@ -281,6 +281,10 @@ pub fn weight_bias_grad(x: &[f32], dy: &[f32], s: &ConvShape) -> (Vec<f32>, Vec<
         1
     };
     let block_rows = s.c_out.div_ceil(blocks);
+    // With few output channels, dW is accumulated column-major: gemm then leaves the im2col
+    // tile unpacked (it packs only the thin dY block), where a row-major dW makes it repack the
+    // whole tile per call; measured with `cargo bench --bench conv` (see COL_MAJOR_MAX_COUT).
+    let col_major = s.c_out <= COL_MAJOR_MAX_COUT;
     let partials: Vec<(Vec<f32>, Vec<f32>)> = runs
         .into_par_iter()
         .map(|run| {
@@ -295,26 +299,32 @@ pub fn weight_bias_grad(x: &[f32], dy: &[f32], s: &ConvShape) -> (Vec<f32>, Vec<
                 }
             }
             let mut dw = vec![0.0f32; s.c_out * kd];
-            dw.par_chunks_mut(block_rows * kd)
-                .enumerate()
-                .for_each(|(blk, dwb)| {
-                    let (co0, m) = (blk * block_rows, dwb.len() / kd);
+            let dst = SharedMut(dw.as_mut_ptr());
+            let (d_rs, d_cs) = if col_major { (1, s.c_out) } else { (kd, 1) };
+            (0..s.c_out.div_ceil(block_rows))
+                .into_par_iter()
+                .for_each(|blk| {
+                    let co0 = blk * block_rows;
+                    let m = block_rows.min(s.c_out - co0);
                     for &tile in run {
                         let (b, r0, rows) = tile;
                         let n = rows * s.w;
                         let g = &dy[(b * s.c_out + co0) * hw..];
+                        let dst = dst;
                         with_tile_cols(x, s, tile, |col, col_rs| {
-                            // SAFETY: dwb is m × kdim row-major and owned by this block; the
-                            // lhs is m rows of n values (row stride hw) inside `dy`; the rhs is
-                            // colᵀ: n × kdim with row stride 1 and column stride col_rs.
+                            // SAFETY: this block writes only rows co0..co0+m of dw (c_out ×
+                            // kdim, row stride d_rs, column stride d_cs), which no other block
+                            // touches; the lhs is m rows of n values (row stride hw) inside
+                            // `dy`; the rhs is colᵀ: n × kdim with row stride 1 and column
+                            // stride col_rs.
                             unsafe {
                                 gemm::gemm(
                                     m,
                                     kd,
                                     n,
-                                    dwb.as_mut_ptr(),
-                                    1,
-                                    kd as isize,
+                                    dst.0.add(co0 * d_rs),
+                                    d_cs as isize,
+                                    d_rs as isize,
                                     true,
                                     g[r0 * s.w..].as_ptr(),
                                     1,
@@ -344,8 +354,20 @@ pub fn weight_bias_grad(x: &[f32], dy: &[f32], s: &ConvShape) -> (Vec<f32>, Vec<
         dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
         db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
     }
+    if col_major {
+        let cm = dw;
+        dw = vec![0.0f32; cm.len()];
+        for (k, col) in cm.chunks(s.c_out).enumerate() {
+            for (co, &v) in col.iter().enumerate() {
+                dw[co * kd + k] = v;
+            }
+        }
+    }
     (dw, db)
 }
+
+/// Largest output-channel count for which the weight gradient is accumulated column-major.
+pub const COL_MAJOR_MAX_COUT: usize = 64;
 
 /// Input gradient: `dy` `[batch, c_out, h, w]`, `weight` `[c_out, c_in, k, k]` →
 /// `[batch, c_in, h, w]`, as the forward convolution of `dy` by `W'[ci, co, ky, kx] =
