@@ -310,7 +310,8 @@ pub fn weight_bias_grad(x: &[f32], dy: &[f32], s: &ConvShape) -> (Vec<f32>, Vec<
                         let (b, r0, rows) = tile;
                         let n = rows * s.w;
                         let g = &dy[(b * s.c_out + co0) * hw..];
-                        let dst = dst;
+                        // The whole wrapper (Send), not its raw-pointer field, into the closure.
+                        let out = dst;
                         with_tile_cols(x, s, tile, |col, col_rs| {
                             // SAFETY: this block writes only rows co0..co0+m of dw (c_out ×
                             // kdim, row stride d_rs, column stride d_cs), which no other block
@@ -322,7 +323,7 @@ pub fn weight_bias_grad(x: &[f32], dy: &[f32], s: &ConvShape) -> (Vec<f32>, Vec<
                                     m,
                                     kd,
                                     n,
-                                    dst.0.add(co0 * d_rs),
+                                    out.0.add(co0 * d_rs),
                                     d_cs as isize,
                                     d_rs as isize,
                                     true,
@@ -450,9 +451,7 @@ impl Backward<Flex, 3> for ConvBackward {
         let mut dyv = f32_values(&dy);
         if let Some(y) = relu_out {
             // Through the ReLU: the gradient passes where the output is positive.
-            let mut masked = dyv.into_owned();
-            relu_mask(&mut masked, &f32_values(&y));
-            dyv = std::borrow::Cow::Owned(masked);
+            dyv = std::borrow::Cow::Owned(relu_masked(&dyv, &f32_values(&y)));
         }
         if let Some(node) = node_x {
             let dx = input_grad(&dyv, &f32_values(&w), &s);
@@ -470,15 +469,17 @@ impl Backward<Flex, 3> for ConvBackward {
     }
 }
 
-/// `g[i] = 0` where `y[i] ≤ 0` (PyTorch's ReLU gradient: zero at 0).
-fn relu_mask(g: &mut [f32], y: &[f32]) {
-    g.par_chunks_mut(1 << 14)
-        .zip(y.par_chunks(1 << 14))
-        .for_each(|(g, y)| {
-            g.iter_mut()
-                .zip(y)
-                .for_each(|(g, &y)| *g = if y > 0.0 { *g } else { 0.0 })
+/// `g` where `y > 0`, else 0 (PyTorch's ReLU gradient: zero at 0), in one pass.
+fn relu_masked(g: &[f32], y: &[f32]) -> Vec<f32> {
+    let mut out = vec![0.0f32; g.len()];
+    out.par_chunks_mut(1 << 14)
+        .zip(g.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
+        .for_each(|(o, (g, y))| {
+            for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                *o = if y > 0.0 { g } else { 0.0 };
+            }
         });
+    out
 }
 
 /// Whether [`conv2d_same`] takes this module's path for these tensors (flex, f32, odd square

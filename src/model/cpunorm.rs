@@ -111,7 +111,8 @@ fn inv_std(st: &Stats, eps: f64) -> Vec<f64> {
     st.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()
 }
 
-/// Forward: `y = γ·(x − μ)·r + β` for `x` `[batch, c, hw]`.
+/// Forward: `y = m·(γ·(x − μ)·r + β)` for `x` `[batch, c, hw]`, with `m` the per-plane
+/// (batch × channel) multiplier of a spatial dropout that follows the normalisation (1 without).
 pub fn forward(
     x: &[f32],
     gamma: &[f32],
@@ -119,6 +120,7 @@ pub fn forward(
     st: &Stats,
     eps: f64,
     (batch, c, hw): (usize, usize, usize),
+    mask: Option<&[f32]>,
 ) -> Vec<f32> {
     assert_eq!(x.len(), batch * c * hw, "batch-norm input size");
     let r = inv_std(st, eps);
@@ -128,8 +130,9 @@ pub fn forward(
         .enumerate()
         .for_each(|(plane, (yp, xp))| {
             let ch = plane % c;
-            let scale = (gamma[ch] as f64 * r[ch]) as f32;
-            let shift = (beta[ch] as f64 - st.mean[ch] * gamma[ch] as f64 * r[ch]) as f32;
+            let m = mask.map_or(1.0, |m| m[plane] as f64);
+            let scale = (m * gamma[ch] as f64 * r[ch]) as f32;
+            let shift = (m * (beta[ch] as f64 - st.mean[ch] * gamma[ch] as f64 * r[ch])) as f32;
             yp.iter_mut()
                 .zip(xp)
                 .for_each(|(o, &v)| *o = v * scale + shift);
@@ -137,7 +140,9 @@ pub fn forward(
     y
 }
 
-/// Backward: (`dx` if asked, `dγ`, `dβ`) for `x`, `dy` `[batch, c, hw]`.
+/// Backward of [`forward`]: (`dx` if asked, `dγ`, `dβ`) for `x`, `dy` `[batch, c, hw]`; the
+/// dropout multiplier scales `dy` plane by plane (`g = m·dy` below).
+#[allow(clippy::too_many_arguments)]
 pub fn backward(
     x: &[f32],
     dy: &[f32],
@@ -145,8 +150,10 @@ pub fn backward(
     st: &Stats,
     eps: f64,
     (batch, c, hw): (usize, usize, usize),
+    mask: Option<&[f32]>,
     want_dx: bool,
 ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let plane_mult = |plane: usize| mask.map_or(1.0, |m| m[plane] as f64);
     let r = inv_std(st, eps);
     let n = (batch * hw) as f64;
     let sums: Vec<(f64, f64)> = (0..c)
@@ -157,7 +164,8 @@ pub fn backward(
             let (sd, sdc) = (0..batch).fold((0.0, 0.0), |(sd, sdc), b| {
                 let o = (b * c + ch) * hw;
                 let (p, q) = chunked_sums2(&x[o..o + hw], &dy[o..o + hw], m);
-                (sd + p, sdc + q)
+                let k = plane_mult(b * c + ch);
+                (sd + k * p, sdc + k * q)
             });
             // Σ dy·x̂ = r·(Σ dy·(x − m) − (μ − m)·Σ dy).
             (sd, rc * (sdc - (mu - m as f64) * sd))
@@ -171,10 +179,10 @@ pub fn backward(
             let ch = plane % c;
             let o = plane * hw;
             let (mu, rc, g) = (st.mean[ch], r[ch], gamma[ch] as f64);
-            // dx = k·dy − k·mean(dy) − k·x̂·mean(dy·x̂), k = γ·r, x̂ = (x − μ)·r
-            //    = a·dy + b·x + d with a = k, b = −k·r·mean(dy·x̂), d = −k·mean(dy) − b·μ.
+            // dx = k·g − k·mean(g) − k·x̂·mean(g·x̂), k = γ·r, x̂ = (x − μ)·r, g = m·dy
+            //    = a·dy + b·x + d with a = k·m, b = −k·r·mean(g·x̂), d = −k·mean(g) − b·μ.
             let k = g * rc;
-            let a = k as f32;
+            let a = (k * plane_mult(plane)) as f32;
             let bx = -k * rc * sums[ch].1 / n;
             let d = (-k * sums[ch].0 / n - bx * mu) as f32;
             let bx = bx as f32;
@@ -192,13 +200,13 @@ pub fn backward(
 struct BatchNormBackward;
 
 impl Backward<Flex, 3> for BatchNormBackward {
-    /// Input and γ nodes, statistics, ε.
-    type State = (NodeId, NodeId, Stats, f64);
+    /// Input and γ nodes, statistics, ε, dropout multipliers.
+    type State = (NodeId, NodeId, Stats, f64, Option<Vec<f32>>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
         let [node_x, node_g, node_b] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
-        let (xs, gs, st, eps) = ops.state;
+        let (xs, gs, st, eps, mask) = ops.state;
         let x = ckpt.retrieve_node_output::<FlexTensor>(xs);
         let gamma = ckpt.retrieve_node_output::<FlexTensor>(gs);
         let dims = x.layout().shape().clone();
@@ -210,6 +218,7 @@ impl Backward<Flex, 3> for BatchNormBackward {
             &st,
             eps,
             (b, c, hw),
+            mask.as_deref(),
             node_x.is_some(),
         );
         if let (Some(node), Some(dx)) = (node_x, dx) {
@@ -224,30 +233,43 @@ impl Backward<Flex, 3> for BatchNormBackward {
     }
 }
 
-fn forward_flex(x: &FlexTensor, g: &FlexTensor, b: &FlexTensor, eps: f64) -> (FlexTensor, Stats) {
+fn forward_flex(
+    x: &FlexTensor,
+    g: &FlexTensor,
+    b: &FlexTensor,
+    eps: f64,
+    mask: Option<&[f32]>,
+) -> (FlexTensor, Stats) {
     let dims = x.layout().shape().clone();
     let shape = (dims[0], dims[1], dims[2] * dims[3]);
     let xv = f32_values(x);
     let st = stats(&xv, shape.0, shape.1, shape.2);
-    let y = forward(&xv, &f32_values(g), &f32_values(b), &st, eps, shape);
+    let y = forward(&xv, &f32_values(g), &f32_values(b), &st, eps, shape, mask);
     (flex(y, vec![dims[0], dims[1], dims[2], dims[3]]), st)
 }
 
-/// Training-mode batch normalisation on the CPU backend: `Some((y, mean, biased variance))`
-/// when `x`, `gamma` and `beta` are f32 tensors on the flex device (with or without autodiff),
-/// `None` otherwise (the caller then uses tensor operations). The statistics come back as
-/// `[c]` tensors on the device without autodiff, for the running averages.
+/// Training-mode batch normalisation on the CPU backend, optionally followed by a spatial
+/// dropout given as its per-plane multipliers (`[batch·c]`, 0 or 1/(1 − p)): `Some((y, mean,
+/// biased variance))` when `x`, `gamma` and `beta` are f32 tensors on the flex device (with or
+/// without autodiff), `None` otherwise (the caller then uses tensor operations). The statistics
+/// (of `x`, before any dropout) come back as `[c]` tensors on the device without autodiff, for
+/// the running averages.
 pub fn batch_norm_train(
     x: &Tensor<4>,
     gamma: &Tensor<1>,
     beta: &Tensor<1>,
     eps: f64,
+    mask: Option<Vec<f32>>,
 ) -> Option<(Tensor<4>, Tensor<1>, Tensor<1>)> {
-    if x.dtype() != DType::F32 || gamma.dtype() != DType::F32 || beta.dtype() != DType::F32 {
+    let [b, c, _, _] = x.dims();
+    if x.dtype() != DType::F32
+        || gamma.dtype() != DType::F32
+        || beta.dtype() != DType::F32
+        || mask.as_ref().is_some_and(|m| m.len() != b * c)
+    {
         return None;
     }
     let device = x.device().without_autodiff();
-    let [_, c, _, _] = x.dims();
     let stat_tensors = |st: &Stats, device: &Device| {
         let t = |v: &[f64]| {
             let v: Vec<f32> = v.iter().map(|&m| m as f32).collect();
@@ -262,7 +284,13 @@ pub fn batch_norm_train(
     );
     if let (Ok(x), Ok(g), Ok(b)) = ad {
         let nodes = [x.node(), g.node(), b.node()];
-        let (y, st) = forward_flex(x.primitive(), g.primitive(), b.primitive(), eps);
+        let (y, st) = forward_flex(
+            x.primitive(),
+            g.primitive(),
+            b.primitive(),
+            eps,
+            mask.as_deref(),
+        );
         let out = match BatchNormBackward
             .prepare::<NoCheckpointing>(nodes)
             .compute_bound()
@@ -271,7 +299,7 @@ pub fn batch_norm_train(
             OpsKind::Tracked(mut prep) => {
                 let xs = prep.checkpoint(&x);
                 let gs = prep.checkpoint(&g);
-                prep.finish((xs, gs, st.clone(), eps), y)
+                prep.finish((xs, gs, st.clone(), eps, mask), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
@@ -284,7 +312,7 @@ pub fn batch_norm_train(
         beta.clone().try_into_primitive::<Flex>(),
     );
     if let (Ok(x), Ok(g), Ok(b)) = plain {
-        let (y, st) = forward_flex(&x, &g, &b, eps);
+        let (y, st) = forward_flex(&x, &g, &b, eps, mask.as_deref());
         let (m, v) = stat_tensors(&st, &device);
         return Some((Tensor::from_primitive::<Flex>(y), m, v));
     }
@@ -315,7 +343,8 @@ mod tests {
 
     /// The fused operation against the tensor-operation formula it replaces (burn's autodiff
     /// derives that one's gradients; the formula itself is pinned to a float64 closed form in
-    /// layers.rs): output, statistics and the gradients of x, γ and β of L = Σ y·g.
+    /// layers.rs): output, statistics and the gradients of x, γ and β of L = Σ y·g, without
+    /// and with a fused spatial dropout (against the formula times the mask).
     #[test]
     fn fused_equals_the_tensor_operation_formula() {
         let device = Device::flex().autodiff();
@@ -333,15 +362,27 @@ mod tests {
         let gv = values(b * c * h * w, 2);
         let v4 = |t: Tensor<4>| t.into_data().try_to_vec::<f32>().unwrap();
         let v1 = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().unwrap();
-        let run = |fused: bool| {
+        // Spatial-dropout multipliers for the fused-dropout case: planes 1, 4 and 9 dropped.
+        let mask: Vec<f32> = (0..b * c)
+            .map(|p| if [1, 4, 9].contains(&p) { 0.0 } else { 2.0 })
+            .collect();
+        let run = |fused: bool, mask: Option<Vec<f32>>| {
             let x = Tensor::<4>::from_data(TensorData::new(xv.clone(), [b, c, h, w]), &device)
                 .require_grad();
             let g = Tensor::<4>::from_data(TensorData::new(gv.clone(), [b, c, h, w]), &device);
             let (y, m, var) = if fused {
-                batch_norm_train(&x, &bn.gamma.val(), &bn.beta.val(), bn.epsilon)
+                batch_norm_train(&x, &bn.gamma.val(), &bn.beta.val(), bn.epsilon, mask)
                     .expect("the flex autodiff device takes the fused path")
             } else {
-                bn.forward_train_tensor_ops(x.clone())
+                let (y, m, var) = bn.forward_train_tensor_ops(x.clone());
+                match mask {
+                    Some(mask) => {
+                        let mt =
+                            Tensor::<4>::from_data(TensorData::new(mask, [b, c, 1, 1]), &device);
+                        (y * mt, m, var)
+                    }
+                    None => (y, m, var),
+                }
             };
             let grads = (y.clone() * g).sum().backward();
             vec![
@@ -353,14 +394,21 @@ mod tests {
                 v1(bn.beta.val().grad(&grads).unwrap()),
             ]
         };
-        let (ours, ops) = (run(true), run(false));
-        for (i, name) in ["y", "mean", "var", "dx", "dgamma", "dbeta"]
-            .iter()
-            .enumerate()
-        {
-            let e = max_rel(&ours[i], &ops[i]);
-            assert!(e < 2e-5, "{name}: max rel difference {e:e}");
+        for mk in [None, Some(mask.clone())] {
+            let masked = mk.is_some();
+            let (ours, ops) = (run(true, mk.clone()), run(false, mk));
+            for (i, name) in ["y", "mean", "var", "dx", "dgamma", "dbeta"]
+                .iter()
+                .enumerate()
+            {
+                let e = max_rel(&ours[i], &ops[i]);
+                assert!(
+                    e < 2e-5,
+                    "dropout {masked}, {name}: max rel difference {e:e}"
+                );
+            }
         }
+        let ours = run(true, None);
         // Without autodiff: the same output.
         let plain = Device::flex();
         let x = Tensor::<4>::from_data(TensorData::new(xv, [b, c, h, w]), &plain);
@@ -369,6 +417,7 @@ mod tests {
             &bn.gamma.val().without_autodiff(),
             &bn.beta.val().without_autodiff(),
             bn.epsilon,
+            None,
         )
         .expect("the plain flex device takes the fused path");
         assert_eq!(v4(y), ours[0]);
@@ -389,10 +438,11 @@ mod tests {
                 .unwrap();
             pool.install(|| {
                 let st = stats(&x, b, c, hw);
-                let y = forward(&x, &gamma, &beta, &st, 1e-3, (b, c, hw));
+                let mask: Vec<f32> = (0..b * c).map(|p| (p % 3) as f32).collect();
+                let y = forward(&x, &gamma, &beta, &st, 1e-3, (b, c, hw), Some(&mask));
                 (
                     y,
-                    backward(&x, &dy, &gamma, &st, 1e-3, (b, c, hw), true),
+                    backward(&x, &dy, &gamma, &st, 1e-3, (b, c, hw), Some(&mask), true),
                     st,
                 )
             })

@@ -260,14 +260,33 @@ impl BatchNorm {
     /// # Shapes
     /// - `x`: `[batch, c, h, w]` → same
     pub fn forward_train(&self, x: Tensor<4>) -> Tensor<4> {
+        // Without a mask the tensor-operation path always applies, so both arms hold the output.
+        match self.forward_train_dropout(x, None) {
+            Ok(y) => y,
+            Err(x) => *x,
+        }
+    }
+
+    /// [`forward_train`](Self::forward_train) followed by a spatial dropout with these
+    /// per-plane multipliers ([`dropout_mask`]), fused into one pass where the backend allows
+    /// (CPU). `Err(x)` hands the input back, untouched, when there is a mask and no fused
+    /// path: the caller then applies the two layers one after the other.
+    pub fn forward_train_dropout(
+        &self,
+        x: Tensor<4>,
+        mask: Option<Vec<f32>>,
+    ) -> Result<Tensor<4>, Box<Tensor<4>>> {
         let [b, c, h, w] = x.dims();
+        let with_mask = mask.is_some();
         let (out, mean1, var1) = match super::cpunorm::batch_norm_train(
             &x,
             &self.gamma.val(),
             &self.beta.val(),
             self.epsilon,
+            mask,
         ) {
             Some(fused) => fused,
+            None if with_mask => return Err(Box::new(x)),
             None => self.forward_train_tensor_ops(x),
         };
         let n = (b * h * w) as f64;
@@ -284,7 +303,7 @@ impl BatchNorm {
         let _ = self.running_mean.value_sync();
         let _ = self.running_var.value_sync();
         debug_assert_eq!(out.dims(), [b, c, h, w]);
-        out
+        Ok(out)
     }
 
     /// The batch-statistics normalisation written with tensor operations (the GPU path; on the
@@ -339,13 +358,19 @@ pub fn spatial_dropout(x: Tensor<4>, p: f64, seed: u64, step: u64, layer: u64) -
         return x;
     }
     let [b, c, _, _] = x.dims();
-    let mut rng = Rng::stream(seed, &[keys::DROPOUT, step, layer]);
-    let scale = (1.0 / (1.0 - p)) as f32;
-    let mask: Vec<f32> = (0..b * c)
-        .map(|_| if rng.bernoulli(p) { 0.0 } else { scale })
-        .collect();
+    let mask = dropout_mask(b * c, p, seed, step, layer);
     let mask = Tensor::<4>::from_data(TensorData::new(mask, [b, c, 1, 1]), &x.device());
     x * mask
+}
+
+/// The multipliers of [`spatial_dropout`] for `planes` = batch × channels feature maps: 0 with
+/// probability `p`, else `1 / (1 − p)`.
+pub fn dropout_mask(planes: usize, p: f64, seed: u64, step: u64, layer: u64) -> Vec<f32> {
+    let mut rng = Rng::stream(seed, &[keys::DROPOUT, step, layer]);
+    let scale = (1.0 / (1.0 - p)) as f32;
+    (0..planes)
+        .map(|_| if rng.bernoulli(p) { 0.0 } else { scale })
+        .collect()
 }
 
 /// How a forward pass runs: training (batch statistics, dropout) or evaluation.
@@ -381,20 +406,30 @@ impl Block {
     /// # Shapes
     /// - `x`: `[batch, c_in, h, w]` → `[batch, c_out, h, w]`
     pub fn forward(&self, x: Tensor<4>, mode: Mode) -> Tensor<4> {
-        let x = match (&self.norm, mode) {
-            (Some(bn), Mode::Train { .. }) => bn.forward_train(x),
-            (Some(bn), Mode::Eval) => bn.forward_eval(x),
-            (None, _) => x,
+        let dropout = match mode {
+            Mode::Train { seed, step, stream } if self.dropout > 0.0 => {
+                Some((seed, step, (stream << 16) | self.index as u64))
+            }
+            _ => None,
         };
-        let x = match mode {
-            Mode::Train { seed, step, stream } if self.dropout > 0.0 => spatial_dropout(
-                x,
-                self.dropout,
-                seed,
-                step,
-                (stream << 16) | self.index as u64,
-            ),
-            _ => x,
+        let x = match (&self.norm, mode, dropout) {
+            // BN and dropout in one pass where the backend allows it.
+            (Some(bn), Mode::Train { .. }, Some((seed, step, layer))) => {
+                let [b, c, _, _] = x.dims();
+                let mask = dropout_mask(b * c, self.dropout, seed, step, layer);
+                match bn.forward_train_dropout(x, Some(mask)) {
+                    Ok(y) => y,
+                    Err(x) => {
+                        spatial_dropout(bn.forward_train(*x), self.dropout, seed, step, layer)
+                    }
+                }
+            }
+            (Some(bn), Mode::Train { .. }, None) => bn.forward_train(x),
+            (Some(bn), Mode::Eval, _) => bn.forward_eval(x),
+            (None, _, Some((seed, step, layer))) => {
+                spatial_dropout(x, self.dropout, seed, step, layer)
+            }
+            (None, _, None) => x,
         };
         self.conv.forward_relu(x)
     }
