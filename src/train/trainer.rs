@@ -754,8 +754,11 @@ pub fn train(
             .iter()
             .zip(&pieces)
             .all(|(s, p)| *s == p * world as f64);
-        eprintln!(
-            "rank {}/{world}: final weights hash {hash:016x}{}",
+        // One write of the whole line: stderr is unbuffered, and `eprintln!` writes each
+        // formatted piece separately, so the ranks' lines could interleave mid-line (seen in
+        // tests/mpi.rs). A single write of under 4 KiB to a pipe is atomic.
+        let line = format!(
+            "rank {}/{world}: final weights hash {hash:016x}{}\n",
             comm.rank(),
             if same {
                 " (identical on all ranks)"
@@ -763,6 +766,10 @@ pub fn train(
                 " (RANKS DIFFER)"
             }
         );
+        {
+            use std::io::Write;
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
         if !same {
             return Err(Error::Invalid(format!(
                 "rank {}: the ranks ended with different weights (hash {hash:016x}); the run is not one model",
