@@ -260,34 +260,33 @@ impl BatchNorm {
     /// # Shapes
     /// - `x`: `[batch, c, h, w]` → same
     pub fn forward_train(&self, x: Tensor<4>) -> Tensor<4> {
-        // Without a mask the tensor-operation path always applies, so both arms hold the output.
-        match self.forward_train_dropout(x, None) {
-            Ok(y) => y,
-            Err(x) => *x,
-        }
+        self.forward_train_dropout(x, None)
     }
 
     /// [`forward_train`](Self::forward_train) followed by a spatial dropout with these
-    /// per-plane multipliers ([`dropout_mask`]), fused into one pass where the backend allows
-    /// (CPU). `Err(x)` hands the input back, untouched, when there is a mask and no fused
-    /// path: the caller then applies the two layers one after the other.
-    pub fn forward_train_dropout(
-        &self,
-        x: Tensor<4>,
-        mask: Option<Vec<f32>>,
-    ) -> Result<Tensor<4>, Box<Tensor<4>>> {
+    /// per-plane multipliers ([`dropout_mask`], `[batch·c]`): one fused pass on the CPU, the
+    /// tensor-operation formula times the mask elsewhere.
+    pub fn forward_train_dropout(&self, x: Tensor<4>, mask: Option<Vec<f32>>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        let with_mask = mask.is_some();
+        let device = x.device();
         let (out, mean1, var1) = match super::cpunorm::batch_norm_train(
             &x,
             &self.gamma.val(),
             &self.beta.val(),
             self.epsilon,
-            mask,
+            mask.clone(),
         ) {
             Some(fused) => fused,
-            None if with_mask => return Err(Box::new(x)),
-            None => self.forward_train_tensor_ops(x),
+            None => {
+                let (y, m, v) = self.forward_train_tensor_ops(x);
+                let y = match mask {
+                    Some(mask) => {
+                        y * Tensor::<4>::from_data(TensorData::new(mask, [b, c, 1, 1]), &device)
+                    }
+                    None => y,
+                };
+                (y, m, v)
+            }
         };
         let n = (b * h * w) as f64;
         let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
@@ -303,7 +302,7 @@ impl BatchNorm {
         let _ = self.running_mean.value_sync();
         let _ = self.running_var.value_sync();
         debug_assert_eq!(out.dims(), [b, c, h, w]);
-        Ok(out)
+        out
     }
 
     /// The batch-statistics normalisation written with tensor operations (the GPU path; on the
@@ -416,13 +415,10 @@ impl Block {
             // BN and dropout in one pass where the backend allows it.
             (Some(bn), Mode::Train { .. }, Some((seed, step, layer))) => {
                 let [b, c, _, _] = x.dims();
-                let mask = dropout_mask(b * c, self.dropout, seed, step, layer);
-                match bn.forward_train_dropout(x, Some(mask)) {
-                    Ok(y) => y,
-                    Err(x) => {
-                        spatial_dropout(bn.forward_train(*x), self.dropout, seed, step, layer)
-                    }
-                }
+                bn.forward_train_dropout(
+                    x,
+                    Some(dropout_mask(b * c, self.dropout, seed, step, layer)),
+                )
             }
             (Some(bn), Mode::Train { .. }, None) => bn.forward_train(x),
             (Some(bn), Mode::Eval, _) => bn.forward_eval(x),
