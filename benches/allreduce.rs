@@ -8,13 +8,14 @@
 use std::time::Instant;
 
 use burn::optim::GradientsParams;
-use ctseg::backend::{self, BackendKind};
-use ctseg::bench::{bench_allreduce, spread};
+use ctseg::backend::{self, BackendKind, DeviceRequest};
+use ctseg::bench::bench_allreduce;
 use ctseg::comm::{Communicator, Local};
 use ctseg::config::{LIVERMASK_TOML, RunConfig};
 use ctseg::data::{Dataset, make_batch};
-use ctseg::model::Mode;
-use ctseg::train::{batch_tensors, build_model, flat, forward_loss};
+use ctseg::model::{Mode, dice_loss};
+use ctseg::train::{batch_tensors, build_model, flat};
+use ctseg::util::stats::spread;
 
 fn comm() -> Result<Box<dyn Communicator>, Box<dyn std::error::Error>> {
     #[cfg(feature = "mpi")]
@@ -30,13 +31,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Gradients of the full-width model from a small input (the gradient size does not depend on it).
     cfg.model.input_size = 32;
     cfg.train.batch_size = 1;
-    let be = backend::open(BackendKind::Cpu, 0, None)?;
+    let be = backend::open(&DeviceRequest {
+        kind: BackendKind::Cpu,
+        threads: 0,
+        adapter: None,
+    })?;
     let ad = be.device.clone().autodiff();
-    let model = build_model(&cfg, &ad, be.chunk_limit);
+    let model = build_model(&cfg, &ad, be.caps);
     let ds = Dataset::phantom(1, 1, 1, 32, 1);
     let batch = make_batch(&ds, &cfg.data, 3, &[0]);
     let (x, y) = batch_tensors(&batch, &ad);
-    let (_, loss) = forward_loss(&model, x, y, Mode::Eval, 0.0)?;
+    let loss = dice_loss(model.forward(x, Mode::Eval), y, 0.0);
     let grads = GradientsParams::from_grads(loss.backward(), &model);
     let slots = flat::layout(&model, flat::Select::Trainable);
     let n: usize = slots.iter().map(|s| s.len).sum();

@@ -3,18 +3,19 @@
 //! (flex: tiled im2col + gemm forward; its backward is burn's generic one: a transposed
 //! convolution for the input gradient and, for the weight gradient, a convolution of the input by
 //! the output gradient used as a 240×240 kernel), and ctseg's own operation
-//! ([`ctseg::model::cpuconv`]: tiled im2col + gemm for all three). Both run the same arithmetic;
-//! the bench checks they agree and prints median times with spread and GFLOP/s (issue 6).
+//! ([`ctseg::model::cpu::conv`]: tiled im2col + gemm for all three). Both run the same
+//! arithmetic; the bench checks they agree and prints median times with spread and GFLOP/s
+//! (history in docs/cpu-notes.md).
 
 use std::time::Instant;
 
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor, TensorData};
-use ctseg::backend::{self, BackendKind};
-use ctseg::bench::spread;
-use ctseg::model::cpuconv::{self, ConvShape, conv2d_same};
+use ctseg::backend::{self, BackendKind, DeviceRequest};
+use ctseg::model::cpu::conv::{self as cpuconv, ConvShape, conv2d_same};
 use ctseg::tensor_util::to_f32;
+use ctseg::util::stats::spread;
 
 /// Step times, and the input and weight gradients of the last repetition.
 type Timed = (Vec<f64>, Vec<Vec<f32>>);
@@ -44,7 +45,7 @@ fn run(
         let t = Instant::now();
         let b = Tensor::<1>::zeros([co], &ad).require_grad();
         let y = if ours {
-            conv2d_same(x.clone(), w.clone(), b.clone())
+            conv2d_same(&x, &w, &b, false).ok_or("not the CPU device")?
         } else {
             conv2d(
                 x.clone(),
@@ -74,7 +75,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let be = backend::open(BackendKind::Cpu, threads, None)?;
+    let be = backend::open(&DeviceRequest {
+        kind: BackendKind::Cpu,
+        threads,
+        adapter: None,
+    })?;
     // livermask at width 32 and 64, batch 4: the first level (240²) and the bottleneck (15²).
     let cases = [
         ([4, 32, 240, 240], 32),

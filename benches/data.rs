@@ -5,9 +5,9 @@
 
 use std::time::Instant;
 
-use ctseg::bench::spread;
 use ctseg::config::RunConfig;
 use ctseg::data::{Dataset, Loader};
+use ctseg::util::stats::spread;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (size, volumes, slices, reps) = (240, 32, 64, 5);

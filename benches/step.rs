@@ -3,7 +3,7 @@
 //! Set `CTSEG_BENCH_BACKEND=gpu` for the GPU backend. For comparisons against PyTorch use
 //! `ctseg bench step --peer …`, which runs the peer in the same invocation.
 
-use ctseg::backend::{self, BackendKind};
+use ctseg::backend::{self, BackendKind, DeviceRequest};
 use ctseg::bench::{StepBenchOptions, bench_step};
 use ctseg::comm::Local;
 use ctseg::config::RunConfig;
@@ -14,7 +14,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => BackendKind::Cpu,
     };
     let cfg = RunConfig::load(None)?;
-    let be = backend::open(kind, 0, None)?;
+    let be = backend::open(&DeviceRequest {
+        kind,
+        threads: 0,
+        adapter: None,
+    })?;
     let r = bench_step(
         &cfg,
         &be,

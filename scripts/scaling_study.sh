@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The scaling study from a clean clone (issue 5's exhibits), in one command:
+# The scaling study from a clean clone (the study's exhibits, docs/scaling.md), in one command:
 #
 #   scripts/scaling_study.sh [OUT]            (default OUT: results/scaling)
 #

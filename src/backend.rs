@@ -1,12 +1,16 @@
 //! Compute backends: `cpu` = burn's flex backend on a rayon pool sized by `--threads`;
-//! `gpu` = burn's wgpu backend on a chosen adapter. Both are compiled in.
+//! `gpu` = burn's wgpu backend on a chosen adapter. Both are compiled in. Here too: which
+//! device each rank of a job takes, and what the model's operations must know about it
+//! ([`DeviceCaps`]).
 
 use std::fmt::Write;
 
 use burn::tensor::{Device, DeviceKind};
 use serde::{Deserialize, Serialize};
 
+use crate::comm::Communicator;
 use crate::error::{Error, Result};
+use crate::model::DeviceCaps;
 
 /// Which backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -16,6 +20,44 @@ pub enum BackendKind {
     Cpu,
     /// burn wgpu: Vulkan/Metal/DX12 compute shaders (WGSL).
     Gpu,
+}
+
+impl BackendKind {
+    /// `"cpu"` or `"gpu"` (as in `summary.json`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Gpu => "gpu",
+        }
+    }
+}
+
+/// What a rank asks for: the backend, its CPU threads (0: all cores) and its adapter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceRequest {
+    /// Which backend.
+    pub kind: BackendKind,
+    /// CPU threads (0: all cores, or this rank's share of them under MPI).
+    pub threads: usize,
+    /// GPU adapter index (`None`: the first hardware adapter, or under MPI one per local rank).
+    pub adapter: Option<usize>,
+}
+
+impl DeviceRequest {
+    /// This rank's share of the node: ranks on one node split its cores (unless `threads` is
+    /// given) and take adapter `local_rank % adapters` (unless `adapter` is given).
+    pub fn for_rank(&self, comm: &dyn Communicator) -> Self {
+        let mut r = self.clone();
+        if r.threads == 0 && comm.local_size() > 1 {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            r.threads = (cores / comm.local_size()).max(1);
+        }
+        if r.kind == BackendKind::Gpu && r.adapter.is_none() && comm.size() > 1 {
+            let n = list_adapters().len().max(1);
+            r.adapter = Some(comm.local_rank() % n);
+        }
+        r
+    }
 }
 
 /// One graphics adapter as the GPU backend sees it.
@@ -34,31 +76,77 @@ pub struct Adapter {
     kind: DeviceKind,
 }
 
-/// Points `XDG_RUNTIME_DIR` at a private directory when it is unset or unusable (Mesa prints
-/// warnings otherwise).
-fn ensure_xdg_runtime_dir() {
+/// A private `XDG_RUNTIME_DIR` for Mesa (which warns without a usable one), when the variable
+/// is unset or not a directory: a fresh directory created with mode 0700 (never an existing
+/// one another user could have prepared). Returns the directory to set, or `None` to keep the
+/// environment as it is. The caller ([`prepare_process_environment`]) sets it.
+fn private_xdg_runtime_dir() -> Option<std::path::PathBuf> {
     let ok = std::env::var_os("XDG_RUNTIME_DIR")
         .map(std::path::PathBuf::from)
         .is_some_and(|p| p.is_dir());
-    if !ok {
-        let dir = std::env::temp_dir().join(format!("ctseg-xdg-{}", std::process::id()));
-        if std::fs::create_dir_all(&dir).is_ok() {
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
-            }
-            // SAFETY: called before any other thread of ours reads the environment (backend
-            // selection happens first thing in the process).
-            unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
-        }
+    if ok {
+        return None;
     }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        for k in 0..16u32 {
+            let dir = std::env::temp_dir().join(format!("ctseg-xdg-{}-{k}", std::process::id()));
+            // `create` (not `create_all`) fails on an existing path: the directory is ours.
+            if std::fs::DirBuilder::new().mode(0o700).create(&dir).is_ok() {
+                return Some(dir);
+            }
+        }
+        None
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// Prepares the process environment for the graphics drivers. Must be called first thing in
+/// `main`, before any thread exists (MPI and rayon start threads; `set_var` with other threads
+/// running is a data race).
+pub fn prepare_process_environment() {
+    if let Some(dir) = private_xdg_runtime_dir() {
+        // SAFETY: `main` calls this before it starts any thread.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+    }
+    configure_kernel_cache();
+}
+
+/// Where GPU kernels and autotune results are kept across runs and clones:
+/// `$CTSEG_CACHE_DIR`, else `$XDG_CACHE_HOME/ctseg`, else `~/.cache/ctseg` (cubecl's database
+/// goes under `cubecl/` there). Deleting the directory only costs a re-tune.
+pub fn kernel_cache_dir() -> std::path::PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    env("CTSEG_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("ctseg")))
+        .or_else(|| env("HOME").map(|h| h.join(".cache").join("ctseg")))
+        .unwrap_or_else(|| std::env::temp_dir().join("ctseg-cache"))
+}
+
+/// Points cubecl's persistent caches (autotune results, compiled kernels) at
+/// [`kernel_cache_dir`] instead of its default, the `target/` directory of the nearest Cargo
+/// project (one per clone: every fresh clone re-tuned on lavapipe for minutes). A `cubecl.toml`
+/// that names another place, or the `CUBECL_*` variables, still win. Takes effect only before
+/// the first GPU device is created; later calls do nothing.
+pub fn configure_kernel_cache() {
+    use burn_cubecl::cubecl::config::cache::CacheConfig;
+    use burn_cubecl::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    let mut cfg = CubeClRuntimeConfig::from_current_dir().override_from_env();
+    if matches!(cfg.environment.path, CacheConfig::Target) {
+        cfg.environment.path = CacheConfig::Directory(kernel_cache_dir().join("cubecl"));
+    }
+    let _ = CubeClRuntimeConfig::try_set(cfg);
 }
 
 /// The adapters the GPU backend would use: those of the first graphics API (Vulkan, then GL)
 /// that offers a hardware adapter, or failing that the first offering any (e.g. lavapipe).
 pub fn list_adapters() -> Vec<Adapter> {
-    ensure_xdg_runtime_dir();
     let mut software: Option<Vec<wgpu::AdapterInfo>> = None;
     let mut chosen: Option<Vec<wgpu::AdapterInfo>> = None;
     for api in [wgpu::Backend::Vulkan, wgpu::Backend::Gl] {
@@ -137,6 +225,7 @@ pub fn describe_adapters(adapters: &[Adapter]) -> String {
 const GPU_HELP: &str = "To get an adapter: install your GPU's Vulkan driver (NVIDIA: the proprietary driver; AMD/Intel: Mesa's `mesa-vulkan-drivers`) and the loader `libvulkan1`; on a machine without a GPU, Mesa's lavapipe (`apt install mesa-vulkan-drivers libvulkan1`) gives a slow software adapter. `vulkaninfo --summary` shows what Vulkan sees.";
 
 /// A ready compute device and its description.
+#[derive(Clone, Debug)]
 pub struct Backend {
     /// The device (without autodiff).
     pub device: Device,
@@ -144,16 +233,13 @@ pub struct Backend {
     pub description: String,
     /// Which backend.
     pub kind: BackendKind,
-    /// Convolution chunk limit for adapters that cap shader loops (0: none); see
-    /// [`crate::model::layers::chunked_rows`].
-    pub chunk_limit: usize,
+    /// What the model's operations must know about the device.
+    pub caps: DeviceCaps,
 }
 
-/// Chunk limit used on adapters that fail [`long_loops_work`]. Measured on lavapipe (Mesa 22.3):
-/// burn's weight-gradient kernel for a 3×3 convolution breaks once the contraction exceeds
-/// ~21,800 values (65,535 / 3: its loop runs three times per value), so the limit leaves room
-/// for a kernel that loops once per tap: 65,535 / 9 ≈ 7,281, rounded down.
-pub const LOOP_CAPPED_CHUNK: usize = 7_168;
+/// The shader-loop cap of Mesa's lavapipe (Mesa 22.3, measured): loops stop after 65,535
+/// iterations.
+pub const LAVAPIPE_LOOP_CAP: usize = 65_535;
 
 /// Whether `device` completes long shader loops: sums two rows of 200,001 ones (an odd length,
 /// so the reduction reads one value per loop iteration) and checks the result. Mesa's lavapipe
@@ -182,9 +268,10 @@ pub fn init_cpu_threads(threads: usize) -> usize {
     rayon::current_num_threads()
 }
 
-/// Opens the backend. `threads` sizes the CPU pool (0: all cores); `adapter` picks a GPU
-/// adapter by index (`None`: the first hardware adapter, else the first software one).
-pub fn open(kind: BackendKind, threads: usize, adapter: Option<usize>) -> Result<Backend> {
+/// Opens the backend of `req`: `threads` sizes the CPU pool (0: all cores); `adapter` picks a
+/// GPU adapter by index (`None`: the first hardware adapter, else the first software one).
+pub fn open(req: &DeviceRequest) -> Result<Backend> {
+    let (kind, threads, adapter) = (req.kind, req.threads, req.adapter);
     match kind {
         BackendKind::Cpu => {
             let n = init_cpu_threads(threads);
@@ -195,10 +282,11 @@ pub fn open(kind: BackendKind, threads: usize, adapter: Option<usize>) -> Result
                     if n == 1 { "" } else { "s" }
                 ),
                 kind,
-                chunk_limit: 0,
+                caps: DeviceCaps::default(),
             })
         }
         BackendKind::Gpu => {
+            configure_kernel_cache();
             let adapters = list_adapters();
             if adapters.is_empty() {
                 return Err(Error::Device(format!(
@@ -207,7 +295,7 @@ pub fn open(kind: BackendKind, threads: usize, adapter: Option<usize>) -> Result
             }
             let chosen = match adapter {
                 Some(i) => adapters.get(i).ok_or_else(|| {
-                    Error::Device(format!(
+                    Error::Argument(format!(
                         "--adapter {i}: there are {} adapter(s):\n{}",
                         adapters.len(),
                         describe_adapters(&adapters)
@@ -235,12 +323,10 @@ pub fn open(kind: BackendKind, threads: usize, adapter: Option<usize>) -> Result
                     )));
                 }
             }
-            let chunk_limit = if long_loops_work(&device) {
-                0
-            } else {
-                LOOP_CAPPED_CHUNK
+            let caps = DeviceCaps {
+                shader_loop_cap: (!long_loops_work(&device)).then_some(LAVAPIPE_LOOP_CAP),
             };
-            let capped = if chunk_limit > 0 {
+            let capped = if caps.shader_loop_cap.is_some() {
                 ", loop-capped: convolutions split into exact chunks"
             } else {
                 ""
@@ -252,7 +338,7 @@ pub fn open(kind: BackendKind, threads: usize, adapter: Option<usize>) -> Result
                     chosen.index, chosen.name, chosen.device_type, chosen.backend
                 ),
                 kind,
-                chunk_limit,
+                caps,
             })
         }
     }

@@ -75,7 +75,10 @@ impl RunConfig {
     pub fn load(path: Option<&Path>) -> Result<Self> {
         match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+                let text = std::fs::read_to_string(p).map_err(|e| Error::ConfigParse {
+                    path: p.to_path_buf(),
+                    message: format!("cannot read it: {e}"),
+                })?;
                 Self::from_toml(&text, p)
             }
             None => Self::from_toml(QUICK_TOML, Path::new("configs/quick.toml (built in)")),

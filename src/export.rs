@@ -8,8 +8,8 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::model::{Norm, UNet, UNetConfig, Upsampling};
-use crate::train::checkpoint::write_atomic;
 use crate::train::flat::{self, Select};
+use crate::util::fs::write_atomic;
 
 /// One tensor to write.
 struct Entry {
@@ -17,23 +17,6 @@ struct Entry {
     dtype: &'static str,
     shape: Vec<usize>,
     bytes: Vec<u8>,
-}
-
-/// The peer's name for each block, in ctseg's module-visit order: encoder levels 0..=depth
-/// then decoder levels 0..depth, two blocks each.
-fn block_names(depth: usize) -> Vec<String> {
-    let mut names = Vec::new();
-    for level in 0..=depth {
-        for b in 0..2 {
-            names.push(format!("enc.{level}.{b}"));
-        }
-    }
-    for level in 0..depth {
-        for b in 0..2 {
-            names.push(format!("dec.{level}.{b}"));
-        }
-    }
-    names
 }
 
 /// Refuses configs the peer model cannot express.
@@ -70,7 +53,10 @@ fn state_dict(model: &UNet, cfg: &UNetConfig, steps: u64) -> Result<Vec<Entry>> 
     let buffers = flat::layout(model, Select::Buffers);
     let tv = flat::flatten_values(model, Select::Trainable)?;
     let bv = flat::flatten_values(model, Select::Buffers)?;
-    let blocks = block_names(cfg.depth);
+    let stages = crate::model::arch::stages(cfg, 1);
+    let blocks: Vec<&str> = crate::model::arch::blocks(&stages)
+        .map(|b| b.peer.as_str())
+        .collect();
     // Per block: γ, β, conv weight, conv bias (trainable); running mean, running var (buffers);
     // then the head's weight and bias.
     if trainable.len() != 4 * blocks.len() + 2 || buffers.len() != 2 * blocks.len() {
@@ -206,19 +192,4 @@ pub fn export_safetensors(
     }
     write_atomic(path, &bytes)?;
     Ok(entries.len())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn block_names_follow_the_peer() {
-        assert_eq!(
-            block_names(1),
-            [
-                "enc.0.0", "enc.0.1", "enc.1.0", "enc.1.1", "dec.0.0", "dec.0.1"
-            ]
-        );
-    }
 }

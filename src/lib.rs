@@ -10,6 +10,7 @@ pub mod data;
 pub mod detmath;
 pub mod error;
 pub mod export;
+pub mod faults;
 pub mod fp16;
 pub mod infer;
 pub mod model;
@@ -17,8 +18,10 @@ pub mod optim;
 pub mod preview;
 pub mod report;
 pub mod rng;
+pub mod rundir;
 pub mod tensor_util;
 pub mod train;
+pub mod util;
 pub mod verify;
 
 pub use error::{Error, Result};

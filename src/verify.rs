@@ -13,7 +13,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::{Mode, UNetConfig, dice_loss};
+use crate::model::{DeviceCaps, Mode, UNetConfig, dice_loss};
 use crate::tensor_util::to_f32;
 use crate::train::flat::{self, Select};
 
@@ -127,14 +127,14 @@ pub fn transpose_last2(values: &[f32], shape: &[usize]) -> Vec<f32> {
 pub fn loss_and_grads(
     cfg: &UNetConfig,
     device: &Device,
-    chunk_limit: usize,
+    caps: DeviceCaps,
     b: usize,
     transposed: bool,
 ) -> Result<(f64, Vec<Vec<f32>>)> {
     let mut cfg = cfg.clone();
     cfg.dropout = 0.0;
     let ad = device.clone().autodiff();
-    let mut model = cfg.init(7, &ad).with_chunk_limit(chunk_limit);
+    let mut model = cfg.init(7, &ad).with_caps(caps);
     let slots = flat::layout(&model, Select::Trainable);
     if transposed {
         let values = flat::flatten_values(&model, Select::Trainable)?;
@@ -209,10 +209,10 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Compares the model `cfg` (dropout switched off) on `device` against burn flex, batch `b`.
-pub fn compare(cfg: &UNetConfig, device: &Device, chunk_limit: usize, b: usize) -> Result<Verdict> {
-    let (lc, gc) = loss_and_grads(cfg, &Device::flex(), 0, b, false)?;
-    let (_, gr) = loss_and_grads(cfg, &Device::flex(), 0, b, true)?;
-    let (lg, gg) = loss_and_grads(cfg, device, chunk_limit, b, false)?;
+pub fn compare(cfg: &UNetConfig, device: &Device, caps: DeviceCaps, b: usize) -> Result<Verdict> {
+    let (lc, gc) = loss_and_grads(cfg, &Device::flex(), DeviceCaps::default(), b, false)?;
+    let (_, gr) = loss_and_grads(cfg, &Device::flex(), DeviceCaps::default(), b, true)?;
+    let (lg, gg) = loss_and_grads(cfg, device, caps, b, false)?;
     Ok(verdict(lc, lg, &gc, &gg, &gr))
 }
 
@@ -255,7 +255,7 @@ pub fn check_against_cpu(model: &UNetConfig, backend: &Backend) -> Result<Verdic
     let mut cfg = model.clone();
     cfg.width = 2;
     cfg.dropout = 0.0;
-    compare(&cfg, &backend.device, backend.chunk_limit, 2)
+    compare(&cfg, &backend.device, backend.caps, 2)
 }
 
 /// Runs the check and turns a disagreement into an error that says what to do.

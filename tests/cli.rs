@@ -1,70 +1,33 @@
 //! The `ctseg` binary end to end: configs, datasets, training runs, resume, divergence, errors.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny.toml");
-const LIVERMASK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/livermask.toml");
+use std::path::Path;
 
-fn ctseg(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ctseg"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .expect("run ctseg")
-}
+use common::*;
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(o: Output) -> String {
-    let t = text(&o);
-    assert!(o.status.success(), "ctseg failed ({}):\n{t}", o.status);
-    t
-}
-
-fn fails_with(o: Output, code: i32, needles: &[&str]) -> String {
-    let t = text(&o);
-    assert_eq!(o.status.code(), Some(code), "expected exit {code}:\n{t}");
-    for n in needles {
-        assert!(t.contains(n), "message lacks {n:?}:\n{t}");
-    }
-    assert!(
-        !t.contains("panicked"),
-        "a panic is not an error message:\n{t}"
-    );
-    t
-}
-
-fn records(run: &Path, kind: &str) -> Vec<serde_json::Value> {
-    ctseg::train::metrics::read_all(&run.join("metrics.jsonl"))
+/// The raw JSON records of `kind` in a run's `metrics.jsonl` (the file format, as the README
+/// documents it).
+fn raw_records(run: &Path, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
         .expect("metrics")
-        .into_iter()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line"))
         .filter(|v| v["kind"] == kind)
         .collect()
-}
-
-fn write_config(dir: &Path, name: &str, edit: impl Fn(String) -> String) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, edit(std::fs::read_to_string(TINY).expect("tiny"))).expect("write config");
-    p
 }
 
 #[test]
 fn model_prints_livermask_counts() {
     let t = ok(ctseg(&["model", "--config", LIVERMASK]));
-    // 31,391,493: the count DESIGN.md gives for livermask (Keras) and the PyTorch peer prints.
+    // 31,391,493: livermask's Keras model.summary() and the PyTorch peer's parameter count.
     assert!(t.contains("trainable parameters: 31391493"), "{t}");
     assert!(
         t.contains("non-trainable buffers (BN running statistics): 13570"),
         "{t}"
     );
-    // Forward: 2·MACs of the convolutions plus the cheap layers; DESIGN.md: ≈ 48.9 GMAC.
+    // Forward: 2·MACs of the convolutions (≈ 48.9 GMAC, from the layer shapes) plus the cheap
+    // layers.
     assert!(t.contains("forward GFLOP per image: 98.0"), "{t}");
     assert!(t.contains("decoder.3.1.conv"), "{t}");
 }
@@ -109,7 +72,7 @@ fn bad_configs_are_named_errors() {
     );
     fails_with(
         ctseg(&["model", "--config", "/nonexistent/c.toml"]),
-        1,
+        2,
         &["/nonexistent/c.toml"],
     );
     assert!(
@@ -262,7 +225,7 @@ fn run_directory_holds_what_the_readme_promises() {
         "2",
     ]));
     assert!(t.contains("Dice liver"), "{t}");
-    let steps = records(&run, "step");
+    let steps = raw_records(&run, "step");
     assert_eq!(steps.len(), 15, "3 epochs × 5 steps");
     for (i, s) in steps.iter().enumerate() {
         assert_eq!(s["step"].as_u64(), Some(i as u64 + 1));
@@ -277,7 +240,7 @@ fn run_directory_holds_what_the_readme_promises() {
             assert!(s[k].is_number(), "step record lacks {k}: {s}");
         }
     }
-    let vals = records(&run, "val");
+    let vals = raw_records(&run, "val");
     assert_eq!(vals.len(), 3, "one validation per epoch");
     for v in &vals {
         for k in [
@@ -306,15 +269,11 @@ fn run_directory_holds_what_the_readme_promises() {
     assert!(resolved.contains("width = 4"), "{resolved}");
 }
 
-fn losses(run: &Path) -> Vec<(u64, f64)> {
-    records(run, "step")
+fn step_losses(run: &Path) -> Vec<(u64, f64)> {
+    metrics(run)
+        .steps
         .iter()
-        .map(|s| {
-            (
-                s["step"].as_u64().unwrap_or(0),
-                s["loss"].as_f64().unwrap_or(f64::NAN),
-            )
-        })
+        .map(|s| (s.step, s.loss))
         .collect()
 }
 
@@ -342,7 +301,7 @@ fn resume_reproduces_the_uninterrupted_run_step_for_step() {
         "7",
         "--quiet",
     ]));
-    assert_eq!(losses(&part).len(), 7);
+    assert_eq!(step_losses(&part).len(), 7);
     let t = ok(ctseg(&[
         "train",
         "--resume",
@@ -351,7 +310,7 @@ fn resume_reproduces_the_uninterrupted_run_step_for_step() {
         "0",
     ]));
     assert!(t.contains("resumed at step 7 (epoch 2, batch 2)"), "{t}");
-    let (a, b) = (losses(&full), losses(&part));
+    let (a, b) = (step_losses(&full), step_losses(&part));
     assert_eq!(a.len(), 15);
     // Bit-for-bit: the CPU backend is deterministic, dropout masks are keyed by step, the sampler
     // by epoch, and the checkpoint holds the exact weights, BN statistics and Adam state.
@@ -359,11 +318,10 @@ fn resume_reproduces_the_uninterrupted_run_step_for_step() {
         a, b,
         "resumed loss curve differs from the uninterrupted one"
     );
-    let va = records(&full, "val");
-    let vb = records(&part, "val");
+    let (va, vb) = (metrics(&full).vals, metrics(&part).vals);
     assert_eq!(
-        va.last().map(|v| v["dice_liver"].clone()),
-        vb.last().map(|v| v["dice_liver"].clone())
+        va.last().map(|v| v.dice_liver),
+        vb.last().map(|v| v.dice_liver)
     );
 }
 
@@ -412,9 +370,10 @@ fn divergence_stops_names_the_step_and_keeps_the_last_checkpoint() {
         std::fs::read(run.join("checkpoint.ctck")).expect("checkpoint"),
         before
     );
-    let ck = ctseg::train::checkpoint::Checkpoint::load(&run).expect("checkpoint loads");
+    let ck =
+        ctseg::rundir::Checkpoint::load(&run.join("checkpoint.ctck")).expect("checkpoint loads");
     assert_eq!(ck.meta.step, 5);
-    let logged = losses(&run);
+    let logged = step_losses(&run);
     assert!(
         logged.iter().all(|(_, l)| l.is_finite()),
         "no NaN is logged: {logged:?}"
@@ -453,9 +412,10 @@ fn gpu_backend_trains_end_to_end() {
     assert!(t.contains("gpu (burn wgpu"), "{t}");
     assert_eq!(losses(&run).len(), 6);
     assert!(
-        records(&run, "val")
+        metrics(&run)
+            .vals
             .last()
-            .is_some_and(|v| v["dice_liver"].is_number())
+            .is_some_and(|v| v.dice_liver.is_finite())
     );
     // An adapter index that does not exist: the error lists what there is.
     fails_with(
@@ -468,7 +428,7 @@ fn gpu_backend_trains_end_to_end() {
             "--adapter",
             "99",
         ]),
-        1,
+        2,
         &["--adapter 99", "[0]"],
     );
 }

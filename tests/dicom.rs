@@ -2,6 +2,8 @@
 //! JPEG 2000 against uncompressed, slice ordering and spacing, mixed series and missing slices
 //! refused with the file named, and a DICOM image through `prepare`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use ctseg::data::dicom;
@@ -11,9 +13,7 @@ use dicom_core::VR;
 use dicom_dictionary_std::tags;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/dicom")
-        .join(name)
+    common::fixture(&format!("dicom/{name}"))
 }
 
 /// A folder holding copies of `files` (source, name in the folder).

@@ -11,19 +11,23 @@
 //! Without a Vulkan/GL adapter the tests print why and pass, unless `CTSEG_REQUIRE_GPU=1` (set by
 //! `.ci/run`), in which case a missing adapter fails them.
 
-use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
-use ctseg::backend::{self, Backend, BackendKind};
+use ctseg::backend::{self, Backend, BackendKind, DeviceRequest};
 use ctseg::model::layers::BatchNorm;
-use ctseg::model::{Mode, Norm, UNetConfig, Upsampling, dice_loss};
+use ctseg::model::{DeviceCaps, Mode, Norm, UNetConfig, Upsampling, dice_loss};
 use ctseg::rng::Rng;
 use ctseg::tensor_util::to_f32;
 use ctseg::train::flat::{self, Select};
 use ctseg::verify;
 
 fn gpu() -> Option<Backend> {
-    match backend::open(BackendKind::Gpu, 0, None) {
+    let req = DeviceRequest {
+        kind: BackendKind::Gpu,
+        threads: 0,
+        adapter: None,
+    };
+    match backend::open(&req) {
         Ok(b) => Some(b),
         Err(e) => {
             if std::env::var("CTSEG_REQUIRE_GPU").is_ok_and(|v| v == "1") {
@@ -45,7 +49,12 @@ fn long_loop_cap_is_detected_consistently() {
     let Some(be) = gpu() else { return };
     // A long row sum either works, or the adapter is flagged and convolutions get chunked.
     let works = backend::long_loops_work(&be.device);
-    assert_eq!(be.chunk_limit == 0, works, "{}", be.description);
+    assert_eq!(
+        be.caps.shader_loop_cap.is_none(),
+        works,
+        "{}",
+        be.description
+    );
     eprintln!(
         "{}: long loops {}",
         be.description,
@@ -88,12 +97,12 @@ fn batch_norm_statistics_match_cpu_at_realistic_shape() {
 
 fn grads_of(
     be_device: &Device,
-    chunk_limit: usize,
+    caps: DeviceCaps,
     cfg: &UNetConfig,
     b: usize,
 ) -> (f32, Vec<f32>, Vec<usize>) {
     let ad = be_device.clone().autodiff();
-    let model = cfg.init(3, &ad).with_chunk_limit(chunk_limit);
+    let model = cfg.init(3, &ad).with_caps(caps);
     let n = cfg.input_size;
     let x: Vec<f32> = (0..b * n * n)
         .map(|j| ((j as f64 * 0.013).sin() * 0.5 + 0.5) as f32)
@@ -144,13 +153,13 @@ fn unet_loss_and_gradients_match_cpu_at_240() {
     // Per parameter tensor, the relative L2 error of the GPU gradient against the CPU's, next
     // to the CPU's own f32 noise (the transposed problem; see `verify`). Measured on lavapipe with
     // chunking: at most 2.2e-4; without chunking most tensors were off by 50–250 %.
-    let v = verify::compare(&cfg, &be.device, be.chunk_limit, 4).expect("compare");
+    let v = verify::compare(&cfg, &be.device, be.caps, 4).expect("compare");
     eprintln!("{}\n{}", be.description, v.table());
     assert!(v.passes(), "{}\n{}", be.description, v.table());
-    if be.chunk_limit > 0 {
+    if be.caps.shader_loop_cap.is_some() {
         // The check has teeth: on a loop-capped adapter the unchunked convolutions' gradients
         // are wrong, and the comparison must say so.
-        let broken = verify::compare(&cfg, &be.device, 0, 4).expect("compare");
+        let broken = verify::compare(&cfg, &be.device, DeviceCaps::default(), 4).expect("compare");
         eprintln!("unchunked:\n{}", broken.table());
         assert!(
             !broken.passes(),
@@ -174,8 +183,8 @@ fn transposed_upsampling_and_no_norm_match_cpu() {
         bn_momentum: 0.9,
         bn_epsilon: 1e-3,
     };
-    let (lc, gc, _) = grads_of(&Device::flex(), 0, &cfg, 4);
-    let (lg, gg, _) = grads_of(&be.device, be.chunk_limit, &cfg, 4);
+    let (lc, gc, _) = grads_of(&Device::flex(), DeviceCaps::default(), &cfg, 4);
+    let (lg, gg, _) = grads_of(&be.device, be.caps, &cfg, 4);
     assert!(((lc - lg) / lc).abs() < 1e-5, "loss cpu {lc} gpu {lg}");
     assert!(rel_err(&gc, &gg) < 1e-3, "gradients differ");
 }
@@ -183,40 +192,28 @@ fn transposed_upsampling_and_no_norm_match_cpu() {
 #[test]
 fn gpu_training_reduces_the_loss() {
     let Some(be) = gpu() else { return };
-    let cfg = ctseg::config::RunConfig::load(None).expect("quick config");
-    let mut m = cfg.model.clone();
-    m.width = 4;
-    m.input_size = 64;
+    // The trainer's own step (ctseg::train::Stepper) on the adapter, 8 steps on one batch.
+    let mut cfg = ctseg::config::RunConfig::load(None).expect("quick config");
+    cfg.model.width = 4;
+    cfg.model.input_size = 64;
     let ad = be.device.clone().autodiff();
-    let mut model = m.init(1, &ad).with_chunk_limit(be.chunk_limit);
-    let mut optim = cfg.optimizer.init();
+    let mut state = ctseg::train::TrainState::fresh(&cfg, &ad, be.caps);
+    let stepper = ctseg::train::Stepper::new(&cfg, &state.model, &be.device, &ctseg::comm::Local);
     let ds = ctseg::data::Dataset::phantom(1, 1, 4, 64, 1);
     let batch = ctseg::data::make_batch(&ds, &cfg.data, 3, &[0, 1, 2, 3]);
     let mut losses = Vec::new();
     for step in 0..8 {
-        let (x, y) = ctseg::train::batch_tensors(&batch, &ad);
-        let (v, loss) = ctseg::train::forward_loss(
-            &model,
-            x,
-            y,
-            Mode::Train {
-                seed: 1,
-                step,
-                stream: 0,
-            },
-            0.0,
-        )
-        .expect("loss");
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(1e-2, model, grads);
-        losses.push(v);
+        let (s, out) = stepper
+            .step(state, std::slice::from_ref(&batch), step, 1e-2)
+            .expect("step");
+        state = s;
+        losses.push(out.loss);
     }
     assert!(
         losses[7] < losses[0] - 0.05,
         "loss did not fall on {}: {losses:?}",
         be.description
     );
-    let _ = model.valid();
 }
 
 /// f32 values that exercise every branch of the fp16 packing: zeros, normals, ties at several

@@ -3,73 +3,20 @@
 //! all ranks, distributed validation, faults and resume.
 #![cfg(feature = "mpi")]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny.toml");
-
-fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)], timeout_s: u64) -> Output {
-    let mut c = Command::new("timeout");
-    c.arg(timeout_s.to_string())
-        .arg("mpirun")
-        .args(["-np", &np.to_string()]);
-    c.args([
-        "--oversubscribe",
-        "--bind-to",
-        "none",
-        "--mca",
-        "btl",
-        "self,vader,tcp",
-    ]);
-    c.arg(env!("CARGO_BIN_EXE_ctseg")).args(args);
-    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
-    c.env("OMPI_MCA_rmaps_base_oversubscribe", "1");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().expect("run mpirun (is OpenMPI installed?)")
-}
+use common::*;
 
 fn single(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ctseg"))
-        .args(args)
-        .output()
-        .expect("run ctseg")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(o: Output) -> String {
-    let t = text(&o);
-    assert!(o.status.success(), "failed ({}):\n{t}", o.status);
-    t
-}
-
-fn losses(run: &Path) -> Vec<f64> {
-    ctseg::train::metrics::read_all(&run.join("metrics.jsonl"))
-        .expect("metrics")
-        .iter()
-        .filter(|v| v["kind"] == "step")
-        .map(|v| v["loss"].as_f64().unwrap_or(f64::NAN))
-        .collect()
+    ctseg(args)
 }
 
 fn config(dir: &Path, name: &str, edit: impl Fn(String) -> String) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, edit(std::fs::read_to_string(TINY).expect("tiny"))).expect("write");
-    p
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap_or("")
+    write_config(dir, name, edit)
 }
 
 /// No BatchNorm, no dropout, no LR scaling: N ranks × batch b is the same arithmetic as one
@@ -240,7 +187,7 @@ fn a_panicking_rank_ends_the_job_and_resume_recovers_the_run() {
     let o = mpirun(
         2,
         &["train", "--config", TINY, "--out", s(&run), "--quiet"],
-        &[("CTSEG_FAULT_INJECT", "panic:1:3")],
+        &[("CTSEG_FAULT_INJECT", "step:1:3")],
         60,
     );
     let took = start.elapsed();
@@ -252,7 +199,8 @@ fn a_panicking_rank_ends_the_job_and_resume_recovers_the_run() {
         "the job hung after the panic until the 60 s timeout:\n{t}"
     );
     assert!(t.contains("CTSEG_FAULT_INJECT"), "{t}");
-    let ck = ctseg::train::checkpoint::Checkpoint::load(&run).expect("last checkpoint");
+    let ck =
+        ctseg::rundir::Checkpoint::load(&run.join("checkpoint.ctck")).expect("last checkpoint");
     assert_eq!(ck.meta.step, 2);
     eprintln!(
         "mpirun exited {took:?} after the injected panic (status {})",
@@ -591,12 +539,9 @@ fn fp16_compression_and_bucketing_keep_the_trajectory() {
     eprintln!("fp16 vs fp32 gradients: largest relative loss difference {worst:.2e}");
     assert!(worst < 1e-3, "fp16 trajectory drifted: {a:?} vs {c:?}");
     // The exchange is logged per step.
-    let rec = ctseg::train::metrics::read_all(&many.join("metrics.jsonl")).expect("metrics");
-    let step = rec.iter().find(|v| v["kind"] == "step").expect("a step");
-    assert!(
-        step["copy_s"].as_f64().unwrap_or(-1.0) >= 0.0
-            && step["comm_total_s"].as_f64().unwrap_or(-1.0) > 0.0
-    );
+    let m = metrics(&many);
+    let step = m.steps.first().expect("a step");
+    assert!(step.copy_s.is_some_and(|c| c >= 0.0) && step.comm_total_s.is_some_and(|c| c > 0.0));
 }
 
 #[test]

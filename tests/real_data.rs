@@ -2,6 +2,8 @@
 //! NOTICE.md), reorientation, `prepare` into a dataset with folds, and every kind of bad input
 //! (each must name the file and leave no output behind).
 
+mod common;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,9 +13,7 @@ use ctseg::data::nifti;
 use ctseg::data::prepare::{self, PrepareOptions, Resize};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/nifti")
-        .join(name)
+    common::fixture(&format!("nifti/{name}"))
 }
 
 fn ct() -> PathBuf {
@@ -425,19 +425,13 @@ fn written_masks_open_with_the_input_grid() {
         out = out.display().to_string(),
         src = liver().display().to_string()
     );
-    match Command::new("python3").args(["-c", &script]).output() {
-        Ok(o) if o.status.success() => {
-            assert!(String::from_utf8_lossy(&o.stdout).contains("nibabel ok"));
-        }
-        Ok(o) => {
-            let err = String::from_utf8_lossy(&o.stderr);
-            if err.contains("No module named 'nibabel'") {
-                eprintln!("skipped the nibabel check: nibabel is not installed");
-            } else {
-                panic!("nibabel disagrees: {err}");
-            }
-        }
-        Err(e) => eprintln!("skipped the nibabel check: python3 not found ({e})"),
+    if let Some(out) = common::python_reference(
+        "nibabel check",
+        &["nibabel", "numpy"],
+        &["-c", &script],
+        &[],
+    ) {
+        assert!(out.contains("nibabel ok"), "{out}");
     }
 }
 
@@ -516,15 +510,13 @@ fn predict_and_evaluate_a_trained_model() {
         m = mask.display().to_string(),
         c = ct().display().to_string()
     );
-    match Command::new("python3").args(["-c", &script]).output() {
-        Ok(o) if o.status.success() => {
-            assert!(String::from_utf8_lossy(&o.stdout).contains("nibabel ok"))
-        }
-        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named 'nibabel'") => {
-            eprintln!("skipped the nibabel check: nibabel is not installed")
-        }
-        Ok(o) => panic!("nibabel disagrees: {}", String::from_utf8_lossy(&o.stderr)),
-        Err(e) => eprintln!("skipped the nibabel check: python3 not found ({e})"),
+    if let Some(out) = common::python_reference(
+        "nibabel check",
+        &["nibabel", "numpy"],
+        &["-c", &script],
+        &[],
+    ) {
+        assert!(out.contains("nibabel ok"), "{out}");
     }
     // A bad output name is refused before any work.
     let o = Command::new(bin)
@@ -573,12 +565,15 @@ fn predict_and_evaluate_a_trained_model() {
         p = pred.display().to_string(),
         t = liver().display().to_string()
     );
-    let reference = match Command::new("python3").args(["-c", &script]).output() {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
-            .trim()
-            .parse::<f64>()
-            .expect("float"),
-        _ => {
+    let nib = common::python_reference(
+        "Dice with nibabel",
+        &["nibabel", "numpy"],
+        &["-c", &script],
+        &[],
+    );
+    let reference = match nib {
+        Some(out) => out.trim().parse::<f64>().expect("float"),
+        None => {
             eprintln!("nibabel not available: recomputing with the crate's reader");
             let p = nifti::read(&pred).expect("pred");
             let t = nifti::read(&liver()).expect("truth");
@@ -629,10 +624,16 @@ fn exported_weights_reproduce_ctseg_in_pytorch() {
     assert!(text.starts_with("72 tensors"), "{text}");
 
     // ctseg's own eval-mode output on a closed-form input.
-    let be = ctseg::backend::open(ctseg::backend::BackendKind::Cpu, 1, None).expect("cpu");
-    let ck = ctseg::train::checkpoint::Checkpoint::load(&run).expect("checkpoint");
-    let cfg = ctseg::config::RunConfig::from_toml(&ck.meta.config_toml, &run).expect("config");
-    let model = ctseg::train::load_trained(&cfg, ck, &run, &be).expect("model");
+    let be = ctseg::backend::open(&ctseg::backend::DeviceRequest {
+        kind: ctseg::backend::BackendKind::Cpu,
+        threads: 1,
+        adapter: None,
+    })
+    .expect("cpu");
+    let trained =
+        ctseg::train::Trained::open(&run, ctseg::rundir::CheckpointKind::Best).expect("checkpoint");
+    let cfg = trained.cfg.clone();
+    let model = trained.model(&be, &be.device).expect("model");
     let n = cfg.model.input_size;
     let x: Vec<f32> = (0..2 * n * n)
         .map(|j| (0.5 + 0.4 * (j as f64 * 0.05).sin()) as f32)
@@ -683,24 +684,118 @@ print(float(np.abs(p - y).max()))
         xf = d.path().join("x.f32").display().to_string(),
         yf = d.path().join("y.f32").display().to_string(),
     );
-    match Command::new("python3").args(["-c", &script]).output() {
-        Ok(o) if o.status.success() => {
-            let diff: f64 = String::from_utf8_lossy(&o.stdout)
-                .trim()
-                .parse()
-                .expect("float");
-            eprintln!("PyTorch vs ctseg, largest output difference: {diff:.2e}");
-            // Probabilities in [0, 1]; f32 sums in another order.
-            assert!(diff < 1e-5, "outputs differ by {diff}");
-        }
-        Ok(o) => {
-            let err = String::from_utf8_lossy(&o.stderr);
-            if err.contains("No module named 'torch'") || err.contains("No module named 'numpy'") {
-                eprintln!("skipped: PyTorch is not installed");
-            } else {
-                panic!("PyTorch could not load the export: {err}");
+    if let Some(out) = common::python_reference(
+        "PyTorch loads the export",
+        &["torch", "numpy"],
+        &["-c", &script],
+        &[],
+    ) {
+        let diff: f64 = out.trim().parse().expect("float");
+        eprintln!("PyTorch vs ctseg, largest output difference: {diff:.2e}");
+        // Probabilities in [0, 1]; f32 sums in another order.
+        assert!(diff < 1e-5, "outputs differ by {diff}");
+    }
+}
+
+/// LiTS metrics against medpy (`tests/reference/lits_metrics.py`), on the real liver mask and a
+/// prediction made from it: truth = the liver with a tumour ball (radius 3 voxels) at its
+/// centroid; prediction = the liver shifted by 2 voxels along i and the tumour ball shifted by
+/// one voxel with radius 2 — so every metric is non-trivial. Both are written as NIfTI and the
+/// script reads those files; ctseg scores the same arrays on the written file's grid.
+#[test]
+fn lits_metrics_match_medpy_on_the_real_fixture() {
+    let d = tempfile::tempdir().expect("tmp");
+    let vol = nifti::read(&liver()).expect("liver");
+    let [nx, ny, nz] = vol.dims;
+    let liver_mask: Vec<bool> = vol.data.iter().map(|&v| v >= 1.0).collect();
+    let at = |x: usize, y: usize, z: usize| x + nx * (y + ny * z);
+    let (mut cx, mut cy, mut cz, mut n) = (0.0, 0.0, 0.0, 0.0);
+    for z in 0..nz {
+        for y in 0..ny {
+            for x in 0..nx {
+                if liver_mask[at(x, y, z)] {
+                    (cx, cy, cz, n) = (cx + x as f64, cy + y as f64, cz + z as f64, n + 1.0);
+                }
             }
         }
-        Err(e) => eprintln!("skipped: python3 not found ({e})"),
+    }
+    let centre = [cx / n, cy / n, cz / n];
+    let ball = |x: usize, y: usize, z: usize, shift: f64, r: f64| {
+        let d2 = (x as f64 - centre[0] - shift).powi(2)
+            + (y as f64 - centre[1]).powi(2)
+            + (z as f64 - centre[2]).powi(2);
+        d2 <= r * r
+    };
+    let (mut truth, mut pred) = (vec![0u8; nx * ny * nz], vec![0u8; nx * ny * nz]);
+    for z in 0..nz {
+        for y in 0..ny {
+            for x in 0..nx {
+                let i = at(x, y, z);
+                if liver_mask[i] {
+                    truth[i] = if ball(x, y, z, 0.0, 3.0) { 2 } else { 1 };
+                }
+                if x >= 2 && liver_mask[at(x - 2, y, z)] {
+                    pred[i] = if ball(x, y, z, 1.0, 2.0) { 2 } else { 1 };
+                }
+            }
+        }
+    }
+    let (tp, pp) = (d.path().join("truth.nii.gz"), d.path().join("pred.nii.gz"));
+    nifti::write_u8(&tp, vol.dims, &vol.affine, &truth).expect("write truth");
+    nifti::write_u8(&pp, vol.dims, &vol.affine, &pred).expect("write pred");
+    let written = nifti::read(&tp).expect("read back");
+    let grid = ctseg::infer::surface::Grid {
+        dims: written.dims,
+        spacing: written.spacing,
+    };
+    let case = ctseg::infer::score_case("c", &truth, &pred, &grid, 0.027).expect("score");
+    for (structure, ours) in [
+        ("liver", &case.liver_metrics),
+        ("tumour", &case.tumour_metrics),
+    ] {
+        let script = common::reference_script("lits_metrics.py");
+        let Some(out) = common::python_reference(
+            "lits_metrics.py (medpy)",
+            &["medpy", "nibabel", "numpy", "scipy"],
+            &[
+                common::s(&script),
+                common::s(&tp),
+                common::s(&pp),
+                "--structure",
+                structure,
+            ],
+            &[],
+        ) else {
+            return;
+        };
+        let want: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+        let ours = serde_json::to_value(ours).expect("json");
+        for key in [
+            "dice",
+            "voe",
+            "rvd",
+            "precision",
+            "recall",
+            "assd_mm",
+            "hd95_mm",
+            "hd_mm",
+            "asd_truth_mm",
+            "asd_pred_mm",
+        ] {
+            let (a, b) = (ours[key].as_f64(), want[key].as_f64());
+            let (Some(a), Some(b)) = (a, b) else {
+                panic!(
+                    "{structure} {key}: ctseg {} vs medpy {}",
+                    ours[key], want[key]
+                );
+            };
+            // The same distances (exact integers × spacing², square-rooted), summed in another
+            // order: measured within 3e-16 relative when the script was written.
+            assert!(
+                (a - b).abs() <= 1e-12 * b.abs().max(1.0),
+                "{structure} {key}: ctseg {a} vs medpy {b}"
+            );
+        }
+        eprintln!("{structure}: {ours}");
     }
 }

@@ -1,10 +1,12 @@
 //! Parity with PyTorch: a small livermask U-Net's loss, outputs, gradients and BN running
 //! statistics, and Adadelta's trajectory, against numbers produced by
 //! `python3 tests/reference/torch_reference.py` (torch 2.15.0, CPU, float32), which builds the
-//! same model with the project's PyTorch peer (`tests/reference/livermask_torch.py`, a copy of
-//! `../shared/peer/livermask_torch.py`) and fills weights and inputs with the closed-form rules
-//! written in that script and mirrored below. When python3 with torch is on the machine, the
-//! script is also run live and its output compared with the pinned numbers.
+//! same model with the project's PyTorch peer (`tests/reference/livermask_torch.py`) and fills
+//! weights and inputs with the closed-form rules written in that script and mirrored below. The
+//! script is also run live and its output compared with the pinned numbers (required in CI; see
+//! `tests/common`).
+
+mod common;
 
 use burn::module::{Module, Param};
 use burn::optim::{GradientsParams, Optimizer};
@@ -333,22 +335,12 @@ fn live_pytorch_agrees_when_available() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/reference/torch_reference.py"
     );
-    let out = std::process::Command::new("python3").arg(script).output();
-    let Ok(out) = out else {
-        eprintln!("skipped: python3 not found");
+    let Some(stdout) =
+        common::python_reference("torch_reference.py", &["torch", "numpy"], &[script], &[])
+    else {
         return;
     };
-    if !out.status.success() {
-        eprintln!(
-            "skipped: python3 with torch not usable here ({})",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        );
-        return;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("json");
     let loss = v["loss"].as_f64().expect("loss");
     // Other PyTorch versions and CPUs may order sums differently: same tolerance as above.
     close(loss, LOSS, 1e-5, "live PyTorch loss vs pinned");
@@ -434,26 +426,16 @@ fn flex_matches_pytorch_at_240_and_depth_4() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/reference/torch_reference.py"
     );
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .arg("--grads")
-        .env("CTSEG_REF_SHAPE", format!("{w},{d},{n},{b}"))
-        .output();
-    let out = match out {
-        Ok(o) if o.status.success() => o,
-        Ok(o) => {
-            eprintln!(
-                "skipped: torch_reference.py failed (is torch installed?): {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            return;
-        }
-        Err(e) => {
-            eprintln!("skipped: python3 not found ({e})");
-            return;
-        }
+    let shape = format!("{w},{d},{n},{b}");
+    let Some(stdout) = common::python_reference(
+        "torch_reference.py --grads",
+        &["torch", "numpy"],
+        &[script, "--grads"],
+        &[("CTSEG_REF_SHAPE", shape.as_str())],
+    ) else {
+        return;
     };
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("json");
     let torch_loss = v["loss"].as_f64().expect("loss");
     let torch: Vec<Vec<f32>> = v["grads"]
         .as_array()

@@ -10,15 +10,16 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use burn::optim::GradientsParams;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::data::{Dataset, make_batch};
 use crate::error::{Error, Result};
-use crate::model::{Mode, summarize};
-use crate::train::{batch_tensors, build_model, forward_loss};
+use crate::model::summarize;
+use crate::train::{Stepper, TrainState};
+use crate::util::stats::quantile;
+use crate::util::sys::peak_rss_mb;
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -80,101 +81,31 @@ pub struct StepBench {
     pub apply_s: f64,
 }
 
-/// Peak resident set size of this process in MB, from `/proc/self/status` (VmHWM).
-pub fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-/// Median and spread of a set of timings (for the harness benches in `benches/`).
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-pub struct Spread {
-    /// Median.
-    pub median: f64,
-    /// Smallest.
-    pub min: f64,
-    /// Largest.
-    pub max: f64,
-    /// Interquartile range.
-    pub iqr: f64,
-}
-
-/// Steps left out as warm-up by the medians of per-step figures (the trainer's summary, `bench
-/// scaling`, `ctseg report`), when a run has more than [`WARMUP_MIN_STEPS`] steps.
-pub const WARMUP_STEPS: usize = 2;
-/// Runs with at most this many steps keep all of them in the medians.
-pub const WARMUP_MIN_STEPS: usize = 4;
-
-/// Median (mean of the two middle values for an even count); `None` when empty.
-pub fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
-    let mut v: Vec<f64> = values.into_iter().collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    Some(quantile(&v, 0.5))
-}
-
-/// Median of per-step values without the first [`WARMUP_STEPS`] when there are more than
-/// [`WARMUP_MIN_STEPS`]; non-finite values are left out. `None` when nothing is left.
-pub fn warm_median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
-    let v: Vec<f64> = values.into_iter().collect();
-    let skip = if v.len() > WARMUP_MIN_STEPS {
-        WARMUP_STEPS
-    } else {
-        0
-    };
-    median(v.into_iter().skip(skip).filter(|x| x.is_finite()))
-}
-
-/// The [`Spread`] of `times` (NaN fields when empty).
-pub fn spread(times: &[f64]) -> Spread {
-    let mut s = times.to_vec();
-    s.sort_by(f64::total_cmp);
-    Spread {
-        median: quantile(&s, 0.5),
-        min: s.first().copied().unwrap_or(f64::NAN),
-        max: s.last().copied().unwrap_or(f64::NAN),
-        iqr: quantile(&s, 0.75) - quantile(&s, 0.25),
-    }
-}
-
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let pos = q * (sorted.len() - 1) as f64;
-    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
-}
-
-/// Times training steps of `cfg`'s model on one fixed phantom batch.
-/// Collective under MPI: every rank times its own batch and the gradient exchange.
+/// Times training steps of `cfg`'s model on one fixed phantom batch (`train.accumulate`
+/// micro-batches of it per step), through the trainer's own [`Stepper`]. Collective under MPI:
+/// every rank times its own batch and the gradient exchange.
 pub fn bench_step(
     cfg: &RunConfig,
     be: &Backend,
     o: &StepBenchOptions,
     comm: &dyn crate::comm::Communicator,
 ) -> Result<StepBench> {
-    let (device, device_desc) = (&be.device, be.description.as_str());
+    // 1. One phantom volume with enough slices for the batch, the model and the stepper.
     let b = cfg.train.batch_size;
     let size = cfg.model.input_size;
-    // One phantom volume with enough slices for the batch.
     let ds = Dataset::phantom(cfg.seed, 1, b, size, 1);
     let idx: Vec<usize> = (0..b).collect();
     let batch = make_batch(&ds, &cfg.data, cfg.model.classes, &idx);
-    let ad = device.clone().autodiff();
-    let mut model = build_model(cfg, &ad, be.chunk_limit);
-    let mut optim = cfg.optimizer.init();
-    let slots = crate::train::flat::layout(&model, crate::train::flat::Select::Trainable);
-    let sync = || device.sync().map_err(|e| Error::Device(format!("{e:?}")));
+    let micro = vec![batch; cfg.train.accumulate.max(1)];
+    let ad = be.device.clone().autodiff();
+    let mut state = TrainState::fresh(cfg, &ad, be.caps);
+    let stepper = Stepper::new(cfg, &state.model, &be.device, comm);
+    let sync = || {
+        be.device
+            .sync()
+            .map_err(|e| Error::Device(format!("{e:?}")))
+    };
+    // 2. Warm-up and timed steps, all ranks starting each step together.
     let mut times = Vec::with_capacity(o.steps);
     let mut parts: [Vec<f64>; 5] = Default::default();
     let mut losses = Vec::new();
@@ -182,60 +113,48 @@ pub fn bench_step(
         sync()?;
         comm.barrier()?;
         let t = Instant::now();
-        let (x, y) = batch_tensors(&batch, &ad);
-        let mode = Mode::Train {
-            seed: cfg.seed,
-            step: step as u64,
-            stream: comm.rank() as u64,
-        };
-        let (loss_value, loss) = forward_loss(&model, x, y, mode, cfg.train.loss_smooth)?;
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        sync()?;
-        let compute = t.elapsed().as_secs_f64();
-        let (grads, ex) =
-            crate::train::exchange::average(&model, grads, &slots, &ad, comm, &cfg.distributed)?;
-        let t_apply = Instant::now();
-        model = optim.step(cfg.optimizer.lr, model, grads);
-        sync()?;
-        let apply = t_apply.elapsed().as_secs_f64();
+        let (s, out) = stepper.step(state, &micro, step as u64, cfg.optimizer.lr)?;
+        state = s;
         let dt = t.elapsed().as_secs_f64();
-        losses.push(loss_value);
+        crate::faults::inject("bench", comm.rank(), step as u64);
+        losses.push(out.loss);
         if step >= o.warmup {
             times.push(dt);
+            let x = out.times;
             for (v, x) in
                 parts
                     .iter_mut()
-                    .zip([compute, ex.copy_s, ex.comm_s, apply, ex.comm_total_s])
+                    .zip([x.compute_s, x.copy_s, x.comm_s, x.apply_s, x.comm_total_s])
             {
                 v.push(x);
             }
         }
     }
+    // 3. Medians and spread.
     let median_of = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         quantile(v, 0.5)
     };
     let [mut pc, mut pcopy, mut pcomm, mut papply, mut ptotal] = parts;
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = quantile(&sorted, 0.5);
+    let spread = crate::util::stats::spread(&times);
     let summary = summarize(&cfg.model);
-    let gflop = summary.train_flops() * b as f64 / 1e9;
+    let images = b * cfg.train.accumulate.max(1);
+    let gflop = summary.train_flops() * images as f64 / 1e9;
     Ok(StepBench {
         bench: "ctseg".into(),
-        device: device_desc.into(),
+        device: be.description.clone(),
         width: cfg.model.width,
         size,
         batch: b,
         params: summary.params(),
         steps: times.len(),
-        median_step_s: median,
-        min_step_s: sorted.first().copied().unwrap_or(f64::NAN),
-        max_step_s: sorted.last().copied().unwrap_or(f64::NAN),
-        iqr_step_s: quantile(&sorted, 0.75) - quantile(&sorted, 0.25),
-        images_per_s: (b * comm.size()) as f64 / median,
+        median_step_s: spread.median,
+        min_step_s: spread.min,
+        max_step_s: spread.max,
+        iqr_step_s: spread.iqr,
+        images_per_s: (images * comm.size()) as f64 / spread.median,
         gflop_per_step: gflop,
-        gflops: gflop / median,
+        gflops: gflop / spread.median,
         first_loss: losses.first().copied().unwrap_or(f64::NAN),
         last_loss: losses.last().copied().unwrap_or(f64::NAN),
         peak_rss_mb: peak_rss_mb(),
@@ -246,6 +165,36 @@ pub fn bench_step(
         comm_total_s: median_of(&mut ptotal),
         apply_s: median_of(&mut papply),
     })
+}
+
+impl StepBench {
+    /// Two lines for a terminal: the step time with its spread, throughput and memory; the
+    /// median split of the step.
+    pub fn render(&self) -> String {
+        format!(
+            "ctseg step ({}): width {} size {} batch {} | median {:.3} s (min {:.3}, max {:.3}, IQR {:.3}, {} steps) | {:.2} img/s | {:.1} GFLOP/s | peak RSS {:.0} MB | loss {:.4} -> {:.4}\n  per step (median): compute {:.3} s | gradient copy {:.3} s | communication {:.3} s of which exposed {:.3} s | optimiser {:.3} s | {} rank(s)",
+            self.device,
+            self.width,
+            self.size,
+            self.batch,
+            self.median_step_s,
+            self.min_step_s,
+            self.max_step_s,
+            self.iqr_step_s,
+            self.steps,
+            self.images_per_s,
+            self.gflops,
+            self.peak_rss_mb,
+            self.first_loss,
+            self.last_loss,
+            self.compute_s,
+            self.copy_s,
+            self.comm_total_s,
+            self.comm_s,
+            self.apply_s,
+            self.ranks
+        )
+    }
 }
 
 /// What the PyTorch peer script printed.
@@ -335,6 +284,24 @@ pub struct AllreduceRow {
     pub bound_s: Option<f64>,
     /// bound / median: the fraction of the link's limit reached.
     pub of_bound: Option<f64>,
+}
+
+impl AllreduceRow {
+    /// One line for a terminal.
+    pub fn render(&self) -> String {
+        format!(
+            "{} ranks {:>11} B: median {:>10.3} ms (min {:.3}) | algbw {:7.3} GB/s | busbw {:7.3} GB/s{}",
+            self.ranks,
+            self.bytes,
+            self.median_s * 1e3,
+            self.min_s * 1e3,
+            self.algbw_gbs,
+            self.busbw_gbs,
+            self.of_bound
+                .map(|f| format!(" | {:.0} % of the ring bound", 100.0 * f))
+                .unwrap_or_default()
+        )
+    }
 }
 
 /// Times in-place sum-allreduces of f32 buffers from `min_bytes` to `max_bytes` (×2 steps).

@@ -79,7 +79,9 @@ pub struct Prediction {
     pub steps_per_epoch: u64,
     /// Epoch, s.
     pub epoch_s: f64,
-    /// Epoch time of 1 rank / epoch time of N.
+    /// Throughput of N ranks (images per second) / throughput of 1 (NaN when no full global
+    /// batch fits in the data). Not from epoch times: an epoch drops its last incomplete global
+    /// batch, so epochs at different rank counts hold different numbers of images.
     pub speedup: f64,
     /// Steps to the target at this global batch (interpolated from the study), if known.
     pub steps_to_target: Option<f64>,
@@ -114,7 +116,7 @@ pub const DEFAULT_COPY_GBS: f64 = 1.0;
 pub fn measured_from_run(run_dir: &Path, copy_gbs: f64) -> Result<Measured> {
     let s = super::scaling::read_summary(run_dir)?;
     let [compute, copy, comm, _wait] = super::scaling::step_split(run_dir)?;
-    let per_step_images = s.batch_size.max(1) * s.accumulate.max(1);
+    let per_step_images = (s.batch_size.max(1) * s.accumulate.max(1)) as usize;
     if !(compute.is_finite() && s.median_step_s.is_finite() && s.median_step_s > 0.0) {
         return Err(Error::Invalid(format!(
             "{}: the run has no timed steps (summary.json median_step_s = {}); run more steps",
@@ -144,9 +146,9 @@ pub fn measured_from_run(run_dir: &Path, copy_gbs: f64) -> Result<Measured> {
             2.0 * 4.0 * s.params as f64 / (copy_gbs * 1e9)
         },
         grad_bytes: wire * s.params as f64,
-        batch: s.batch_size.max(1),
-        accumulate: s.accumulate.max(1),
-        train_slices: s.train_slices,
+        batch: s.batch_size.max(1) as usize,
+        accumulate: s.accumulate.max(1) as usize,
+        train_slices: s.train_slices as usize,
         source: run_dir.display().to_string(),
     })
 }
@@ -186,7 +188,7 @@ pub fn predict(
         let spe = (m.train_slices / (per_step * n)) as u64;
         (spe, spe as f64 * step_at(n).2)
     };
-    let (_, epoch1) = epoch_at(1);
+    let throughput1 = per_step as f64 / step_at(1).2;
     ranks
         .iter()
         .map(|&n| {
@@ -202,8 +204,8 @@ pub fn predict(
                 step_s,
                 steps_per_epoch,
                 epoch_s,
-                speedup: if epoch_s > 0.0 {
-                    epoch1 / epoch_s
+                speedup: if steps_per_epoch > 0 {
+                    global_batch as f64 / step_s / throughput1
                 } else {
                     f64::NAN
                 },
@@ -271,7 +273,7 @@ pub fn validate(
         .map(|d| {
             let s = super::scaling::read_summary(d)?;
             let own = measured_from_run(d, copy_gbs)?;
-            let n = s.world_size;
+            let n = s.world_size as usize;
             let predicted = predict(base, net, &[n], &[]);
             let p = predicted.first().map_or(f64::NAN, |p| p.step_s);
             let own_p = predict(&own, net, &[n], &[]);
@@ -290,6 +292,74 @@ pub fn validate(
             })
         })
         .collect()
+}
+
+/// The model's tables as Markdown: the measured inputs, the predictions per rank count and,
+/// when runs were given to compare with, predicted against measured.
+pub fn markdown(
+    m: &Measured,
+    net: &Network,
+    preds: &[Prediction],
+    checks: &[Validation],
+) -> String {
+    let mut md = format!(
+        "# ctseg bench model\n\nMeasured in `{}`: {:.4} s compute per image, {:.3} s other per step, {:.3} s gradient copy, {:.1} MB of gradients on the wire, batch {} × {} micro-batch(es), {} training slices.\nNetwork: {} Gbit/s, {} µs latency, {:?} allreduce. Speedup is in throughput (images/s), not epoch time: an epoch drops its last incomplete global batch.\n\n| ranks | global batch | compute (s) | allreduce (s) | step (s) | steps/epoch | epoch (s) | speedup (img/s) | steps to target | time to target (s) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        m.source,
+        m.compute_per_image_s,
+        m.other_s,
+        m.copy_s,
+        m.grad_bytes / 1e6,
+        m.batch,
+        m.accumulate,
+        m.train_slices,
+        net.link_gbps,
+        net.latency_us,
+        net.algorithm
+    );
+    for p in preds {
+        let opt = |v: Option<f64>, digits: usize| {
+            v.map_or("—".to_string(), |v| format!("{v:.digits$}"))
+        };
+        md.push_str(&format!(
+            "| {} | {} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} |\n",
+            p.ranks,
+            p.global_batch,
+            p.compute_s,
+            p.allreduce_s,
+            p.step_s,
+            p.steps_per_epoch,
+            if p.steps_per_epoch > 0 {
+                format!("{:.1}", p.epoch_s)
+            } else {
+                "batch > data".into()
+            },
+            if p.speedup.is_finite() {
+                format!("{:.2}", p.speedup)
+            } else {
+                "—".into()
+            },
+            opt(p.steps_to_target, 0),
+            opt(p.time_to_target_s, 1),
+        ));
+    }
+    if !checks.is_empty() {
+        md.push_str("\n## Predicted against measured\n\n| run | ranks | measured step (s) | predicted (s) | error | predicted with the run's own compute (s) | error | measured exposed comm (s) | predicted allreduce (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for c in checks {
+            md.push_str(&format!(
+                "| {} | {} | {:.3} | {:.3} | {:+.1} % | {:.3} | {:+.1} % | {:.3} | {:.3} |\n",
+                c.run_dir,
+                c.ranks,
+                c.measured_step_s,
+                c.predicted_step_s,
+                100.0 * c.error,
+                c.predicted_comm_only_step_s,
+                100.0 * c.comm_only_error,
+                c.measured_comm_s,
+                c.predicted_allreduce_s
+            ));
+        }
+    }
+    md
 }
 
 #[cfg(test)]
@@ -339,9 +409,10 @@ mod tests {
         assert!((p[0].step_s - 1.1).abs() < 1e-12);
         assert!((p[0].epoch_s - 550.0).abs() < 1e-9);
         // 2 ranks: 1.1 + 0.2 + (2·50 µs + 2·½·125e6·8e-9) = 1.1 + 0.2 + 1.0001 = 2.3001 s;
-        // 250 steps → 575.025 s; speedup 550/575.025.
+        // 250 steps → 575.025 s. Speedup in throughput: (4 images / 2.3001 s) / (2 / 1.1 s).
         assert!((p[1].step_s - 2.3001).abs() < 1e-9);
-        assert!((p[1].speedup - 550.0 / 575.025).abs() < 1e-9);
+        assert!((p[1].epoch_s - 575.025).abs() < 1e-9);
+        assert!((p[1].speedup - (4.0 / 2.3001) / (2.0 / 1.1)).abs() < 1e-9);
         // Steps to target: 100 at batch 2, 25 at batch 8 → log-log at batch 4: 50.
         assert!((p[1].steps_to_target.unwrap_or(0.0) - 50.0).abs() < 1e-9);
         // 1000 ranks × 2 images > 1000 slices: no step fits.

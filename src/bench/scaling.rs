@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::train::TrainSummary;
-use crate::train::metrics;
+use crate::rundir::{RunDir, Summary, metrics};
+use crate::util::stats::warm_median;
 
 /// The file `bench scaling` writes in its output directory.
 pub const RESULTS: &str = "scaling.json";
@@ -29,8 +29,8 @@ pub struct ScalingOptions {
     pub ranks: Vec<usize>,
     /// Rank counts of GPU runs (usually `[1]`).
     pub gpu_ranks: Vec<usize>,
-    /// Backends: `"cpu"`, `"gpu"`.
-    pub backends: Vec<String>,
+    /// Backends.
+    pub backends: Vec<crate::backend::BackendKind>,
     /// Launcher template; `{n}` becomes the rank count. Empty: 1-rank runs start ctseg directly.
     pub launcher: String,
     /// Output directory: one run directory per (backend, ranks), and `scaling.json`.
@@ -74,7 +74,9 @@ pub struct ScalingRow {
     pub data_wait_s: f64,
     /// Largest peak RSS of any rank, MB.
     pub peak_rss_mb: f64,
-    /// Speedup of the epoch time against the 1-rank run of the same backend (NaN without one).
+    /// Speedup in throughput (images per second) against the 1-rank run of the same backend
+    /// (NaN without one). Not from epoch times: the trainer drops an epoch's last incomplete
+    /// global batch, so epochs at different rank counts hold different numbers of images.
     pub speedup: f64,
     /// Parallel efficiency: speedup / ranks.
     pub efficiency: f64,
@@ -86,28 +88,44 @@ pub struct ScalingRow {
     pub launch_s: f64,
 }
 
+impl ScalingRow {
+    /// One line for a terminal, as each run finishes.
+    pub fn render(&self) -> String {
+        format!(
+            "{} × {}: epoch {:.1} s ({} steps × {:.3} s), {:.2} img/s, compute {:.3} s, copy {:.3} s, exposed comm {:.3} s, peak RSS {:.0} MB, launch {:.1} s",
+            self.backend,
+            self.ranks,
+            self.epoch_time_s,
+            self.steps_per_epoch,
+            self.median_step_s,
+            self.images_per_s,
+            self.compute_s,
+            self.copy_s,
+            self.comm_s,
+            self.peak_rss_mb,
+            self.launch_s
+        )
+    }
+}
+
 /// Per-step medians of a run directory's `metrics.jsonl`: (compute, copy, comm, data wait),
 /// with the same warm-up rule as the summary's median step.
 pub fn step_split(run_dir: &Path) -> Result<[f64; 4]> {
-    let recs = metrics::read_all(&run_dir.join(metrics::FILE))?;
-    let mut cols: [Vec<f64>; 4] = Default::default();
-    for r in recs.iter().filter(|r| r["kind"] == "step") {
-        for (c, key) in cols
-            .iter_mut()
-            .zip(["compute_s", "copy_s", "comm_s", "data_wait_s"])
-        {
-            c.push(r[key].as_f64().unwrap_or(f64::NAN));
-        }
-    }
-    Ok(cols.map(|c| super::warm_median(c).unwrap_or(f64::NAN)))
+    let m = metrics::read(&RunDir::new(run_dir).metrics())?;
+    let col = |f: fn(&metrics::StepRecord) -> Option<f64>| {
+        warm_median(m.steps.iter().map(|s| f(s).unwrap_or(f64::NAN))).unwrap_or(f64::NAN)
+    };
+    Ok([
+        col(|s| s.compute_s),
+        col(|s| s.copy_s),
+        col(|s| s.comm_s),
+        col(|s| s.data_wait_s),
+    ])
 }
 
 /// Reads a run directory's `summary.json`.
-pub fn read_summary(run_dir: &Path) -> Result<TrainSummary> {
-    let path = run_dir.join("summary.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::Invalid(format!("{}: not a ctseg summary: {e}", path.display())))
+pub fn read_summary(run_dir: &Path) -> Result<Summary> {
+    Summary::read(&RunDir::new(run_dir).summary())
 }
 
 /// The argument vector of one launch: the launcher template with `{n}` replaced, then ctseg.
@@ -213,7 +231,7 @@ pub fn row_from_run(
         run_dir: run_dir.to_path_buf(),
         command,
         device: s.device.clone(),
-        global_batch: s.global_batch,
+        global_batch: s.global_batch as usize,
         steps_per_epoch: s.steps_per_epoch,
         median_step_s: s.median_step_s,
         epoch_time_s: s.epoch_time_s,
@@ -231,16 +249,16 @@ pub fn row_from_run(
     })
 }
 
-/// Speedup of each row's epoch time against the 1-rank row of its backend.
+/// Speedup of each row's throughput (images per second) against the 1-rank row of its backend.
 pub fn fill_speedups(rows: &mut [ScalingRow]) {
     let base: Vec<(String, f64)> = rows
         .iter()
         .filter(|r| r.ranks == 1)
-        .map(|r| (r.backend.clone(), r.epoch_time_s))
+        .map(|r| (r.backend.clone(), r.images_per_s))
         .collect();
     for r in rows.iter_mut() {
-        if let Some((_, t1)) = base.iter().find(|(b, _)| *b == r.backend) {
-            r.speedup = t1 / r.epoch_time_s;
+        if let Some((_, ips1)) = base.iter().find(|(b, _)| *b == r.backend) {
+            r.speedup = r.images_per_s / ips1;
             r.efficiency = r.speedup / r.ranks as f64;
         }
     }
@@ -254,8 +272,9 @@ pub fn run_scaling(
 ) -> Result<Vec<ScalingRow>> {
     std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
     let mut rows = Vec::new();
-    for backend in &o.backends {
-        let counts = if backend == "gpu" {
+    for kind in &o.backends {
+        let backend = kind.name();
+        let counts = if *kind == crate::backend::BackendKind::Gpu {
             &o.gpu_ranks
         } else {
             &o.ranks
@@ -291,13 +310,54 @@ pub fn run_scaling(
 fn write_results(out: &Path, rows: &[ScalingRow]) -> Result<()> {
     let text = serde_json::to_string_pretty(rows)
         .map_err(|e| Error::Invalid(format!("serialising the results: {e}")))?;
-    crate::train::checkpoint::write_atomic(&out.join(RESULTS), text.as_bytes())
+    crate::util::fs::write_atomic(&out.join(RESULTS), text.as_bytes())
+}
+
+/// `scaling.md`: a title, the rows as a table and, when a PyTorch peer ran, its step time
+/// beside ctseg's 1-rank CPU step.
+pub fn markdown(config: &Path, rows: &[ScalingRow], peer: Option<&PeerLine>) -> String {
+    let mut md = format!(
+        "# ctseg bench scaling: {}\n\nSpeedup is in throughput (images/s) against the backend's 1-rank run; epoch times hold different numbers of images at different rank counts (an epoch drops its last incomplete global batch).\n\n{}",
+        config.display(),
+        table(rows)
+    );
+    if let Some(p) = peer
+        && let Some(r) = rows.iter().find(|r| r.backend == "cpu" && r.ranks == 1)
+    {
+        md.push_str(&format!(
+            "\nPyTorch {} peer ({}, {} threads, width {}, size {}, batch {}): median step {:.3} s; ctseg 1-rank CPU median step {:.3} s = {:.2}× the peer's.\n",
+            p.peer.torch,
+            p.peer.device,
+            p.threads,
+            p.width,
+            p.size,
+            p.batch,
+            p.peer.median_step_s,
+            r.median_step_s,
+            r.median_step_s / p.peer.median_step_s
+        ));
+    }
+    md
+}
+
+/// A PyTorch peer's step beside the series, for [`markdown`].
+pub struct PeerLine {
+    /// What the peer printed.
+    pub peer: super::PeerResult,
+    /// Its threads.
+    pub threads: usize,
+    /// Model width.
+    pub width: usize,
+    /// Input size.
+    pub size: usize,
+    /// Batch.
+    pub batch: usize,
 }
 
 /// A Markdown table of the rows.
 pub fn table(rows: &[ScalingRow]) -> String {
     let mut t = String::from(
-        "| backend | ranks | global batch | step (s) | epoch (s) | img/s | compute (s) | copy (s) | exposed comm (s) | data wait (s) | peak RSS (MB) | speedup | efficiency |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| backend | ranks | global batch | step (s) | epoch (s) | img/s | compute (s) | copy (s) | exposed comm (s) | data wait (s) | peak RSS (MB) | speedup (img/s) | efficiency |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         t.push_str(&format!(
@@ -331,7 +391,7 @@ mod tests {
             data: None,
             ranks: vec![1, 2],
             gpu_ranks: vec![1],
-            backends: vec!["cpu".into()],
+            backends: vec![crate::backend::BackendKind::Cpu],
             launcher: launcher.into(),
             out: PathBuf::from("/tmp/x"),
             train_args: vec!["--max-steps".into(), "3".into()],
@@ -361,8 +421,8 @@ mod tests {
     }
 
     #[test]
-    fn speedup_is_against_the_one_rank_run_of_the_backend() {
-        let row = |backend: &str, ranks, epoch| ScalingRow {
+    fn speedup_is_throughput_against_the_one_rank_run_of_the_backend() {
+        let row = |backend: &str, ranks, images_per_s| ScalingRow {
             backend: backend.into(),
             ranks,
             run_dir: PathBuf::new(),
@@ -371,8 +431,8 @@ mod tests {
             global_batch: 0,
             steps_per_epoch: 0,
             median_step_s: 0.0,
-            epoch_time_s: epoch,
-            images_per_s: 0.0,
+            epoch_time_s: 0.0,
+            images_per_s,
             compute_s: 0.0,
             copy_s: 0.0,
             comm_s: 0.0,
@@ -385,14 +445,14 @@ mod tests {
             launch_s: 0.0,
         };
         let mut rows = vec![
-            row("cpu", 1, 100.0),
-            row("cpu", 2, 60.0),
-            row("cpu", 4, 40.0),
-            row("gpu", 1, 10.0),
+            row("cpu", 1, 6.0),
+            row("cpu", 2, 10.0),
+            row("cpu", 4, 15.0),
+            row("gpu", 1, 60.0),
         ];
         fill_speedups(&mut rows);
-        // 100/60 = 1.667 (efficiency 0.833), 100/40 = 2.5 (0.625); the GPU is its own base.
-        assert!((rows[1].speedup - 100.0 / 60.0).abs() < 1e-12);
+        // 10/6 = 1.667 (efficiency 0.833), 15/6 = 2.5 (0.625); the GPU is its own base.
+        assert!((rows[1].speedup - 10.0 / 6.0).abs() < 1e-12);
         assert!((rows[2].efficiency - 0.625).abs() < 1e-12);
         assert_eq!(rows[3].speedup, 1.0);
     }

@@ -14,18 +14,42 @@ pub mod mpi;
 
 /// Whether this process was started by an MPI launcher (mpirun/mpiexec/srun), from the
 /// environment variables the common launchers set; `CTSEG_MPI=1` forces MPI (a singleton).
+/// A Slurm step of several tasks counts too, whatever its `--mpi` plugin: see
+/// [`launcher_tasks`].
 pub fn launched_by_mpi() -> bool {
     if std::env::var("CTSEG_MPI").is_ok_and(|v| v == "1") {
         return true;
     }
-    [
-        "OMPI_COMM_WORLD_SIZE",
-        "PMI_SIZE",
-        "PMIX_RANK",
-        "MPI_LOCALNRANKS",
-    ]
-    .iter()
-    .any(|v| std::env::var_os(v).is_some())
+    launcher_tasks().is_some_and(|n| n > 1)
+        || [
+            "OMPI_COMM_WORLD_SIZE",
+            "PMI_SIZE",
+            "PMIX_RANK",
+            "MPI_LOCALNRANKS",
+        ]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+}
+
+/// The number of tasks a Slurm step started (`SLURM_STEP_NUM_TASKS`), if this process is one.
+/// With `srun --mpi=none` (a cluster's default when `--mpi` is left out) the tasks cannot find
+/// each other: each would train alone, so the communicator refuses that (see
+/// [`check_world_matches_launcher`]).
+pub fn launcher_tasks() -> Option<usize> {
+    std::env::var("SLURM_STEP_NUM_TASKS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Fails when Slurm started more tasks than MPI sees ranks: the tasks were not wired together
+/// (srun without a PMIx plugin), and each would train alone on the same run directory.
+pub fn check_world_matches_launcher(world: usize) -> crate::Result<()> {
+    match launcher_tasks() {
+        Some(n) if n > 1 && world != n => Err(crate::Error::Argument(format!(
+            "srun started {n} tasks but MPI sees {world} rank(s): the tasks are not connected; launch with `srun --mpi=pmix` (Debian's OpenMPI speaks PMIx only; `srun --mpi=list` shows the plugins)"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// A group of ranks that train one model together.

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -157,48 +157,14 @@ pub struct Manifest {
     pub source: String,
 }
 
-/// Creates directory `dir` atomically: `fill` writes into a temporary sibling directory that
-/// is renamed to `dir` when it succeeds and removed when it fails, so a failure leaves nothing
-/// behind. `dir` must not exist yet.
-pub fn write_dir_atomically<T>(dir: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
-    if dir.exists() {
-        return Err(Error::dataset(
-            dir,
-            "already exists; choose a new output directory",
-        ));
-    }
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "dataset".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    match fill(&tmp) {
-        Ok(v) => {
-            fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-            Ok(v)
-        }
-        Err(e) => {
-            let _ = fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
-}
-
 /// Labelled slices in memory.
 #[derive(Clone, Debug)]
 pub struct Dataset {
     /// Where it came from (a directory or a phantom description).
     pub origin: String,
+    /// FNV-1a of the manifest (a directory) or of the phantom parameters (hex): two copies of
+    /// a dataset with equal fingerprints hold the same slices, volumes and folds.
+    pub fingerprint: String,
     /// Slice height = width.
     pub size: usize,
     /// `len · size²` HU values.
@@ -243,6 +209,19 @@ impl Dataset {
         &self.labels[i * p..(i + 1) * p]
     }
 
+    /// Keeps the first `n` slices (and the volumes they belong to).
+    pub fn truncate(&mut self, n: usize) {
+        let n = n.min(self.len());
+        let px = self.pixels();
+        self.images.truncate(n * px);
+        self.labels.truncate(n * px);
+        self.volume_ids.truncate(n);
+        self.slice_indices.truncate(n);
+        let kept: std::collections::BTreeSet<u32> = self.volume_ids.iter().copied().collect();
+        self.volume_names.retain(|v, _| kept.contains(v));
+        self.folds.retain(|v, _| kept.contains(v));
+    }
+
     /// Generates `volumes × slices` phantom slices of `size²` with `threads` worker threads.
     pub fn phantom(seed: u64, volumes: usize, slices: usize, size: usize, threads: usize) -> Self {
         let total = volumes * slices;
@@ -277,10 +256,11 @@ impl Dataset {
         let volume_names = (0..volumes as u32)
             .map(|v| (v, format!("phantom-{v}")))
             .collect();
+        let origin =
+            format!("phantom(seed {seed}, {volumes} volumes x {slices} slices, {size}x{size})");
         Self {
-            origin: format!(
-                "phantom(seed {seed}, {volumes} volumes x {slices} slices, {size}x{size})"
-            ),
+            fingerprint: format!("{:016x}", crate::util::fnv1a(origin.bytes())),
+            origin,
             size,
             images,
             labels,
@@ -326,6 +306,7 @@ impl Dataset {
         }
         let mut ds = Self {
             origin: dir.display().to_string(),
+            fingerprint: format!("{:016x}", crate::util::fnv1a(text.bytes())),
             size: m.height,
             images: Vec::new(),
             labels: Vec::new(),
@@ -387,7 +368,9 @@ impl Dataset {
     /// files go to a temporary sibling directory that is renamed to `dir` at the end. `dir` must
     /// not exist yet.
     pub fn write(&self, dir: &Path, per_shard: usize, source: &str) -> Result<Manifest> {
-        write_dir_atomically(dir, |tmp| self.write_into(tmp, per_shard.max(1), source))
+        crate::util::fs::create_dir_atomic(dir, |tmp| {
+            self.write_into(tmp, per_shard.max(1), source)
+        })
     }
 
     fn write_into(&self, dir: &Path, per_shard: usize, source: &str) -> Result<Manifest> {

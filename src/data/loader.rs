@@ -2,12 +2,12 @@
 //! background loader thread that turns slice indices into ready-made host batches ahead of the
 //! training loop.
 
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::dataset::{DataConfig, Dataset, Sampling};
+use crate::error::{Error, Result};
 use crate::rng::{Rng, keys};
 
 /// Which slices one rank trains on, epoch by epoch.
@@ -99,7 +99,9 @@ pub struct HostBatch {
     pub len: usize,
     /// Side length.
     pub size: usize,
-    /// `[len, 1, size, size]` network inputs.
+    /// Input channels per image (1: the slice alone).
+    pub channels: usize,
+    /// `[len, channels, size, size]` network inputs.
     pub inputs: Vec<f32>,
     /// `[len, classes, size, size]` targets: channel 0 = label 0, channel c ≥ 1 = label ≥ c.
     pub targets: Vec<f32>,
@@ -126,6 +128,7 @@ pub fn make_batch(ds: &Dataset, cfg: &DataConfig, classes: usize, indices: &[usi
     HostBatch {
         len: indices.len(),
         size: ds.size,
+        channels: 1,
         inputs,
         targets,
         classes,
@@ -137,41 +140,74 @@ pub struct Loader {
     rx: Option<Receiver<HostBatch>>,
     handle: Option<JoinHandle<()>>,
     waited: Duration,
+    expected: usize,
+    delivered: usize,
+}
+
+/// The message of a panic payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 impl Loader {
-    /// Starts a thread that builds `batches` in order.
+    /// Starts a thread that builds `batches` in order. `make` turns one batch of slice indices
+    /// into a host batch (see [`make_batch`]).
     pub fn spawn(
-        ds: Arc<Dataset>,
-        cfg: DataConfig,
-        classes: usize,
         batches: Vec<Vec<usize>>,
         prefetch: usize,
-    ) -> Self {
+        mut make: impl FnMut(&[usize]) -> HostBatch + Send + 'static,
+    ) -> Result<Self> {
+        let expected = batches.len();
         let (tx, rx): (SyncSender<HostBatch>, Receiver<HostBatch>) = sync_channel(prefetch.max(1));
         let handle = std::thread::Builder::new()
             .name("ctseg-loader".into())
             .spawn(move || {
                 for idx in batches {
-                    if tx.send(make_batch(&ds, &cfg, classes, &idx)).is_err() {
+                    if tx.send(make(&idx)).is_err() {
                         return; // consumer gone
                     }
                 }
             })
-            .ok();
-        Self {
+            .map_err(|e| Error::Invalid(format!("starting the data loader thread: {e}")))?;
+        Ok(Self {
             rx: Some(rx),
-            handle,
+            handle: Some(handle),
             waited: Duration::ZERO,
-        }
+            expected,
+            delivered: 0,
+        })
     }
 
-    /// Next batch, or `None` when all were delivered. Time spent blocked is accumulated.
-    pub fn next_batch(&mut self) -> Option<HostBatch> {
+    /// Next batch, or `None` when all were delivered. Time spent blocked is accumulated. A
+    /// loader that stops before delivering every batch (its thread panicked) is an error, never
+    /// an early end of the data: a rank that ended its epoch early would leave the others
+    /// waiting in a collective.
+    pub fn next_batch(&mut self) -> Result<Option<HostBatch>> {
+        if self.delivered == self.expected {
+            return Ok(None);
+        }
         let t = Instant::now();
-        let b = self.rx.as_ref()?.recv().ok();
+        let b = self.rx.as_ref().and_then(|rx| rx.recv().ok());
         self.waited += t.elapsed();
-        b
+        match b {
+            Some(b) => {
+                self.delivered += 1;
+                Ok(Some(b))
+            }
+            None => {
+                let why = match self.handle.take().map(JoinHandle::join) {
+                    Some(Err(p)) => format!("it panicked: {}", panic_message(p.as_ref())),
+                    _ => "it stopped".into(),
+                };
+                Err(Error::Invalid(format!(
+                    "the data loader delivered {} of {} batches: {why}",
+                    self.delivered, self.expected
+                )))
+            }
+        }
     }
 
     /// Total time the consumer waited on data so far.
@@ -230,6 +266,7 @@ mod tests {
     fn nested_targets() {
         let ds = Dataset {
             origin: "t".into(),
+            fingerprint: String::new(),
             size: 1,
             images: vec![0, 0, 0],
             labels: vec![0, 1, 2],
@@ -251,5 +288,46 @@ mod tests {
         let b = make_batch(&ds, &cfg, 3, &[0, 1, 2]);
         // label 0 → [1,0,0]; 1 → [0,1,0]; 2 → [0,1,1] (liver channel includes tumour).
         assert_eq!(b.targets, vec![1., 0., 0., 0., 1., 0., 0., 1., 1.]);
+    }
+
+    #[test]
+    fn a_loader_that_dies_is_an_error_not_an_end_of_data() {
+        let mut l = Loader::spawn(vec![vec![0], vec![1], vec![2]], 1, |idx| {
+            assert!(idx[0] < 1, "injected loader failure");
+            HostBatch {
+                len: 1,
+                size: 1,
+                channels: 1,
+                inputs: vec![0.0],
+                targets: vec![0.0],
+                classes: 1,
+            }
+        })
+        .expect("spawn");
+        assert!(matches!(l.next_batch(), Ok(Some(_))));
+        let e = l
+            .next_batch()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("1 of 3 batches") && e.contains("injected loader failure"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_loader_ends_after_its_batches() {
+        let mut l = Loader::spawn(vec![vec![0]], 2, |_| HostBatch {
+            len: 1,
+            size: 1,
+            channels: 1,
+            inputs: vec![0.0],
+            targets: vec![0.0],
+            classes: 1,
+        })
+        .expect("spawn");
+        assert!(matches!(l.next_batch(), Ok(Some(_))));
+        assert!(matches!(l.next_batch(), Ok(None)));
     }
 }

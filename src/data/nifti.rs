@@ -584,33 +584,19 @@ pub fn write_u8(path: &Path, dims: [usize; 3], affine: &[[f64; 4]; 3], data: &[u
         }
     }
     h[344..348].copy_from_slice(b"n+1\0");
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map_or("out".into(), |n| n.to_string_lossy()),
-        std::process::id()
-    ));
-    let result = (|| -> std::io::Result<()> {
-        let f = File::create(&tmp)?;
-        let gz = path.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
+    let gz = path.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
+    crate::util::fs::write_atomic_with(path, |f| {
         if gz {
             let mut w = flate2::write::GzEncoder::new(f, flate2::Compression::new(6));
             w.write_all(&h)?;
             w.write_all(data)?;
-            w.finish()?.sync_all()?;
+            w.finish()?;
         } else {
             let mut w = std::io::BufWriter::new(f);
             w.write_all(&h)?;
             w.write_all(data)?;
-            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            w.flush()?;
         }
         Ok(())
-    })();
-    match result {
-        Ok(()) => std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(Error::io(path, e))
-        }
-    }
+    })
 }

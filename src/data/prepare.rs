@@ -9,11 +9,12 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::dataset::{MANIFEST, Manifest, ShardEntry, VolumeEntry, write_dir_atomically};
+use super::dataset::{MANIFEST, Manifest, ShardEntry, VolumeEntry};
 use super::nifti::{self, Volume};
 use super::shard::ShardData;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
+use crate::util::fs::create_dir_atomic;
 
 /// How images are resized to the training size (labels always take the nearest voxel).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -327,7 +328,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<(Manifest, PrepareSummary)> {
         ));
     }
     let pairs = find_pairs(&opts.input)?;
-    write_dir_atomically(&opts.out, |tmp| prepare_into(opts, &pairs, tmp, start))
+    create_dir_atomic(&opts.out, |tmp| prepare_into(opts, &pairs, tmp, start))
 }
 
 struct ShardSink<'a> {

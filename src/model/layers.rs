@@ -1,15 +1,14 @@
-//! The U-Net's building layers: 3×3/1×1 convolutions, batch normalisation written with plain
-//! tensor ops, spatial dropout with host-drawn masks, and the BN → dropout → conv → ReLU block.
+//! The U-Net's building layers: 3×3/1×1 convolutions, batch normalisation, spatial dropout
+//! with host-drawn masks, and the BN → dropout → conv → ReLU block. Their arithmetic is
+//! [`super::ops`]'s, which picks the implementation for the device.
 //!
 //! Weights are drawn on the host from [`crate::rng::Rng`] so the same seed gives the same model
 //! on every backend (the CPU/GPU parity tests rely on it).
 
 use burn::module::{Module, Param, RunningState};
-use burn::tensor::module::{conv_transpose2d, conv2d};
-use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::cpuconv::{conv2d_same, conv2d_same_relu};
+use super::ops::{self, DeviceCaps};
 use crate::rng::{Rng, keys};
 
 /// Hands out independent initialisation streams, one per parameter tensor, in construction order.
@@ -59,9 +58,6 @@ pub struct Conv {
     pub bias: Param<Tensor<1>>,
     /// Kernel size.
     pub kernel: usize,
-    /// Largest batch·rows·width one convolution call may cover (0: no limit). See
-    /// [`chunked_rows`].
-    pub chunk_limit: usize,
 }
 
 impl Conv {
@@ -80,40 +76,15 @@ impl Conv {
             weight: param4(w, shape, device),
             bias: param1(0.0, c_out, device),
             kernel,
-            chunk_limit: 0,
         }
     }
 
+    /// The convolution, followed by a ReLU when `relu`.
+    ///
     /// # Shapes
     /// - `x`: `[batch, c_in, h, w]` → `[batch, c_out, h, w]`
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let pad = self.kernel / 2;
-        let (weight, bias) = (self.weight.val(), self.bias.val());
-        if self.chunk_limit == 0 {
-            return conv2d_same(x, weight, bias);
-        }
-        chunked_rows(x, self.chunk_limit, pad, |x, pad_h| {
-            conv2d(
-                x,
-                weight.clone(),
-                Some(bias.clone()),
-                ConvOptions::new([1, 1], [pad_h, pad], [1, 1], 1),
-            )
-        })
-    }
-
-    /// `relu(self.forward(x))`; on the CPU backend the ReLU is fused into the convolution.
-    pub fn forward_relu(&self, x: Tensor<4>) -> Tensor<4> {
-        if self.chunk_limit == 0 {
-            return conv2d_same_relu(x, self.weight.val(), self.bias.val());
-        }
-        burn::tensor::activation::relu(self.forward(x))
-    }
-
-    /// Number of trainable values.
-    pub fn num_trainable(&self) -> usize {
-        let [o, i, kh, kw] = self.weight.shape().dims();
-        o * i * kh * kw + o
+    pub fn forward(&self, x: Tensor<4>, relu: bool, caps: &DeviceCaps) -> Tensor<4> {
+        ops::conv(x, self.weight.val(), self.bias.val(), relu, caps)
     }
 }
 
@@ -124,8 +95,6 @@ pub struct UpConv {
     pub weight: Param<Tensor<4>>,
     /// Bias, `[c_out]`.
     pub bias: Param<Tensor<1>>,
-    /// Largest batch·rows·width one call may cover (0: no limit).
-    pub chunk_limit: usize,
 }
 
 impl UpConv {
@@ -138,85 +107,17 @@ impl UpConv {
         Self {
             weight: param4(w, shape, device),
             bias: param1(0.0, c_out, device),
-            chunk_limit: 0,
         }
     }
 
     /// # Shapes
     /// - `x`: `[batch, c_in, h, w]` → `[batch, c_out, 2h, 2w]`
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let (weight, bias) = (self.weight.val(), self.bias.val());
-        // Output rows 2r, 2r+1 depend on input row r only: row chunks need no halo.
-        chunked_rows(x, self.chunk_limit, 0, |x, _| {
-            conv_transpose2d(
-                x,
-                weight.clone(),
-                Some(bias.clone()),
-                ConvTransposeOptions::new([2, 2], [0, 0], [0, 0], [1, 1], 1),
-            )
-        })
+    pub fn forward(&self, x: Tensor<4>, caps: &DeviceCaps) -> Tensor<4> {
+        ops::conv_transpose2(x, self.weight.val(), self.bias.val(), caps)
     }
 }
 
-/// Applies `f` to `x` in pieces so that no call covers more than `limit` values of
-/// batch·rows·width (`limit` 0: one call).
-///
-/// Why: Mesa's lavapipe (the software Vulkan adapter CI uses) stops every shader loop after
-/// 65,535 iterations, and burn's kernels for a convolution's weight and bias gradients loop over
-/// batch·height·width (230,400 at livermask's batch 4 × 240²), so on such an adapter those
-/// gradients come out silently wrong. Splitting the convolution keeps every contraction short; the
-/// gradients of the pieces add up to the exact gradient. Only adapters that fail the start-up
-/// check in [`crate::backend`] get a limit; CPUs and real GPUs run one call.
-///
-/// `halo` is the kernel's half-width: `f(x, pad_h)` receives rows with `halo` extra rows of
-/// context on each side (zeros at the image border) and must pad rows by `pad_h`.
-pub fn chunked_rows(
-    x: Tensor<4>,
-    limit: usize,
-    halo: usize,
-    f: impl Fn(Tensor<4>, usize) -> Tensor<4>,
-) -> Tensor<4> {
-    let [b, c, h, w] = x.dims();
-    if limit == 0 || b * h * w <= limit {
-        return f(x, halo);
-    }
-    if h * w <= limit {
-        let per = (limit / (h * w)).max(1);
-        let parts = (0..b)
-            .step_by(per)
-            .map(|s| f(x.clone().narrow(0, s, per.min(b - s)), halo))
-            .collect();
-        return Tensor::cat(parts, 0);
-    }
-    let rows = (limit / w).max(1);
-    let device = x.device();
-    let mut images = Vec::with_capacity(b);
-    for i in 0..b {
-        let img = x.clone().narrow(0, i, 1);
-        let padded = if halo > 0 {
-            let z = Tensor::<4>::zeros([1, c, halo, w], &device);
-            Tensor::cat(vec![z.clone(), img, z], 2)
-        } else {
-            img
-        };
-        let parts = (0..h)
-            .step_by(rows)
-            .map(|r0| {
-                let n = rows.min(h - r0);
-                f(padded.clone().narrow(2, r0, n + 2 * halo), 0)
-            })
-            .collect();
-        images.push(Tensor::cat(parts, 2));
-    }
-    Tensor::cat(images, 0)
-}
-
-/// Batch normalisation over `[batch, channels, h, w]`, composed from plain tensor ops.
-///
-/// burn's fused `batch_norm_train` returned wrong statistics on wgpu/lavapipe at realistic
-/// shapes (DESIGN.md §2), and long single-axis reductions are unreliable there, so the
-/// statistics are reduced one axis at a time (W, then H, then batch): no reduction is longer
-/// than the largest of those dimensions.
+/// Batch normalisation over `[batch, channels, h, w]` ([`ops::batch_norm_train`] computes it).
 ///
 /// Conventions follow Keras (and PyTorch): normalisation with the biased batch variance;
 /// running variance updated with the unbiased one; `momentum` is Keras's (the fraction of the
@@ -250,11 +151,6 @@ impl BatchNorm {
         }
     }
 
-    /// Mean over batch, height and width, reduced one axis at a time. `[b, c, h, w]` → `[1, c, 1, 1]`.
-    pub fn channel_mean(x: Tensor<4>) -> Tensor<4> {
-        x.mean_dim(3).mean_dim(2).mean_dim(0)
-    }
-
     /// Normalises with batch statistics and updates the running statistics.
     ///
     /// # Shapes
@@ -264,30 +160,11 @@ impl BatchNorm {
     }
 
     /// [`forward_train`](Self::forward_train) followed by a spatial dropout with these
-    /// per-plane multipliers ([`dropout_mask`], `[batch·c]`): one fused pass on the CPU, the
-    /// tensor-operation formula times the mask elsewhere.
+    /// per-plane multipliers ([`dropout_mask`], `[batch·c]`).
     pub fn forward_train_dropout(&self, x: Tensor<4>, mask: Option<Vec<f32>>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        let device = x.device();
-        let (out, mean1, var1) = match super::cpunorm::batch_norm_train(
-            &x,
-            &self.gamma.val(),
-            &self.beta.val(),
-            self.epsilon,
-            mask.clone(),
-        ) {
-            Some(fused) => fused,
-            None => {
-                let (y, m, v) = self.forward_train_tensor_ops(x);
-                let y = match mask {
-                    Some(mask) => {
-                        y * Tensor::<4>::from_data(TensorData::new(mask, [b, c, 1, 1]), &device)
-                    }
-                    None => y,
-                };
-                (y, m, v)
-            }
-        };
+        let (out, mean1, var1) =
+            ops::batch_norm_train(x, self.gamma.val(), self.beta.val(), self.epsilon, mask);
         let n = (b * h * w) as f64;
         let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
         let keep = self.momentum;
@@ -303,30 +180,6 @@ impl BatchNorm {
         let _ = self.running_var.value_sync();
         debug_assert_eq!(out.dims(), [b, c, h, w]);
         out
-    }
-
-    /// The batch-statistics normalisation written with tensor operations (the GPU path; on the
-    /// CPU [`super::cpunorm`] computes the same in one fused operation): the output, and the
-    /// per-channel mean and biased variance as `[c]` tensors without autodiff.
-    pub(crate) fn forward_train_tensor_ops(
-        &self,
-        x: Tensor<4>,
-    ) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
-        let [b, c, h, w] = x.dims();
-        // Per-channel values are expanded explicitly: the backward of `expand` reduces one axis
-        // at a time, where an implicit broadcast reduces batch·height·width in one go (see
-        // `chunked_rows` for why long reductions are avoided).
-        let full = [b, c, h, w];
-        let mean = Self::channel_mean(x.clone());
-        let centered = x - mean.clone().expand(full);
-        let var = Self::channel_mean(centered.clone().square());
-        let inv_std = var.clone().add_scalar(self.epsilon).sqrt().recip();
-        let y = centered * inv_std.expand(full);
-        let out = y * self.gamma.val().reshape([1, c, 1, 1]).expand(full)
-            + self.beta.val().reshape([1, c, 1, 1]).expand(full);
-        let mean1 = mean.detach().reshape([c]).without_autodiff();
-        let var1 = var.detach().reshape([c]).without_autodiff();
-        (out, mean1, var1)
     }
 
     /// Normalises with the running statistics (inference).
@@ -404,7 +257,7 @@ pub struct Block {
 impl Block {
     /// # Shapes
     /// - `x`: `[batch, c_in, h, w]` → `[batch, c_out, h, w]`
-    pub fn forward(&self, x: Tensor<4>, mode: Mode) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>, mode: Mode, caps: &DeviceCaps) -> Tensor<4> {
         let dropout = match mode {
             Mode::Train { seed, step, stream } if self.dropout > 0.0 => {
                 Some((seed, step, (stream << 16) | self.index as u64))
@@ -427,7 +280,7 @@ impl Block {
             }
             (None, _, None) => x,
         };
-        self.conv.forward_relu(x)
+        self.conv.forward(x, true, caps)
     }
 }
 
@@ -541,62 +394,5 @@ mod tests {
         ))
         .unwrap_or_default();
         assert_eq!(y, again, "same (seed, step, layer) → same mask");
-    }
-
-    fn conv_grads(
-        limit: usize,
-        kernel: usize,
-        x: &[f32],
-        shape: [usize; 4],
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let device = Device::flex().autodiff();
-        let mut init = ParamInit::new(4);
-        let mut conv = Conv::new(shape[1], 5, kernel, &mut init, &device);
-        conv.chunk_limit = limit;
-        let x = Tensor::<4>::from_data(TensorData::new(x.to_vec(), shape), &device).require_grad();
-        let y = conv.forward(x.clone());
-        let out = crate::tensor_util::to_f32(y.clone()).unwrap_or_default();
-        // A loss that weights every output differently, so misplaced rows would show.
-        let n = out.len();
-        let wts: Vec<f32> = (0..n).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
-        let wts = Tensor::<4>::from_data(TensorData::new(wts, y.dims()), &device);
-        let grads = (y * wts).sum().backward();
-        let gw = crate::tensor_util::to_f32(conv.weight.val().grad(&grads).expect("w grad"))
-            .unwrap_or_default();
-        let gx = crate::tensor_util::to_f32(x.grad(&grads).expect("x grad")).unwrap_or_default();
-        (out, gw, gx)
-    }
-
-    #[test]
-    fn chunked_convolution_equals_one_call() {
-        // Batch and row chunks (limit 40 < h·w = 7·9): outputs, weight and input gradients must
-        // equal the unsplit convolution's (up to f32 summation order).
-        let shape = [3, 2, 7, 9];
-        let mut r = Rng::new(8);
-        let x: Vec<f32> = (0..shape.iter().product::<usize>())
-            .map(|_| r.normal() as f32)
-            .collect();
-        for kernel in [3, 1] {
-            for limit in [40, 100, 9] {
-                let (o1, w1, x1) = conv_grads(0, kernel, &x, shape);
-                let (o2, w2, x2) = conv_grads(limit, kernel, &x, shape);
-                for (name, a, b) in [
-                    ("output", &o1, &o2),
-                    ("weight grad", &w1, &w2),
-                    ("input grad", &x1, &x2),
-                ] {
-                    assert_eq!(a.len(), b.len(), "{name}");
-                    let err = a
-                        .iter()
-                        .zip(b.iter())
-                        .map(|(p, q)| (p - q).abs())
-                        .fold(0.0f32, f32::max);
-                    assert!(
-                        err < 1e-4,
-                        "kernel {kernel} limit {limit}: {name} differs by {err}"
-                    );
-                }
-            }
-        }
     }
 }

@@ -3,7 +3,8 @@
 //! ratio is taken.
 //!
 //! All reductions go over one spatial axis at a time (W, then H), never over a flattened image:
-//! long single-axis reductions are unreliable on some wgpu adapters (DESIGN.md §2).
+//! long single-axis reductions are unreliable on loop-capped wgpu adapters (see
+//! [`crate::model::ops::chunked_rows`]).
 
 use burn::tensor::{Bool, Tensor};
 use serde::{Deserialize, Serialize};

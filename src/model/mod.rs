@@ -1,15 +1,18 @@
-//! The model: livermask's U-Net, its layers, the Dice loss and metrics, and the layer summary.
-//! Imports burn, and for the CPU convolution kernels burn's autodiff and flex crates and gemm.
+//! The model: livermask's U-Net, its one architecture description, its layers, the operations
+//! facade that picks each operation's implementation for the device, the CPU kernels, the Dice
+//! loss and metrics, and the layer summary. Imports burn, and for the CPU kernels burn's
+//! autodiff and flex crates and gemm.
 
-pub mod cpuconv;
-pub mod cpunorm;
-pub mod cpuops;
+pub mod arch;
+pub mod cpu;
 pub mod layers;
 pub mod loss;
+pub mod ops;
 pub mod summary;
 pub mod unet;
 
 pub use layers::Mode;
 pub use loss::{DiceCounts, dice_loss, hard_counts, soft_dice};
+pub use ops::DeviceCaps;
 pub use summary::{ModelSummary, summarize};
 pub use unet::{Norm, UNet, UNetConfig, Upsampling};

@@ -4,7 +4,8 @@
 
 use std::fmt::Write;
 
-use super::unet::{Norm, UNetConfig, Upsampling};
+use super::arch::{self, Stage};
+use super::unet::{Norm, UNetConfig};
 
 /// One row of the layer table.
 #[derive(Clone, Debug, PartialEq)]
@@ -99,125 +100,120 @@ impl ModelSummary {
     }
 }
 
-/// Builds the table for `cfg`.
+/// Builds the table for `cfg` (one input channel), from [`arch::stages`].
 pub fn summarize(cfg: &UNetConfig) -> ModelSummary {
     let mut rows = Vec::new();
-    let mut push =
-        |name: String, kind: String, out: [usize; 3], params: usize, buffers: usize, flops: f64| {
-            rows.push(LayerRow {
-                name,
-                kind,
-                out_shape: out,
-                params,
-                buffers,
-                flops,
-            })
-        };
-    let block = |push: &mut dyn FnMut(String, String, [usize; 3], usize, usize, f64),
-                 name: String,
-                 c_in: usize,
-                 c_out: usize,
-                 hw: usize,
-                 dropout: f64| {
-        let px = (hw * hw) as f64;
-        if cfg.norm == Norm::Batch {
-            // normalise + scale + shift: ~4 FLOP per value
-            push(
-                format!("{name}.norm"),
-                "BatchNorm".into(),
-                [c_in, hw, hw],
-                2 * c_in,
-                2 * c_in,
-                4.0 * c_in as f64 * px,
-            );
-        }
-        if dropout > 0.0 {
-            push(
-                format!("{name}.dropout"),
-                format!("SpatialDropout2D({dropout})"),
-                [c_in, hw, hw],
-                0,
-                0,
-                c_in as f64 * px,
-            );
-        }
-        push(
-            format!("{name}.conv"),
-            "Conv3x3+ReLU".into(),
-            [c_out, hw, hw],
-            9 * c_in * c_out + c_out,
-            0,
-            2.0 * 9.0 * (c_in * c_out) as f64 * px + 2.0 * c_out as f64 * px,
-        );
+    let mut push = |name: String, kind: String, out: [usize; 3], params, buffers, flops| {
+        rows.push(LayerRow {
+            name,
+            kind,
+            out_shape: out,
+            params,
+            buffers,
+            flops,
+        })
     };
-
-    let mut c_in = 1;
-    let mut hw = cfg.input_size;
-    for i in 0..=cfg.depth {
-        let w = cfg.level_width(i);
-        block(&mut push, format!("encoder.{i}.0"), c_in, w, hw, 0.0);
-        block(&mut push, format!("encoder.{i}.1"), w, w, hw, 0.0);
-        c_in = w;
-        if i < cfg.depth {
-            hw /= 2;
-            push(
-                format!("encoder.{i}.pool"),
+    for stage in arch::stages(cfg, 1) {
+        match stage {
+            Stage::Block(b) => {
+                let px = (b.side * b.side) as f64;
+                let (c_in, c_out, side) = (b.c_in, b.c_out, b.side);
+                if cfg.norm == Norm::Batch {
+                    // normalise + scale + shift: ~4 FLOP per value
+                    push(
+                        format!("{}.norm", b.path),
+                        "BatchNorm".into(),
+                        [c_in, side, side],
+                        2 * c_in,
+                        2 * c_in,
+                        4.0 * c_in as f64 * px,
+                    );
+                }
+                if b.dropout > 0.0 {
+                    push(
+                        format!("{}.dropout", b.path),
+                        format!("SpatialDropout2D({})", b.dropout),
+                        [c_in, side, side],
+                        0,
+                        0,
+                        c_in as f64 * px,
+                    );
+                }
+                push(
+                    format!("{}.conv", b.path),
+                    "Conv3x3+ReLU".into(),
+                    [c_out, side, side],
+                    9 * c_in * c_out + c_out,
+                    0,
+                    2.0 * 9.0 * (c_in * c_out) as f64 * px + 2.0 * c_out as f64 * px,
+                );
+            }
+            Stage::Pool {
+                level,
+                channels,
+                side_out,
+            } => push(
+                format!("encoder.{level}.pool"),
                 "MaxPool2x2".into(),
-                [w, hw, hw],
+                [channels, side_out, side_out],
                 0,
                 0,
-                (4 * w * hw * hw) as f64,
-            );
-        }
-    }
-    for (j, i) in (0..cfg.depth).rev().enumerate() {
-        let w = cfg.level_width(i);
-        hw *= 2;
-        match cfg.upsampling {
-            Upsampling::Nearest => push(
-                format!("decoder.{j}.up"),
+                (4 * channels * side_out * side_out) as f64,
+            ),
+            Stage::Up {
+                level,
+                channels,
+                side_out,
+                transposed: false,
+            } => push(
+                format!("decoder.{level}.up"),
                 "UpSampling2x (nearest)".into(),
-                [c_in, hw, hw],
+                [channels, side_out, side_out],
                 0,
                 0,
                 0.0,
             ),
-            Upsampling::Transposed => push(
-                format!("up.{j}"),
+            Stage::Up {
+                level,
+                channels,
+                side_out,
+                transposed: true,
+            } => push(
+                format!("up.{level}"),
                 "ConvTranspose2x2/2".into(),
-                [c_in, hw, hw],
-                4 * c_in * c_in + c_in,
+                [channels, side_out, side_out],
+                4 * channels * channels + channels,
                 0,
-                2.0 * (c_in * c_in) as f64 * (hw * hw) as f64,
+                2.0 * (channels * channels) as f64 * (side_out * side_out) as f64,
             ),
+            Stage::Concat {
+                level,
+                channels,
+                side,
+            } => push(
+                format!("decoder.{level}.concat"),
+                "Concat(skip, up)".into(),
+                [channels, side, side],
+                0,
+                0,
+                0.0,
+            ),
+            Stage::Head {
+                c_in,
+                classes,
+                side,
+            } => {
+                let px = (side * side) as f64;
+                push(
+                    "head".into(),
+                    "Conv1x1+Sigmoid".into(),
+                    [classes, side, side],
+                    c_in * classes + classes,
+                    0,
+                    2.0 * (c_in * classes) as f64 * px + 4.0 * classes as f64 * px,
+                );
+            }
         }
-        push(
-            format!("decoder.{j}.concat"),
-            "Concat(skip, up)".into(),
-            [w + c_in, hw, hw],
-            0,
-            0,
-            0.0,
-        );
-        block(
-            &mut push,
-            format!("decoder.{j}.0"),
-            w + c_in,
-            w,
-            hw,
-            cfg.dropout,
-        );
-        block(&mut push, format!("decoder.{j}.1"), w, w, hw, cfg.dropout);
-        c_in = w;
     }
-    let px = (hw * hw) as f64;
-    push(
-        "head".into(),
-        "Conv1x1+Sigmoid".into(),
-        [cfg.classes, hw, hw],
-        c_in * cfg.classes + cfg.classes,
-        0,
-        2.0 * (c_in * cfg.classes) as f64 * px + 4.0 * cfg.classes as f64 * px,
-    );
     ModelSummary { rows }
 }

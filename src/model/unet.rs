@@ -1,20 +1,20 @@
-//! livermask's 2-D U-Net (DESIGN.md §1), configurable in width, depth, upsampling, dropout and
-//! normalisation.
+//! livermask's 2-D U-Net (the PyTorch peer `tests/reference/livermask_torch.py` is the same
+//! network), configurable in width, depth, upsampling, dropout and normalisation.
 //!
 //! Per level two blocks of BatchNorm → [SpatialDropout2D, decoder only] → Conv3×3 → ReLU; 2×2
 //! max-pooling down; nearest ×2 upsampling (or a 2×2 transposed convolution); skip =
-//! concat([encoder, upsampled]); 1×1 convolution to `classes` sigmoid channels.
+//! concat([encoder, upsampled]); 1×1 convolution to `classes` sigmoid channels. The stages
+//! come from [`super::arch`]; the arithmetic from [`super::ops`].
 
 use burn::module::Module;
 use burn::tensor::Device;
 use burn::tensor::Tensor;
 use burn::tensor::activation::sigmoid;
-use burn::tensor::module::max_pool2d;
-use burn::tensor::ops::MaxPoolOptions;
 use serde::{Deserialize, Serialize};
 
-use super::cpuops::{max_pool2_cpu, upsample_cat_cpu};
+use super::arch::{self, Stage};
 use super::layers::{BatchNorm, Block, Conv, Mode, ParamInit, UpConv};
+use super::ops::{self, DeviceCaps};
 use crate::error::{Error, Result};
 
 /// How the decoder doubles the resolution.
@@ -120,78 +120,71 @@ impl UNetConfig {
         self.width << i
     }
 
-    /// Builds the model with weights drawn from `seed`.
+    /// Builds the model with weights drawn from `seed` (one input channel).
     pub fn init(&self, seed: u64, device: &Device) -> UNet {
-        let mut init = ParamInit::new(seed);
-        let mut index = 0;
-        let mut block = |c_in: usize, c_out: usize, dropout: f64, init: &mut ParamInit| {
-            let norm = match self.norm {
-                Norm::Batch => Some(BatchNorm::new(
-                    c_in,
-                    self.bn_momentum,
-                    self.bn_epsilon,
-                    device,
-                )),
-                Norm::None => None,
-            };
-            let b = Block {
-                norm,
-                conv: Conv::new(c_in, c_out, 3, init, device),
-                dropout,
-                index,
-            };
-            index += 1;
-            b
-        };
+        self.init_with_inputs(seed, 1, device)
+    }
 
-        let mut encoder = Vec::new();
-        let mut c_in = 1;
-        for i in 0..=self.depth {
-            let w = self.level_width(i);
-            encoder.push(vec![
-                block(c_in, w, 0.0, &mut init),
-                block(w, w, 0.0, &mut init),
-            ]);
-            c_in = w;
-        }
-        let mut up = Vec::new();
-        let mut decoder = Vec::new();
-        for i in (0..self.depth).rev() {
-            let w = self.level_width(i);
-            if self.upsampling == Upsampling::Transposed {
-                up.push(UpConv::new(c_in, c_in, &mut init, device));
+    /// Builds the model for `in_channels` input channels with weights drawn from `seed`, stage
+    /// by stage in the order of [`arch::stages`] (the same seed gives the same model on every
+    /// backend).
+    pub fn init_with_inputs(&self, seed: u64, in_channels: usize, device: &Device) -> UNet {
+        let mut init = ParamInit::new(seed);
+        let (mut encoder, mut up, mut decoder) = (Vec::new(), Vec::new(), Vec::new());
+        let mut blocks = 0;
+        let mut head = None;
+        for stage in arch::stages(self, in_channels) {
+            match stage {
+                Stage::Block(b) => {
+                    let norm = match self.norm {
+                        Norm::Batch => Some(BatchNorm::new(
+                            b.c_in,
+                            self.bn_momentum,
+                            self.bn_epsilon,
+                            device,
+                        )),
+                        Norm::None => None,
+                    };
+                    let block = Block {
+                        norm,
+                        conv: Conv::new(b.c_in, b.c_out, 3, &mut init, device),
+                        dropout: b.dropout,
+                        index: blocks,
+                    };
+                    blocks += 1;
+                    // Two blocks per level: a block opens a level when its index is even.
+                    let levels: &mut Vec<Vec<Block>> = if b.path.starts_with("encoder") {
+                        &mut encoder
+                    } else {
+                        &mut decoder
+                    };
+                    match levels.last_mut() {
+                        Some(level) if level.len() < 2 => level.push(block),
+                        _ => levels.push(vec![block]),
+                    }
+                }
+                Stage::Up {
+                    channels,
+                    transposed: true,
+                    ..
+                } => up.push(UpConv::new(channels, channels, &mut init, device)),
+                Stage::Head { c_in, classes, .. } => {
+                    head = Some(Conv::new(c_in, classes, 1, &mut init, device));
+                }
+                Stage::Up { .. } | Stage::Pool { .. } | Stage::Concat { .. } => {}
             }
-            decoder.push(vec![
-                block(w + c_in, w, self.dropout, &mut init),
-                block(w, w, self.dropout, &mut init),
-            ]);
-            c_in = w;
         }
-        let head = Conv::new(c_in, self.classes, 1, &mut init, device);
+        // `arch::stages` always ends with the head; the fallback is never built.
+        let head =
+            head.unwrap_or_else(|| Conv::new(self.width, self.classes, 1, &mut init, device));
         UNet {
             encoder,
             up,
             decoder,
             head,
+            caps: DeviceCaps::default(),
         }
     }
-}
-
-/// Nearest-neighbour ×2 upsampling (Keras `UpSampling2D`), written as reshape → expand →
-/// reshape. Its backward sums each 2×2 block with two short reductions.
-///
-/// Not burn's `interpolate`: on an NVIDIA H200 through Vulkan (driver 580.159), the gradients
-/// of everything upstream of a 120² → 240² nearest upsampling came out 20–100 % wrong while
-/// the same model at 64² was exact (tests/gpu.rs, `unet_loss_and_gradients_match_cpu_at_240`);
-/// burn's nearest-interpolate backward kernel is the one operation on that path this form avoids.
-///
-/// # Shapes
-/// - `x`: `[b, c, h, w]` → `[b, c, 2h, 2w]`
-pub fn upsample_nearest2(x: Tensor<4>) -> Tensor<4> {
-    let [b, c, h, w] = x.dims();
-    x.reshape([b, c, h, 1, w, 1])
-        .expand([b, c, h, 2, w, 2])
-        .reshape([b, c, 2 * h, 2 * w])
 }
 
 /// The U-Net.
@@ -205,6 +198,9 @@ pub struct UNet {
     pub decoder: Vec<Vec<Block>>,
     /// 1×1 convolution to the class channels.
     pub head: Conv,
+    /// What the operations must know about the device (not saved in checkpoints).
+    #[module(skip)]
+    pub caps: DeviceCaps,
 }
 
 impl UNet {
@@ -218,55 +214,38 @@ impl UNet {
 
     /// Pre-sigmoid outputs, same shapes as [`forward`](Self::forward).
     pub fn logits(&self, x: Tensor<4>, mode: Mode) -> Tensor<4> {
+        let caps = &self.caps;
         // 1. Encoder: two blocks per level, keep the output for the skip, pool.
         let mut skips = Vec::with_capacity(self.decoder.len());
         let mut x = x;
         let last = self.encoder.len() - 1;
         for (i, level) in self.encoder.iter().enumerate() {
             for block in level {
-                x = block.forward(x, mode);
+                x = block.forward(x, mode, caps);
             }
             if i < last {
                 skips.push(x.clone());
-                x = match max_pool2_cpu(&x) {
-                    Some(y) => y,
-                    None => max_pool2d(x, MaxPoolOptions::new([2, 2])),
-                };
+                x = ops::max_pool2(x);
             }
         }
         // 2. Decoder: upsample, concat([skip, upsampled]), two blocks.
         for (i, level) in self.decoder.iter().enumerate() {
-            let skip = skips.pop().expect("one skip per decoder level");
+            let Some(skip) = skips.pop() else { break };
             x = match self.up.get(i) {
-                Some(up) => Tensor::cat(vec![skip, up.forward(x)], 1),
-                None => match upsample_cat_cpu(&skip, &x) {
-                    Some(y) => y,
-                    None => Tensor::cat(vec![skip, upsample_nearest2(x)], 1),
-                },
+                Some(up) => Tensor::cat(vec![skip, up.forward(x, caps)], 1),
+                None => ops::upsample_cat(skip, x),
             };
             for block in level {
-                x = block.forward(x, mode);
+                x = block.forward(x, mode, caps);
             }
         }
         // 3. Head.
-        self.head.forward(x)
+        self.head.forward(x, false, caps)
     }
 
-    /// Splits every convolution so that no call covers more than `limit` values of
-    /// batch·rows·width (0: no splitting); see [`super::layers::chunked_rows`].
-    pub fn with_chunk_limit(mut self, limit: usize) -> Self {
-        for block in self
-            .encoder
-            .iter_mut()
-            .chain(self.decoder.iter_mut())
-            .flatten()
-        {
-            block.conv.chunk_limit = limit;
-        }
-        for up in &mut self.up {
-            up.chunk_limit = limit;
-        }
-        self.head.chunk_limit = limit;
+    /// This model for a device with `caps` (see [`crate::backend::Backend`]).
+    pub fn with_caps(mut self, caps: DeviceCaps) -> Self {
+        self.caps = caps;
         self
     }
 
@@ -347,21 +326,8 @@ mod tests {
     }
 
     #[test]
-    fn upsampling_equals_burn_nearest_interpolate() {
-        use burn::tensor::module::interpolate;
-        use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-        let device = Device::flex();
-        let x = input(2, 6, &device);
-        let a = crate::tensor_util::to_f32(upsample_nearest2(x.clone())).unwrap_or_default();
-        let opts = InterpolateOptions::new(InterpolateMode::Nearest).with_scale_factor([2.0, 2.0]);
-        let b = crate::tensor_util::to_f32(interpolate(x, opts)).unwrap_or_default();
-        assert_eq!(a.len(), 2 * 4 * 36);
-        assert_eq!(a, b);
-    }
-
-    #[test]
     fn livermask_parameter_count() {
-        // 31,391,493: DESIGN.md §1 (Keras model.summary) and the PyTorch peer's
+        // 31,391,493: livermask's Keras model.summary() and the PyTorch peer's
         // `sum(p.numel() for p in model.parameters())` at width 64.
         let cfg = UNetConfig {
             width: 64,

@@ -351,7 +351,11 @@ mod tests {
     fn lars_and_lamb_on_wgpu_match_flex() {
         // The trust ratios are tensor ops (no host read), so they must also run on burn wgpu.
         // Skipped without an adapter unless CTSEG_REQUIRE_GPU=1 (as tests/gpu.rs).
-        let gpu = match crate::backend::open(crate::backend::BackendKind::Gpu, 0, None) {
+        let gpu = match crate::backend::open(&crate::backend::DeviceRequest {
+            kind: crate::backend::BackendKind::Gpu,
+            threads: 0,
+            adapter: None,
+        }) {
             Ok(b) => b,
             Err(e) => {
                 let required = std::env::var("CTSEG_REQUIRE_GPU").is_ok_and(|v| v == "1");

@@ -1,4 +1,4 @@
-//! Study report: turns training run directories into the study's exhibits — epoch-time
+//! Study report: turns training run directories into the study's exhibits — throughput
 //! speedup against ranks (Fig. 2), training loss (Fig. 3) and validation Dice (Fig. 4) against
 //! wall time, time to target (Table 1), a per-run table (`runs.csv`) and an `index.html` that
 //! shows them all.
@@ -14,7 +14,7 @@ mod tables;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::train::checkpoint::write_atomic;
+use crate::util::fs::write_atomic;
 
 use plot::{DiceCurve, DiceFigure, Figure, LossCurve, LossFigure, SpeedupFigure};
 use runs::Run;
@@ -81,7 +81,7 @@ pub fn report(run_dirs: &[PathBuf], out_dir: &Path, o: &ReportOptions) -> Result
         "speedup",
         &SpeedupFigure {
             data: &sp,
-            title: "Scaling: epoch-time speedup against ranks".into(),
+            title: "Scaling: throughput (images/s) speedup against ranks".into(),
         },
         &mut files,
     )?;
@@ -266,11 +266,14 @@ fn index_html(
         "its smallest rank count (there is no 1-rank run)".to_string()
     };
     let mut fig2 = e(&format!(
-        "Speedup of the epoch time with ranks, both axes on a log scale. CPU runs on one device \
-         with one workload form a series, normalised to {base}; markers are runs (labelled with \
-         the median speedup at each rank count), the dashed line is ideal linear speedup. Each \
-         GPU run is a horizontal line at the series' base epoch time ÷ its epoch time. Epoch \
-         time: the summary's, else steps per epoch × the median step time from metrics.jsonl."
+        "Speedup in throughput (training images per second) with ranks, both axes on a log \
+         scale. It is not the ratio of epoch times: an epoch drops its last incomplete global \
+         batch, so epochs at different rank counts hold different numbers of images (epoch times \
+         are in runs.csv). CPU runs on one device with one workload form a series, normalised to \
+         {base}; markers are runs (labelled with the median speedup at each rank count), the \
+         dashed line is ideal linear speedup. Each GPU run is a horizontal line at its images/s ÷ \
+         the series' base images/s. Images/s: the summary's, else the global batch ÷ the median \
+         step time from metrics.jsonl."
     ));
     if !sp.skipped.is_empty() {
         let list: Vec<String> = sp
@@ -396,7 +399,7 @@ mod tests {
     fn cpu_summary(ranks: u64, epoch_time_s: f64) -> serde_json::Value {
         serde_json::json!({
             "steps": 40, "epochs": 4.0, "world_size": ranks, "global_batch": 8 * ranks,
-            "wall_s": 4.0 * epoch_time_s, "images_per_s": 80.0 * ranks as f64 / epoch_time_s,
+            "wall_s": 4.0 * epoch_time_s, "images_per_s": 80.0 / epoch_time_s,
             "device": "cpu (burn flex, 2 threads)", "epoch_time_s": epoch_time_s,
             "steps_per_epoch": 10, "peak_rss_mb": 512.0, "backend": "cpu"
         })
@@ -465,7 +468,8 @@ mod tests {
                 .parse::<f64>()
                 .unwrap_or_else(|e| panic!("{name} row {row}: {e}"))
         };
-        // Speedup = 100 s / epoch time; ideal = ranks / 1; efficiency = speedup / ideal.
+        // 80 images per epoch at every rank count: speedup = images/s over the 1-rank run's
+        // 0.8 = 100 s / epoch time; ideal = ranks / 1; efficiency = speedup / ideal.
         for (row, ranks, speedup) in [
             (1, 1.0, 1.0),
             (2, 2.0, 100.0 / 55.0),
@@ -474,13 +478,14 @@ mod tests {
             assert_eq!(col(&rows, row, "kind"), "cpu");
             assert_eq!(num(row, "ranks"), ranks);
             assert_eq!(num(row, "base_ranks"), 1.0);
-            assert_eq!(num(row, "base_epoch_time_s"), 100.0);
+            assert_eq!(num(row, "base_images_per_s"), 0.8);
             assert!((num(row, "speedup") - speedup).abs() < 1e-12);
             assert!((num(row, "efficiency") - speedup / ranks).abs() < 1e-12);
         }
         assert_eq!(col(&rows, 4, "kind"), "gpu");
         assert_eq!(col(&rows, 4, "label"), "h100 <fast>");
-        assert!((num(4, "speedup") - 5.0).abs() < 1e-12, "100 s / 20 s");
+        // The GPU run's images/s come from its metrics: 8 images per 2 s step = 4 = 5 × 0.8.
+        assert!((num(4, "speedup") - 5.0).abs() < 1e-12, "4 / 0.8 images/s");
 
         // Without the 1-rank run the series is normalised to 2 ranks, and the axis says so.
         let out2 = tmp.path().join("report2");
@@ -560,7 +565,7 @@ mod tests {
         let svg = |n: &str| std::fs::read_to_string(out.join(n)).expect("svg");
         let s = svg("speedup.svg");
         assert!(s.contains("ranks (MPI processes, log scale)"));
-        assert!(s.contains("speedup of epoch time over the 1-rank CPU run"));
+        assert!(s.contains("speedup in throughput (images/s) over the 1-rank CPU run"));
         assert!(
             s.contains("GPU: NVIDIA H100 80GB HBM3"),
             "GPU line labelled with its device"

@@ -1,4 +1,4 @@
-//! The report's figures drawn with plotters: epoch-time speedup against ranks (Fig. 2),
+//! The report's figures drawn with plotters: throughput speedup against ranks (Fig. 2),
 //! training loss against wall time (Fig. 3) and validation Dice against wall time (Fig. 4),
 //! each rendered to SVG and to PNG (an in-memory RGB bitmap encoded with the `png` crate). Text
 //! uses the DejaVu Sans font embedded from `assets/fonts`, never the system's fonts.
@@ -314,7 +314,7 @@ fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
         .draw()
 }
 
-/// Fig. 2: speedup of epoch time against ranks, both on log₂ axes.
+/// Fig. 2: speedup in throughput (images/s) against ranks, both on log₂ axes.
 pub(crate) struct SpeedupFigure<'a> {
     pub data: &'a Speedup,
     pub title: String,
@@ -496,18 +496,19 @@ impl Figure for SpeedupFigure<'_> {
         )?;
 
         let y_desc = if sp.series.is_empty() || sp.all_base_one() {
-            "speedup of epoch time over the 1-rank CPU run (×, log scale)".to_string()
+            "speedup in throughput (images/s) over the 1-rank CPU run (×, log scale)".to_string()
         } else if sp
             .series
             .iter()
             .all(|s| s.base_ranks == sp.series[0].base_ranks)
         {
             format!(
-                "speedup over the {}-rank CPU run (no 1-rank run; ×, log scale)",
+                "speedup in images/s over the {}-rank CPU run (no 1-rank run; ×, log scale)",
                 sp.series[0].base_ranks
             )
         } else {
-            "speedup over each series' smallest-rank CPU run (no 1-rank run; ×, log)".to_string()
+            "speedup in images/s over each series' smallest-rank CPU run (no 1-rank run; ×, log)"
+                .to_string()
         };
         let mut chart = chart_builder(&area).build_cartesian_2d(
             TickAxis {

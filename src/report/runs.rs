@@ -1,81 +1,16 @@
-//! Reading one training run directory for the report: `summary.json`, `metrics.jsonl` and
-//! `config.resolved.toml`, each through a small lenient reader (missing fields take defaults,
-//! unknown fields are ignored, a wrong type names the file and the field), and the figures the
-//! report derives from them when the summary lacks them (median step time, steps per epoch,
-//! epoch time).
+//! Reading one training run directory for the report: `summary.json` and `metrics.jsonl`
+//! through [`crate::rundir`]'s lenient readers, the workload keys of `config.resolved.toml`,
+//! and the figures the report derives from them when the summary lacks them (median step time,
+//! steps per epoch, epoch time).
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
 
-use crate::bench::{WARMUP_MIN_STEPS, WARMUP_STEPS, median, warm_median};
 use crate::error::{Error, Result};
-
-/// One `kind: "step"` record (only what the report uses).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub(crate) struct Step {
-    pub step: u64,
-    pub epoch: u64,
-    pub wall_s: f64,
-    /// NaN when the record has `null` (serde_json writes a non-finite loss as `null`).
-    pub loss: f64,
-    pub images_per_s: f64,
-    pub data_wait_s: Option<f64>,
-    pub compute_s: Option<f64>,
-    pub copy_s: Option<f64>,
-    pub comm_s: Option<f64>,
-}
-
-/// One `kind: "val"` record (only what the report uses).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub(crate) struct Val {
-    pub step: u64,
-    pub wall_s: f64,
-    pub val_loss: f64,
-    pub dice_liver: f64,
-    pub dice_tumour: f64,
-}
-
-/// The records of a `metrics.jsonl`.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Metrics {
-    pub steps: Vec<Step>,
-    pub vals: Vec<Val>,
-    /// The last line was not valid JSON (a run killed while writing it) and was skipped.
-    pub torn_last_line: bool,
-}
-
-/// What the report reads of `summary.json`: every field optional (0 / empty when missing), so
-/// summaries of older runs and of newer trainers both read.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Summary {
-    pub steps: u64,
-    pub epochs: f64,
-    pub world_size: u64,
-    pub global_batch: u64,
-    pub wall_s: f64,
-    pub images_per_s: f64,
-    pub final_loss: f64,
-    pub val_loss: f64,
-    pub dice_liver: f64,
-    pub dice_tumour: f64,
-    pub params: u64,
-    pub train_slices: u64,
-    pub val_slices: u64,
-    pub device: String,
-    pub data: String,
-    pub data_wait_s: f64,
-    pub weights_hash: String,
-    pub grad_exchange: String,
-    pub steps_per_epoch: u64,
-    pub median_step_s: f64,
-    pub epoch_time_s: f64,
-    pub peak_rss_mb: f64,
-    pub backend: String,
-    pub accumulate: u64,
-    pub label: String,
-}
+use crate::rundir::metrics::{self, Metrics, StepRecord as Step};
+use crate::rundir::{RunDir, Summary};
+use crate::util::stats::{WARMUP_MIN_STEPS, WARMUP_STEPS, median, warm_median};
 
 /// What the report reads of `config.resolved.toml`: the workload, which decides which runs
 /// belong to one scaling series.
@@ -151,25 +86,25 @@ pub(crate) fn load_run(dir: &Path) -> Result<Run> {
             dir.display()
         )));
     }
-    let summary_path = dir.join("summary.json");
-    let metrics_path = dir.join(crate::train::metrics::FILE);
-    let config_path = dir.join("config.resolved.toml");
+    let run = RunDir::new(dir);
+    let (summary_path, metrics_path, config_path) = (run.summary(), run.metrics(), run.config());
     let has_summary = summary_path.is_file();
     let has_metrics = metrics_path.is_file();
     if !has_summary && !has_metrics {
         return Err(Error::Invalid(format!(
-            "{}: not a run directory: it has neither summary.json nor {}",
+            "{}: not a run directory: it has neither {} nor {}",
             dir.display(),
-            crate::train::metrics::FILE
+            crate::rundir::SUMMARY,
+            crate::rundir::METRICS
         )));
     }
     let summary = if has_summary {
-        read_summary(&summary_path)?
+        Summary::read(&summary_path)?
     } else {
         Summary::default()
     };
     let metrics = if has_metrics {
-        read_metrics(&metrics_path)?
+        metrics::read(&metrics_path)?
     } else {
         Metrics::default()
     };
@@ -388,194 +323,6 @@ fn estimate_global_batch(steps: &[Step]) -> u64 {
     est.map_or(0, |b| b.round().max(0.0) as u64)
 }
 
-/// Field access on one JSON object that names the file (and line) and the field on a wrong type.
-struct Fields<'a> {
-    obj: &'a Map<String, Value>,
-    path: &'a Path,
-    /// "" or "line N: ".
-    at: String,
-}
-
-impl Fields<'_> {
-    fn wrong(&self, name: &str, expected: &str, v: &Value) -> Error {
-        let mut shown = v.to_string();
-        if shown.len() > 40 {
-            shown.truncate(40);
-            shown.push('…');
-        }
-        Error::Invalid(format!(
-            "{}: {}field `{name}`: expected {expected}, found {shown}",
-            self.path.display(),
-            self.at
-        ))
-    }
-
-    /// A number; `null` reads as NaN (how serde_json writes a non-finite float).
-    fn f64(&self, name: &str) -> Result<Option<f64>> {
-        match self.obj.get(name) {
-            None => Ok(None),
-            Some(Value::Null) => Ok(Some(f64::NAN)),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.wrong(name, "a number", v)),
-        }
-    }
-
-    fn u64(&self, name: &str) -> Result<Option<u64>> {
-        match self.obj.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| self.wrong(name, "a non-negative integer", v)),
-        }
-    }
-
-    fn string(&self, name: &str) -> Result<Option<String>> {
-        match self.obj.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(|s| Some(s.to_string()))
-                .ok_or_else(|| self.wrong(name, "a string", v)),
-        }
-    }
-
-    fn required_f64(&self, name: &str) -> Result<f64> {
-        self.f64(name)?.ok_or_else(|| {
-            Error::Invalid(format!(
-                "{}: {}field `{name}` is missing",
-                self.path.display(),
-                self.at
-            ))
-        })
-    }
-
-    fn required_u64(&self, name: &str) -> Result<u64> {
-        self.u64(name)?.ok_or_else(|| {
-            Error::Invalid(format!(
-                "{}: {}field `{name}` is missing",
-                self.path.display(),
-                self.at
-            ))
-        })
-    }
-}
-
-/// Reads `summary.json`.
-pub(crate) fn read_summary(path: &Path) -> Result<Summary> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Invalid(format!("{}: not valid JSON: {e}", path.display())))?;
-    let Value::Object(obj) = &v else {
-        return Err(Error::Invalid(format!(
-            "{}: expected a JSON object at the top level",
-            path.display()
-        )));
-    };
-    let f = Fields {
-        obj,
-        path,
-        at: String::new(),
-    };
-    let num = |n: &str| -> Result<f64> { Ok(f.f64(n)?.unwrap_or(0.0)) };
-    let int = |n: &str| -> Result<u64> { Ok(f.u64(n)?.unwrap_or(0)) };
-    let text = |n: &str| -> Result<String> { Ok(f.string(n)?.unwrap_or_default()) };
-    Ok(Summary {
-        steps: int("steps")?,
-        epochs: num("epochs")?,
-        world_size: int("world_size")?,
-        global_batch: int("global_batch")?,
-        wall_s: num("wall_s")?,
-        images_per_s: num("images_per_s")?,
-        final_loss: num("final_loss")?,
-        val_loss: num("val_loss")?,
-        dice_liver: num("dice_liver")?,
-        dice_tumour: num("dice_tumour")?,
-        params: int("params")?,
-        train_slices: int("train_slices")?,
-        val_slices: int("val_slices")?,
-        device: text("device")?,
-        data: text("data")?,
-        data_wait_s: num("data_wait_s")?,
-        weights_hash: text("weights_hash")?,
-        grad_exchange: text("grad_exchange")?,
-        steps_per_epoch: int("steps_per_epoch")?,
-        median_step_s: num("median_step_s")?,
-        epoch_time_s: num("epoch_time_s")?,
-        peak_rss_mb: num("peak_rss_mb")?,
-        backend: text("backend")?,
-        accumulate: int("accumulate")?,
-        label: text("label")?,
-    })
-}
-
-/// Reads `metrics.jsonl`. A last line that is not valid JSON (torn by a crash) is skipped; an
-/// invalid line elsewhere, or a record field of the wrong type, is an error naming the file,
-/// the line and the field. Records of other kinds are ignored.
-pub(crate) fn read_metrics(path: &Path) -> Result<Metrics> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    // A torn write may also cut a multi-byte character: read lossily, judge by JSON validity.
-    let text = String::from_utf8_lossy(&bytes);
-    let lines: Vec<(usize, &str)> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .collect();
-    let mut m = Metrics::default();
-    for (k, &(i, line)) in lines.iter().enumerate() {
-        let v: Value = match serde_json::from_str(line) {
-            Ok(v) => v,
-            Err(_) if k + 1 == lines.len() => {
-                m.torn_last_line = true;
-                break;
-            }
-            Err(e) => {
-                return Err(Error::Invalid(format!(
-                    "{}: line {}: not valid JSON: {e}",
-                    path.display(),
-                    i + 1
-                )));
-            }
-        };
-        let Value::Object(obj) = &v else {
-            return Err(Error::Invalid(format!(
-                "{}: line {}: expected a JSON object",
-                path.display(),
-                i + 1
-            )));
-        };
-        let f = Fields {
-            obj,
-            path,
-            at: format!("line {}: ", i + 1),
-        };
-        match f.string("kind")?.as_deref() {
-            Some("step") => m.steps.push(Step {
-                step: f.required_u64("step")?,
-                epoch: f.u64("epoch")?.unwrap_or(0),
-                wall_s: f.required_f64("wall_s")?,
-                loss: f.f64("loss")?.unwrap_or(f64::NAN),
-                images_per_s: f.f64("images_per_s")?.unwrap_or(0.0),
-                data_wait_s: f.f64("data_wait_s")?,
-                compute_s: f.f64("compute_s")?,
-                copy_s: f.f64("copy_s")?,
-                comm_s: f.f64("comm_s")?,
-            }),
-            Some("val") => m.vals.push(Val {
-                step: f.u64("step")?.unwrap_or(0),
-                wall_s: f.required_f64("wall_s")?,
-                val_loss: f.f64("val_loss")?.unwrap_or(f64::NAN),
-                dice_liver: f.f64("dice_liver")?.unwrap_or(f64::NAN),
-                dice_tumour: f.f64("dice_tumour")?.unwrap_or(f64::NAN),
-            }),
-            _ => {}
-        }
-    }
-    Ok(m)
-}
-
 /// Reads the keys the report uses from `config.resolved.toml` (others are ignored).
 pub(crate) fn read_config(path: &Path) -> Result<ConfigInfo> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -588,65 +335,6 @@ mod tests {
 
     fn write(dir: &Path, name: &str, text: &str) {
         std::fs::write(dir.join(name), text).expect("write test file");
-    }
-
-    #[test]
-    fn report_torn_last_line_is_skipped() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        write(
-            dir.path(),
-            "metrics.jsonl",
-            concat!(
-                r#"{"kind":"step","step":1,"epoch":1,"wall_s":1.0,"loss":-0.3,"lr":0.001,"images_per_s":8.0,"data_wait_s":0.0}"#,
-                "\n",
-                r#"{"kind":"val","epoch":1,"step":1,"wall_s":1.5,"val_loss":-0.4,"dice_liver":0.5,"dice_tumour":null,"soft_dice":[0.9,0.5,0.1],"images":4}"#,
-                "\n",
-                r#"{"kind":"step","step":2,"epoch":1,"wall_s":2.0,"lo"#,
-            ),
-        );
-        let m = read_metrics(&dir.path().join("metrics.jsonl")).expect("torn line tolerated");
-        assert!(m.torn_last_line);
-        assert_eq!(m.steps.len(), 1);
-        assert_eq!(m.steps[0].loss, -0.3);
-        assert_eq!(
-            m.steps[0].compute_s, None,
-            "older records lack the split times"
-        );
-        assert_eq!(m.vals.len(), 1);
-        assert!(m.vals[0].dice_tumour.is_nan(), "null reads as NaN");
-    }
-
-    #[test]
-    fn report_bad_middle_line_and_wrong_type_name_file_line_field() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        write(
-            dir.path(),
-            "metrics.jsonl",
-            "{\"kind\":\"step\",\"step\":1,\"wall_s\":1.0}\n{oops\n{\"kind\":\"step\",\"step\":2,\"wall_s\":2.0}\n",
-        );
-        let e = read_metrics(&dir.path().join("metrics.jsonl"))
-            .expect_err("a bad middle line is an error")
-            .to_string();
-        assert!(e.contains("metrics.jsonl") && e.contains("line 2"), "{e}");
-
-        write(
-            dir.path(),
-            "metrics.jsonl",
-            "{\"kind\":\"step\",\"step\":1,\"wall_s\":\"soon\"}\n{\"kind\":\"step\",\"step\":2,\"wall_s\":2.0}\n",
-        );
-        let e = read_metrics(&dir.path().join("metrics.jsonl"))
-            .expect_err("wrong type")
-            .to_string();
-        assert!(e.contains("line 1") && e.contains("`wall_s`"), "{e}");
-
-        write(dir.path(), "summary.json", "{\"world_size\": \"two\"}");
-        let e = read_summary(&dir.path().join("summary.json"))
-            .expect_err("wrong type")
-            .to_string();
-        assert!(
-            e.contains("summary.json") && e.contains("`world_size`"),
-            "{e}"
-        );
     }
 
     #[test]

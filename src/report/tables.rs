@@ -1,11 +1,12 @@
-//! The report's numbers: time to a loss or Dice target (Table 1), the epoch-time speedup of
+//! The report's numbers: time to a loss or Dice target (Table 1), the throughput speedup of
 //! each run over its series' 1-rank CPU run (the data of Fig. 2), the per-run summary table,
 //! and their renderings as CSV, Markdown and HTML.
 
 use std::collections::BTreeMap;
 
-use super::runs::{Run, Step, Val, short_device};
-use crate::bench::median;
+use super::runs::{Run, short_device};
+use crate::rundir::{StepRecord as Step, ValRecord as Val};
+use crate::util::stats::median;
 
 /// Steps in the trailing moving average of the loss that decides "loss ≤ target".
 pub(crate) const LOSS_WINDOW: usize = 5;
@@ -458,6 +459,7 @@ pub(crate) struct SpeedupPoint {
     pub label: String,
     pub ranks: u64,
     pub epoch_time_s: f64,
+    pub images_per_s: f64,
     pub speedup: f64,
 }
 
@@ -468,8 +470,8 @@ pub(crate) struct Series {
     pub workload: String,
     /// Ranks of the base run (1 unless the series has no 1-rank run).
     pub base_ranks: u64,
-    /// Epoch time of the base (the median over the runs at `base_ranks`).
-    pub base_epoch_s: f64,
+    /// Throughput of the base (the median images/s over the runs at `base_ranks`).
+    pub base_images_per_s: f64,
     pub points: Vec<SpeedupPoint>,
 }
 
@@ -501,9 +503,10 @@ pub(crate) struct GpuRef {
     pub device: String,
     pub ranks: u64,
     pub epoch_time_s: f64,
+    pub images_per_s: f64,
     /// Index into [`Speedup::series`].
     pub series: usize,
-    /// Base epoch time of that series / this run's epoch time.
+    /// This run's images/s / that series' base images/s.
     pub speedup: f64,
 }
 
@@ -547,9 +550,9 @@ pub(crate) fn speedup(runs: &[Run]) -> Speedup {
     let mut groups: Vec<((String, String), Vec<&Run>)> = Vec::new();
     let mut gpus = Vec::new();
     for r in runs {
-        if !(r.epoch_time_s.is_finite() && r.epoch_time_s > 0.0) {
+        if !(r.images_per_s.is_finite() && r.images_per_s > 0.0) {
             out.skipped
-                .push((r.label.clone(), "epoch time unknown".into()));
+                .push((r.label.clone(), "throughput (images/s) unknown".into()));
             continue;
         }
         match r.backend.as_str() {
@@ -576,11 +579,11 @@ pub(crate) fn speedup(runs: &[Run]) -> Speedup {
     }
     for ((device, workload), members) in groups {
         let base_ranks = members.iter().map(|r| r.ranks).min().unwrap_or(1);
-        let base_epoch_s = median(
+        let base_images_per_s = median(
             members
                 .iter()
                 .filter(|r| r.ranks == base_ranks)
-                .map(|r| r.epoch_time_s),
+                .map(|r| r.images_per_s),
         )
         .unwrap_or(f64::NAN);
         let mut points: Vec<SpeedupPoint> = members
@@ -589,7 +592,8 @@ pub(crate) fn speedup(runs: &[Run]) -> Speedup {
                 label: r.label.clone(),
                 ranks: r.ranks,
                 epoch_time_s: r.epoch_time_s,
-                speedup: base_epoch_s / r.epoch_time_s,
+                images_per_s: r.images_per_s,
+                speedup: r.images_per_s / base_images_per_s,
             })
             .collect();
         points.sort_by_key(|p| p.ranks);
@@ -597,7 +601,7 @@ pub(crate) fn speedup(runs: &[Run]) -> Speedup {
             device,
             workload,
             base_ranks,
-            base_epoch_s,
+            base_images_per_s,
             points,
         });
     }
@@ -621,8 +625,9 @@ pub(crate) fn speedup(runs: &[Run]) -> Speedup {
                 device: g.device.clone(),
                 ranks: g.ranks,
                 epoch_time_s: g.epoch_time_s,
+                images_per_s: g.images_per_s,
                 series: i,
-                speedup: out.series[i].base_epoch_s / g.epoch_time_s,
+                speedup: g.images_per_s / out.series[i].base_images_per_s,
             }),
             None => out
                 .skipped
@@ -641,9 +646,10 @@ pub(crate) fn speedup_table(sp: &Speedup) -> Table {
     t.column("device", "device");
     t.column("ranks", "ranks");
     t.column("epoch time (s)", "epoch_time_s");
+    t.column("images/s", "images_per_s");
     t.column("base ranks", "base_ranks");
-    t.column("base epoch time (s)", "base_epoch_time_s");
-    t.column("speedup", "speedup");
+    t.column("base images/s", "base_images_per_s");
+    t.column("speedup (images/s)", "speedup");
     t.column("ideal", "ideal_speedup");
     t.column("efficiency", "efficiency");
     for s in &sp.series {
@@ -660,8 +666,9 @@ pub(crate) fn speedup_table(sp: &Speedup) -> Table {
                 },
                 Cell::int(p.ranks),
                 Cell::num(p.epoch_time_s, sig(p.epoch_time_s)),
+                Cell::num(p.images_per_s, sig(p.images_per_s)),
                 Cell::int(s.base_ranks),
-                Cell::num(s.base_epoch_s, sig(s.base_epoch_s)),
+                Cell::num(s.base_images_per_s, sig(s.base_images_per_s)),
                 Cell::num(p.speedup, format!("{:.2}×", p.speedup)),
                 Cell::num(ideal, format!("{ideal}×")),
                 Cell::num(
@@ -684,8 +691,9 @@ pub(crate) fn speedup_table(sp: &Speedup) -> Table {
             },
             Cell::int(g.ranks),
             Cell::num(g.epoch_time_s, sig(g.epoch_time_s)),
+            Cell::num(g.images_per_s, sig(g.images_per_s)),
             Cell::int(s.base_ranks),
-            Cell::num(s.base_epoch_s, sig(s.base_epoch_s)),
+            Cell::num(s.base_images_per_s, sig(s.base_images_per_s)),
             Cell::num(g.speedup, format!("{:.2}×", g.speedup)),
             Cell::opt(None),
             Cell::opt(None),

@@ -294,12 +294,5 @@ pub fn assign_values<M: Module>(module: M, select: Select, flat: &[f32]) -> Resu
 /// FNV-1a 64 hash of the bit patterns of a buffer: equal hashes on all ranks mean
 /// bit-identical weights.
 pub fn hash_f32(values: &[f32]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in values {
-        for b in v.to_bits().to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h
+    crate::util::fnv1a(values.iter().flat_map(|v| v.to_bits().to_le_bytes()))
 }

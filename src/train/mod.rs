@@ -1,19 +1,25 @@
-//! Training: the `[train]` config section, the loop, validation, checkpoints, metrics and
-//! progress. The one place that wires model, data, optimiser and communicator together.
+//! Training: the `[train]` config section, the state that training changes, the one training
+//! step, the loop, validation, preemption and progress. The one place that wires model, data,
+//! optimiser and communicator together; the run directory it writes is [`crate::rundir`]'s.
 
-pub mod checkpoint;
 pub mod exchange;
 pub mod flat;
-pub mod metrics;
 pub mod progress;
+pub mod signals;
+pub mod state;
+pub mod step;
 mod trainer;
+pub mod validation;
 
 use serde::{Deserialize, Serialize};
 
+pub use state::{TrainState, Trained, build_model};
+pub use step::{StepOutcome, StepTimes, Stepper, batch_tensors};
 pub use trainer::{
-    TrainOptions, TrainSummary, ValResult, batch_tensors, build_model, forward_loss, load_trained,
-    train, validate, validate_checkpoint,
+    Start, TrainOptions, TrainOutcome, agree_across_ranks, check_provenance, load_dataset,
+    provenance_of, train,
 };
+pub use validation::{ValResult, validate};
 
 use crate::error::{Error, Result};
 

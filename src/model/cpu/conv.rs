@@ -6,10 +6,11 @@
 //! convolution of the input by the output gradient used as an H×W kernel, a matrix product with
 //! k² = 9 output rows that wastes most of every AVX-512 vector, and the input gradient as a
 //! transposed convolution with a col2im pass; together they were the largest item of a training
-//! step's profile (issue 6). Here, per image and per tile of whole output rows:
+//! step's profile (docs/cpu-notes.md). Here, per image and per tile of whole output rows:
 //! - forward: `Y[c_out, n] = W[c_out, c_in·k²] · col(X)[c_in·k², n] + b`;
-//! - weight gradient: `dW += dY[c_out, n] · col(X)[c_in·k², n]ᵀ`, summed over tiles in a fixed
-//!   order (so a result does not depend on thread scheduling, only on the thread count);
+//! - weight gradient: `dW += dY[c_out, n] · col(X)[c_in·k², n]ᵀ`, summed over runs of tiles
+//!   whose split depends only on the shape, so a result depends neither on thread scheduling
+//!   nor on the thread count;
 //! - input gradient: the forward convolution of `dY` by the kernel with its channel axes swapped
 //!   and its taps mirrored (exact for stride 1 and symmetric padding k/2);
 //! - bias gradient: the sum of `dY` over batch and pixels.
@@ -19,9 +20,7 @@
 
 use std::cell::RefCell;
 
-use burn::tensor::module::conv2d;
-use burn::tensor::ops::ConvOptions;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::Tensor;
 use burn_dispatch::backends::autodiff::NodeId;
 use burn_dispatch::backends::autodiff::checkpoint::base::Checkpointer;
 use burn_dispatch::backends::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -30,6 +29,8 @@ use burn_dispatch::backends::autodiff::ops::{Backward, Ops, OpsKind};
 use burn_dispatch::backends::flex::FlexTensor;
 use burn_dispatch::backends::{Autodiff, Flex};
 use rayon::prelude::*;
+
+use super::{FlexOperands, f32_values, flex, flex_operand, flex_operands};
 
 /// Shape of one convolution: input `[batch, c_in, h, w]`, kernel `[c_out, c_in, k, k]`, output
 /// `[batch, c_out, h, w]` (padding k/2 on every side, stride 1).
@@ -393,23 +394,6 @@ pub fn input_grad(dy: &[f32], weight: &[f32], s: &ConvShape) -> Vec<f32> {
 // burn glue
 // ---------------------------------------------------------------------------------------------
 
-/// The f32 values of a flex tensor, borrowed when contiguous.
-pub(super) fn f32_values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
-    match t.as_slice::<f32>() {
-        Some(v) => std::borrow::Cow::Borrowed(v),
-        None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().map_or_else(
-            // The caller checked the dtype; a contiguous copy of an f32 tensor is a slice.
-            || unreachable!("contiguous f32 flex tensor without a slice"),
-            <[f32]>::to_vec,
-        )),
-    }
-}
-
-/// A contiguous flex tensor owning `values`.
-pub(super) fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, shape))
-}
-
 fn shape_of(x: &FlexTensor, w: &FlexTensor) -> ConvShape {
     let (xs, ws) = (x.layout().shape(), w.layout().shape());
     ConvShape {
@@ -482,99 +466,60 @@ fn relu_masked(g: &[f32], y: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Whether [`conv2d_same`] takes this module's path for these tensors (flex, f32, odd square
-/// kernel); otherwise it calls burn's `conv2d`.
-fn applies(x: &Tensor<4>, weight: &Tensor<4>) -> bool {
-    let [_, c_in, _, _] = x.dims();
-    let [_, wc, kh, kw] = weight.dims();
-    x.dtype() == DType::F32 && weight.dtype() == DType::F32 && wc == c_in && kh == kw && kh % 2 == 1
-}
-
-/// A 'same'-padded, stride-1 convolution with bias: on the CPU backend (with or without
-/// autodiff) through this module's kernels, elsewhere (wgpu) through burn's `conv2d`, which
-/// computes the same function.
+/// A 'same'-padded, stride-1 convolution with bias, followed by a ReLU when `relu` (fused into
+/// the convolution's tiles, and its gradient mask into the backward), as one autodiff
+/// operation: `Some` when the tensors are f32 on the flex device (with or without autodiff) and
+/// the kernel is square and odd; `None` otherwise (the portable path in [`crate::model::ops`]).
 ///
 /// # Shapes
 /// - `x`: `[batch, c_in, h, w]`, `weight`: `[c_out, c_in, k, k]` (k odd), `bias`: `[c_out]`
 ///   → `[batch, c_out, h, w]`
-pub fn conv2d_same(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>) -> Tensor<4> {
-    if let Some(y) = on_cpu(&x, &weight, &bias, false) {
-        return y;
-    }
-    burn_conv2d_same(x, weight, bias)
-}
-
-/// `relu(conv2d_same(x, weight, bias))`, with the ReLU fused into the convolution's tiles and
-/// its gradient into the convolution's backward on the CPU backend.
-pub fn conv2d_same_relu(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>) -> Tensor<4> {
-    if let Some(y) = on_cpu(&x, &weight, &bias, true) {
-        return y;
-    }
-    burn::tensor::activation::relu(burn_conv2d_same(x, weight, bias))
-}
-
-fn burn_conv2d_same(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>) -> Tensor<4> {
-    let [_, _, k, _] = weight.dims();
-    let p = k / 2;
-    conv2d(
-        x,
-        weight,
-        Some(bias),
-        ConvOptions::new([1, 1], [p, p], [1, 1], 1),
-    )
-}
-
-/// This module's path: `Some` when the tensors are f32 on the flex device (with or without
-/// autodiff) and the kernel is square and odd.
-fn on_cpu(x: &Tensor<4>, weight: &Tensor<4>, bias: &Tensor<1>, relu: bool) -> Option<Tensor<4>> {
-    if !applies(x, weight) {
+pub fn conv2d_same(
+    x: &Tensor<4>,
+    weight: &Tensor<4>,
+    bias: &Tensor<1>,
+    relu: bool,
+) -> Option<Tensor<4>> {
+    let [_, c_in, _, _] = x.dims();
+    let [_, wc, kh, kw] = weight.dims();
+    if wc != c_in || kh != kw || kh % 2 == 0 {
         return None;
     }
-    // Clones are reference-count increments; a failed conversion drops only the clone.
-    let ad = (
-        x.clone().try_into_primitive::<Autodiff<Flex>>(),
-        weight.clone().try_into_primitive::<Autodiff<Flex>>(),
-        bias.clone().try_into_primitive::<Autodiff<Flex>>(),
-    );
-    if let (Ok(x), Ok(w), Ok(b)) = ad {
-        let nodes = [x.node(), w.node(), b.node()];
-        let out = match ConvBackward
-            .prepare::<NoCheckpointing>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let xs = prep.checkpoint(&x);
-                let ws = prep.checkpoint(&w);
-                let y = forward_flex(x.primitive(), w.primitive(), b.primitive(), relu);
-                prep.finish((xs, ws, relu.then(|| y.clone())), y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(forward_flex(
-                x.primitive(),
-                w.primitive(),
-                b.primitive(),
-                relu,
-            )),
-        };
-        return Some(Tensor::from_primitive::<Autodiff<Flex>>(out));
-    }
-    let plain = (
-        x.clone().try_into_primitive::<Flex>(),
-        weight.clone().try_into_primitive::<Flex>(),
-        bias.clone().try_into_primitive::<Flex>(),
-    );
-    if let (Ok(x), Ok(w), Ok(b)) = plain {
-        return Some(Tensor::from_primitive::<Flex>(forward_flex(
+    match flex_operands([flex_operand(x), flex_operand(weight), flex_operand(bias)])? {
+        FlexOperands::Autodiff([x, w, b]) => {
+            let nodes = [x.node(), w.node(), b.node()];
+            let out = match ConvBackward
+                .prepare::<NoCheckpointing>(nodes)
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(mut prep) => {
+                    let xs = prep.checkpoint(&x);
+                    let ws = prep.checkpoint(&w);
+                    let y = forward_flex(x.primitive(), w.primitive(), b.primitive(), relu);
+                    prep.finish((xs, ws, relu.then(|| y.clone())), y)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(forward_flex(
+                    x.primitive(),
+                    w.primitive(),
+                    b.primitive(),
+                    relu,
+                )),
+            };
+            Some(Tensor::from_primitive::<Autodiff<Flex>>(out))
+        }
+        FlexOperands::Plain([x, w, b]) => Some(Tensor::from_primitive::<Flex>(forward_flex(
             &x, &w, &b, relu,
-        )));
+        ))),
     }
-    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Device;
+    use burn::tensor::module::conv2d;
+    use burn::tensor::ops::ConvOptions;
+    use burn::tensor::{Device, TensorData};
 
     /// The definition, in float64: y[b,o,i,j] = bias[o] + Σ_{c,u,v} w[o,c,u,v]·x[b,c,i+u−p,j+v−p].
     fn direct(x: &[f32], w: &[f32], bias: &[f32], s: &ConvShape) -> Vec<f64> {
@@ -795,7 +740,8 @@ mod tests {
                 &device,
             );
             let y = if ours {
-                on_cpu(&x, &w, &b, relu).expect("the autodiff CPU device takes the cpuconv path")
+                conv2d_same(&x, &w, &b, relu)
+                    .expect("the autodiff CPU device takes the cpuconv path")
             } else {
                 let y = conv2d(
                     x.clone(),
@@ -849,7 +795,7 @@ mod tests {
         let x = Tensor::<4>::from_data(TensorData::new(xv, [s.batch, s.c_in, s.h, s.w]), &plain);
         let w = Tensor::<4>::from_data(TensorData::new(wv, [s.c_out, s.c_in, 3, 3]), &plain);
         let bias = Tensor::<1>::from_data(TensorData::new(bv, [s.c_out]), &plain);
-        let y = on_cpu(&x, &w, &bias, false)
+        let y = conv2d_same(&x, &w, &bias, false)
             .expect("the plain CPU device takes the cpuconv path")
             .into_data()
             .try_to_vec::<f32>()

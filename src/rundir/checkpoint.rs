@@ -1,21 +1,46 @@
-//! Checkpoints: model weights and BN statistics, optimiser state, position in the run and the
-//! config, in one checksummed file written atomically (temporary file, fsync, rename), so a
-//! crash or a full disk never leaves a half-written checkpoint in place of the last good one.
+//! Checkpoints: model weights and BN statistics, optimiser state, position in the run, the
+//! config and where the data came from, in one checksummed file written atomically (temporary
+//! file, fsync, rename), so a crash, a full disk or a second signal never leaves a half-written
+//! checkpoint in place of the last good one.
 //!
 //! ```text
 //! "CTSEGCK\0" | version u32 | 3 × (length u64, bytes): meta JSON, model burnpack, optimiser burnpack | CRC-32 u32
 //! ```
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::util::fs::write_atomic;
 
-/// File name of the checkpoint inside a run directory.
-pub const FILE: &str = "checkpoint.ctck";
+/// Which checkpoint of a run a command reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointKind {
+    /// `best.ctck`: the model of the best validation liver Dice (the last checkpoint when the
+    /// run has not validated yet).
+    Best,
+    /// `checkpoint.ctck`: the last state (what `train --resume` continues from).
+    Last,
+}
+
+/// Where a run's data came from and how it was split: checked, not trusted, when a run is
+/// resumed or validated, so that validation volumes never become training volumes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Provenance {
+    /// The dataset directory, resolved (empty: phantoms generated from the config).
+    pub data_dir: String,
+    /// FNV-1a hash (hex) of the dataset's manifest, or of the phantom parameters.
+    pub data_hash: String,
+    /// The validation fold (`None`: split by `data.val_fraction`).
+    pub fold: Option<usize>,
+    /// The seed of the split.
+    pub split_seed: u64,
+}
+
 const MAGIC: &[u8; 8] = b"CTSEGCK\0";
 const VERSION: u32 = 1;
 
@@ -38,6 +63,18 @@ pub struct CheckpointMeta {
     pub config_toml: String,
     /// ctseg version that wrote it.
     pub ctseg_version: String,
+    /// The data and split the run trains on (absent from checkpoints of older versions).
+    #[serde(default)]
+    pub provenance: Provenance,
+    /// Validation liver Dice of this checkpoint's model (`None`: not validated).
+    #[serde(default)]
+    pub val_dice_liver: Option<f64>,
+    /// The best validation liver Dice of the run so far (kept across resumes).
+    #[serde(default)]
+    pub best_dice_liver: Option<f64>,
+    /// The step of that validation.
+    #[serde(default)]
+    pub best_step: u64,
 }
 
 /// A checkpoint in memory.
@@ -123,54 +160,49 @@ impl Checkpoint {
         write_atomic(path, &bytes)
     }
 
-    /// Reads `path`, or `dir/checkpoint.ctck` when `path` is a run directory.
-    pub fn load(path: &Path) -> Result<Self> {
-        let file = resolve(path);
-        let bytes = fs::read(&file).map_err(|e| {
+    /// Reads the checkpoint file `file`.
+    pub fn load(file: &Path) -> Result<Self> {
+        let bytes = fs::read(file).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                Error::checkpoint(&file, "not found (is this a ctseg run directory?)")
+                Error::checkpoint(file, "not found (is this a ctseg run directory?)")
             } else {
-                Error::io(&file, e)
+                Error::io(file, e)
             }
         })?;
-        Self::from_bytes(&bytes, &file)
+        Self::from_bytes(&bytes, file)
+    }
+
+    /// Reads the checkpoint a command was pointed at: `path` itself when it is a file, else
+    /// the run directory's checkpoint of `kind` ([`locate`]). Returns it with the file read
+    /// and, when the best checkpoint was asked for but the run has none yet, a note saying that
+    /// the last one was used.
+    pub fn open(path: &Path, kind: CheckpointKind) -> Result<(Self, PathBuf, Option<String>)> {
+        let (file, note) = locate(path, kind);
+        Ok((Self::load(&file)?, file, note))
     }
 }
 
-/// `path` itself, or `path/checkpoint.ctck` for a directory.
-pub fn resolve(path: &Path) -> PathBuf {
-    if path.is_dir() {
-        path.join(FILE)
-    } else {
-        path.to_path_buf()
+/// The checkpoint file for `path`: `path` itself when it is not a directory, else the run
+/// directory's `kind` checkpoint; `best.ctck` falls back to `checkpoint.ctck` (with a note)
+/// for runs that have not validated yet and runs of older versions.
+pub fn locate(path: &Path, kind: CheckpointKind) -> (PathBuf, Option<String>) {
+    if !path.is_dir() {
+        return (path.to_path_buf(), None);
     }
-}
-
-/// Writes `bytes` to `path` through a temporary sibling file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
+    let run = super::RunDir::new(path);
+    let want = run.checkpoint(kind);
+    if kind == CheckpointKind::Best && !want.exists() {
+        let last = run.checkpoint(CheckpointKind::Last);
+        if last.exists() {
+            let note = format!(
+                "{}: no {} (the run has not validated yet): using the last checkpoint",
+                path.display(),
+                super::BEST
+            );
+            return (last, Some(note));
         }
-        Ok(())
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    }
+    (want, None)
 }
 
 #[cfg(test)]
@@ -188,6 +220,10 @@ mod tests {
                 wall_s: 4.5,
                 config_toml: "seed = 1".into(),
                 ctseg_version: "0".into(),
+                provenance: Provenance::default(),
+                val_dice_liver: Some(0.5),
+                best_dice_liver: Some(0.5),
+                best_step: 12,
             },
             model: vec![1, 2, 3],
             optimizer: vec![4, 5],
@@ -197,9 +233,10 @@ mod tests {
     #[test]
     fn round_trip_and_corruption() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join(FILE);
+        let p = dir.path().join(super::super::CHECKPOINT);
         sample().save(&p).expect("save");
-        let back = Checkpoint::load(dir.path()).expect("load");
+        let (back, _, note) = Checkpoint::open(dir.path(), CheckpointKind::Last).expect("load");
+        assert!(note.is_none());
         assert_eq!(back.meta, sample().meta);
         assert_eq!(back.model, vec![1, 2, 3]);
         let mut bytes = fs::read(&p).expect("read");
@@ -209,7 +246,10 @@ mod tests {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(e.contains("checksum") && e.contains(FILE), "{e}");
+        assert!(
+            e.contains("checksum") && e.contains("checkpoint.ctck"),
+            "{e}"
+        );
         let e = Checkpoint::from_bytes(&bytes[..30], &p)
             .err()
             .map(|e| e.to_string())
@@ -220,6 +260,31 @@ mod tests {
             .expect("ls")
             .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
             .collect();
-        assert_eq!(names, vec![FILE.to_string()]);
+        assert_eq!(names, vec!["checkpoint.ctck".to_string()]);
+    }
+
+    #[test]
+    fn best_falls_back_to_last_with_a_note() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        sample()
+            .save(&dir.path().join(super::super::CHECKPOINT))
+            .expect("save");
+        let (file, note) = locate(dir.path(), CheckpointKind::Best);
+        assert!(file.ends_with("checkpoint.ctck"));
+        assert!(note.is_some_and(|n| n.contains("best.ctck")));
+        sample()
+            .save(&dir.path().join(super::super::BEST))
+            .expect("save");
+        let (file, note) = locate(dir.path(), CheckpointKind::Best);
+        assert!(file.ends_with("best.ctck") && note.is_none());
+    }
+
+    #[test]
+    fn metadata_of_older_versions_reads_with_defaults() {
+        // A meta JSON as version 0.1 wrote it before provenance and best Dice existed.
+        let old = r#"{"step":3,"epoch":1,"batch_in_epoch":0,"world_size":1,"global_batch":8,"wall_s":1.0,"config_toml":"","ctseg_version":"0.1.0"}"#;
+        let m: CheckpointMeta = serde_json::from_str(old).expect("old meta");
+        assert_eq!(m.provenance, Provenance::default());
+        assert_eq!(m.best_dice_liver, None);
     }
 }

@@ -1,15 +1,15 @@
 //! Batch normalisation (training mode) for the CPU backend as one fused autodiff operation: two
 //! passes over the activations forward and two backward, where the same function written with
-//! tensor operations (kept for wgpu in [`super::layers::BatchNorm`]) makes about twenty, each
-//! allocating a full-size tensor (issue 6: after the convolutions, such passes were most of a
-//! CPU step).
+//! tensor operations (the portable path, [`crate::model::ops::batch_norm_train_tensor_ops`])
+//! makes about twenty, each allocating a full-size tensor (after the convolutions, such passes
+//! were most of a CPU step: docs/cpu-notes.md).
 //!
 //! With `N = batch·h·w` values per channel, `μ`, `σ²` their mean and biased variance (summed
 //! in float64), `r = 1/sqrt(σ² + ε)` and `x̂ = (x − μ)·r`:
 //! - forward: `y = γ·x̂ + β`;
 //! - backward: `dβ = Σ dy`, `dγ = Σ dy·x̂`, `dx = γ·r·(dy − dβ/N − x̂·dγ/N)`.
 
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use burn_dispatch::backends::autodiff::NodeId;
 use burn_dispatch::backends::autodiff::checkpoint::base::Checkpointer;
 use burn_dispatch::backends::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -19,7 +19,7 @@ use burn_dispatch::backends::flex::FlexTensor;
 use burn_dispatch::backends::{Autodiff, Flex};
 use rayon::prelude::*;
 
-use super::cpuconv::{f32_values, flex};
+use super::{FlexOperands, f32_values, flex, flex_operand, flex_operands};
 
 /// Per-channel statistics of one forward pass.
 #[derive(Clone, Debug, PartialEq)]
@@ -262,11 +262,7 @@ pub fn batch_norm_train(
     mask: Option<Vec<f32>>,
 ) -> Option<(Tensor<4>, Tensor<1>, Tensor<1>)> {
     let [b, c, _, _] = x.dims();
-    if x.dtype() != DType::F32
-        || gamma.dtype() != DType::F32
-        || beta.dtype() != DType::F32
-        || mask.as_ref().is_some_and(|m| m.len() != b * c)
-    {
+    if mask.as_ref().is_some_and(|m| m.len() != b * c) {
         return None;
     }
     let device = x.device().without_autodiff();
@@ -277,46 +273,37 @@ pub fn batch_norm_train(
         };
         (t(&st.mean), t(&st.var))
     };
-    let ad = (
-        x.clone().try_into_primitive::<Autodiff<Flex>>(),
-        gamma.clone().try_into_primitive::<Autodiff<Flex>>(),
-        beta.clone().try_into_primitive::<Autodiff<Flex>>(),
-    );
-    if let (Ok(x), Ok(g), Ok(b)) = ad {
-        let nodes = [x.node(), g.node(), b.node()];
-        let (y, st) = forward_flex(
-            x.primitive(),
-            g.primitive(),
-            b.primitive(),
-            eps,
-            mask.as_deref(),
-        );
-        let out = match BatchNormBackward
-            .prepare::<NoCheckpointing>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let xs = prep.checkpoint(&x);
-                let gs = prep.checkpoint(&g);
-                prep.finish((xs, gs, st.clone(), eps, mask), y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        };
-        let (m, v) = stat_tensors(&st, &device);
-        return Some((Tensor::from_primitive::<Autodiff<Flex>>(out), m, v));
+    match flex_operands([flex_operand(x), flex_operand(gamma), flex_operand(beta)])? {
+        FlexOperands::Autodiff([x, g, b]) => {
+            let nodes = [x.node(), g.node(), b.node()];
+            let (y, st) = forward_flex(
+                x.primitive(),
+                g.primitive(),
+                b.primitive(),
+                eps,
+                mask.as_deref(),
+            );
+            let out = match BatchNormBackward
+                .prepare::<NoCheckpointing>(nodes)
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(mut prep) => {
+                    let xs = prep.checkpoint(&x);
+                    let gs = prep.checkpoint(&g);
+                    prep.finish((xs, gs, st.clone(), eps, mask), y)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            };
+            let (m, v) = stat_tensors(&st, &device);
+            Some((Tensor::from_primitive::<Autodiff<Flex>>(out), m, v))
+        }
+        FlexOperands::Plain([x, g, b]) => {
+            let (y, st) = forward_flex(&x, &g, &b, eps, mask.as_deref());
+            let (m, v) = stat_tensors(&st, &device);
+            Some((Tensor::from_primitive::<Flex>(y), m, v))
+        }
     }
-    let plain = (
-        x.clone().try_into_primitive::<Flex>(),
-        gamma.clone().try_into_primitive::<Flex>(),
-        beta.clone().try_into_primitive::<Flex>(),
-    );
-    if let (Ok(x), Ok(g), Ok(b)) = plain {
-        let (y, st) = forward_flex(&x, &g, &b, eps, mask.as_deref());
-        let (m, v) = stat_tensors(&st, &device);
-        return Some((Tensor::from_primitive::<Flex>(y), m, v));
-    }
-    None
 }
 
 #[cfg(test)]
@@ -374,7 +361,12 @@ mod tests {
                 batch_norm_train(&x, &bn.gamma.val(), &bn.beta.val(), bn.epsilon, mask)
                     .expect("the flex autodiff device takes the fused path")
             } else {
-                let (y, m, var) = bn.forward_train_tensor_ops(x.clone());
+                let (y, m, var) = crate::model::ops::batch_norm_train_tensor_ops(
+                    x.clone(),
+                    bn.gamma.val(),
+                    bn.beta.val(),
+                    bn.epsilon,
+                );
                 match mask {
                     Some(mask) => {
                         let mt =

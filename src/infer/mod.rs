@@ -1,5 +1,8 @@
 //! Inference on real volumes: `predict` (a NIfTI CT in, a label mask on the input's grid out)
-//! and `evaluate` (per-case and global Dice for liver and tumour, LiTS conventions).
+//! and `evaluate` (per-case and global figures for liver and tumour, LiTS conventions: Dice,
+//! VOE, RVD, ASSD, HD95, precision and recall, the surface distances from [`surface`]).
+
+pub mod surface;
 
 use std::collections::VecDeque;
 use std::fs;
@@ -15,7 +18,9 @@ use crate::data::prepare::{self, Pair};
 use crate::error::{Error, Result};
 use crate::model::{DiceCounts, Mode, UNet};
 use crate::tensor_util::to_f32;
-use crate::train::checkpoint::{Checkpoint, write_atomic};
+use crate::train::Trained;
+use crate::util::fs::write_atomic;
+use surface::{Grid, StructureMetrics, structure_metrics};
 
 /// How `predict` runs.
 #[derive(Clone, Debug)]
@@ -55,12 +60,11 @@ pub fn resize_nearest<T: Copy>(
 }
 
 impl Predictor {
-    /// The model of checkpoint `ck` (read from `path`; its run config `cfg`) on `be`'s device.
-    pub fn new(cfg: RunConfig, ck: Checkpoint, path: &Path, be: &Backend) -> Result<Self> {
-        let model = crate::train::load_trained(&cfg, ck, path, be)?;
+    /// The model of the trained run `trained` on `be`'s device.
+    pub fn new(trained: &Trained, be: &Backend) -> Result<Self> {
         Ok(Self {
-            cfg,
-            model,
+            cfg: trained.cfg.clone(),
+            model: trained.model(be, &be.device)?,
             device: be.device.clone(),
         })
     }
@@ -214,6 +218,78 @@ pub struct CaseResult {
     pub liver: DiceCounts,
     /// Voxel counts for tumour.
     pub tumour: DiceCounts,
+    /// Liver's overlap and surface-distance metrics (LiTS).
+    pub liver_metrics: StructureMetrics,
+    /// Tumour's overlap and surface-distance metrics (LiTS).
+    pub tumour_metrics: StructureMetrics,
+}
+
+/// The mean of one metric over the cases where it is defined (see [`surface`] for the cases
+/// where it is not, e.g. a distance to an empty structure).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct MeanMetric {
+    /// The mean (`None` when no case defines it).
+    pub mean: Option<f64>,
+    /// Cases that define it.
+    pub cases: usize,
+    /// Cases that do not (left out of the mean).
+    pub undefined: usize,
+}
+
+impl MeanMetric {
+    fn of<'a>(values: impl Iterator<Item = Option<f64>> + 'a) -> Self {
+        let (mut sum, mut cases, mut undefined) = (0.0, 0usize, 0usize);
+        for v in values {
+            match v {
+                Some(v) => {
+                    sum += v;
+                    cases += 1;
+                }
+                None => undefined += 1,
+            }
+        }
+        Self {
+            mean: (cases > 0).then(|| sum / cases as f64),
+            cases,
+            undefined,
+        }
+    }
+}
+
+/// The per-case means of a structure's metrics.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StructureMeans {
+    /// Volume overlap error.
+    pub voe: MeanMetric,
+    /// Relative volume difference.
+    pub rvd: MeanMetric,
+    /// Average symmetric surface distance, mm.
+    pub assd_mm: MeanMetric,
+    /// 95th-percentile Hausdorff distance, mm.
+    pub hd95_mm: MeanMetric,
+    /// Maximum surface distance, mm.
+    pub hd_mm: MeanMetric,
+    /// Precision.
+    pub precision: MeanMetric,
+    /// Recall.
+    pub recall: MeanMetric,
+}
+
+impl StructureMeans {
+    fn of(cases: &[CaseResult], pick: impl Fn(&CaseResult) -> &StructureMetrics) -> Self {
+        let m = |f: fn(&StructureMetrics) -> Option<f64>| {
+            MeanMetric::of(cases.iter().map(|c| f(pick(c))))
+        };
+        Self {
+            voe: m(|s| Some(s.voe)),
+            rvd: m(|s| s.rvd),
+            assd_mm: m(|s| s.assd_mm),
+            hd95_mm: m(|s| s.hd95_mm),
+            hd_mm: m(|s| s.hd_mm),
+            precision: m(|s| s.precision),
+            recall: m(|s| s.recall),
+        }
+    }
 }
 
 /// Dice from the counts summed over all cases (LiTS "Dice global"), and the per-case mean.
@@ -227,6 +303,10 @@ pub struct Global {
     pub mean_case_dice_liver: f64,
     /// Mean of the per-case tumour Dice.
     pub mean_case_dice_tumour: f64,
+    /// Per-case means of the liver's other metrics.
+    pub liver: StructureMeans,
+    /// Per-case means of the tumour's other metrics.
+    pub tumour: StructureMeans,
     /// Cases.
     pub cases: usize,
 }
@@ -244,25 +324,39 @@ pub struct Evaluation {
     pub cases: Vec<CaseResult>,
 }
 
-/// Scores one predicted volume against its truth (same grid).
-pub fn score_case(case: &str, truth: &[u8], pred: &[u8], voxel_ml: f64) -> CaseResult {
+/// Scores one predicted volume against its truth on `grid` (LiTS: liver is label ≥ 1, tumour
+/// label 2); volumes in mL from `voxel_ml` ([`voxel_ml`] of the volume's affine).
+pub fn score_case(
+    case: &str,
+    truth: &[u8],
+    pred: &[u8],
+    grid: &Grid,
+    voxel_ml: f64,
+) -> Result<CaseResult> {
+    let metrics = |is: fn(u8) -> bool| {
+        structure_metrics(truth, pred, grid, is)
+            .map_err(|e| Error::Invalid(format!("scoring {case}: {e}")))
+    };
+    let liver_metrics = metrics(|l| l >= 1)?;
+    let tumour_metrics = metrics(|l| l == 2)?;
     let liver = counts_of(truth, pred, |l| l >= 1);
     let tumour = counts_of(truth, pred, |l| l == 2);
     let (t, p) = (|c: &DiceCounts| c.tp + c.fn_, |c: &DiceCounts| c.tp + c.fp);
-    let rvd = |c: &DiceCounts| (t(c) > 0).then(|| (p(c) as f64 - t(c) as f64) / t(c) as f64);
-    CaseResult {
+    Ok(CaseResult {
         case: case.to_string(),
         dice_liver: liver.dice(),
         dice_tumour: tumour.dice(),
         liver_ml_true: t(&liver) as f64 * voxel_ml,
         liver_ml_pred: p(&liver) as f64 * voxel_ml,
-        liver_rvd: rvd(&liver),
+        liver_rvd: liver_metrics.rvd,
         tumour_ml_true: t(&tumour) as f64 * voxel_ml,
         tumour_ml_pred: p(&tumour) as f64 * voxel_ml,
-        tumour_rvd: rvd(&tumour),
+        tumour_rvd: tumour_metrics.rvd,
         liver,
         tumour,
-    }
+        liver_metrics,
+        tumour_metrics,
+    })
 }
 
 /// Volume of one voxel in mL: |det| of the affine's 3×3 part, mm³ → mL.
@@ -287,23 +381,57 @@ pub fn global(cases: &[CaseResult]) -> Global {
         dice_tumour: t.dice(),
         mean_case_dice_liver: cases.iter().map(|c| c.dice_liver).sum::<f64>() / n,
         mean_case_dice_tumour: cases.iter().map(|c| c.dice_tumour).sum::<f64>() / n,
+        liver: StructureMeans::of(cases, |c| &c.liver_metrics),
+        tumour: StructureMeans::of(cases, |c| &c.tumour_metrics),
         cases: cases.len(),
     }
 }
 
-/// Runs `evaluate`: every (image, label) pair of `input` (a LiTS folder or CSV) predicted and
-/// scored; `evaluation.csv` and `evaluation.json` written atomically into `out` (and, with
-/// `save_masks`, each prediction as `<case>-pred.nii.gz`).
+/// The mask file `evaluate --save-masks` writes for `pair`.
+fn mask_path(out: &Path, pair: &Pair) -> PathBuf {
+    let name = pair
+        .image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.trim_end_matches(".gz").trim_end_matches(".nii");
+    out.join(format!("{stem}-pred.nii.gz"))
+}
+
+/// Every file `evaluate` writes into `out` for `pairs` (for the output-safety check).
+pub fn evaluation_outputs(out: &Path, pairs: &[Pair], save_masks: bool) -> Vec<PathBuf> {
+    let mut v = vec![out.join("evaluation.json"), out.join("evaluation.csv")];
+    if save_masks {
+        v.extend(pairs.iter().map(|p| mask_path(out, p)));
+    }
+    v
+}
+
+/// What `evaluate` reads and writes.
+pub struct EvaluateJob<'a> {
+    /// The run directory or checkpoint evaluated (recorded in the output).
+    pub checkpoint: &'a Path,
+    /// The LiTS folder or CSV the cases came from (recorded in the output).
+    pub input: &'a Path,
+    /// Its (image, label) pairs.
+    pub pairs: &'a [Pair],
+    /// The output folder.
+    pub out: &'a Path,
+    /// How to predict.
+    pub predict: PredictOptions,
+    /// Also write each prediction as `<case>-pred.nii.gz`.
+    pub save_masks: bool,
+}
+
+/// Runs `evaluate`: every (image, label) pair of the job predicted and scored;
+/// `evaluation.csv` and `evaluation.json` written atomically into its output folder (and each
+/// prediction, with `save_masks`).
 pub fn evaluate(
     predictor: &Predictor,
-    checkpoint: &Path,
-    input: &Path,
-    out: &Path,
-    opts: &PredictOptions,
-    save_masks: bool,
+    job: &EvaluateJob,
     mut progress: impl FnMut(&CaseResult, usize, usize),
 ) -> Result<Evaluation> {
-    let pairs: Vec<Pair> = prepare::find_pairs(input)?;
+    let (pairs, out, opts, save_masks) = (job.pairs, job.out, &job.predict, job.save_masks);
     fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut cases = Vec::new();
     for (k, pair) in pairs.iter().enumerate() {
@@ -319,21 +447,19 @@ pub fn evaluate(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         if save_masks {
-            let stem = name.trim_end_matches(".gz").trim_end_matches(".nii");
-            nifti::write_u8(
-                &out.join(format!("{stem}-pred.nii.gz")),
-                image.dims,
-                &image.affine,
-                &pred,
-            )?;
+            nifti::write_u8(&mask_path(out, pair), image.dims, &image.affine, &pred)?;
         }
-        let r = score_case(&name, &truth, &pred, voxel_ml(&image.affine));
+        let grid = Grid {
+            dims: image.dims,
+            spacing: image.spacing,
+        };
+        let r = score_case(&name, &truth, &pred, &grid, voxel_ml(&image.affine))?;
         progress(&r, k + 1, pairs.len());
         cases.push(r);
     }
     let eval = Evaluation {
-        checkpoint: checkpoint.display().to_string(),
-        input: input.display().to_string(),
+        checkpoint: job.checkpoint.display().to_string(),
+        input: job.input.display().to_string(),
         global: global(&cases),
         cases,
     };
@@ -341,12 +467,18 @@ pub fn evaluate(
         .map_err(|e| Error::Invalid(format!("serialising the evaluation: {e}")))?;
     write_atomic(&out.join("evaluation.json"), json.as_bytes())?;
     let mut csv = String::from(
-        "case,dice_liver,dice_tumour,liver_ml_true,liver_ml_pred,liver_rvd,tumour_ml_true,tumour_ml_pred,tumour_rvd\n",
+        "case,dice_liver,dice_tumour,liver_ml_true,liver_ml_pred,liver_rvd,tumour_ml_true,tumour_ml_pred,tumour_rvd",
     );
+    for st in ["liver", "tumour"] {
+        for m in ["voe", "assd_mm", "hd95_mm", "hd_mm", "precision", "recall"] {
+            csv.push_str(&format!(",{st}_{m}"));
+        }
+    }
+    csv.push('\n');
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
     for c in &eval.cases {
         csv.push_str(&format!(
-            "{},{:.6},{:.6},{:.3},{:.3},{},{:.3},{:.3},{}\n",
+            "{},{:.6},{:.6},{:.3},{:.3},{},{:.3},{:.3},{}",
             c.case,
             c.dice_liver,
             c.dice_tumour,
@@ -357,6 +489,20 @@ pub fn evaluate(
             c.tumour_ml_pred,
             opt(c.tumour_rvd)
         ));
+        for m in [&c.liver_metrics, &c.tumour_metrics] {
+            for v in [
+                Some(m.voe),
+                m.assd_mm,
+                m.hd95_mm,
+                m.hd_mm,
+                m.precision,
+                m.recall,
+            ] {
+                csv.push(',');
+                csv.push_str(&opt(v));
+            }
+        }
+        csv.push('\n');
     }
     write_atomic(&out.join("evaluation.csv"), csv.as_bytes())?;
     Ok(eval)
@@ -383,7 +529,12 @@ mod tests {
         // Closed form: truth {0,1,1,2,2,0}, prediction {0,1,2,2,0,1}.
         let truth = [0u8, 1, 1, 2, 2, 0];
         let pred = [0u8, 1, 2, 2, 0, 1];
-        let r = score_case("c", &truth, &pred, 0.5);
+        // 0.5 mL voxels (10 × 10 × 5 mm) in a 6 × 1 × 1 volume.
+        let grid = |n: usize, spacing: [f64; 3]| Grid {
+            dims: [n, 1, 1],
+            spacing,
+        };
+        let r = score_case("c", &truth, &pred, &grid(6, [10.0, 10.0, 5.0]), 0.5).expect("score");
         // Liver (≥1): truth at 1..=4, pred at 1,2,3,5 → tp 3, fp 1, fn 1 → 6/8.
         assert_eq!(
             r.liver,
@@ -399,11 +550,26 @@ mod tests {
         assert_eq!(r.liver_ml_true, 2.0);
         assert_eq!(r.liver_rvd, Some(0.0));
         // No tumour anywhere: Dice 1 (LiTS); tumour only predicted: 0, no RVD.
-        let none = score_case("n", &[0, 1, 1], &[0, 1, 0], 1.0);
+        let mm = [10.0, 10.0, 10.0];
+        let none = score_case("n", &[0, 1, 1], &[0, 1, 0], &grid(3, mm), 1.0).expect("score");
         assert_eq!(none.dice_tumour, 1.0);
-        let false_alarm = score_case("f", &[0, 1, 1], &[0, 2, 1], 1.0);
+        let false_alarm =
+            score_case("f", &[0, 1, 1], &[0, 2, 1], &grid(3, mm), 1.0).expect("score");
         assert_eq!(false_alarm.dice_tumour, 0.0);
         assert_eq!(false_alarm.tumour_rvd, None);
+        // No tumour in truth and prediction: distances 0 (a perfect case); tumour only predicted:
+        // undefined, counted apart from the mean.
+        assert_eq!(none.tumour_metrics.assd_mm, Some(0.0));
+        assert_eq!(false_alarm.tumour_metrics.assd_mm, None);
+        let g2 = global(&[none.clone(), false_alarm.clone()]);
+        assert_eq!(
+            g2.tumour.assd_mm,
+            MeanMetric {
+                mean: Some(0.0),
+                cases: 1,
+                undefined: 1
+            }
+        );
         // Global Dice sums counts first: liver tp 3+1, fp 1+0, fn 1+1 → 8 / (8 + 1 + 2).
         let g = global(&[r, none]);
         assert_eq!(g.dice_liver, 2.0 * 4.0 / (2.0 * 4.0 + 1.0 + 2.0));

@@ -1,10 +1,10 @@
 //! The U-Net's data-movement layers for the CPU backend, each one autodiff operation of one pass
 //! forward and one backward: 2×2 max-pooling, and the decoder's "nearest ×2 upsampling, then
 //! concatenation with the skip" (burn's composites — an expand/reshape upsampling, `cat`, and
-//! flex's pooling — took about 0.25 s of a width-32 step at 240², issue 6). Elsewhere (wgpu) the
-//! callers use burn's operations, which these are tested against.
+//! flex's pooling — took about 0.25 s of a width-32 step at 240²: docs/cpu-notes.md).
+//! Elsewhere (wgpu) [`crate::model::ops`] uses burn's operations, which these are tested against.
 
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
 use burn_dispatch::backends::autodiff::checkpoint::base::Checkpointer;
 use burn_dispatch::backends::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_dispatch::backends::autodiff::grads::Gradients;
@@ -13,7 +13,7 @@ use burn_dispatch::backends::flex::FlexTensor;
 use burn_dispatch::backends::{Autodiff, Flex};
 use rayon::prelude::*;
 
-use super::cpuconv::{f32_values, flex};
+use super::{FlexOperands, f32_values, flex, flex_operand, flex_operands};
 
 /// 2×2, stride-2 max-pooling of `x` `[planes, h, w]` (h, w even): the maxima, and for each
 /// the position of its value in the window (0 top-left, 1 top-right, 2 bottom-left, 3
@@ -149,34 +149,33 @@ impl Backward<Flex, 1> for MaxPoolBackward {
 }
 
 /// 2×2, stride-2 max-pooling as one operation on the CPU backend: `Some` for f32 tensors on the
-/// flex device with even height and width, `None` otherwise (the caller uses burn's).
+/// flex device with even height and width, `None` otherwise (the portable path).
 pub fn max_pool2_cpu(x: &Tensor<4>) -> Option<Tensor<4>> {
     let [b, c, h, w] = x.dims();
-    if x.dtype() != DType::F32 || h % 2 != 0 || w % 2 != 0 {
+    if h % 2 != 0 || w % 2 != 0 {
         return None;
     }
     let pool = |t: &FlexTensor| {
         let (y, idx) = max_pool2(&f32_values(t), b * c, h, w);
         (flex(y, vec![b, c, h / 2, w / 2]), idx)
     };
-    if let Ok(xa) = x.clone().try_into_primitive::<Autodiff<Flex>>() {
-        let out = match MaxPoolBackward
-            .prepare::<NoCheckpointing>([xa.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (y, idx) = pool(xa.primitive());
-                prep.finish(([b, c, h, w], std::sync::Arc::new(idx)), y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(pool(xa.primitive()).0),
-        };
-        return Some(Tensor::from_primitive::<Autodiff<Flex>>(out));
+    match flex_operands([flex_operand(x)])? {
+        FlexOperands::Autodiff([xa]) => {
+            let out = match MaxPoolBackward
+                .prepare::<NoCheckpointing>([xa.node()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => {
+                    let (y, idx) = pool(xa.primitive());
+                    prep.finish(([b, c, h, w], std::sync::Arc::new(idx)), y)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(pool(xa.primitive()).0),
+            };
+            Some(Tensor::from_primitive::<Autodiff<Flex>>(out))
+        }
+        FlexOperands::Plain([xp]) => Some(Tensor::from_primitive::<Flex>(pool(&xp).0)),
     }
-    if let Ok(xp) = x.clone().try_into_primitive::<Flex>() {
-        return Some(Tensor::from_primitive::<Flex>(pool(&xp).0));
-    }
-    None
 }
 
 #[derive(Debug)]
@@ -203,16 +202,11 @@ impl Backward<Flex, 2> for UpsampleCatBackward {
 }
 
 /// `cat([skip, nearest×2(low)], 1)` as one operation on the CPU backend: `Some` for f32 tensors
-/// on the flex device whose shapes fit, `None` otherwise (the caller uses burn's operations).
+/// on the flex device whose shapes fit, `None` otherwise (the portable path).
 pub fn upsample_cat_cpu(skip: &Tensor<4>, low: &Tensor<4>) -> Option<Tensor<4>> {
     let [b, c1, h, w] = skip.dims();
     let [bl, c2, hl, wl] = low.dims();
-    if skip.dtype() != DType::F32
-        || low.dtype() != DType::F32
-        || b != bl
-        || h != 2 * hl
-        || w != 2 * wl
-    {
+    if b != bl || h != 2 * hl || w != 2 * wl {
         return None;
     }
     let d = (b, c1, c2, h, w);
@@ -222,35 +216,26 @@ pub fn upsample_cat_cpu(skip: &Tensor<4>, low: &Tensor<4>) -> Option<Tensor<4>> 
             vec![b, c1 + c2, h, w],
         )
     };
-    let ad = (
-        skip.clone().try_into_primitive::<Autodiff<Flex>>(),
-        low.clone().try_into_primitive::<Autodiff<Flex>>(),
-    );
-    if let (Ok(s), Ok(l)) = ad {
-        let out = match UpsampleCatBackward
-            .prepare::<NoCheckpointing>([s.node(), l.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(d, run(s.primitive(), l.primitive())),
-            OpsKind::UnTracked(prep) => prep.finish(run(s.primitive(), l.primitive())),
-        };
-        return Some(Tensor::from_primitive::<Autodiff<Flex>>(out));
+    match flex_operands([flex_operand(skip), flex_operand(low)])? {
+        FlexOperands::Autodiff([s, l]) => {
+            let out = match UpsampleCatBackward
+                .prepare::<NoCheckpointing>([s.node(), l.node()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(d, run(s.primitive(), l.primitive())),
+                OpsKind::UnTracked(prep) => prep.finish(run(s.primitive(), l.primitive())),
+            };
+            Some(Tensor::from_primitive::<Autodiff<Flex>>(out))
+        }
+        FlexOperands::Plain([s, l]) => Some(Tensor::from_primitive::<Flex>(run(&s, &l))),
     }
-    let plain = (
-        skip.clone().try_into_primitive::<Flex>(),
-        low.clone().try_into_primitive::<Flex>(),
-    );
-    if let (Ok(s), Ok(l)) = plain {
-        return Some(Tensor::from_primitive::<Flex>(run(&s, &l)));
-    }
-    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::unet::upsample_nearest2;
+    use crate::model::ops::upsample_nearest2;
     use burn::tensor::module::max_pool2d;
     use burn::tensor::ops::MaxPoolOptions;
     use burn::tensor::{Device, TensorData};

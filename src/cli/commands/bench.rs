@@ -1,0 +1,159 @@
+//! `ctseg bench step|allreduce|scaling|model`.
+
+use anyhow::{Context, Result};
+
+use ctseg::bench::{self, StepBenchOptions};
+use ctseg::error::Error;
+
+use super::{open_backend, with_comm};
+use crate::cli::args::{
+    BenchAllreduceArgs, BenchModelArgs, BenchScalingArgs, BenchStepArgs, OverrideArgs, load_config,
+};
+
+/// `ctseg bench step`: the trainer's step, timed (collective under mpirun).
+pub fn step(a: BenchStepArgs) -> Result<()> {
+    with_comm(|comm| {
+        // 1. Config and this rank's device.
+        let cfg = load_config(a.config.as_deref(), &a.overrides)?;
+        let be = open_backend(&a.backend, &cfg.model, comm, a.json || comm.rank() != 0)?;
+        let o = StepBenchOptions {
+            warmup: a.warmup,
+            steps: a.steps.max(1),
+        };
+        // 2. The timed steps.
+        let r = bench::bench_step(&cfg, &be, &o, comm)?;
+        if comm.rank() != 0 {
+            return Ok(());
+        }
+        // 3. The figures, and the peer's in the same invocation.
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!("{}", r.render());
+        }
+        if let Some(script) = &a.peer {
+            let threads = if a.backend.threads == 0 {
+                rayon::current_num_threads()
+            } else {
+                a.backend.threads
+            };
+            let p = bench::run_peer(&a.python, script, threads, &cfg, &o, &a.peer_device)?;
+            let ratio = r.median_step_s / p.median_step_s;
+            let rss_ratio = r.peak_rss_mb / p.peak_rss_mb;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "bench": "peer", "peer": p, "ratio_ctseg_over_peer": ratio,
+                        "rss_ratio_ctseg_over_peer": rss_ratio,
+                    })
+                );
+            } else {
+                println!(
+                    "pytorch {} ({}): median {:.3} s (min {:.3}) | {:.2} img/s | peak RSS {:.0} MB",
+                    p.torch, p.device, p.median_step_s, p.min_step_s, p.images_per_s, p.peak_rss_mb
+                );
+                println!("ratio ctseg/pytorch step time: {ratio:.2}x (peak RSS {rss_ratio:.2}x)");
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `ctseg bench allreduce` (collective under mpirun).
+pub fn allreduce(a: BenchAllreduceArgs) -> Result<()> {
+    with_comm(|comm| {
+        let rows = bench::bench_allreduce(comm, a.min_bytes, a.max_bytes, a.link_gbps)?;
+        if comm.rank() == 0 {
+            for r in &rows {
+                if a.json {
+                    println!("{}", serde_json::to_string(r)?);
+                } else {
+                    println!("{}", r.render());
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `ctseg bench scaling`: the config trained once per backend and rank count.
+pub fn scaling(a: BenchScalingArgs) -> Result<()> {
+    use ctseg::bench::scaling;
+    let cfg = load_config(Some(&a.config), &OverrideArgs::default())?;
+    let o = scaling::ScalingOptions {
+        exe: std::env::current_exe().context("locating the ctseg executable")?,
+        config: a.config.clone(),
+        data: a.data.clone(),
+        ranks: a.ranks.clone(),
+        gpu_ranks: a.gpu_ranks.clone(),
+        backends: a.backends.clone(),
+        launcher: a.launcher.clone(),
+        out: a.out.clone(),
+        train_args: a.train_args.clone(),
+        timeout_s: a.timeout_s,
+    };
+    let rows = scaling::run_scaling(&o, |r| eprintln!("{}", r.render()))?;
+    let peer = match &a.peer {
+        Some(script) => {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let steps = StepBenchOptions {
+                warmup: 2,
+                steps: 5,
+            };
+            Some(scaling::PeerLine {
+                peer: bench::run_peer(&a.python, script, threads, &cfg, &steps, "cpu")?,
+                threads,
+                width: cfg.model.width,
+                size: cfg.model.input_size,
+                batch: cfg.train.batch_size,
+            })
+        }
+        None => None,
+    };
+    let md = scaling::markdown(&a.config, &rows, peer.as_ref());
+    ctseg::util::fs::write_atomic(&a.out.join("scaling.md"), md.as_bytes())?;
+    print!("{md}");
+    println!("results: {}", a.out.join(scaling::RESULTS).display());
+    Ok(())
+}
+
+/// `ctseg bench model`: the performance model from a measured run.
+pub fn model(a: BenchModelArgs) -> Result<()> {
+    use ctseg::bench::model;
+    if !(a.link_gbps > 0.0 && a.latency_us >= 0.0 && a.copy_gbs > 0.0) {
+        return Err(Error::Argument(format!(
+            "--link-gbps and --copy-gbs must be > 0 and --latency-us >= 0 (got {}, {} and {})",
+            a.link_gbps, a.copy_gbs, a.latency_us
+        ))
+        .into());
+    }
+    let m = model::measured_from_run(&a.run, a.copy_gbs)?;
+    let net = model::Network {
+        link_gbps: a.link_gbps,
+        latency_us: a.latency_us,
+        algorithm: a.algorithm,
+    };
+    let targets = match &a.steps_to_target {
+        Some(t) => model::parse_steps_to_target(t)?,
+        None => Vec::new(),
+    };
+    let ranks: Vec<usize> = std::iter::successors(Some(1usize), |n| n.checked_mul(2))
+        .take_while(|n| *n <= a.max_ranks.max(1))
+        .collect();
+    let preds = model::predict(&m, &net, &ranks, &targets);
+    let dirs: Vec<&std::path::Path> = a.validate.iter().map(std::path::PathBuf::as_path).collect();
+    let checks = model::validate(&m, &net, &dirs, a.copy_gbs)?;
+    let md = model::markdown(&m, &net, &preds, &checks);
+    print!("{md}");
+    if let Some(out) = &a.out {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        ctseg::util::fs::write_atomic(&out.join("model.md"), md.as_bytes())?;
+        let json = serde_json::json!({ "measured": m, "network": net, "predictions": preds, "validation": checks });
+        ctseg::util::fs::write_atomic(
+            &out.join("model.json"),
+            serde_json::to_string_pretty(&json)?.as_bytes(),
+        )?;
+    }
+    Ok(())
+}

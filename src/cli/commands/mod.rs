@@ -1,0 +1,68 @@
+//! The commands, one module per group: training and validation, inference and export, data
+//! preparation, benchmarks, reports. What they share is here: the communicator with its
+//! abort-on-error rule, and opening a checked backend.
+
+pub mod bench;
+pub mod data;
+pub mod infer;
+pub mod report;
+pub mod train;
+
+use anyhow::Result;
+
+use ctseg::backend::{self, Backend, BackendKind};
+use ctseg::comm::{Communicator, Local};
+use ctseg::model::UNetConfig;
+
+use super::args::BackendArgs;
+
+/// Runs `f` on this process's communicator: MPI when an MPI launcher started it (and ctseg was
+/// built with the `mpi` feature), else a single process. Every command that opens a
+/// communicator goes through here: when `f` fails on one rank of several, that rank ends the
+/// whole job (`MPI_Abort`) with the error's exit status, so no rank is left waiting in a
+/// collective for a peer that returned.
+pub fn with_comm<T>(f: impl FnOnce(&dyn Communicator) -> Result<T>) -> Result<T> {
+    let comm = open_comm()?;
+    let result = f(comm.as_ref());
+    if let Err(e) = &result
+        && comm.size() > 1
+    {
+        eprintln!("error (rank {}): {e:#}", comm.rank());
+        comm.abort(crate::exit_code(e).into());
+    }
+    result
+}
+
+fn open_comm() -> Result<Box<dyn Communicator>> {
+    if ctseg::comm::launched_by_mpi() {
+        #[cfg(feature = "mpi")]
+        return Ok(Box::new(ctseg::comm::mpi::Mpi::init()?));
+        #[cfg(not(feature = "mpi"))]
+        anyhow::bail!(
+            "started by an MPI launcher, but this ctseg was built without MPI: rebuild with `cargo build --release --features mpi`"
+        );
+    }
+    Ok(Box::new(Local))
+}
+
+/// Opens this rank's share of the backend `args` ask for ([`backend::DeviceRequest::for_rank`])
+/// and, for a GPU, first checks that it computes `model`'s gradients like the CPU.
+pub fn open_backend(
+    args: &BackendArgs,
+    model: &UNetConfig,
+    comm: &dyn Communicator,
+    quiet: bool,
+) -> Result<Backend> {
+    let be = backend::open(&args.request().for_rank(comm))?;
+    if be.kind == BackendKind::Gpu && !args.skip_gpu_check {
+        let v = ctseg::verify::require_gpu_agrees(model, &be)?;
+        if !quiet {
+            let worst = v.worst().map_or(0.0, |(_, t)| t.error);
+            eprintln!(
+                "gpu check: loss and gradients of {} parameter tensors agree with the CPU (largest relative error {worst:.1e}, each within its limit)",
+                v.tensors.len()
+            );
+        }
+    }
+    Ok(be)
+}

@@ -1,0 +1,138 @@
+//! What training changes, as one value: the model (weights and BN statistics) and the optimiser
+//! state, with the one serialisation that checkpoints, resume and the start-up broadcast from
+//! rank 0 all use.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
+use burn::store::ModuleRecord;
+use burn::tensor::{Bytes, Device};
+
+use crate::comm::Communicator;
+use crate::config::RunConfig;
+use crate::error::{Error, Result};
+use crate::model::{DeviceCaps, UNet};
+use crate::rundir::{Checkpoint, CheckpointKind};
+
+/// The model and its optimiser.
+pub struct TrainState {
+    /// The model, on the training (autodiff) device.
+    pub model: UNet,
+    /// The optimiser and its per-parameter state.
+    pub optim: ModuleOptimizer,
+}
+
+fn record_error(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Invalid(format!("{what}: {e}"))
+}
+
+/// Builds the model of `cfg` on `device` (with `caps`) with its initial weights.
+pub fn build_model(cfg: &RunConfig, device: &Device, caps: DeviceCaps) -> UNet {
+    cfg.model.init(cfg.seed, device).with_caps(caps)
+}
+
+/// The model's weights and BN statistics as bytes (a burnpack record).
+pub fn model_bytes(model: &UNet) -> Result<Vec<u8>> {
+    let bytes = model
+        .clone()
+        .into_record()
+        .into_bytes()
+        .map_err(|e| record_error("serialising the model", e))?;
+    Ok(bytes.to_vec())
+}
+
+/// `model` with the weights and BN statistics of `bytes` (read from `source`, named in errors).
+pub fn load_model(model: UNet, bytes: Vec<u8>, source: &Path) -> Result<UNet> {
+    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes))
+        .map_err(|e| Error::checkpoint(source, format!("model record: {e}")))?;
+    model
+        .try_load_record(record)
+        .map_err(|e| Error::checkpoint(source, format!("model does not match the config: {e}")))
+}
+
+impl TrainState {
+    /// The initial model of `cfg` and a fresh optimiser.
+    pub fn fresh(cfg: &RunConfig, device: &Device, caps: DeviceCaps) -> Self {
+        Self {
+            model: build_model(cfg, device, caps),
+            optim: cfg.optimizer.init(),
+        }
+    }
+
+    /// The state serialised as (model bytes, optimiser bytes).
+    pub fn to_bytes(&self) -> Result<(Vec<u8>, Vec<u8>)> {
+        let optim = self
+            .optim
+            .into_bytes()
+            .map_err(|e| record_error("serialising the optimiser", e))?
+            .to_vec();
+        Ok((model_bytes(&self.model)?, optim))
+    }
+
+    /// This state with the model and optimiser of `bytes` (read from `source`).
+    pub fn load_bytes(
+        self,
+        cfg: &RunConfig,
+        (model, optim): (Vec<u8>, Vec<u8>),
+        source: &Path,
+    ) -> Result<Self> {
+        let model = load_model(self.model, model, source)?;
+        let optim = cfg
+            .optimizer
+            .init()
+            .from_bytes(Bytes::from_bytes_vec(optim))
+            .map_err(|e| Error::checkpoint(source, format!("optimiser record: {e}")))?;
+        Ok(Self { model, optim })
+    }
+
+    /// Makes every rank hold rank 0's state (weights, BN statistics, optimiser state and its
+    /// parameter ids) by broadcasting rank 0's serialised records. Collective.
+    pub fn broadcast_from_root(self, cfg: &RunConfig, comm: &dyn Communicator) -> Result<Self> {
+        if comm.size() == 1 {
+            return Ok(self);
+        }
+        let (mut m, mut o) = if comm.rank() == 0 {
+            self.to_bytes()?
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        comm.broadcast_bytes(&mut m, 0)?;
+        comm.broadcast_bytes(&mut o, 0)?;
+        self.load_bytes(cfg, (m, o), Path::new("<broadcast from rank 0>"))
+    }
+}
+
+/// A trained run a command was pointed at: the checkpoint it asked for, the file it came from,
+/// and the run config stored in it.
+pub struct Trained {
+    /// The checkpoint.
+    pub ck: Checkpoint,
+    /// The file it was read from.
+    pub file: PathBuf,
+    /// Its run config.
+    pub cfg: RunConfig,
+    /// Set when `best` was asked for but the run has no best checkpoint yet (the last is used).
+    pub note: Option<String>,
+}
+
+impl Trained {
+    /// Reads the `kind` checkpoint of the run directory (or checkpoint file) `path`, and its
+    /// config.
+    pub fn open(path: &Path, kind: CheckpointKind) -> Result<Self> {
+        let (ck, file, note) = Checkpoint::open(path, kind)?;
+        let cfg = RunConfig::from_toml(&ck.meta.config_toml, &file)?;
+        Ok(Self {
+            ck,
+            file,
+            cfg,
+            note,
+        })
+    }
+
+    /// The trained model on `be`'s device (`device` may be `be.device` or its autodiff form).
+    pub fn model(&self, be: &crate::backend::Backend, device: &Device) -> Result<UNet> {
+        let model = build_model(&self.cfg, device, be.caps);
+        load_model(model, self.ck.model.clone(), &self.file)
+    }
+}

@@ -1,0 +1,190 @@
+//! One data-parallel training step, written once and used by both the trainer and `bench step`
+//! (so the benchmark times the step that trains): forward and loss of each micro-batch,
+//! backward, the micro-batches' gradients averaged, gradients averaged across ranks, the
+//! optimiser step, and only then the loss read to the host (on a GPU, reading it earlier would
+//! stall the device before the backward is even queued).
+
+use std::time::Instant;
+
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::exchange;
+use super::flat::{self, Select, Slot};
+use super::state::TrainState;
+use crate::comm::Communicator;
+use crate::config::RunConfig;
+use crate::data::HostBatch;
+use crate::error::{Error, Result};
+use crate::model::{Mode, UNet, dice_loss};
+use crate::tensor_util::data_to_f32;
+
+/// Host batch → `(inputs, targets)` tensors on `device`.
+pub fn batch_tensors(batch: &HostBatch, device: &Device) -> (Tensor<4>, Tensor<4>) {
+    let s = batch.size;
+    let x = Tensor::from_data(
+        TensorData::new(batch.inputs.clone(), [batch.len, batch.channels, s, s]),
+        device,
+    );
+    let y = Tensor::from_data(
+        TensorData::new(batch.targets.clone(), [batch.len, batch.classes, s, s]),
+        device,
+    );
+    (x, y)
+}
+
+/// Seconds spent in the parts of one step (device synchronised between them).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepTimes {
+    /// Forward, loss and backward of all micro-batches, and their gradients' mean.
+    pub compute_s: f64,
+    /// Copying the fused gradient buffer off the device (0 on one rank).
+    pub copy_s: f64,
+    /// Gradient communication the step waited for (0 on one rank).
+    pub comm_s: f64,
+    /// The allreduces in total, overlapped or not (0 on one rank).
+    pub comm_total_s: f64,
+    /// The optimiser step and the loss read.
+    pub apply_s: f64,
+}
+
+/// What one step gives back.
+#[derive(Clone, Copy, Debug)]
+pub struct StepOutcome {
+    /// The loss of the step's images: the mean over micro-batches and ranks.
+    pub loss: f64,
+    /// Where the time went.
+    pub times: StepTimes,
+}
+
+/// What a step needs that does not change from step to step.
+pub struct Stepper<'a> {
+    cfg: &'a RunConfig,
+    comm: &'a dyn Communicator,
+    /// The compute device without autodiff (for synchronisation).
+    device: Device,
+    /// The same device with autodiff (where the model lives).
+    ad: Device,
+    slots: Vec<Slot>,
+}
+
+impl<'a> Stepper<'a> {
+    /// A stepper for `model`'s parameters on `device` (without autodiff).
+    pub fn new(
+        cfg: &'a RunConfig,
+        model: &UNet,
+        device: &Device,
+        comm: &'a dyn Communicator,
+    ) -> Self {
+        Self {
+            cfg,
+            comm,
+            device: device.clone(),
+            ad: device.clone().autodiff(),
+            slots: flat::layout(model, Select::Trainable),
+        }
+    }
+
+    /// The trainable parameter tensors, in visit order.
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    fn sync(&self, step: u64) -> Result<()> {
+        self.device
+            .sync()
+            .map_err(|e| Error::Device(format!("device error during step {step}: {e:?}")))
+    }
+
+    /// Optimiser step number `step` (0-based) at learning rate `lr` on `micro`, this rank's
+    /// micro-batches (`train.accumulate` of them). Collective: every rank calls it with the
+    /// same `step`.
+    pub fn step(
+        &self,
+        mut state: TrainState,
+        micro: &[HostBatch],
+        step: u64,
+        lr: f64,
+    ) -> Result<(TrainState, StepOutcome)> {
+        let mut times = StepTimes::default();
+        // 1. Forward, loss and backward per micro-batch; their mean gradient.
+        let t = Instant::now();
+        let accumulate = micro.len();
+        let mut losses = Vec::with_capacity(accumulate);
+        let mut grads = Vec::with_capacity(accumulate);
+        for (k, batch) in micro.iter().enumerate() {
+            let (x, y) = batch_tensors(batch, &self.ad);
+            let mode = Mode::Train {
+                seed: self.cfg.seed,
+                step,
+                stream: (self.comm.rank() * accumulate + k) as u64,
+            };
+            let loss = dice_loss(state.model.forward(x, mode), y, self.cfg.train.loss_smooth);
+            grads.push(GradientsParams::from_grads(loss.backward(), &state.model));
+            losses.push(loss);
+        }
+        let grads = self.mean_of_micro_batches(&state.model, grads)?;
+        self.sync(step + 1)?;
+        times.compute_s = t.elapsed().as_secs_f64();
+
+        // 2. Gradients averaged across ranks.
+        let (grads, ex) = exchange::average(
+            &state.model,
+            grads,
+            &self.slots,
+            &self.ad,
+            self.comm,
+            &self.cfg.distributed,
+        )?;
+        (times.copy_s, times.comm_s, times.comm_total_s) = (ex.copy_s, ex.comm_s, ex.comm_total_s);
+
+        // 3. Optimiser step, then the loss read (which waits for the device).
+        let t = Instant::now();
+        state.model = state.optim.step(lr, state.model, grads);
+        let mut local = 0.0;
+        for loss in losses {
+            local += data_to_f32(loss.into_data())?
+                .first()
+                .copied()
+                .map_or(f64::NAN, f64::from);
+        }
+        self.sync(step + 1)?;
+        times.apply_s = t.elapsed().as_secs_f64();
+
+        // 4. The step's loss: the mean over this rank's micro-batches, then over ranks.
+        let mut sum = [local / accumulate.max(1) as f64];
+        self.comm.allreduce_sum_f64(&mut sum)?;
+        let outcome = StepOutcome {
+            loss: sum[0] / self.comm.size() as f64,
+            times,
+        };
+        Ok((state, outcome))
+    }
+
+    /// The mean of the micro-batches' gradients (summed on the host in micro-batch order, then
+    /// scaled by 1/K: for K = 2 exactly the bits a 2-rank allreduce average gives). One
+    /// micro-batch passes through untouched.
+    fn mean_of_micro_batches(
+        &self,
+        model: &UNet,
+        mut micro: Vec<GradientsParams>,
+    ) -> Result<GradientsParams> {
+        if micro.len() == 1 {
+            return micro
+                .pop()
+                .ok_or_else(|| Error::Invalid("no micro-batch gradients".into()));
+        }
+        let inv = 1.0 / micro.len() as f32;
+        let mut sum: Vec<f32> = Vec::new();
+        for g in &micro {
+            let v = flat::flatten_grads(model, g)?;
+            if sum.is_empty() {
+                sum = v;
+            } else {
+                sum.iter_mut().zip(v).for_each(|(s, x)| *s += x);
+            }
+        }
+        sum.iter_mut().for_each(|v| *v *= inv);
+        flat::unflatten_grads(&sum, &self.slots, &self.ad)
+    }
+}

@@ -1,0 +1,18 @@
+//! Small utilities every other module may use and that use nothing of ctseg but its error type:
+//! statistics of timings, atomic file output with the one output-safety policy, and process
+//! facts. Kept here so that `train`, `bench` and `report` do not depend on each other for them.
+
+pub mod fs;
+pub mod stats;
+pub mod sys;
+
+/// FNV-1a 64 of `bytes`: a cheap fingerprint (of weights, manifests, configs) that is the same
+/// on every machine, used to check that ranks and runs agree, never for security.
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}

@@ -1,0 +1,194 @@
+//! Helpers shared by the integration tests: running the binary (alone or under `mpirun`, always
+//! under a timeout), reading what a run wrote, fixtures, and the reference implementations in
+//! Python (required in CI, skipped elsewhere only when their packages are missing).
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The tiny training config of the integration tests (seconds per run).
+pub const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny.toml");
+/// The study's config.
+pub const LIVERMASK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/livermask.toml");
+
+/// The ctseg binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ctseg")
+}
+
+/// `ctseg ARGS` on two threads, under a 20-minute timeout.
+pub fn ctseg(args: &[&str]) -> Output {
+    ctseg_env(args, &[])
+}
+
+/// `ctseg ARGS` with extra environment variables.
+pub fn ctseg_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new("timeout");
+    c.arg("1200")
+        .arg(bin())
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run ctseg")
+}
+
+/// `mpirun -np NP ctseg ARGS` (oversubscribed, TCP and shared memory, as root if need be),
+/// killed after `timeout_s` so that a hang fails the test instead of the CI run.
+pub fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)], timeout_s: u64) -> Output {
+    let mut c = Command::new("timeout");
+    c.arg(timeout_s.to_string())
+        .arg("mpirun")
+        .args(["-np", &np.to_string()]);
+    c.args([
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        "--mca",
+        "btl",
+        "self,vader,tcp",
+    ]);
+    c.arg(bin()).args(args);
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    c.env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run mpirun (is OpenMPI installed?)")
+}
+
+/// Stdout and stderr together.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The output of a command that must succeed.
+pub fn ok(o: Output) -> String {
+    let t = text(&o);
+    assert!(o.status.success(), "failed ({}):\n{t}", o.status);
+    t
+}
+
+/// The output of a command that must fail with `code`, naming each of `needles`, without a
+/// panic.
+pub fn fails_with(o: Output, code: i32, needles: &[&str]) -> String {
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(code), "expected exit {code}:\n{t}");
+    for n in needles {
+        assert!(t.contains(n), "message lacks {n:?}:\n{t}");
+    }
+    assert!(
+        !t.contains("panicked"),
+        "a panic is not an error message:\n{t}"
+    );
+    t
+}
+
+/// A path as a `&str` argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or("")
+}
+
+/// `tests/fixtures/tiny.toml` edited by `edit`, written as `dir/name`.
+pub fn write_config(dir: &Path, name: &str, edit: impl Fn(String) -> String) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, edit(std::fs::read_to_string(TINY).expect("tiny"))).expect("write config");
+    p
+}
+
+/// The metrics a run logged.
+pub fn metrics(run: &Path) -> ctseg::rundir::Metrics {
+    ctseg::rundir::metrics::read(&run.join(ctseg::rundir::METRICS)).expect("metrics")
+}
+
+/// The training losses a run logged, step by step.
+pub fn losses(run: &Path) -> Vec<f64> {
+    metrics(run).steps.iter().map(|s| s.loss).collect()
+}
+
+/// The summary a run wrote.
+pub fn summary(run: &Path) -> ctseg::rundir::Summary {
+    ctseg::rundir::Summary::read(&run.join(ctseg::rundir::SUMMARY)).expect("summary")
+}
+
+/// A fixture file, e.g. `fixture("nifti/liver.nii.gz")`.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// A script under `tests/reference/`.
+pub fn reference_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/reference")
+        .join(name)
+}
+
+/// Whether reference tests must run: in CI (`CI=true`, as `.ci/run` and `scripts/test` set it)
+/// or when `CTSEG_REQUIRE_REFERENCES=1`.
+pub fn references_required() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+        || std::env::var("CTSEG_REQUIRE_REFERENCES").is_ok_and(|v| v == "1")
+}
+
+/// The Python interpreter with the reference packages: `CTSEG_PYTHON` (the venv that
+/// `scripts/test` makes), else `python3`.
+pub fn python() -> String {
+    std::env::var("CTSEG_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Runs a Python reference (`args` after the interpreter, with `env`) that needs `modules`, and
+/// returns its stdout. When the interpreter or a module is missing, the test fails in CI and is
+/// skipped elsewhere (`None`, with the reason on stderr); when the reference itself fails, the
+/// test always fails.
+pub fn python_reference(
+    what: &str,
+    modules: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Option<String> {
+    let probe = Command::new(python())
+        .arg("-c")
+        .arg(format!("import {}", modules.join(", ")))
+        .output();
+    let missing = match probe {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+                .to_string(),
+        ),
+        Err(e) => Some(format!("{} not found ({e})", python())),
+    };
+    if let Some(why) = missing {
+        assert!(
+            !references_required(),
+            "{what}: the reference needs Python with {modules:?}, which this CI run lacks: {why} (scripts/test installs them)"
+        );
+        eprintln!("{what}: not run here, Python lacks {modules:?}: {why}");
+        return None;
+    }
+    let mut c = Command::new(python());
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().expect("run python");
+    assert!(
+        o.status.success(),
+        "{what}: the reference failed ({}):\n{}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Some(String::from_utf8_lossy(&o.stdout).into_owned())
+}
