@@ -35,6 +35,9 @@ pub struct RunConfig {
     pub schedule: ScheduleConfig,
     /// `[distributed]`.
     pub distributed: DistributedConfig,
+    /// `[augment]` (optional: absent means no augmentation).
+    #[serde(default)]
+    pub augment: crate::data::augment::AugmentConfig,
 }
 
 /// Command-line overrides; `None` keeps the config's value.
@@ -94,7 +97,7 @@ impl RunConfig {
             self.train.batch_size = v;
         }
         if let Some(v) = o.lr {
-            self.optimizer.lr = v;
+            self.optimizer.set_lr(v);
         }
         if let Some(v) = o.max_steps {
             self.train.max_steps = v;
@@ -126,7 +129,14 @@ impl RunConfig {
         self.train.validate(source)?;
         self.optimizer.validate(source)?;
         self.schedule.validate(source)?;
-        self.distributed.validate(source)
+        self.distributed.validate(source)?;
+        self.augment
+            .validate(source)
+            .map_err(|e| Error::ConfigValue {
+                source_name: e.source_name,
+                field: e.field,
+                message: e.message,
+            })
     }
 
     /// The resolved config as TOML (written to `config.resolved.toml` in the run directory).

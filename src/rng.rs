@@ -119,6 +119,10 @@ pub mod keys {
     pub const SAMPLER: u64 = 4;
     /// Train/validation split: `[SPLIT]`.
     pub const SPLIT: u64 = 5;
+    /// Data augmentation of training slices: `[AUGMENT, epoch, slice index in the dataset]`.
+    pub const AUGMENT: u64 = 6;
+    /// Class-balanced sampling: `[OVERSAMPLE, epoch, rank stream, batch]`.
+    pub const OVERSAMPLE: u64 = 7;
 }
 
 #[cfg(test)]

@@ -432,3 +432,335 @@ fn gpu_backend_trains_end_to_end() {
         &["--adapter 99", "[0]"],
     );
 }
+
+#[test]
+fn train_refuses_a_directory_holding_a_run_unless_resume_or_overwrite() {
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--config",
+            TINY,
+            "--out",
+            s(&run),
+            "--max-steps",
+            "2",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        ctseg(&args)
+    };
+    ok(train(&[]));
+    let before = std::fs::read(run.join("metrics.jsonl")).expect("metrics");
+    let ck = std::fs::read(run.join("checkpoint.ctck")).expect("checkpoint");
+    fails_with(
+        train(&[]),
+        2,
+        &["already holds a run", "--resume", "--overwrite"],
+    );
+    assert_eq!(
+        std::fs::read(run.join("metrics.jsonl")).expect("metrics"),
+        before
+    );
+    assert_eq!(
+        std::fs::read(run.join("checkpoint.ctck")).expect("checkpoint"),
+        ck
+    );
+    // --overwrite replaces the run: a fresh series of two steps, not four.
+    ok(train(&["--overwrite"]));
+    assert_eq!(losses(&run).len(), 2);
+}
+
+#[test]
+fn resuming_a_finished_run_does_nothing_and_says_so() {
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    ok(ctseg(&[
+        "train",
+        "--config",
+        TINY,
+        "--out",
+        s(&run),
+        "--max-steps",
+        "3",
+        "--quiet",
+    ]));
+    let files = [
+        "summary.json",
+        "metrics.jsonl",
+        "checkpoint.ctck",
+        "best.ctck",
+    ];
+    let before: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(run.join(f)).expect(f))
+        .collect();
+    let t = ok(ctseg(&["train", "--resume", s(&run)]));
+    assert!(t.contains("already ran all its 3 steps"), "{t}");
+    for (f, b) in files.iter().zip(&before) {
+        assert_eq!(&std::fs::read(run.join(f)).expect(f), b, "{f} changed");
+    }
+}
+
+#[test]
+fn resume_refuses_options_that_would_change_the_split_or_the_model() {
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    ok(ctseg(&[
+        "train",
+        "--config",
+        TINY,
+        "--out",
+        s(&run),
+        "--max-steps",
+        "2",
+        "--quiet",
+    ]));
+    for (flag, value) in [("--seed", "5"), ("--fold", "0"), ("--width", "8")] {
+        fails_with(
+            ctseg(&["train", "--resume", s(&run), flag, value]),
+            2,
+            &[flag, "split or model"],
+        );
+    }
+}
+
+#[test]
+fn two_jobs_cannot_share_a_run_directory() {
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    ok(ctseg(&[
+        "train",
+        "--config",
+        TINY,
+        "--out",
+        s(&run),
+        "--max-steps",
+        "1",
+        "--quiet",
+    ]));
+    // A long resume holds the lock while a second one tries.
+    let mut first = std::process::Command::new(bin())
+        .args([
+            "train",
+            "--resume",
+            s(&run),
+            "--epochs",
+            "400",
+            "--max-steps",
+            "0",
+            "--quiet",
+        ])
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let t0 = std::time::Instant::now();
+    while steps_logged(&run) < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "the first job did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let second = ctseg(&["train", "--resume", s(&run), "--epochs", "400", "--quiet"]);
+    let _ = first.kill();
+    let _ = first.wait();
+    fails_with(
+        second,
+        2,
+        &["in use by another job", &format!("pid {}", first.id())],
+    );
+}
+
+#[test]
+fn default_run_directories_of_concurrent_jobs_differ() {
+    let d = tempfile::tempdir().expect("tmp");
+    let spawn = || {
+        std::process::Command::new(bin())
+            .args(["train", "--config", TINY, "--max-steps", "1", "--quiet"])
+            .current_dir(d.path())
+            .env("RAYON_NUM_THREADS", "1")
+            .spawn()
+            .expect("spawn")
+    };
+    let (mut a, mut b) = (spawn(), spawn());
+    assert!(a.wait().expect("a").success() && b.wait().expect("b").success());
+    let runs: Vec<String> = std::fs::read_dir(d.path().join("runs"))
+        .expect("runs/")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    for r in &runs {
+        assert_eq!(losses(&d.path().join("runs").join(r)).len(), 1, "{r}");
+    }
+}
+
+#[test]
+fn resume_and_validate_keep_to_the_runs_own_data() {
+    let d = tempfile::tempdir().expect("tmp");
+    let phantom = |out: &Path, seed: &str| {
+        ok(ctseg(&[
+            "phantom",
+            "--count",
+            "24",
+            "--size",
+            "32",
+            "--slices-per-volume",
+            "4",
+            "--seed",
+            seed,
+            "--out",
+            s(out),
+        ]))
+    };
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    phantom(&a, "1");
+    phantom(&b, "2");
+    let run = d.path().join("run");
+    ok(ctseg(&[
+        "train",
+        "--config",
+        TINY,
+        "--data",
+        s(&a),
+        "--out",
+        s(&run),
+        "--max-steps",
+        "2",
+        "--quiet",
+    ]));
+    // Other data is refused, naming both datasets.
+    fails_with(
+        ctseg(&[
+            "train",
+            "--resume",
+            s(&run),
+            "--data",
+            s(&b),
+            "--max-steps",
+            "4",
+        ]),
+        2,
+        &[s(&a), s(&b), "pass the run's own --data"],
+    );
+    fails_with(
+        ctseg(&["validate", "--checkpoint", s(&run), "--data", s(&b)]),
+        2,
+        &[s(&a), s(&b)],
+    );
+    // Without --data both take the run's own dataset (not phantoms).
+    let t = ok(ctseg(&["validate", "--checkpoint", s(&run)]));
+    assert!(t.contains("validation slices"), "{t}");
+    ok(ctseg(&[
+        "train",
+        "--resume",
+        s(&run),
+        "--max-steps",
+        "4",
+        "--quiet",
+    ]));
+    assert_eq!(summary(&run).data, s(&a), "resumed on other data");
+}
+
+#[test]
+fn a_checkpoint_without_validation_never_keeps_non_finite_weights() {
+    // Validation every 100 epochs (so only at the end), a checkpoint every epoch: after one good
+    // epoch, a resume with an absurd learning rate overflows the BN running statistics (see the
+    // divergence test above) before any validation would notice.
+    let d = tempfile::tempdir().expect("tmp");
+    let cfg = write_config(d.path(), "c.toml", |t| {
+        t.replace("val_every = 1", "val_every = 100")
+    });
+    let run = d.path().join("run");
+    ok(ctseg(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&run),
+        "--epochs",
+        "1",
+        "--quiet",
+    ]));
+    let before = std::fs::read(run.join("checkpoint.ctck")).expect("checkpoint");
+    fails_with(
+        ctseg(&[
+            "train",
+            "--resume",
+            s(&run),
+            "--epochs",
+            "3",
+            "--lr",
+            "1e38",
+            "--quiet",
+        ]),
+        3,
+        &["training diverged", "last good checkpoint"],
+    );
+    assert_eq!(
+        std::fs::read(run.join("checkpoint.ctck")).expect("checkpoint"),
+        before
+    );
+}
+
+#[test]
+fn sigterm_mid_run_checkpoints_that_step_and_resume_continues_it_exactly() {
+    let d = tempfile::tempdir().expect("tmp");
+    let (full, part) = (d.path().join("full"), d.path().join("part"));
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--config",
+            TINY,
+            "--epochs",
+            "40",
+            "--quiet",
+            "--out",
+            s(out),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let a = args(&full);
+    ok(ctseg(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    let job = std::process::Command::new(bin())
+        .args(args(&part))
+        .env("RAYON_NUM_THREADS", "2")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let t0 = std::time::Instant::now();
+    while steps_logged(&part) < 7 {
+        assert!(t0.elapsed().as_secs() < 120, "the job did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &job.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let out = job.wait_with_output().expect("wait");
+    let t = text(&out);
+    // Its own exit status: neither success nor a signal's.
+    assert_eq!(out.status.code(), Some(4), "{t}");
+    assert!(
+        t.contains("stopped on a signal after step") && t.contains("--resume"),
+        "{t}"
+    );
+    let ck = ctseg::rundir::Checkpoint::load(&part.join("checkpoint.ctck")).expect("checkpoint");
+    let logged = losses(&part);
+    assert_eq!(
+        ck.meta.step as usize,
+        logged.len(),
+        "checkpoint at the last logged step"
+    );
+    assert!(
+        !part.join("summary.json").exists(),
+        "a stopped run has no summary"
+    );
+    // The resumed run continues step for step as if never stopped (CPU: bit for bit).
+    ok(ctseg(&["train", "--resume", s(&part), "--quiet"]));
+    assert_eq!(losses(&part), losses(&full));
+    assert_eq!(summary(&part).weights_hash, summary(&full).weights_hash);
+}

@@ -696,3 +696,187 @@ fn scaling_series_model_and_report_from_the_command_line() {
     assert!(text(&o).contains(s(&empty)), "{}", text(&o));
     assert!(!d.path().join("r2").exists());
 }
+
+/// A job whose rank fails must end promptly and non-zero, naming the cause (a hang is killed
+/// by the timeout, status 124, and fails the test).
+fn ends_promptly(o: &Output, needle: &str) -> String {
+    let t = text(o);
+    assert!(!o.status.success(), "mpirun must fail:\n{t}");
+    assert_ne!(o.status.code(), Some(124), "the job hung:\n{t}");
+    assert!(
+        t.contains(needle),
+        "the cause {needle:?} is not named:\n{t}"
+    );
+    t
+}
+
+#[test]
+fn a_rank_that_fails_in_bench_step_ends_the_job() {
+    let o = mpirun(
+        2,
+        &[
+            "bench", "step", "--config", TINY, "--warmup", "1", "--steps", "20",
+        ],
+        &[("CTSEG_FAULT_INJECT", "bench:1:2")],
+        120,
+    );
+    ends_promptly(&o, "CTSEG_FAULT_INJECT");
+}
+
+#[test]
+fn a_rank_whose_loader_fails_ends_the_job() {
+    let d = tempfile::tempdir().expect("tmp");
+    let o = mpirun(
+        2,
+        &[
+            "train",
+            "--config",
+            TINY,
+            "--out",
+            s(&d.path().join("r")),
+            "--quiet",
+        ],
+        &[("CTSEG_FAULT_INJECT", "loader:1:2")],
+        120,
+    );
+    // The loader thread's panic reaches the panic hook, which aborts the job (without MPI the
+    // trainer reports "the data loader delivered 1 of N batches": src/data/loader.rs).
+    ends_promptly(&o, "fails at loader 2");
+}
+
+#[test]
+fn ranks_given_different_datasets_stop_before_training() {
+    // A stale node-local copy of --data: rank 1 opens another dataset than rank 0 (mpirun's
+    // MPMD form gives each rank its own arguments). Both must stop, naming the rank that differs,
+    // before any step (they would meet in mismatched collectives).
+    let d = tempfile::tempdir().expect("tmp");
+    let data = |name: &str, seed: &str| {
+        let p = d.path().join(name);
+        ok(ctseg(&[
+            "phantom",
+            "--count",
+            "24",
+            "--size",
+            "32",
+            "--slices-per-volume",
+            "4",
+            "--seed",
+            seed,
+            "--out",
+            s(&p),
+        ]));
+        p
+    };
+    let (a, b) = (data("a", "1"), data("b", "2"));
+    let run = d.path().join("run");
+    let rank = |data: &Path| -> Vec<String> {
+        [
+            "-np",
+            "1",
+            bin(),
+            "train",
+            "--config",
+            TINY,
+            "--quiet",
+            "--out",
+            s(&run),
+            "--data",
+            s(data),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let o = Command::new("timeout")
+        .arg("120")
+        .arg("mpirun")
+        .args([
+            "--oversubscribe",
+            "--bind-to",
+            "none",
+            "--mca",
+            "btl",
+            "self,vader,tcp",
+        ])
+        .args(rank(&a))
+        .arg(":")
+        .args(rank(&b))
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .expect("mpirun");
+    let t = ends_promptly(&o, "rank 1 differs from rank 0");
+    assert!(t.contains(s(&a)) && t.contains(s(&b)), "{t}");
+    assert_eq!(steps_logged(&run), 0, "no step may run");
+}
+
+#[test]
+fn usr1_to_mpirun_stops_every_rank_at_one_step_and_resume_continues_it() {
+    // mpirun relays SIGUSR1 to every rank (as srun does for Slurm's --signal warning); the
+    // ranks agree on the stop at a step boundary, rank 0 checkpoints there, the job exits 4,
+    // and a resume ends with the uninterrupted run's weights.
+    let d = tempfile::tempdir().expect("tmp");
+    let cfg = config(d.path(), "long.toml", |t| {
+        t.replace("epochs = 3", "epochs = 60")
+    });
+    let (full, part) = (d.path().join("full"), d.path().join("part"));
+    let reference = hashes(&ok(mpirun(
+        2,
+        &["train", "--config", s(&cfg), "--out", s(&full), "--quiet"],
+        &[],
+        600,
+    )));
+    // Started directly (not under `timeout`, which would have to pass the signal on).
+    let mut job = Command::new("mpirun")
+        .args([
+            "-np",
+            "2",
+            "--oversubscribe",
+            "--bind-to",
+            "none",
+            "--mca",
+            "btl",
+            "self,vader,tcp",
+        ])
+        .arg(bin())
+        .args(["train", "--config", s(&cfg), "--out", s(&part), "--quiet"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mpirun");
+    let t0 = Instant::now();
+    while steps_logged(&part) < 5 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "the job did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = Command::new("kill")
+        .args(["-USR1", &job.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let t1 = Instant::now();
+    while job.try_wait().expect("wait").is_none() {
+        if t1.elapsed() > Duration::from_secs(120) {
+            let _ = job.kill();
+            panic!("the job did not stop within 120 s of SIGUSR1");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = job.wait_with_output().expect("wait");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(4), "{t}");
+    let ck = ctseg::rundir::Checkpoint::load(&part.join("checkpoint.ctck")).expect("checkpoint");
+    assert_eq!(ck.meta.step as usize, losses(&part).len(), "{t}");
+    let resumed = ok(mpirun(
+        2,
+        &["train", "--resume", s(&part), "--quiet"],
+        &[],
+        600,
+    ));
+    assert_eq!(hashes(&resumed), reference, "{resumed}");
+    assert_eq!(losses(&part), losses(&full));
+}

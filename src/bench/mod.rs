@@ -16,7 +16,6 @@ use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::data::{Dataset, make_batch};
 use crate::error::{Error, Result};
-use crate::model::summarize;
 use crate::train::{Stepper, TrainState};
 use crate::util::stats::quantile;
 use crate::util::sys::peak_rss_mb;
@@ -113,7 +112,7 @@ pub fn bench_step(
         sync()?;
         comm.barrier()?;
         let t = Instant::now();
-        let (s, out) = stepper.step(state, &micro, step as u64, cfg.optimizer.lr)?;
+        let (s, out) = stepper.step(state, &micro, step as u64, cfg.optimizer.lr())?;
         state = s;
         let dt = t.elapsed().as_secs_f64();
         crate::faults::inject("bench", comm.rank(), step as u64);
@@ -137,7 +136,7 @@ pub fn bench_step(
     };
     let [mut pc, mut pcopy, mut pcomm, mut papply, mut ptotal] = parts;
     let spread = crate::util::stats::spread(&times);
-    let summary = summarize(&cfg.model);
+    let summary = crate::model::summarize_with_inputs(&cfg.model, cfg.data.in_channels());
     let images = b * cfg.train.accumulate.max(1);
     let gflop = summary.train_flops() * images as f64 / 1e9;
     Ok(StepBench {

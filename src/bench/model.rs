@@ -124,13 +124,18 @@ pub fn measured_from_run(run_dir: &Path, copy_gbs: f64) -> Result<Measured> {
             s.median_step_s
         )));
     }
-    let cfg_path = run_dir.join("config.resolved.toml");
+    // Only the wire format of the gradients is read from the run's config, leniently: runs of
+    // older versions (other optimiser keys) still feed the model.
+    let cfg_path = crate::rundir::RunDir::new(run_dir).config();
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let cfg = crate::config::RunConfig::from_toml(&text, &cfg_path)?;
-    let wire = match cfg.distributed.grad_compression {
-        crate::train::exchange::Compression::None => 4.0,
-        crate::train::exchange::Compression::Fp16 => 2.0,
-    };
+    let value: toml::Value = toml::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", cfg_path.display())))?;
+    let fp16 = value
+        .get("distributed")
+        .and_then(|d| d.get("grad_compression"))
+        .and_then(|c| c.as_str())
+        == Some("fp16");
+    let wire = if fp16 { 2.0 } else { 4.0 };
     // Other = step − compute − copy − exposed communication, from the medians.
     let other = if s.world_size > 1 {
         s.median_step_s - compute - copy - comm

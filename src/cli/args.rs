@@ -38,7 +38,7 @@ pub enum Command {
     Predict(PredictArgs),
     /// Segment a folder of labelled CT volumes and score them: per-case and global metrics.
     Evaluate(EvaluateArgs),
-    /// Write a trained model as safetensors under the PyTorch peer model's tensor names.
+    /// Write a trained model for other tools: safetensors (PyTorch peer) or ONNX.
     Export(ExportArgs),
     /// Evaluate a checkpoint on its run's validation split (distributed under mpirun).
     Validate(ValidateArgs),
@@ -257,6 +257,10 @@ pub struct PredictArgs {
     /// mask is replaced (atomically); an input never is.
     #[arg(long)]
     pub output: PathBuf,
+    /// Also draw the slices with the most tumour and liver, the prediction outlined, as
+    /// `<mask>-overlay.png` beside each mask.
+    #[arg(long)]
+    pub overlay: bool,
 }
 
 #[derive(Args, Debug)]
@@ -272,6 +276,19 @@ pub struct EvaluateArgs {
     /// Also write each predicted mask into the output folder.
     #[arg(long)]
     pub save_masks: bool,
+    /// Also draw each case's slices with the most tumour and liver, truth and prediction
+    /// outlined, as `<case>-overlay.png` in the output folder.
+    #[arg(long)]
+    pub overlays: bool,
+}
+
+/// What `export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// safetensors under the PyTorch peer's tensor names.
+    Safetensors,
+    /// An ONNX model (opset 17) for ONNX Runtime, TensorRT, MONAI Deploy.
+    Onnx,
 }
 
 #[derive(Args, Debug)]
@@ -282,7 +299,13 @@ pub struct ExportArgs {
     /// Which checkpoint of a run directory.
     #[arg(long, value_enum, default_value = "best")]
     pub checkpoint_kind: CheckpointKind,
-    /// Output file (.safetensors); an existing one is replaced (atomically).
+    /// Output format.
+    #[arg(long, value_enum, default_value = "safetensors")]
+    pub format: ExportFormat,
+    /// ONNX: write each BatchNorm as a precomputed Mul + Add instead of BatchNormalization.
+    #[arg(long)]
+    pub fold_batch_norm: bool,
+    /// Output file (.safetensors or .onnx); an existing one is replaced (atomically).
     #[arg(long)]
     pub out: PathBuf,
 }

@@ -57,6 +57,14 @@ pub struct DataConfig {
     /// unset: `val_fraction` of the volumes. Usually given as `ctseg train --fold i`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fold: Option<usize>,
+    /// 2.5-D context: the network also sees the `context_slices` slices above and below, as
+    /// extra input channels (2k + 1 in all; edge slices repeated). Optional, default 0.
+    #[serde(default)]
+    pub context_slices: usize,
+    /// Class-balanced sampling: the share of every training batch drawn from slices with
+    /// tumour (label 2), as nnU-Net oversamples foreground. Optional, default 0 (off).
+    #[serde(default)]
+    pub oversample_tumour: f64,
 }
 
 impl DataConfig {
@@ -96,7 +104,36 @@ impl DataConfig {
         if self.prefetch == 0 {
             return Err(bad("prefetch", "must be at least 1".into()));
         }
+        if !(0.0..=1.0).contains(&self.oversample_tumour) {
+            return Err(bad(
+                "oversample_tumour",
+                format!("must be in [0, 1], got {}", self.oversample_tumour),
+            ));
+        }
+        if self.context_slices > MAX_CONTEXT_SLICES {
+            return Err(bad(
+                "context_slices",
+                format!(
+                    "must be at most {MAX_CONTEXT_SLICES}, got {}",
+                    self.context_slices
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// Input channels of the network: the slice and its context on both sides.
+    pub fn in_channels(&self) -> usize {
+        1 + 2 * self.context_slices
+    }
+
+    /// The input values of air, water and one HU under this intensity transform (what the
+    /// augmentation fills and scales with).
+    pub fn input_scale(&self) -> super::augment::InputScale {
+        match self.intensity {
+            Intensity::Raw => super::augment::InputScale::raw(),
+            Intensity::Window => super::augment::InputScale::window(self.window[0], self.window[1]),
+        }
     }
 
     /// Maps one HU value to a network input.
@@ -157,6 +194,9 @@ pub struct Manifest {
     pub source: String,
 }
 
+/// The most context slices on each side (`data.context_slices`).
+pub const MAX_CONTEXT_SLICES: usize = 8;
+
 /// Labelled slices in memory.
 #[derive(Clone, Debug)]
 pub struct Dataset {
@@ -179,6 +219,8 @@ pub struct Dataset {
     pub volume_names: BTreeMap<u32, String>,
     /// Cross-validation fold per volume id (datasets prepared with folds).
     pub folds: BTreeMap<u32, usize>,
+    /// (volume id, slice index) → slice, built on first use by [`Dataset::context`].
+    pub positions: std::sync::OnceLock<std::collections::HashMap<(u32, u32), usize>>,
 }
 
 impl Dataset {
@@ -209,6 +251,48 @@ impl Dataset {
         &self.labels[i * p..(i + 1) * p]
     }
 
+    /// Slice `i` with its `k` neighbours on each side, as dataset indices from z − k to z + k
+    /// (z = its index in its volume). A neighbour the dataset lacks (beyond the volume's first or
+    /// last slice kept) repeats the nearest slice it has on that side: edge slices repeated.
+    pub fn context(&self, i: usize, k: usize) -> Vec<usize> {
+        if k == 0 {
+            return vec![i];
+        }
+        let at = self.positions.get_or_init(|| {
+            self.volume_ids
+                .iter()
+                .zip(&self.slice_indices)
+                .enumerate()
+                .map(|(i, (&v, &z))| ((v, z), i))
+                .collect()
+        });
+        let (v, z) = (self.volume_ids[i], self.slice_indices[i]);
+        let side = |dir: i64| {
+            let mut out = Vec::with_capacity(k);
+            let mut last = i;
+            for j in 1..=k as i64 {
+                let zz = i64::from(z) + dir * j;
+                if let Ok(zz) = u32::try_from(zz)
+                    && let Some(&n) = at.get(&(v, zz))
+                {
+                    last = n;
+                }
+                out.push(last);
+            }
+            out
+        };
+        let mut below = side(-1);
+        below.reverse();
+        below.push(i);
+        below.extend(side(1));
+        below
+    }
+
+    /// Whether slice `i` holds label `l`.
+    pub fn has_label(&self, i: usize, l: u8) -> bool {
+        self.label(i).contains(&l)
+    }
+
     /// Keeps the first `n` slices (and the volumes they belong to).
     pub fn truncate(&mut self, n: usize) {
         let n = n.min(self.len());
@@ -220,6 +304,7 @@ impl Dataset {
         let kept: std::collections::BTreeSet<u32> = self.volume_ids.iter().copied().collect();
         self.volume_names.retain(|v, _| kept.contains(v));
         self.folds.retain(|v, _| kept.contains(v));
+        self.positions = Default::default();
     }
 
     /// Generates `volumes × slices` phantom slices of `size²` with `threads` worker threads.
@@ -268,6 +353,7 @@ impl Dataset {
             slice_indices,
             volume_names,
             folds: BTreeMap::new(),
+            positions: Default::default(),
         }
     }
 
@@ -318,6 +404,7 @@ impl Dataset {
                 .iter()
                 .filter_map(|v| v.fold.map(|f| (v.id, f)))
                 .collect(),
+            positions: Default::default(),
         };
         for entry in &m.shards {
             let path = dir.join(&entry.file);
@@ -552,6 +639,8 @@ mod tests {
             prefetch: 1,
             sampling: Sampling::Sharded,
             fold: None,
+            context_slices: 0,
+            oversample_tumour: 0.0,
         };
         assert_eq!(cfg.transform(-1000), 0.0);
         assert_eq!(cfg.transform(100), 0.5);

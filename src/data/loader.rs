@@ -2,10 +2,12 @@
 //! background loader thread that turns slice indices into ready-made host batches ahead of the
 //! training loop.
 
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::augment::{AugmentConfig, augment_slice};
 use super::dataset::{DataConfig, Dataset, Sampling};
 use crate::error::{Error, Result};
 use crate::rng::{Rng, keys};
@@ -19,6 +21,8 @@ pub struct Sampler {
     world: usize,
     seed: u64,
     sampling: Sampling,
+    /// Slices that hold the rare class, and the share of every batch taken from them.
+    oversample: Option<(Vec<usize>, f64)>,
 }
 
 impl Sampler {
@@ -38,7 +42,19 @@ impl Sampler {
             world: world.max(1),
             seed,
             sampling,
+            oversample: None,
         }
+    }
+
+    /// Class-balanced sampling, as nnU-Net's foreground oversampling: in every batch,
+    /// ⌈`fraction` × batch⌉ places (the last ones) hold a slice drawn from `rare` (e.g. the
+    /// training slices with tumour) unless they already do. The draws are seeded by (seed,
+    /// epoch, this rank's stream, batch), so resumed runs draw the same.
+    pub fn with_oversampling(mut self, rare: Vec<usize>, fraction: f64) -> Self {
+        if fraction > 0.0 && !rare.is_empty() {
+            self.oversample = Some((rare, fraction));
+        }
+        self
     }
 
     /// Slices each rank sees per epoch (the pool padded up to a multiple of the rank count).
@@ -84,11 +100,33 @@ impl Sampler {
     /// This rank's batches for `epoch`, `steps_per_epoch()` of them.
     pub fn epoch_batches(&self, epoch: u64) -> Vec<Vec<usize>> {
         let order = self.epoch_order(epoch);
-        order
+        let mut batches: Vec<Vec<usize>> = order
             .chunks_exact(self.batch)
             .take(self.steps_per_epoch())
             .map(<[usize]>::to_vec)
-            .collect()
+            .collect();
+        if let Some((rare, fraction)) = &self.oversample {
+            let places = ((fraction * self.batch as f64).ceil() as usize).min(self.batch);
+            let is_rare: std::collections::HashSet<usize> = rare.iter().copied().collect();
+            for (b, batch) in batches.iter_mut().enumerate() {
+                let mut rng = Rng::stream(
+                    self.seed,
+                    &[keys::OVERSAMPLE, epoch, self.rank as u64, b as u64],
+                );
+                let have = batch.iter().filter(|i| is_rare.contains(i)).count();
+                let mut missing = places.saturating_sub(have);
+                for slot in batch.iter_mut().rev() {
+                    if missing == 0 {
+                        break;
+                    }
+                    if !is_rare.contains(slot) {
+                        *slot = rare[rng.below(rare.len() as u64) as usize];
+                        missing -= 1;
+                    }
+                }
+            }
+        }
+        batches
     }
 }
 
@@ -109,26 +147,108 @@ pub struct HostBatch {
     pub classes: usize,
 }
 
-/// Builds a host batch from slice indices.
+/// How slices become a batch: the intensity transform, the 2.5-D context slices as extra
+/// input channels, one-hot-style targets and, for training only, the augmentation.
+#[derive(Clone)]
+pub struct BatchMaker {
+    /// The slices.
+    pub ds: Arc<Dataset>,
+    /// Intensity transform and context.
+    pub data: DataConfig,
+    /// Target channels.
+    pub classes: usize,
+    /// Training: the augmentation and the run's seed (`None`: validation and benchmarks).
+    pub augment: Option<(AugmentConfig, u64)>,
+}
+
+impl BatchMaker {
+    /// The batch of slices `indices` in `epoch` (which keys the augmentation: see
+    /// [`super::augment`]).
+    pub fn make(&self, indices: &[usize], epoch: u64) -> HostBatch {
+        let ds = &self.ds;
+        let (px, k) = (ds.pixels(), self.data.context_slices);
+        let channels = 1 + 2 * k;
+        let augment = self.augment.as_ref().filter(|(a, _)| a.enabled());
+        let units = self.data.input_scale();
+        let mut inputs = Vec::with_capacity(indices.len() * channels * px);
+        let mut targets = vec![0.0f32; indices.len() * self.classes * px];
+        let mut label = vec![0u8; px];
+        let mut out = vec![0.0f32; px];
+        for (b, &i) in indices.iter().enumerate() {
+            label.copy_from_slice(ds.label(i));
+            for j in ds.context(i, k) {
+                let image: Vec<f32> = ds
+                    .image(j)
+                    .iter()
+                    .map(|&h| self.data.transform(h))
+                    .collect();
+                match augment {
+                    // Every channel takes the same draws, so the same spatial map and intensity
+                    // change: the context stays aligned with the slice and its label.
+                    Some((cfg, seed)) => {
+                        let mut rng = Rng::stream(*seed, &[keys::AUGMENT, epoch, i as u64]);
+                        augment_slice(
+                            &image,
+                            ds.label(i),
+                            ds.size,
+                            cfg,
+                            &units,
+                            &mut rng,
+                            &mut out,
+                            &mut label,
+                        );
+                        inputs.extend_from_slice(&out);
+                    }
+                    None => inputs.extend_from_slice(&image),
+                }
+            }
+            one_hot(
+                &label,
+                self.classes,
+                &mut targets[b * self.classes * px..][..self.classes * px],
+            );
+        }
+        HostBatch {
+            len: indices.len(),
+            size: ds.size,
+            channels,
+            inputs,
+            targets,
+            classes: self.classes,
+        }
+    }
+}
+
+/// Target channels of one slice's labels: channel 0 = label 0, channel c ≥ 1 = label ≥ c.
+fn one_hot(label: &[u8], classes: usize, out: &mut [f32]) {
+    let px = label.len();
+    for c in 0..classes {
+        for (v, &l) in out[c * px..(c + 1) * px].iter_mut().zip(label) {
+            let on = if c == 0 { l == 0 } else { l as usize >= c };
+            *v = if on { 1.0 } else { 0.0 };
+        }
+    }
+}
+
+/// The batch of slices `indices` without augmentation (validation, benchmarks, tests).
 pub fn make_batch(ds: &Dataset, cfg: &DataConfig, classes: usize, indices: &[usize]) -> HostBatch {
-    let px = ds.pixels();
-    let mut inputs = Vec::with_capacity(indices.len() * px);
+    let (px, k) = (ds.pixels(), cfg.context_slices);
+    let mut inputs = Vec::with_capacity(indices.len() * (1 + 2 * k) * px);
     let mut targets = vec![0.0f32; indices.len() * classes * px];
     for (b, &i) in indices.iter().enumerate() {
-        inputs.extend(ds.image(i).iter().map(|&h| cfg.transform(h)));
-        let label = ds.label(i);
-        for c in 0..classes {
-            let t = &mut targets[(b * classes + c) * px..(b * classes + c + 1) * px];
-            for (v, &l) in t.iter_mut().zip(label) {
-                let on = if c == 0 { l == 0 } else { l as usize >= c };
-                *v = if on { 1.0 } else { 0.0 };
-            }
+        for j in ds.context(i, k) {
+            inputs.extend(ds.image(j).iter().map(|&h| cfg.transform(h)));
         }
+        one_hot(
+            ds.label(i),
+            classes,
+            &mut targets[b * classes * px..][..classes * px],
+        );
     }
     HostBatch {
         len: indices.len(),
         size: ds.size,
-        channels: 1,
+        channels: 1 + 2 * k,
         inputs,
         targets,
         classes,
@@ -274,6 +394,7 @@ mod tests {
             slice_indices: vec![0, 1, 2],
             volume_names: Default::default(),
             folds: Default::default(),
+            positions: Default::default(),
         };
         let cfg = DataConfig {
             intensity: super::super::dataset::Intensity::Raw,
@@ -284,6 +405,8 @@ mod tests {
             prefetch: 1,
             sampling: Sampling::Sharded,
             fold: None,
+            context_slices: 0,
+            oversample_tumour: 0.0,
         };
         let b = make_batch(&ds, &cfg, 3, &[0, 1, 2]);
         // label 0 → [1,0,0]; 1 → [0,1,0]; 2 → [0,1,1] (liver channel includes tumour).
@@ -329,5 +452,77 @@ mod tests {
         .expect("spawn");
         assert!(matches!(l.next_batch(), Ok(Some(_))));
         assert!(matches!(l.next_batch(), Ok(None)));
+    }
+
+    fn raw_config(context_slices: usize) -> DataConfig {
+        DataConfig {
+            intensity: super::super::dataset::Intensity::Raw,
+            window: [0.0, 1.0],
+            val_fraction: 0.5,
+            phantom_volumes: 2,
+            phantom_slices: 1,
+            prefetch: 1,
+            sampling: Sampling::Sharded,
+            fold: None,
+            context_slices,
+            oversample_tumour: 0.0,
+        }
+    }
+
+    #[test]
+    fn oversampling_puts_rare_slices_in_every_batch() {
+        // 40 slices, 2 of them rare; half of every batch of 4 must be rare (2 places), the
+        // same draw each time the epoch is asked for.
+        let pool: Vec<usize> = (0..40).collect();
+        let s =
+            Sampler::new(pool, 4, 0, 1, 3, Sampling::Sharded).with_oversampling(vec![7, 30], 0.5);
+        let batches = s.epoch_batches(2);
+        assert_eq!(batches.len(), 10);
+        for b in &batches {
+            assert!(
+                b.iter().filter(|i| **i == 7 || **i == 30).count() >= 2,
+                "{b:?}"
+            );
+        }
+        assert_eq!(batches, s.epoch_batches(2));
+    }
+
+    #[test]
+    fn context_channels_are_the_neighbours_with_edge_slices_repeated() {
+        // One volume of three 1-pixel slices with HU 10, 20, 30 and raw intensities: with one
+        // context slice, slice 0 sees (10, 10, 20) (its missing lower neighbour repeats the edge),
+        // slice 1 sees (10, 20, 30).
+        let ds = Dataset::phantom(1, 1, 3, 16, 1);
+        let mut ds = ds;
+        ds.size = 1;
+        ds.images = vec![10, 20, 30];
+        ds.labels = vec![0, 1, 2];
+        let b = make_batch(&ds, &raw_config(1), 3, &[0, 1]);
+        assert_eq!(b.channels, 3);
+        assert_eq!(b.inputs, vec![10.0, 10.0, 20.0, 10.0, 20.0, 30.0]);
+    }
+
+    #[test]
+    fn a_slice_is_augmented_the_same_whatever_batch_it_is_in() {
+        // The augmentation is keyed by (seed, epoch, slice index) only (see augment.rs): slice 5
+        // comes out the same in the batch [4, 5] and alone, and differently in another epoch.
+        let ds = Arc::new(Dataset::phantom(1, 2, 6, 32, 1));
+        let augment = super::super::augment::AugmentConfig {
+            rotation_prob: 1.0,
+            noise_prob: 1.0,
+            ..Default::default()
+        };
+        let maker = BatchMaker {
+            ds,
+            data: raw_config(0),
+            classes: 3,
+            augment: Some((augment, 9)),
+        };
+        let px = 32 * 32;
+        let pair = maker.make(&[4, 5], 1);
+        let alone = maker.make(&[5], 1);
+        assert_eq!(pair.inputs[px..], alone.inputs[..]);
+        assert_eq!(pair.targets[3 * px..], alone.targets[..]);
+        assert_ne!(maker.make(&[5], 2).inputs, alone.inputs);
     }
 }

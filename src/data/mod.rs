@@ -2,6 +2,7 @@
 //! slice-shard format, datasets and their split by volume or fold, sampling and the background
 //! loader. Knows rank and world as numbers, never MPI.
 
+pub mod augment;
 pub mod dataset;
 pub mod dicom;
 pub mod loader;
@@ -11,4 +12,4 @@ pub mod prepare;
 pub mod shard;
 
 pub use dataset::{DataConfig, Dataset, Intensity, Sampling};
-pub use loader::{HostBatch, Loader, Sampler, make_batch};
+pub use loader::{BatchMaker, HostBatch, Loader, Sampler, make_batch};

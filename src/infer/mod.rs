@@ -2,6 +2,7 @@
 //! and `evaluate` (per-case and global figures for liver and tumour, LiTS conventions: Dice,
 //! VOE, RVD, ASSD, HD95, precision and recall, the surface distances from [`surface`]).
 
+pub mod overlay;
 pub mod surface;
 
 use std::collections::VecDeque;
@@ -80,19 +81,32 @@ impl Predictor {
         let px = s * s;
         let batch = opts.batch_size.max(1);
         let mut canonical = Vec::with_capacity(cols * rows * nz);
+        // The network input of slice z: resized to the model's size, HU rounded to integers as
+        // in the shards, intensity-transformed.
+        let input_of = |z: usize| -> Vec<f32> {
+            let slice = nifti::canonical_slice(&vol.data, vol.dims, axes, z);
+            resize_nearest(&slice, rows, cols, s, s)
+                .into_iter()
+                .map(|v| {
+                    let hu = v.round().clamp(i16::MIN as f32, i16::MAX as f32) as i16;
+                    self.cfg.data.transform(hu)
+                })
+                .collect()
+        };
+        // 2.5-D context as in training: slices z − k … z + k, the volume's edge slices repeated.
+        let k = self.cfg.data.context_slices as i64;
+        let channels = self.cfg.data.in_channels();
         let mut z0 = 0;
         while z0 < nz {
             let b = batch.min(nz - z0);
-            let mut inputs = Vec::with_capacity(b * px);
+            let mut inputs = Vec::with_capacity(b * channels * px);
             for z in z0..z0 + b {
-                let slice = nifti::canonical_slice(&vol.data, vol.dims, axes, z);
-                let small = resize_nearest(&slice, rows, cols, s, s);
-                inputs.extend(small.into_iter().map(|v| {
-                    let hu = v.round().clamp(i16::MIN as f32, i16::MAX as f32) as i16;
-                    self.cfg.data.transform(hu)
-                }));
+                for dz in -k..=k {
+                    inputs.extend(input_of((z as i64 + dz).clamp(0, nz as i64 - 1) as usize));
+                }
             }
-            let x = Tensor::<4>::from_data(TensorData::new(inputs, [b, 1, s, s]), &self.device);
+            let x =
+                Tensor::<4>::from_data(TensorData::new(inputs, [b, channels, s, s]), &self.device);
             let probs = to_f32(self.model.forward(x, Mode::Eval))?;
             let classes = self.cfg.model.classes;
             if classes < 3 {
@@ -399,10 +413,22 @@ fn mask_path(out: &Path, pair: &Pair) -> PathBuf {
 }
 
 /// Every file `evaluate` writes into `out` for `pairs` (for the output-safety check).
-pub fn evaluation_outputs(out: &Path, pairs: &[Pair], save_masks: bool) -> Vec<PathBuf> {
+pub fn evaluation_outputs(
+    out: &Path,
+    pairs: &[Pair],
+    save_masks: bool,
+    overlays: bool,
+) -> Vec<PathBuf> {
     let mut v = vec![out.join("evaluation.json"), out.join("evaluation.csv")];
     if save_masks {
         v.extend(pairs.iter().map(|p| mask_path(out, p)));
+    }
+    if overlays {
+        v.extend(
+            pairs
+                .iter()
+                .map(|p| overlay::path_beside(&mask_path(out, p))),
+        );
     }
     v
 }
@@ -421,6 +447,8 @@ pub struct EvaluateJob<'a> {
     pub predict: PredictOptions,
     /// Also write each prediction as `<case>-pred.nii.gz`.
     pub save_masks: bool,
+    /// Also draw each case as `<case>-pred-overlay.png` ([`overlay`]).
+    pub overlays: bool,
 }
 
 /// Runs `evaluate`: every (image, label) pair of the job predicted and scored;
@@ -448,6 +476,10 @@ pub fn evaluate(
             .unwrap_or_default();
         if save_masks {
             nifti::write_u8(&mask_path(out, pair), image.dims, &image.affine, &pred)?;
+        }
+        if job.overlays {
+            let path = overlay::path_beside(&mask_path(out, pair));
+            overlay::write(&path, &image, &pred, Some(&truth))?;
         }
         let grid = Grid {
             dims: image.dims,

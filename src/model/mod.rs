@@ -12,7 +12,7 @@ pub mod summary;
 pub mod unet;
 
 pub use layers::Mode;
-pub use loss::{DiceCounts, dice_loss, hard_counts, soft_dice};
+pub use loss::{DiceCounts, LossKind, bce_with_logits, dice_loss, hard_counts, soft_dice};
 pub use ops::DeviceCaps;
-pub use summary::{ModelSummary, summarize};
+pub use summary::{ModelSummary, summarize, summarize_with_inputs};
 pub use unet::{Norm, UNet, UNetConfig, Upsampling};

@@ -100,8 +100,13 @@ impl ModelSummary {
     }
 }
 
-/// Builds the table for `cfg` (one input channel), from [`arch::stages`].
+/// Builds the table for `cfg` with one input channel.
 pub fn summarize(cfg: &UNetConfig) -> ModelSummary {
+    summarize_with_inputs(cfg, 1)
+}
+
+/// Builds the table for `cfg` with `in_channels` input channels, from [`arch::stages`].
+pub fn summarize_with_inputs(cfg: &UNetConfig, in_channels: usize) -> ModelSummary {
     let mut rows = Vec::new();
     let mut push = |name: String, kind: String, out: [usize; 3], params, buffers, flops| {
         rows.push(LayerRow {
@@ -113,7 +118,7 @@ pub fn summarize(cfg: &UNetConfig) -> ModelSummary {
             flops,
         })
     };
-    for stage in arch::stages(cfg, 1) {
+    for stage in arch::stages(cfg, in_channels) {
         match stage {
             Stage::Block(b) => {
                 let px = (b.side * b.side) as f64;

@@ -19,52 +19,104 @@ pub use schedule::{LrScaling, ScheduleConfig};
 
 use crate::error::{Error, Result};
 
-/// Which optimiser.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerKind {
-    /// Adadelta (livermask).
-    Adadelta,
+/// The `[optimizer]` section: `name` picks the optimiser, and the section holds that
+/// optimiser's keys and no others (a key another optimiser reads is an error naming it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "lowercase")]
+pub enum OptimizerConfig {
+    /// Adadelta (livermask: lr 1.0, ρ 0.95, ε 1e-7).
+    Adadelta(AdadeltaConfig),
     /// Adam.
-    Adam,
+    Adam(AdamConfigKeys),
     /// SGD with (optionally Nesterov) momentum.
-    Sgd,
+    Sgd(SgdConfigKeys),
     /// LARS: momentum SGD with a layer-wise trust ratio (You, Gitman & Ginsburg 2017).
-    Lars,
+    Lars(LarsConfig),
     /// LAMB: Adam with a layer-wise trust ratio (You et al. 2019).
-    Lamb,
+    Lamb(LambConfig),
 }
 
-/// The `[optimizer]` section.
+/// `name = "adadelta"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OptimizerConfig {
-    /// `adadelta`, `adam`, `sgd`, `lars` or `lamb`.
-    pub name: OptimizerKind,
-    /// Base learning rate for one rank, before rank scaling (livermask: 1.0 for Adadelta).
+pub struct AdadeltaConfig {
+    /// Base learning rate for one rank, before rank scaling (livermask: 1.0).
     pub lr: f64,
-    /// Adadelta ρ (livermask: 0.95).
+    /// Decay of the running averages ρ (livermask: 0.95).
     pub rho: f64,
-    /// Adadelta, Adam and LAMB ε, and LARS's ε in the trust ratio's denominator (livermask:
-    /// 1e-7; PyTorch's Adam default is 1e-8).
+    /// Added inside both square roots (livermask: 1e-7).
     pub epsilon: f64,
-    /// Adam and LAMB β₁.
-    pub beta1: f64,
-    /// Adam and LAMB β₂.
-    pub beta2: f64,
-    /// SGD and LARS momentum (0 for none).
-    pub momentum: f64,
-    /// SGD Nesterov momentum (SGD only).
-    pub nesterov: bool,
-    /// L2 penalty (0 for none): added to the gradients (Adadelta, Adam, SGD, LARS), or to
-    /// LAMB's Adam direction before its trust ratio.
+    /// L2 penalty added to the gradients (0 for none).
     pub weight_decay: f64,
-    /// LARS trust coefficient η (paper and apex: 0.001). LARS only; absent from older configs,
-    /// which then get the default.
+}
+
+/// `name = "adam"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdamConfigKeys {
+    /// Base learning rate for one rank, before rank scaling.
+    pub lr: f64,
+    /// β₁.
+    pub beta1: f64,
+    /// β₂.
+    pub beta2: f64,
+    /// ε (PyTorch's default is 1e-8).
+    pub epsilon: f64,
+    /// L2 penalty added to the gradients (0 for none).
+    pub weight_decay: f64,
+}
+
+/// `name = "sgd"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SgdConfigKeys {
+    /// Base learning rate for one rank, before rank scaling.
+    pub lr: f64,
+    /// Momentum (0 for none).
+    pub momentum: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// L2 penalty added to the gradients (0 for none).
+    pub weight_decay: f64,
+}
+
+/// `name = "lars"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LarsConfig {
+    /// Base learning rate for one rank, before rank scaling.
+    pub lr: f64,
+    /// Momentum (0 for none).
+    pub momentum: f64,
+    /// L2 penalty added to the gradient before the trust ratio (0 for none).
+    pub weight_decay: f64,
+    /// Trust coefficient η of the ratio η‖w‖/(‖g‖+ε) (paper and apex: 0.001; optional).
     #[serde(default = "default_trust_coefficient")]
     pub trust_coefficient: f64,
-    /// LARS and LAMB: leave one-dimensional parameters (biases, BatchNorm γ/β) out of the
-    /// layer-wise adaptation and the weight decay (trust ratio 1, no decay). Default `true`.
+    /// ε in the trust ratio's denominator.
+    pub epsilon: f64,
+    /// One-dimensional parameters (biases, BatchNorm γ/β) get trust 1 and no decay (optional,
+    /// default `true`).
+    #[serde(default = "default_exclude_1d")]
+    pub exclude_1d: bool,
+}
+
+/// `name = "lamb"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LambConfig {
+    /// Base learning rate for one rank, before rank scaling.
+    pub lr: f64,
+    /// β₁.
+    pub beta1: f64,
+    /// β₂.
+    pub beta2: f64,
+    /// ε.
+    pub epsilon: f64,
+    /// Decay added to the Adam direction before the trust ratio (0 for none).
+    pub weight_decay: f64,
+    /// One-dimensional parameters (biases, BatchNorm γ/β) get trust 1 and no decay (optional,
+    /// default `true`).
     #[serde(default = "default_exclude_1d")]
     pub exclude_1d: bool,
 }
@@ -78,6 +130,39 @@ fn default_exclude_1d() -> bool {
 }
 
 impl OptimizerConfig {
+    /// The optimiser's name as in the config.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Adadelta(_) => "adadelta",
+            Self::Adam(_) => "adam",
+            Self::Sgd(_) => "sgd",
+            Self::Lars(_) => "lars",
+            Self::Lamb(_) => "lamb",
+        }
+    }
+
+    /// The base learning rate.
+    pub fn lr(&self) -> f64 {
+        match self {
+            Self::Adadelta(c) => c.lr,
+            Self::Adam(c) => c.lr,
+            Self::Sgd(c) => c.lr,
+            Self::Lars(c) => c.lr,
+            Self::Lamb(c) => c.lr,
+        }
+    }
+
+    /// Sets the base learning rate (a command-line override).
+    pub fn set_lr(&mut self, lr: f64) {
+        match self {
+            Self::Adadelta(c) => c.lr = lr,
+            Self::Adam(c) => c.lr = lr,
+            Self::Sgd(c) => c.lr = lr,
+            Self::Lars(c) => c.lr = lr,
+            Self::Lamb(c) => c.lr = lr,
+        }
+    }
+
     /// Checks the values; `source` names the config file.
     pub fn validate(&self, source: &str) -> Result<()> {
         let bad = |field: &str, message: String| Error::ConfigValue {
@@ -85,83 +170,98 @@ impl OptimizerConfig {
             field: format!("optimizer.{field}"),
             message,
         };
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(bad("lr", format!("must be positive, got {}", self.lr)));
-        }
-        if !(0.0..1.0).contains(&self.rho) {
-            return Err(bad("rho", format!("must be in [0, 1), got {}", self.rho)));
-        }
-        if !(self.epsilon > 0.0 && self.epsilon.is_finite()) {
-            return Err(bad(
-                "epsilon",
-                format!("must be positive, got {}", self.epsilon),
-            ));
-        }
-        for (name, v) in [
-            ("beta1", self.beta1),
-            ("beta2", self.beta2),
-            ("momentum", self.momentum),
-        ] {
-            if !(0.0..1.0).contains(&v) {
-                return Err(bad(name, format!("must be in [0, 1), got {v}")));
+        let positive = |field: &str, v: f64| {
+            if v > 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                Err(bad(field, format!("must be positive, got {v}")))
+            }
+        };
+        let unit = |field: &str, v: f64| {
+            if (0.0..1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(bad(field, format!("must be in [0, 1), got {v}")))
+            }
+        };
+        let decay = |v: f64| {
+            if v >= 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                Err(bad("weight_decay", format!("must be >= 0, got {v}")))
+            }
+        };
+        positive("lr", self.lr())?;
+        match self {
+            Self::Adadelta(c) => {
+                unit("rho", c.rho)?;
+                positive("epsilon", c.epsilon)?;
+                decay(c.weight_decay)
+            }
+            Self::Adam(c) => {
+                unit("beta1", c.beta1)?;
+                unit("beta2", c.beta2)?;
+                positive("epsilon", c.epsilon)?;
+                decay(c.weight_decay)
+            }
+            Self::Sgd(c) => {
+                unit("momentum", c.momentum)?;
+                if c.nesterov && c.momentum == 0.0 {
+                    return Err(bad("nesterov", "needs optimizer.momentum > 0".into()));
+                }
+                decay(c.weight_decay)
+            }
+            Self::Lars(c) => {
+                unit("momentum", c.momentum)?;
+                positive("trust_coefficient", c.trust_coefficient)?;
+                positive("epsilon", c.epsilon)?;
+                decay(c.weight_decay)
+            }
+            Self::Lamb(c) => {
+                unit("beta1", c.beta1)?;
+                unit("beta2", c.beta2)?;
+                positive("epsilon", c.epsilon)?;
+                decay(c.weight_decay)
             }
         }
-        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            return Err(bad(
-                "weight_decay",
-                format!("must be >= 0, got {}", self.weight_decay),
-            ));
-        }
-        if !(self.trust_coefficient > 0.0 && self.trust_coefficient.is_finite()) {
-            return Err(bad(
-                "trust_coefficient",
-                format!("must be positive, got {}", self.trust_coefficient),
-            ));
-        }
-        if self.nesterov && self.momentum == 0.0 {
-            return Err(bad("nesterov", "needs optimizer.momentum > 0".into()));
-        }
-        Ok(())
     }
 
     /// Builds the optimiser for a whole module.
     pub fn init(&self) -> ModuleOptimizer {
-        let decay = (self.weight_decay > 0.0).then_some(WeightDecayConfig {
-            penalty: self.weight_decay as f32,
-        });
-        match self.name {
-            OptimizerKind::Adadelta => ModuleOptimizer::from(Adadelta {
-                rho: self.rho,
-                epsilon: self.epsilon,
-                weight_decay: self.weight_decay,
+        let decay = |w: f64| (w > 0.0).then_some(WeightDecayConfig { penalty: w as f32 });
+        match self {
+            Self::Adadelta(c) => ModuleOptimizer::from(Adadelta {
+                rho: c.rho,
+                epsilon: c.epsilon,
+                weight_decay: c.weight_decay,
             }),
-            OptimizerKind::Adam => AdamConfig::new()
-                .with_beta_1(self.beta1 as f32)
-                .with_beta_2(self.beta2 as f32)
-                .with_epsilon(self.epsilon as f32)
-                .with_weight_decay(decay)
+            Self::Adam(c) => AdamConfig::new()
+                .with_beta_1(c.beta1 as f32)
+                .with_beta_2(c.beta2 as f32)
+                .with_epsilon(c.epsilon as f32)
+                .with_weight_decay(decay(c.weight_decay))
                 .init(),
-            OptimizerKind::Sgd => SgdConfig::new()
-                .with_momentum((self.momentum > 0.0).then_some(MomentumConfig {
-                    momentum: self.momentum,
+            Self::Sgd(c) => SgdConfig::new()
+                .with_momentum((c.momentum > 0.0).then_some(MomentumConfig {
+                    momentum: c.momentum,
                     dampening: 0.0,
-                    nesterov: self.nesterov,
+                    nesterov: c.nesterov,
                 }))
-                .with_weight_decay(decay)
+                .with_weight_decay(decay(c.weight_decay))
                 .init(),
-            OptimizerKind::Lars => ModuleOptimizer::from(Lars {
-                momentum: self.momentum,
-                weight_decay: self.weight_decay,
-                trust_coefficient: self.trust_coefficient,
-                epsilon: self.epsilon,
-                exclude_1d: self.exclude_1d,
+            Self::Lars(c) => ModuleOptimizer::from(Lars {
+                momentum: c.momentum,
+                weight_decay: c.weight_decay,
+                trust_coefficient: c.trust_coefficient,
+                epsilon: c.epsilon,
+                exclude_1d: c.exclude_1d,
             }),
-            OptimizerKind::Lamb => ModuleOptimizer::from(Lamb {
-                beta1: self.beta1,
-                beta2: self.beta2,
-                epsilon: self.epsilon,
-                weight_decay: self.weight_decay,
-                exclude_1d: self.exclude_1d,
+            Self::Lamb(c) => ModuleOptimizer::from(Lamb {
+                beta1: c.beta1,
+                beta2: c.beta2,
+                epsilon: c.epsilon,
+                weight_decay: c.weight_decay,
+                exclude_1d: c.exclude_1d,
             }),
         }
     }
@@ -301,50 +401,56 @@ mod tests {
     use crate::optim::test_support::{assert_close, run_three_on};
     use burn::tensor::Device;
 
-    fn without_new_keys(text: &str) -> String {
-        text.lines()
-            .filter(|l| !l.starts_with("trust_coefficient") && !l.starts_with("exclude_1d"))
-            .collect::<Vec<_>>()
-            .join("\n")
+    /// The quick config with its `[optimizer]` section replaced by `section`.
+    fn with_optimizer(section: &str) -> String {
+        let start = QUICK_TOML.find("[optimizer]").unwrap_or(0);
+        let end = QUICK_TOML.find("[schedule]").unwrap_or(QUICK_TOML.len());
+        format!("{}{section}\n{}", &QUICK_TOML[..start], &QUICK_TOML[end..])
     }
 
     #[test]
-    fn configs_without_lars_keys_load_with_defaults() {
-        // Config files and checkpoints (which store the resolved TOML) from before LARS/LAMB.
-        let old = without_new_keys(QUICK_TOML);
-        assert!(
-            !old.lines()
-                .any(|l| l.starts_with("trust_coefficient") || l.starts_with("exclude_1d"))
+    fn each_optimizer_reads_its_own_keys_only() {
+        // Adadelta does not read Adam's β₁: a key of another optimiser is an error naming it.
+        let text = with_optimizer(
+            "[optimizer]\nname = \"adadelta\"\nlr = 1.0\nrho = 0.95\nepsilon = 1e-7\nweight_decay = 0.0\nbeta1 = 0.9\n",
         );
-        let c = RunConfig::from_toml(&old, Path::new("old.toml"));
-        assert!(c.is_ok(), "{:?}", c.err());
-        if let Ok(c) = c {
-            assert_eq!(c.optimizer.trust_coefficient, 0.001);
-            assert!(c.optimizer.exclude_1d);
-            assert!(c.validate("old.toml").is_ok());
-        }
+        let e = RunConfig::from_toml(&text, Path::new("a.toml"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("a.toml") && e.contains("beta1"), "{e}");
+        // Without it, Adadelta's four keys are the whole section.
+        let text = with_optimizer(
+            "[optimizer]\nname = \"adadelta\"\nlr = 1.0\nrho = 0.95\nepsilon = 1e-7\nweight_decay = 0.0\n",
+        );
+        let c = RunConfig::from_toml(&text, Path::new("a.toml")).expect("adadelta");
+        assert_eq!(c.optimizer.name(), "adadelta");
+        assert!(c.validate("a.toml").is_ok());
     }
 
     #[test]
-    fn lars_and_lamb_parse_validate_and_build() {
-        for (name, kind) in [("lars", OptimizerKind::Lars), ("lamb", OptimizerKind::Lamb)] {
-            let text = QUICK_TOML
-                .replace("name = \"adam\"", &format!("name = \"{name}\""))
-                .replace("exclude_1d = true", "exclude_1d = false")
-                .replace("trust_coefficient = 0.001", "trust_coefficient = 0.02");
-            let c = RunConfig::from_toml(&text, Path::new("l.toml"));
-            assert!(c.is_ok(), "{name}: {:?}", c.err());
-            let Ok(c) = c else { continue };
-            assert_eq!(c.optimizer.name, kind);
-            assert!(!c.optimizer.exclude_1d);
-            assert_eq!(c.optimizer.trust_coefficient, 0.02);
-            assert!(c.validate("l.toml").is_ok());
-            let again = c
-                .to_toml()
-                .and_then(|t| RunConfig::from_toml(&t, Path::new("l.toml")));
-            assert_eq!(again.ok().as_ref(), Some(&c));
-            let _ = c.optimizer.init();
-        }
+    fn lars_keys_with_defaults_parse_validate_and_build() {
+        // trust_coefficient and exclude_1d may be left out (0.001 and true).
+        let text = with_optimizer(
+            "[optimizer]\nname = \"lars\"\nlr = 0.1\nmomentum = 0.9\nweight_decay = 1e-4\nepsilon = 1e-8\n",
+        );
+        let c = RunConfig::from_toml(&text, Path::new("l.toml")).expect("lars");
+        let OptimizerConfig::Lars(l) = &c.optimizer else {
+            panic!("not lars: {:?}", c.optimizer)
+        };
+        assert_eq!((l.trust_coefficient, l.exclude_1d), (0.001, true));
+        assert!(c.validate("l.toml").is_ok());
+        let again = c
+            .to_toml()
+            .and_then(|t| RunConfig::from_toml(&t, Path::new("l.toml")));
+        assert_eq!(again.ok().as_ref(), Some(&c));
+        let _ = c.optimizer.init();
+        let text = with_optimizer(
+            "[optimizer]\nname = \"lamb\"\nlr = 0.01\nbeta1 = 0.9\nbeta2 = 0.999\nepsilon = 1e-6\nweight_decay = 0.01\nexclude_1d = false\n",
+        );
+        let c = RunConfig::from_toml(&text, Path::new("l.toml")).expect("lamb");
+        assert!(matches!(&c.optimizer, OptimizerConfig::Lamb(l) if !l.exclude_1d));
+        let _ = c.optimizer.init();
     }
 
     #[test]
@@ -401,23 +507,19 @@ mod tests {
 
     #[test]
     fn bad_trust_coefficient_names_the_field() {
-        let mut c = OptimizerConfig {
-            name: OptimizerKind::Lars,
+        let mut l = LarsConfig {
             lr: 0.1,
-            rho: 0.95,
-            epsilon: 1e-8,
-            beta1: 0.9,
-            beta2: 0.999,
             momentum: 0.9,
-            nesterov: false,
             weight_decay: 1e-4,
             trust_coefficient: 0.001,
+            epsilon: 1e-8,
             exclude_1d: true,
         };
+        let c = OptimizerConfig::Lars(l.clone());
         assert!(c.validate("x.toml").is_ok());
         for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-            c.trust_coefficient = bad;
-            let e = c
+            l.trust_coefficient = bad;
+            let e = OptimizerConfig::Lars(l.clone())
                 .validate("x.toml")
                 .err()
                 .map(|e| e.to_string())

@@ -40,6 +40,10 @@ pub struct TrainConfig {
     pub max_steps: u64,
     /// Dice smoothing term (livermask: 0; never produces NaN).
     pub loss_smooth: f64,
+    /// `dice` (livermask) or `dice_bce` (Dice plus binary cross-entropy). Optional, default
+    /// `dice`.
+    #[serde(default)]
+    pub loss: crate::model::LossKind,
     /// Epochs between validations.
     pub val_every: u64,
     /// Epochs between checkpoints (one is always written at the end).

@@ -27,9 +27,12 @@ fn record_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("{what}: {e}"))
 }
 
-/// Builds the model of `cfg` on `device` (with `caps`) with its initial weights.
+/// Builds the model of `cfg` (its input channels from `data.context_slices`) on `device` (with
+/// `caps`) with its initial weights.
 pub fn build_model(cfg: &RunConfig, device: &Device, caps: DeviceCaps) -> UNet {
-    cfg.model.init(cfg.seed, device).with_caps(caps)
+    cfg.model
+        .init_with_inputs(cfg.seed, cfg.data.in_channels(), device)
+        .with_caps(caps)
 }
 
 /// The model's weights and BN statistics as bytes (a burnpack record).

@@ -16,7 +16,7 @@ use crate::comm::Communicator;
 use crate::config::RunConfig;
 use crate::data::HostBatch;
 use crate::error::{Error, Result};
-use crate::model::{Mode, UNet, dice_loss};
+use crate::model::{Mode, UNet};
 use crate::tensor_util::data_to_f32;
 
 /// Host batch → `(inputs, targets)` tensors on `device`.
@@ -119,7 +119,8 @@ impl<'a> Stepper<'a> {
                 step,
                 stream: (self.comm.rank() * accumulate + k) as u64,
             };
-            let loss = dice_loss(state.model.forward(x, mode), y, self.cfg.train.loss_smooth);
+            let t = &self.cfg.train;
+            let loss = t.loss.loss(state.model.logits(x, mode), y, t.loss_smooth);
             grads.push(GradientsParams::from_grads(loss.backward(), &state.model));
             losses.push(loss);
         }

@@ -17,7 +17,7 @@ use super::validation::{ValResult, validate};
 use crate::backend::Backend;
 use crate::comm::Communicator;
 use crate::config::RunConfig;
-use crate::data::{Dataset, HostBatch, Loader, Sampler};
+use crate::data::{BatchMaker, Dataset, HostBatch, Loader, Sampler};
 use crate::error::{Error, Result};
 use crate::optim::schedule::Schedule;
 use crate::rundir::metrics::{self, Record};
@@ -307,6 +307,15 @@ impl Plan {
         // a run on ranks·K processes, one micro-batch each.
         let accumulate = cfg.train.accumulate.max(1);
         let virtual_world = world * accumulate;
+        let with_tumour: Vec<usize> = if cfg.data.oversample_tumour > 0.0 {
+            train_idx
+                .iter()
+                .copied()
+                .filter(|&i| ds.has_label(i, 2))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let samplers: Vec<Sampler> = (0..accumulate)
             .map(|k| {
                 Sampler::new(
@@ -317,6 +326,7 @@ impl Plan {
                     cfg.seed,
                     cfg.data.sampling,
                 )
+                .with_oversampling(with_tumour.clone(), cfg.data.oversample_tumour)
             })
             .collect();
         let steps_per_epoch = samplers[0].steps_per_epoch() as u64;
@@ -333,7 +343,7 @@ impl Plan {
         }
         let schedule = Schedule::new(
             &cfg.schedule,
-            cfg.optimizer.lr,
+            cfg.optimizer.lr(),
             virtual_world,
             steps_per_epoch,
             total_steps,
@@ -552,17 +562,18 @@ impl<'a> Trainer<'a> {
         let batches = self
             .plan
             .epoch_batches(self.pos.epoch, self.pos.batch_in_epoch);
-        let (ds, data, classes) = (
-            self.plan.ds.clone(),
-            self.cfg.data.clone(),
-            self.cfg.model.classes,
-        );
-        let rank = self.comm.rank();
+        let maker = BatchMaker {
+            ds: self.plan.ds.clone(),
+            data: self.cfg.data.clone(),
+            classes: self.cfg.model.classes,
+            augment: Some((self.cfg.augment.clone(), self.cfg.seed)),
+        };
+        let (rank, epoch) = (self.comm.rank(), self.pos.epoch);
         let mut built = 0u64;
         let mut loader = Loader::spawn(batches, self.cfg.data.prefetch, move |idx| {
             built += 1;
             crate::faults::inject("loader", rank, built);
-            crate::data::make_batch(&ds, &data, classes, idx)
+            maker.make(idx, epoch)
         })?;
         let mut t_prev = Instant::now();
         let mut waited_prev = loader.waited();

@@ -112,6 +112,17 @@ pub fn losses(run: &Path) -> Vec<f64> {
     metrics(run).steps.iter().map(|s| s.loss).collect()
 }
 
+/// Steps a run has logged so far (0 before its metrics file exists): for polling a running job.
+pub fn steps_logged(run: &Path) -> usize {
+    std::fs::read_to_string(run.join(ctseg::rundir::METRICS))
+        .map(|t| {
+            t.lines()
+                .filter(|l| l.contains("\"kind\":\"step\""))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// The summary a run wrote.
 pub fn summary(run: &Path) -> ctseg::rundir::Summary {
     ctseg::rundir::Summary::read(&run.join(ctseg::rundir::SUMMARY)).expect("summary")

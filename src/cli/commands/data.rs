@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use ctseg::backend;
 use ctseg::data::Dataset;
 use ctseg::error::Error;
+use ctseg::preview::Tile;
 
 use crate::cli::args::{PhantomArgs, PrepareArgs};
 
@@ -88,10 +89,15 @@ pub fn phantom(a: PhantomArgs) -> Result<()> {
     if let Some(png) = &a.preview {
         let n = ds.len().min(24);
         let step = (ds.len() / n.max(1)).max(1);
-        let tiles: Vec<(&[i16], &[u8], usize)> = (0..n)
+        let tiles: Vec<Tile> = (0..n)
             .map(|k| {
                 let i = (k * step).min(ds.len() - 1);
-                (ds.image(i), ds.label(i), ds.size)
+                Tile {
+                    image: ds.image(i).iter().map(|&v| f32::from(v)).collect(),
+                    width: ds.size,
+                    height: ds.size,
+                    layers: vec![(ds.label(i), ctseg::preview::LABELS)],
+                }
             })
             .collect();
         ctseg::preview::write_grid(png, &tiles, 6, [-200.0, 300.0])

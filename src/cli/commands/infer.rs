@@ -7,15 +7,14 @@ use anyhow::Result;
 
 use ctseg::backend::{self, BackendKind, DeviceRequest};
 use ctseg::comm::Local;
-use ctseg::data::Intensity;
 use ctseg::error::Error;
-use ctseg::infer::Predictor;
+use ctseg::infer::{Predictor, overlay};
 use ctseg::rundir::RunDir;
 use ctseg::train::Trained;
 use ctseg::util::fs::refuse_overwriting_inputs;
 
 use super::open_backend;
-use crate::cli::args::{EvaluateArgs, ExportArgs, InferArgs, PredictArgs};
+use crate::cli::args::{EvaluateArgs, ExportArgs, ExportFormat, InferArgs, PredictArgs};
 
 /// The trained run `a` points at, on its device (one process: inference is not distributed).
 fn predictor(a: &InferArgs) -> Result<Predictor> {
@@ -73,6 +72,9 @@ pub fn predict(a: PredictArgs) -> Result<()> {
     let inputs: Vec<&Path> = jobs.iter().map(|(i, _)| i.as_path()).collect();
     for (_, out) in &jobs {
         refuse_overwriting_inputs("--output", out, &inputs)?;
+        if a.overlay {
+            refuse_overwriting_inputs("--overlay", &overlay::path_beside(out), &inputs)?;
+        }
     }
     if jobs.len() > 1 || a.input.is_dir() && jobs[0].1 != a.output {
         std::fs::create_dir_all(&a.output).map_err(|e| Error::io(&a.output, e))?;
@@ -85,6 +87,9 @@ pub fn predict(a: PredictArgs) -> Result<()> {
         let vol = ctseg::data::prepare::read_volume(&input)?;
         let labels = predictor.predict(&vol, &opts)?;
         ctseg::data::nifti::write_u8(&output, vol.dims, &vol.affine, &labels)?;
+        if a.overlay {
+            overlay::write(&overlay::path_beside(&output), &vol, &labels, None)?;
+        }
         let ml = ctseg::infer::voxel_ml(&vol.affine);
         let liver = labels.iter().filter(|&&l| l >= 1).count() as f64 * ml;
         let tumour = labels.iter().filter(|&&l| l == 2).count() as f64 * ml;
@@ -110,7 +115,7 @@ pub fn evaluate(a: EvaluateArgs) -> Result<()> {
         inputs.push(&p.image);
         inputs.push(&p.label);
     }
-    for out in ctseg::infer::evaluation_outputs(&a.out, &pairs, a.save_masks) {
+    for out in ctseg::infer::evaluation_outputs(&a.out, &pairs, a.save_masks, a.overlays) {
         refuse_overwriting_inputs("--out", &out, &inputs)?;
     }
     // 2. Predict and score every case.
@@ -122,6 +127,7 @@ pub fn evaluate(a: EvaluateArgs) -> Result<()> {
         out: &a.out,
         predict: a.infer.options(),
         save_masks: a.save_masks,
+        overlays: a.overlays,
     };
     let eval = ctseg::infer::evaluate(&predictor, &job, |c, k, n| {
         println!(
@@ -161,7 +167,10 @@ pub fn export(a: ExportArgs) -> Result<()> {
     inputs.extend(run_files.iter().map(PathBuf::as_path));
     refuse_overwriting_inputs("--out", &a.out, &inputs)?;
     let cfg = &trained.cfg;
-    ctseg::export::check_exportable(&cfg.model)?;
+    match a.format {
+        ExportFormat::Safetensors => ctseg::export::check_exportable(cfg)?,
+        ExportFormat::Onnx => ctseg::export::check_onnx_exportable(cfg)?,
+    }
     // 2. The model, on the CPU's autodiff device: trainable and non-trainable tensors are told
     // apart by require-grad, which needs one.
     let be = backend::open(&DeviceRequest {
@@ -171,21 +180,33 @@ pub fn export(a: ExportArgs) -> Result<()> {
     })?;
     let steps = trained.ck.meta.step;
     let model = trained.model(&be, &be.device.clone().autodiff())?;
-    let n = ctseg::export::export_safetensors(&model, cfg, steps, &a.out)?;
-    println!(
-        "{} tensors -> {} | in PyTorch: LivermaskUNet({}, levels={}, classes={}).load_state_dict(safetensors.torch.load_file(...)); inputs: {}",
-        n,
-        a.out.display(),
-        cfg.model.width,
-        cfg.model.depth,
-        cfg.model.classes,
-        match cfg.data.intensity {
-            Intensity::Raw => "raw HU".to_string(),
-            Intensity::Window => format!(
-                "HU windowed to [{}, {}] and scaled to [0, 1]",
-                cfg.data.window[0], cfg.data.window[1]
-            ),
+    let inputs = ctseg::export::intensity_text(cfg);
+    match a.format {
+        ExportFormat::Safetensors => {
+            let n = ctseg::export::export_safetensors(&model, cfg, steps, &a.out)?;
+            println!(
+                "{} tensors -> {} | in PyTorch: LivermaskUNet({}, levels={}, classes={}).load_state_dict(safetensors.torch.load_file(...)); inputs: {inputs}",
+                n,
+                a.out.display(),
+                cfg.model.width,
+                cfg.model.depth,
+                cfg.model.classes,
+            );
         }
-    );
+        ExportFormat::Onnx => {
+            let bytes = ctseg::export::export_onnx(&model, cfg, steps, a.fold_batch_norm, &a.out)?;
+            println!(
+                "ONNX model ({:.1} MB, opset {}) -> {} | input `{}` [batch, {}, {s}, {s}] ({inputs}); output `{}` [batch, {}, {s}, {s}]",
+                bytes as f64 / 1e6,
+                ctseg::export::onnx::DEFAULT_OPSET,
+                a.out.display(),
+                ctseg::export::onnx::INPUT_NAME,
+                cfg.data.in_channels(),
+                ctseg::export::onnx::OUTPUT_NAME,
+                cfg.model.classes,
+                s = cfg.model.input_size,
+            );
+        }
+    }
     Ok(())
 }

@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use ctseg::backend;
 use ctseg::error::Error;
-use ctseg::model::summarize;
+use ctseg::model::summarize_with_inputs;
 use ctseg::rundir::RunDir;
 
 use crate::cli::args::{ModelArgs, ReportArgs, load_config};
@@ -56,7 +56,8 @@ pub fn report(a: ReportArgs) -> Result<()> {
 /// `ctseg model`: the layer table of a config.
 pub fn model(a: ModelArgs) -> Result<()> {
     let cfg = load_config(a.config.as_deref(), &a.overrides)?;
-    print!("{}", summarize(&cfg.model).render(&cfg.model));
+    let table = summarize_with_inputs(&cfg.model, cfg.data.in_channels());
+    print!("{}", table.render(&cfg.model));
     Ok(())
 }
 
