@@ -764,3 +764,16 @@ fn sigterm_mid_run_checkpoints_that_step_and_resume_continues_it_exactly() {
     assert_eq!(losses(&part), losses(&full));
     assert_eq!(summary(&part).weights_hash, summary(&full).weights_hash);
 }
+
+#[test]
+fn a_training_set_smaller_than_one_batch_is_bad_input() {
+    // tiny.toml trains on 5 phantom volumes of 4 slices (20 slices): a batch of 64 never fills.
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    fails_with(
+        ctseg(&["train", "--config", TINY, "--batch-size", "64", "--out", s(&run), "--quiet"]),
+        2,
+        &["not one full batch of 64", "lower train.batch_size"],
+    );
+    assert!(!run.exists(), "nothing written");
+}

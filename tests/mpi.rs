@@ -880,3 +880,20 @@ fn usr1_to_mpirun_stops_every_rank_at_one_step_and_resume_continues_it() {
     assert_eq!(hashes(&resumed), reference, "{resumed}");
     assert_eq!(losses(&part), losses(&full));
 }
+
+#[test]
+fn validate_under_mpirun_gives_each_rank_its_share_of_the_node() {
+    // Two ranks on one node split its cores (as `train` does), each validates half the slices,
+    // and rank 0 reports the global figures on its own device.
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    ok(single(&["train", "--config", TINY, "--out", s(&run), "--max-steps", "3", "--quiet"]));
+    let t = ok(mpirun(2, &["validate", "--checkpoint", s(&run)], &[], 120));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / 2).max(1);
+    let plural = if threads == 1 { "" } else { "s" };
+    assert!(
+        t.contains(&format!("burn flex, {threads} thread{plural})")) && t.contains("of 2"),
+        "{t}"
+    );
+}

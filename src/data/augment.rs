@@ -466,24 +466,45 @@ enum Slot {
 }
 const SLOTS: usize = 11;
 
+/// One slice to augment: its image (after the intensity transform) and labels, `size × size`,
+/// row-major.
+#[derive(Clone, Copy)]
+pub struct SliceRef<'a> {
+    /// Network-input values.
+    pub image: &'a [f32],
+    /// Labels 0, 1, 2.
+    pub label: &'a [u8],
+    /// Side length.
+    pub size: usize,
+}
+
+/// Where the augmented slice goes (`size²` values each).
+pub struct SliceOut<'a> {
+    /// The augmented image.
+    pub image: &'a mut [f32],
+    /// The augmented labels.
+    pub label: &'a mut [u8],
+}
+
 /// Augments one `size × size` slice (row-major `image`, already intensity-transformed, and its
-/// `label`) into `out_image` / `out_label`, drawing from `rng` as described in the module docs;
+/// `label`) into `out`, drawing from `rng` as described in the module docs;
 /// `units` gives the input values of air, water and one HU for the intensity transform in use.
 /// Returns what was applied. With `cfg.enabled() == false` the output is the input, bit for bit.
 ///
 /// # Panics
 /// When a buffer is not `size²` long.
-#[allow(clippy::too_many_arguments)]
 pub fn augment_slice(
-    image: &[f32],
-    label: &[u8],
-    size: usize,
+    input: SliceRef,
     cfg: &AugmentConfig,
     units: &InputScale,
     rng: &mut Rng,
-    out_image: &mut [f32],
-    out_label: &mut [u8],
+    out: SliceOut,
 ) -> Applied {
+    let SliceRef { image, label, size } = input;
+    let SliceOut {
+        image: out_image,
+        label: out_label,
+    } = out;
     let px = size * size;
     assert_eq!(image.len(), px, "augment_slice: image is not size²");
     assert_eq!(label.len(), px, "augment_slice: label is not size²");
@@ -1009,7 +1030,16 @@ mod tests {
     ) -> (Vec<f32>, Vec<u8>, Applied) {
         let mut oi = vec![f32::NAN; n * n];
         let mut ol = vec![255u8; n * n];
-        let a = augment_slice(image, label, n, cfg, scale, rng, &mut oi, &mut ol);
+        let input = SliceRef {
+            image,
+            label,
+            size: n,
+        };
+        let out = SliceOut {
+            image: &mut oi,
+            label: &mut ol,
+        };
+        let a = augment_slice(input, cfg, scale, rng, out);
         (oi, ol, a)
     }
 
@@ -1998,7 +2028,16 @@ mod tests {
             let t = std::time::Instant::now();
             for k in 0..reps {
                 let mut rng = Rng::stream(1, &[keys::AUGMENT, 0, k]);
-                augment_slice(&img, &lab, n, &cfg, &s, &mut rng, &mut oi, &mut ol);
+                let input = SliceRef {
+                    image: &img,
+                    label: &lab,
+                    size: n,
+                };
+                let out = SliceOut {
+                    image: &mut oi,
+                    label: &mut ol,
+                };
+                augment_slice(input, &cfg, &s, &mut rng, out);
             }
             println!(
                 "{n}x{n}: {:.0} µs per slice, everything on",

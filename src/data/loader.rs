@@ -7,7 +7,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::augment::{AugmentConfig, augment_slice};
+use super::augment::{AugmentConfig, SliceOut, SliceRef, augment_slice};
 use super::dataset::{DataConfig, Dataset, Sampling};
 use crate::error::{Error, Result};
 use crate::rng::{Rng, keys};
@@ -187,16 +187,16 @@ impl BatchMaker {
                     // change: the context stays aligned with the slice and its label.
                     Some((cfg, seed)) => {
                         let mut rng = Rng::stream(*seed, &[keys::AUGMENT, epoch, i as u64]);
-                        augment_slice(
-                            &image,
-                            ds.label(i),
-                            ds.size,
-                            cfg,
-                            &units,
-                            &mut rng,
-                            &mut out,
-                            &mut label,
-                        );
+                        let input = SliceRef {
+                            image: &image,
+                            label: ds.label(i),
+                            size: ds.size,
+                        };
+                        let into = SliceOut {
+                            image: &mut out,
+                            label: &mut label,
+                        };
+                        augment_slice(input, cfg, &units, &mut rng, into);
                         inputs.extend_from_slice(&out);
                     }
                     None => inputs.extend_from_slice(&image),
