@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use ctseg::config::RunConfig;
-use ctseg::data::{Dataset, Loader};
+use ctseg::data::{Dataset, Loader, make_batch};
 use ctseg::util::stats::spread;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -34,9 +34,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(<[usize]>::to_vec)
             .collect();
         let t = Instant::now();
-        let mut loader = Loader::spawn(ds.clone(), cfg.data.clone(), 3, batches, 4);
+        let (ds, data) = (ds.clone(), cfg.data.clone());
+        let mut loader = Loader::spawn(batches, 4, move |idx| make_batch(&ds, &data, 3, idx))?;
         let mut seen = 0;
-        while let Some(b) = loader.next_batch() {
+        while let Some(b) = loader.next_batch()? {
             seen += b.len;
         }
         assert_eq!(seen, n);
