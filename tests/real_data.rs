@@ -799,3 +799,133 @@ fn lits_metrics_match_medpy_on_the_real_fixture() {
         eprintln!("{structure}: {ours}");
     }
 }
+
+/// The raw (gunzipped) bytes of `path` with `edit` applied, written as `dir/name` (gzipped when
+/// the name ends in `.gz`).
+fn edited(dir: &Path, name: &str, path: &Path, edit: impl Fn(&mut Vec<u8>)) -> PathBuf {
+    let mut b = gunzip(path);
+    edit(&mut b);
+    if name.ends_with(".gz") {
+        write(dir, name, &gzip(&b))
+    } else {
+        write(dir, name, &b)
+    }
+}
+
+fn set_f32(h: &mut [u8], off: usize, v: f32) {
+    h[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+/// `ctseg prepare` of the pair through the binary: exit 2 naming the image and each of
+/// `needles`, no panic, and nothing left beside the inputs (no output, no temporary folder).
+fn prepare_fails_cleanly(image: &Path, label: &Path, needles: &[&str]) {
+    let d = tempfile::tempdir().expect("tmp");
+    let csv = d.path().join("pairs.csv");
+    std::fs::write(&csv, format!("{},{}\n", image.display(), label.display())).expect("csv");
+    let out = d.path().join("out");
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut want = vec![name.as_str()];
+    want.extend_from_slice(needles);
+    common::fails_with(
+        common::ctseg(&[
+            "prepare",
+            "--input",
+            common::s(&csv),
+            "--out",
+            common::s(&out),
+            "--size",
+            "32",
+            "--quiet",
+        ]),
+        2,
+        &want,
+    );
+    let left: Vec<String> = std::fs::read_dir(d.path())
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "pairs.csv")
+        .collect();
+    assert!(left.is_empty(), "{name}: left behind: {left:?}");
+}
+
+#[test]
+fn a_header_claiming_more_data_than_the_file_holds_is_refused_before_allocating() {
+    let d = tempfile::tempdir().expect("tmp");
+    // vox_offset = 1e20 made `ctseg prepare` panic ("capacity overflow", exit 101): the offset
+    // became the size of a buffer. Now it is held against the file's length (.nii) or found
+    // missing from the stream (.nii.gz).
+    for name in ["offset.nii", "offset.nii.gz"] {
+        let f = edited(d.path(), name, &ct(), |b| set_f32(b, 108, 1e20));
+        prepare_fails_cleanly(&f, &liver(), &["vox_offset 100000000000000000000"]);
+    }
+    // dims 32767³ of int16 in a file of a few hundred bytes aborted on allocating 70 TB (exit
+    // 134). 32767³ = 35,181,150,961,663 voxels, above the 2³¹ that ctseg reads.
+    for name in ["huge.nii", "huge.nii.gz"] {
+        let f = edited(d.path(), name, &ct(), |b| {
+            b.truncate(400);
+            for k in 1..=3 {
+                set_i16(b, 40 + 2 * k, i16::MAX);
+            }
+        });
+        prepare_fails_cleanly(
+            &f,
+            &liver(),
+            &["dim = [32767, 32767, 32767]", "35181150961663 voxels"],
+        );
+    }
+    // Within that limit (2000 × 1000 × 1000 int16 = 4 GB) in a 400-byte file: the .nii is
+    // refused by its length, the .nii.gz as truncated (its buffer grows only with the stream).
+    let big = |b: &mut Vec<u8>| {
+        b.truncate(400);
+        set_i16(b, 42, 2000);
+        set_i16(b, 44, 1000);
+        set_i16(b, 46, 1000);
+    };
+    let f = edited(d.path(), "big.nii", &ct(), big);
+    prepare_fails_cleanly(
+        &f,
+        &liver(),
+        &[
+            "describe 4000000000 bytes of voxel data",
+            "the file has 400 bytes",
+        ],
+    );
+    let f = edited(d.path(), "big.nii.gz", &ct(), big);
+    prepare_fails_cleanly(
+        &f,
+        &liver(),
+        &["ends after 48 of 4000000000 bytes of the voxel data"],
+    );
+}
+
+#[test]
+fn a_multi_member_gzip_reads_like_the_single_stream() {
+    // bgzip and some converters write a .nii.gz as several gzip members; the reader stopped at
+    // the end of the first and called the file truncated. Two members: the two halves.
+    let d = tempfile::tempdir().expect("tmp");
+    let raw = gunzip(&ct());
+    let mut two = gzip(&raw[..raw.len() / 2]);
+    two.extend_from_slice(&gzip(&raw[raw.len() / 2..]));
+    let f = write(d.path(), "bgzip.nii.gz", &two);
+    let a = nifti::read(&ct()).expect("original");
+    let b = nifti::read(&f).expect("two members");
+    assert_eq!((b.dims, b.affine, b.spacing), (a.dims, a.affine, a.spacing));
+    assert!(b.data == a.data, "the voxels differ");
+}
+
+#[test]
+fn a_corrupt_gzip_member_is_refused_by_its_checksum() {
+    // The reader reads the stream to its end, so a flipped byte in the data fails the CRC-32 of
+    // its gzip member (stored in the trailer's first 4 bytes).
+    let d = tempfile::tempdir().expect("tmp");
+    let mut gz = std::fs::read(ct()).expect("read");
+    let n = gz.len();
+    gz[n - 8] ^= 0x01;
+    let f = write(d.path(), "crc.nii.gz", &gz);
+    let e = nifti::read(&f).expect_err("corrupt").to_string();
+    assert!(e.contains("crc.nii.gz") && e.contains("gzip"), "{e}");
+}

@@ -3,15 +3,28 @@
 //! writing label masks. Every error names the file and the header field or voxel at fault.
 //!
 //! Written against the NIfTI-1 standard (nifti1.h) rather than on a crate so that errors can
-//! say which field is wrong and so that nothing but the volume itself is held in memory.
+//! say which field is wrong and so that nothing but the volume itself is held in memory. Sizes
+//! in the header are untrusted: the data size is computed with checked arithmetic and held
+//! against the file's length (`.nii`) before anything is allocated; a `.nii.gz` buffer grows
+//! only with the bytes the stream actually delivers, so a header claiming a huge volume in a
+//! small file fails as truncated instead of allocating what it claims.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-use flate2::read::GzDecoder;
+use flate2::read::MultiGzDecoder;
 
 use crate::error::{Error, Result};
+
+/// The largest volume ctseg reads, in voxels: 2³¹ (8 GiB as f32 in memory), eight times the
+/// largest LiTS CT (512 × 512 × 987). A header asking for more is refused before anything is
+/// allocated, with the size in the message.
+pub const MAX_VOXELS: u64 = 1 << 31;
+
+/// Growth step of the voxel buffer of a compressed volume, whose size is only known once the
+/// stream has delivered it.
+const CHUNK: usize = 1 << 22;
 
 /// A 3-D volume: `dims[0]` is the fastest-varying axis (NIfTI order, i then j then k).
 #[derive(Clone, Debug)]
@@ -66,9 +79,13 @@ fn datatype_size(path: &Path, code: i16) -> Result<usize> {
 struct Header {
     big_endian: bool,
     dims: [usize; 3],
+    /// Bytes of voxel data the header describes (dims × element size, checked).
+    data_bytes: u64,
     datatype: i16,
     pixdim: [f32; 8],
-    vox_offset: usize,
+    vox_offset: u64,
+    /// vox_offset as stored (for messages).
+    vox_offset_field: f32,
     slope: f32,
     inter: f32,
     qform_code: i16,
@@ -167,7 +184,23 @@ fn parse_header(path: &Path, h: &[u8; 348]) -> Result<Header> {
     };
     let dims = [size(1), size(2), size(3)];
     let datatype = i16_at(70);
-    datatype_size(path, datatype)?;
+    let element = datatype_size(path, datatype)?;
+    // Each dim is at most i16::MAX, so the product fits in u64; checked all the same.
+    let voxels = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .filter(|&v| v <= MAX_VOXELS)
+        .ok_or_else(|| {
+            err(
+                path,
+                format!(
+                    "header field dim = {:?}: {} voxels, more than the {MAX_VOXELS} ctseg reads (crop or resample the volume first)",
+                    &dim[1..=ndim as usize],
+                    dims.iter().map(|&d| d as f64).product::<f64>()
+                ),
+            )
+        })?;
+    let data_bytes = voxels * element as u64;
     let mut pixdim = [0f32; 8];
     for (k, p) in pixdim.iter_mut().enumerate() {
         *p = f32_at(76 + 4 * k);
@@ -188,9 +221,12 @@ fn parse_header(path: &Path, h: &[u8; 348]) -> Result<Header> {
     Ok(Header {
         big_endian,
         dims,
+        data_bytes,
         datatype,
         pixdim,
-        vox_offset: vox_offset as usize,
+        // Finite and at least 348: the cast truncates a fraction and saturates beyond u64.
+        vox_offset: vox_offset as u64,
+        vox_offset_field: vox_offset,
         slope: f32_at(112),
         inter: f32_at(116),
         qform_code: i16_at(252),
@@ -246,61 +282,98 @@ fn affine(h: &Header) -> [[f64; 4]; 3] {
     ]
 }
 
-fn open_stream(path: &Path) -> Result<Box<dyn Read>> {
+fn is_gz(path: &Path) -> bool {
+    path.to_string_lossy().to_ascii_lowercase().ends_with(".gz")
+}
+
+/// The file as a stream of NIfTI bytes (gunzipped if its name ends in `.gz`; every gzip member,
+/// as bgzip writes several), and its length when that is the length of the NIfTI bytes.
+fn open_stream(path: &Path) -> Result<(Box<dyn Read>, Option<u64>)> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let gz = path
-        .file_name()
-        .is_some_and(|n| n.to_string_lossy().to_ascii_lowercase().ends_with(".gz"));
-    if gz {
-        Ok(Box::new(GzDecoder::new(BufReader::with_capacity(
-            1 << 20,
-            file,
-        ))))
+    if is_gz(path) {
+        let reader = MultiGzDecoder::new(BufReader::with_capacity(1 << 20, file));
+        Ok((Box::new(reader), None))
     } else {
-        Ok(Box::new(BufReader::with_capacity(1 << 20, file)))
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        Ok((Box::new(BufReader::with_capacity(1 << 20, file)), Some(len)))
     }
 }
 
-fn read_exact_named(path: &Path, r: &mut dyn Read, buf: &mut [u8], what: &str) -> Result<()> {
-    let mut got = 0;
+/// The error for a read of the `what` that failed after `got` bytes.
+fn read_error(path: &Path, what: &str, got: u64, e: &std::io::Error) -> Error {
+    let early =
+        e.kind() == std::io::ErrorKind::UnexpectedEof || e.to_string().contains("incomplete");
+    err(
+        path,
+        match (is_gz(path), early) {
+            (true, true) => format!(
+                "reading the {what}: the gzip stream ends early after {got} bytes (truncated file?)"
+            ),
+            (true, false) => format!("reading the {what}: not a valid gzip stream ({e})"),
+            (false, _) => format!("reading the {what}: {e}"),
+        },
+    )
+}
+
+/// Reads into `buf[from..]` until it is full or the stream ends; returns the bytes read.
+fn fill(path: &Path, r: &mut dyn Read, buf: &mut [u8], from: usize, what: &str) -> Result<usize> {
+    let mut got = from;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
-            Ok(0) => {
-                return Err(err(
-                    path,
-                    format!(
-                        "ends after {got} of {} bytes of the {what} (truncated file?)",
-                        buf.len()
-                    ),
-                ));
-            }
+            Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                let gz = path.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
-                let early = e.kind() == std::io::ErrorKind::UnexpectedEof
-                    || e.to_string().contains("incomplete");
-                return Err(err(
-                    path,
-                    if gz && early {
-                        format!(
-                            "reading the {what}: the gzip stream ends early after {got} bytes (truncated file?)"
-                        )
-                    } else if gz {
-                        format!("reading the {what}: not a valid gzip stream ({e})")
-                    } else {
-                        format!("reading the {what}: {e}")
-                    },
-                ));
-            }
+            Err(e) => return Err(read_error(path, what, got as u64, &e)),
         }
+    }
+    Ok(got)
+}
+
+fn truncated(path: &Path, what: &str, got: u64, want: u64) -> Error {
+    err(
+        path,
+        format!("ends after {got} of {want} bytes of the {what} (truncated file?)"),
+    )
+}
+
+fn read_exact_named(path: &Path, r: &mut dyn Read, buf: &mut [u8], what: &str) -> Result<()> {
+    let got = fill(path, r, buf, 0, what)?;
+    if got < buf.len() {
+        return Err(truncated(path, what, got as u64, buf.len() as u64));
+    }
+    Ok(())
+}
+
+/// Reads `n` bytes into a buffer that grows with what the stream delivers (doubling, never past
+/// `n`), so that a header claiming more than a compressed file holds fails as truncated after
+/// allocating about what the file held.
+fn read_growing(path: &Path, r: &mut dyn Read, n: usize, what: &str) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    while buf.len() < n {
+        let have = buf.len();
+        let grow = have.max(CHUNK).min(n - have);
+        buf.resize(have + grow, 0);
+        let got = fill(path, r, &mut buf, have, what)?;
+        if got < buf.len() {
+            return Err(truncated(path, what, got as u64, n as u64));
+        }
+    }
+    Ok(buf)
+}
+
+/// Skips `n` bytes without holding them.
+fn skip(path: &Path, r: &mut dyn Read, n: u64, what: &str) -> Result<()> {
+    let got = std::io::copy(&mut r.take(n), &mut std::io::sink())
+        .map_err(|e| read_error(path, what, 0, &e))?;
+    if got < n {
+        return Err(truncated(path, what, got, n));
     }
     Ok(())
 }
 
 /// Reads the header only: dimensions, spacing, affine.
 pub fn read_header(path: &Path) -> Result<Volume> {
-    let mut r = open_stream(path)?;
+    let (mut r, _) = open_stream(path)?;
     let mut hb = [0u8; 348];
     read_exact_named(path, r.as_mut(), &mut hb, "header")?;
     let h = parse_header(path, &hb)?;
@@ -315,19 +388,46 @@ pub fn read_header(path: &Path) -> Result<Volume> {
 }
 
 /// Reads a 3-D NIfTI-1 volume and applies scl_slope / scl_inter (when the slope is finite and
-/// non-zero, as nibabel does). Non-finite voxels are an error naming the first one.
+/// non-zero, as nibabel does). Non-finite voxels are an error naming the first one. The data size the header gives is checked against the file's length
+/// (`.nii`) before it is allocated; a `.nii.gz` is read to the end of its stream, so that its
+/// gzip checksums are verified (bytes after the voxel data are ignored, as nibabel does).
 pub fn read(path: &Path) -> Result<Volume> {
-    let mut r = open_stream(path)?;
+    let (mut r, file_len) = open_stream(path)?;
     let mut hb = [0u8; 348];
     read_exact_named(path, r.as_mut(), &mut hb, "header")?;
     let h = parse_header(path, &hb)?;
-    // Skip extensions up to vox_offset.
-    let mut skip = vec![0u8; h.vox_offset - 348];
-    read_exact_named(path, r.as_mut(), &mut skip, "header extensions")?;
-    let n = h.dims.iter().product::<usize>();
-    let es = datatype_size(path, h.datatype)?;
-    let mut raw = vec![0u8; n * es];
-    read_exact_named(path, r.as_mut(), &mut raw, "voxel data")?;
+    let affine = affine(&h);
+    if let Some(len) = file_len
+        && h.vox_offset
+            .checked_add(h.data_bytes)
+            .is_none_or(|end| end > len)
+    {
+        return Err(err(
+            path,
+            format!(
+                "header fields dim {:?} and datatype {} describe {} bytes of voxel data from vox_offset {}, but the file has {len} bytes (truncated file, or a corrupt header)",
+                h.dims, h.datatype, h.data_bytes, h.vox_offset_field
+            ),
+        ));
+    }
+    let extensions = format!(
+        "header extensions (up to vox_offset {})",
+        h.vox_offset_field
+    );
+    skip(path, r.as_mut(), h.vox_offset - 348, &extensions)?;
+    let n = usize::try_from(h.data_bytes)
+        .map_err(|_| err(path, "the voxel data does not fit in memory"))?;
+    let raw = if file_len.is_some() {
+        let mut raw = vec![0u8; n];
+        read_exact_named(path, r.as_mut(), &mut raw, "voxel data")?;
+        raw
+    } else {
+        let raw = read_growing(path, r.as_mut(), n, "voxel data")?;
+        // To the end of the stream, so that a corrupt member fails its gzip checksum.
+        std::io::copy(&mut r, &mut std::io::sink())
+            .map_err(|e| read_error(path, "end of the gzip stream", 0, &e))?;
+        raw
+    };
     let data = decode(&raw, h.datatype, h.big_endian);
     drop(raw);
     let (slope, inter) = if h.slope.is_finite() && h.slope != 0.0 {
@@ -359,7 +459,7 @@ pub fn read(path: &Path) -> Result<Volume> {
         path: path.to_path_buf(),
         dims: h.dims,
         spacing: [h.pixdim[1], h.pixdim[2], h.pixdim[3]].map(|v| v.abs() as f64),
-        affine: affine(&h),
+        affine,
         data,
         datatype: h.datatype,
     })
@@ -540,6 +640,13 @@ pub fn write_u8(path: &Path, dims: [usize; 3], affine: &[[f64; 4]; 3], data: &[u
             "{}: {} values for a {dims:?} volume",
             path.display(),
             data.len()
+        )));
+    }
+    if dims.iter().any(|&d| d == 0 || d > i16::MAX as usize) {
+        return Err(Error::Invalid(format!(
+            "{}: a NIfTI-1 volume has 1 to {} voxels per axis, not {dims:?}",
+            path.display(),
+            i16::MAX
         )));
     }
     let mut h = [0u8; 352];
