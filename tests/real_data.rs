@@ -929,3 +929,56 @@ fn a_corrupt_gzip_member_is_refused_by_its_checksum() {
     let e = nifti::read(&f).expect_err("corrupt").to_string();
     assert!(e.contains("crc.nii.gz") && e.contains("gzip"), "{e}");
 }
+
+#[test]
+fn without_sform_and_qform_the_affine_is_nibabels_base_affine() {
+    // nibabel 5.4.2 (nib.load(f).affine), for liver.nii.gz with sform_code = qform_code = 0
+    // (dims 122 × 101 × 30, pixdim 3): get_base_affine = diag(-3, 3, 3) with the origin at the
+    // centre, (dim - 1) / 2 · zoom = (181.5, -150, -43.5). Produced with nibabel 5.4.2 in a
+    // venv, the header edited with struct.pack_into as here. The reader used diag(3, 3, 3):
+    // the volume came out mirrored left-right.
+    let d = tempfile::tempdir().expect("tmp");
+    let f = edited(d.path(), "nocodes.nii", &liver(), |b| {
+        set_i16(b, 252, 0);
+        set_i16(b, 254, 0);
+    });
+    let v = nifti::read(&f).expect("read");
+    let want = [
+        [-3.0, 0.0, 0.0, 181.5],
+        [0.0, 3.0, 0.0, -150.0],
+        [0.0, 0.0, 3.0, -43.5],
+    ];
+    assert_eq!(v.affine, want);
+    // nibabel's header checks on loading: pixdim (-2, 0, 1.5) → zooms (2, 1, 1.5); an invalid
+    // code (-2) counts as 0. nibabel 5.4.2 gives [[-2, 0, 0, 121], [0, 1, 0, -50],
+    // [0, 0, 1.5, -21.75]].
+    let f = edited(d.path(), "fixed.nii", &liver(), |b| {
+        set_i16(b, 252, 0);
+        set_i16(b, 254, -2);
+        set_f32(b, 80, -2.0);
+        set_f32(b, 84, 0.0);
+        set_f32(b, 88, 1.5);
+    });
+    let v = nifti::read(&f).expect("read");
+    let want = [
+        [-2.0, 0.0, 0.0, 121.0],
+        [0.0, 1.0, 0.0, -50.0],
+        [0.0, 0.0, 1.5, -21.75],
+    ];
+    assert_eq!(v.affine, want);
+    assert_eq!(v.spacing, [2.0, 1.0, 1.5]);
+    // The same, live, where nibabel is installed.
+    let script = format!(
+        "import nibabel as nib\nprint(nib.load({:?}).affine[:3].tolist())",
+        f.display().to_string()
+    );
+    if let Some(out) =
+        common::python_reference("nibabel base affine", &["nibabel"], &["-c", &script], &[])
+    {
+        assert_eq!(
+            out.trim(),
+            format!("{:?}", want.map(|r| r.to_vec())),
+            "nibabel says {out}"
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! NIfTI-1 volumes (`.nii`, `.nii.gz`): reading with scaling and the voxel-to-world affine
-//! (sform, else qform, else pixdim), reorientation to ctseg's canonical axial layout, and
-//! writing label masks. Every error names the file and the header field or voxel at fault.
+//! (sform, else qform, else nibabel's base affine), reorientation to ctseg's canonical axial
+//! layout, and writing label masks. Every error names the file and the header field or voxel at
+//! fault.
 //!
 //! Written against the NIfTI-1 standard (nifti1.h) rather than on a crate so that errors can
 //! say which field is wrong and so that nothing but the volume itself is held in memory. Sizes
@@ -78,6 +79,7 @@ fn datatype_size(path: &Path, code: i16) -> Result<usize> {
 
 struct Header {
     big_endian: bool,
+    ndim: usize,
     dims: [usize; 3],
     /// Bytes of voxel data the header describes (dims × element size, checked).
     data_bytes: u64,
@@ -220,6 +222,7 @@ fn parse_header(path: &Path, h: &[u8; 348]) -> Result<Header> {
     }
     Ok(Header {
         big_endian,
+        ndim: ndim as usize,
         dims,
         data_bytes,
         datatype,
@@ -237,14 +240,27 @@ fn parse_header(path: &Path, h: &[u8; 348]) -> Result<Header> {
     })
 }
 
-/// The voxel-to-world affine as nibabel computes it: sform if sform_code > 0, else qform if
-/// qform_code > 0, else the pixdim diagonal.
+/// Voxel sizes as nibabel reads them: its header checks on loading set a pixdim[1..=3] of 0 to 1
+/// and a negative one to its absolute value.
+fn zooms(h: &Header) -> [f64; 3] {
+    [1, 2, 3].map(|k| {
+        let p = h.pixdim[k] as f64;
+        if p == 0.0 { 1.0 } else { p.abs() }
+    })
+}
+
+/// The voxel-to-world affine as nibabel computes it (`Nifti1Header.get_best_affine` after the
+/// checks nibabel runs on loading, which set a form code outside 1..=5 to 0 and a qfac other
+/// than −1 to 1): the sform if its code is set, else the qform if its code is set, else
+/// nibabel's base affine (`get_base_affine`: the zooms on the diagonal with x negated, the
+/// origin at the centre of the volume).
 fn affine(h: &Header) -> [[f64; 4]; 3] {
-    let p = |k: usize| h.pixdim[k] as f64;
-    if h.sform_code > 0 {
+    let coded = |code: i16| (1..=5).contains(&code);
+    if coded(h.sform_code) {
         return h.srow.map(|r| r.map(|v| v as f64));
     }
-    if h.qform_code > 0 {
+    let z = zooms(h);
+    if coded(h.qform_code) {
         let [b, c, d] = h.quatern.map(|v| v as f64);
         let a = (1.0 - (b * b + c * c + d * d)).max(0.0).sqrt();
         let r = [
@@ -264,8 +280,8 @@ fn affine(h: &Header) -> [[f64; 4]; 3] {
                 a * a + d * d - c * c - b * b,
             ],
         ];
-        let qfac = if p(0) < 0.0 { -1.0 } else { 1.0 };
-        let s = [p(1), p(2), qfac * p(3)];
+        let qfac = if h.pixdim[0] == -1.0 { -1.0 } else { 1.0 };
+        let s = [z[0], z[1], qfac * z[2]];
         let mut out = [[0.0; 4]; 3];
         for i in 0..3 {
             for j in 0..3 {
@@ -275,11 +291,15 @@ fn affine(h: &Header) -> [[f64; 4]; 3] {
         }
         return out;
     }
-    [
-        [p(1), 0.0, 0.0, 0.0],
-        [0.0, p(2), 0.0, 0.0],
-        [0.0, 0.0, p(3), 0.0],
-    ]
+    // nibabel's shape_zoom_affine: axes beyond dim[0] count as one voxel of 1 mm.
+    let zoom = |k: usize| if k < h.ndim { z[k] } else { 1.0 };
+    let diag = [-zoom(0), zoom(1), zoom(2)];
+    let mut out = [[0.0; 4]; 3];
+    for k in 0..3 {
+        out[k][k] = diag[k];
+        out[k][3] = -((h.dims[k] as f64 - 1.0) / 2.0) * diag[k];
+    }
+    out
 }
 
 fn is_gz(path: &Path) -> bool {
@@ -380,7 +400,7 @@ pub fn read_header(path: &Path) -> Result<Volume> {
     Ok(Volume {
         path: path.to_path_buf(),
         dims: h.dims,
-        spacing: [h.pixdim[1], h.pixdim[2], h.pixdim[3]].map(|v| v.abs() as f64),
+        spacing: zooms(&h),
         affine: affine(&h),
         data: Vec::new(),
         datatype: h.datatype,
@@ -458,7 +478,7 @@ pub fn read(path: &Path) -> Result<Volume> {
     Ok(Volume {
         path: path.to_path_buf(),
         dims: h.dims,
-        spacing: [h.pixdim[1], h.pixdim[2], h.pixdim[3]].map(|v| v.abs() as f64),
+        spacing: zooms(&h),
         affine,
         data,
         datatype: h.datatype,
