@@ -982,3 +982,34 @@ fn without_sform_and_qform_the_affine_is_nibabels_base_affine() {
         );
     }
 }
+
+/// The CT with its sform's rotation part turned by `degrees` about z.
+fn rotated_ct(dir: &Path, name: &str, degrees: f64) -> PathBuf {
+    edited(dir, name, &ct(), |b| {
+        let (s, c) = degrees.to_radians().sin_cos();
+        // sform rows start at 280, 296, 312; the CT's is diag(3, 3, 3).
+        set_f32(b, 280, (3.0 * c) as f32);
+        set_f32(b, 284, (-3.0 * s) as f32);
+        set_f32(b, 296, (3.0 * s) as f32);
+        set_f32(b, 300, (3.0 * c) as f32);
+    })
+}
+
+#[test]
+fn oblique_affines_are_refused_with_how_to_resample() {
+    let d = tempfile::tempdir().expect("tmp");
+    let f = rotated_ct(d.path(), "oblique.nii", 5.0);
+    let e = nifti::read(&f).expect_err("oblique").to_string();
+    for want in [
+        "oblique.nii",
+        "oblique",
+        "5.000°",
+        "resample_to_output",
+        "ResampleImageFilter",
+    ] {
+        assert!(e.contains(want), "{want:?} missing: {e}");
+    }
+    // 0.01° (sine 1.7e-4) is float rounding, not obliquity: read as axis-aligned.
+    let f = rotated_ct(d.path(), "straight.nii", 0.01);
+    assert!(nifti::read(&f).is_ok());
+}

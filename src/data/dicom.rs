@@ -1,6 +1,7 @@
 //! DICOM CT series (a folder of single-frame slices) as a [`Volume`]: one series only, slices
-//! ordered by ImagePositionPatient along the slice normal, gaps refused, RescaleSlope/Intercept
-//! applied (HU), the voxel-to-world affine converted from DICOM's LPS to NIfTI's RAS.
+//! ordered by ImagePositionPatient along the slice normal, gaps and gantry tilt refused,
+//! RescaleSlope/Intercept applied (HU), the voxel-to-world affine converted from DICOM's LPS to
+//! NIfTI's RAS.
 
 use std::path::{Path, PathBuf};
 
@@ -8,8 +9,14 @@ use dicom_dictionary_std::tags;
 use dicom_object::{DefaultDicomObject, Tag};
 use dicom_pixeldata::PixelDecoder;
 
-use super::nifti::Volume;
+use super::nifti::{self, Volume};
 use crate::error::{Error, Result};
+
+/// How far, in pixels, a slice may lie off the line through the first slice along the slice
+/// normal before the series counts as tilted: a tenth of a pixel, above the rounding of
+/// ImagePositionPatient (decimal strings of up to 16 characters) and below any real gantry tilt
+/// over more than a few slices.
+const TILT_TOLERANCE_PX: f64 = 0.1;
 
 struct Slice {
     path: PathBuf,
@@ -80,6 +87,15 @@ fn read_slice(path: &Path) -> Result<Slice> {
         6,
     )?;
     let s = floats(&obj, path, tags::PIXEL_SPACING, "PixelSpacing", 2)?;
+    if s.iter().any(|&v| v <= 0.0) {
+        return Err(Error::dataset(
+            path,
+            format!(
+                "PixelSpacing {} = {s:?}; expected two positive numbers (mm)",
+                tags::PIXEL_SPACING
+            ),
+        ));
+    }
     let thickness = obj
         .element(tags::SLICE_THICKNESS)
         .ok()
@@ -131,6 +147,10 @@ fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
 
 fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
     a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+}
+
+fn sub(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
+    [a[0] - b[0], a[1] - b[1], a[2] - b[2]]
 }
 
 /// Reads the DICOM series in `dir` (every regular file but `DICOMDIR` and hidden files).
@@ -214,8 +234,40 @@ pub fn read_series(dir: &Path) -> Result<Volume> {
     );
     let row_cos = [o[0], o[1], o[2]];
     let col_cos = [o[3], o[4], o[5]];
+    let unit = |v: [f64; 3]| (dot(v, v).sqrt() - 1.0).abs() <= 1e-2;
+    if !unit(row_cos) || !unit(col_cos) || dot(row_cos, col_cos).abs() > 1e-2 {
+        return Err(Error::dataset(
+            &first.path,
+            format!(
+                "ImageOrientationPatient {} = {o:?}; expected two orthogonal unit vectors (the row and column directions)",
+                tags::IMAGE_ORIENTATION_PATIENT
+            ),
+        ));
+    }
     let normal = cross(row_cos, col_cos);
+    let normal = normal.map(|v| v / dot(normal, normal).sqrt());
     slices.sort_by(|a, b| dot(a.position, normal).total_cmp(&dot(b.position, normal)));
+    // Gantry tilt: the slices are planes along the normal, but their origins drift across it.
+    let tilt_limit = TILT_TOLERANCE_PX * pixel_spacing[0].min(pixel_spacing[1]);
+    let start = slices[0].position;
+    for s in &slices[1..] {
+        let d = sub(s.position, start);
+        let along = dot(d, normal);
+        let off = sub(d, normal.map(|v| v * along));
+        let across = dot(off, off).sqrt();
+        if across > tilt_limit {
+            return Err(Error::dataset(
+                &s.path,
+                format!(
+                    "ImagePositionPatient {:?} lies {across:.3} mm off the slice normal through {} ({start:?}) at {:.3} mm along it: a gantry tilt of {:.2} degrees (ctseg reads untilted series, within {TILT_TOLERANCE_PX} pixel); correct the tilt first, e.g. with dcm2niix (it writes a tilt-corrected NIfTI, which ctseg reads), or resample the series with SimpleITK's ResampleImageFilter",
+                    s.position,
+                    slices[0].path.display(),
+                    along.abs(),
+                    across.atan2(along.abs()).to_degrees()
+                ),
+            ));
+        }
+    }
     let along: Vec<f64> = slices.iter().map(|s| dot(s.position, normal)).collect();
     let gaps: Vec<f64> = along.windows(2).map(|w| w[1] - w[0]).collect();
     let spacing_z = if gaps.is_empty() {
@@ -266,6 +318,8 @@ pub fn read_series(dir: &Path) -> Result<Volume> {
         }
         affine[r][3] = sign * origin[r];
     }
+    // Oblique slice planes (ImageOrientationPatient off the axes) are refused here.
+    nifti::orientation(dir, &affine)?;
     let mut data = Vec::with_capacity(rows * cols * slices.len());
     for s in &slices {
         data.extend_from_slice(&s.hu);

@@ -23,6 +23,15 @@ use crate::error::{Error, Result};
 /// allocated, with the size in the message.
 pub const MAX_VOXELS: u64 = 1 << 31;
 
+/// How far (the sine of the angle) a voxel axis may point away from its nearest world axis for
+/// a volume to count as axis-aligned: 1e-3 (0.057°). Affines stored as float32 round at 1e-7,
+/// real obliquity and gantry tilts are whole degrees; reading a volume within this tolerance as
+/// axis-aligned moves a voxel 256 voxels from the origin by a quarter of a voxel at most.
+pub const OBLIQUE_TOLERANCE: f64 = 1e-3;
+
+/// How an oblique volume can be made readable (named in the errors that refuse one).
+pub const RESAMPLE_HINT: &str = "resample it onto an axis-aligned grid first, e.g. with nibabel (`nibabel.processing.resample_to_output(nib.load(path))`) or SimpleITK (`ResampleImageFilter` with an identity direction); for a DICOM series with a gantry tilt, `dcm2niix` writes a tilt-corrected NIfTI";
+
 /// Growth step of the voxel buffer of a compressed volume, whose size is only known once the
 /// stream has delivered it.
 const CHUNK: usize = 1 << 22;
@@ -408,7 +417,8 @@ pub fn read_header(path: &Path) -> Result<Volume> {
 }
 
 /// Reads a 3-D NIfTI-1 volume and applies scl_slope / scl_inter (when the slope is finite and
-/// non-zero, as nibabel does). Non-finite voxels are an error naming the first one. The data size the header gives is checked against the file's length
+/// non-zero, as nibabel does). Non-finite voxels and an oblique affine ([`orientation`]) are
+/// errors naming the file. The data size the header gives is checked against the file's length
 /// (`.nii`) before it is allocated; a `.nii.gz` is read to the end of its stream, so that its
 /// gzip checksums are verified (bytes after the voxel data are ignored, as nibabel does).
 pub fn read(path: &Path) -> Result<Volume> {
@@ -417,6 +427,7 @@ pub fn read(path: &Path) -> Result<Volume> {
     read_exact_named(path, r.as_mut(), &mut hb, "header")?;
     let h = parse_header(path, &hb)?;
     let affine = affine(&h);
+    orientation(path, &affine)?;
     if let Some(len) = file_len
         && h.vox_offset
             .checked_add(h.data_bytes)
@@ -517,11 +528,13 @@ fn decode(raw: &[u8], datatype: i16, big: bool) -> Vec<f32> {
 }
 
 /// Axis codes of an affine: for each voxel axis, the world axis (0 = x/R, 1 = y/A, 2 = z/S) it
-/// is closest to and the sign (+1: index increases towards R/A/S). Errors if two voxel axes
-/// map to the same world axis (an oblique or degenerate affine).
+/// runs along and the sign (+1: index increases towards R/A/S). Errors, naming the file and how
+/// to resample it, if a voxel axis points more than [`OBLIQUE_TOLERANCE`] away from its world
+/// axis (an oblique affine), or if the affine is degenerate.
 pub fn orientation(path: &Path, affine: &[[f64; 4]; 3]) -> Result<[(usize, i8); 3]> {
     let mut out = [(0usize, 1i8); 3];
     let mut used = [false; 3];
+    let mut norms = [0.0; 3];
     // Greedy on the largest normalised components, as nibabel's io_orientation does for
     // non-oblique affines.
     let mut cand: Vec<(f64, usize, usize)> = Vec::new();
@@ -534,6 +547,7 @@ pub fn orientation(path: &Path, affine: &[[f64; 4]; 3]) -> Result<[(usize, i8); 
                 format!("affine column {vox} is zero or not finite: no orientation"),
             ));
         }
+        norms[vox] = norm;
         for (w, v) in column.iter().enumerate() {
             cand.push(((v / norm).abs(), vox, w));
         }
@@ -547,6 +561,26 @@ pub fn orientation(path: &Path, affine: &[[f64; 4]; 3]) -> Result<[(usize, i8); 
         done[vox] = true;
         used[w] = true;
         out[vox] = (w, if affine[w][vox] < 0.0 { -1 } else { 1 });
+    }
+    for (vox, &(w, _)) in out.iter().enumerate() {
+        // The sine of the angle between the voxel axis and its world axis.
+        let off = (0..3)
+            .filter(|&r| r != w)
+            .map(|r| (affine[r][vox] / norms[vox]).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        if off > OBLIQUE_TOLERANCE {
+            return Err(err(
+                path,
+                format!(
+                    "the affine is oblique: voxel axis {} points {:.3}° away from world axis {} (ctseg reads axis-aligned volumes, within {:.3}°); {RESAMPLE_HINT}",
+                    ["i", "j", "k"][vox],
+                    off.min(1.0).asin().to_degrees(),
+                    ["x", "y", "z"][w],
+                    OBLIQUE_TOLERANCE.asin().to_degrees()
+                ),
+            ));
+        }
     }
     Ok(out)
 }
