@@ -276,3 +276,25 @@ fn oblique_slices_are_refused_with_how_to_resample() {
         assert!(e.contains(want), "{want:?} missing: {e}");
     }
 }
+
+#[test]
+fn an_empty_image_is_refused_naming_the_file() {
+    // Rows = Columns = 0 reached the resizers, whose `n − 1` underflowed.
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("empty");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let mut obj = dicom_object::open_file(fixture("CT_small.dcm")).expect("open");
+    obj.put(dicom_object::mem::InMemElement::new(
+        tags::ROWS,
+        VR::US,
+        dicom_core::PrimitiveValue::from(0u16),
+    ));
+    obj.put(dicom_object::mem::InMemElement::new(
+        tags::COLUMNS,
+        VR::US,
+        dicom_core::PrimitiveValue::from(0u16),
+    ));
+    obj.write_to_file(dir.join("zero.dcm")).expect("write");
+    let e = dicom::read_series(&dir).expect_err("empty").to_string();
+    assert!(e.contains("zero.dcm") && e.contains("empty image"), "{e}");
+}

@@ -1,7 +1,7 @@
 //! DICOM CT series (a folder of single-frame slices) as a [`Volume`]: one series only, slices
-//! ordered by ImagePositionPatient along the slice normal, gaps and gantry tilt refused,
-//! RescaleSlope/Intercept applied (HU), the voxel-to-world affine converted from DICOM's LPS to
-//! NIfTI's RAS.
+//! ordered by ImagePositionPatient along the slice normal, gaps, empty images and gantry tilt
+//! refused, RescaleSlope/Intercept applied (HU), the voxel-to-world affine converted from
+//! DICOM's LPS to NIfTI's RAS.
 
 use std::path::{Path, PathBuf};
 
@@ -96,6 +96,30 @@ fn read_slice(path: &Path) -> Result<Slice> {
             ),
         ));
     }
+    // Checked before decoding: the resizers and the affine need at least one pixel.
+    let dimension = |tag: Tag, name: &str| {
+        obj.element(tag)
+            .ok()
+            .and_then(|e| e.to_int::<u32>().ok())
+            .ok_or_else(|| {
+                Error::dataset(
+                    path,
+                    format!("no {name} {tag}; expected a number of pixels"),
+                )
+            })
+    };
+    let (rows, cols) = (
+        dimension(tags::ROWS, "Rows")?,
+        dimension(tags::COLUMNS, "Columns")?,
+    );
+    if rows == 0 || cols == 0 {
+        return Err(Error::dataset(
+            path,
+            format!(
+                "Rows x Columns = {rows} x {cols}: an empty image; expected a CT slice of at least one pixel"
+            ),
+        ));
+    }
     let thickness = obj
         .element(tags::SLICE_THICKNESS)
         .ok()
@@ -113,7 +137,17 @@ fn read_slice(path: &Path) -> Result<Slice> {
             ),
         ));
     }
-    let (rows, cols) = (decoded.rows() as usize, decoded.columns() as usize);
+    if (decoded.rows(), decoded.columns()) != (rows, cols) {
+        return Err(Error::dataset(
+            path,
+            format!(
+                "the pixel data decodes to {}x{} pixels, Rows x Columns say {rows}x{cols}",
+                decoded.rows(),
+                decoded.columns()
+            ),
+        ));
+    }
+    let (rows, cols) = (rows as usize, cols as usize);
     // Modality LUT applied: RescaleSlope · stored + RescaleIntercept = HU.
     let hu: Vec<f32> = decoded
         .to_vec()

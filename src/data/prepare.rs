@@ -263,8 +263,9 @@ pub fn label_values(label: &Volume) -> Result<Vec<u8>> {
 }
 
 /// Source index of target pixel `t` of `n_out` along an axis of `n_in` (nearest, centres).
+/// The readers refuse empty images, so `n_in` is at least 1.
 fn nearest(t: usize, n_in: usize, n_out: usize) -> usize {
-    (((t as f64 + 0.5) * n_in as f64 / n_out as f64) as usize).min(n_in - 1)
+    (((t as f64 + 0.5) * n_in as f64 / n_out as f64) as usize).min(n_in.saturating_sub(1))
 }
 
 /// Mean of `src` over rows `r0..r1` and columns `c0..c1` (the area resize's reducer).

@@ -47,8 +47,9 @@ pub fn resize_nearest<T: Copy>(
     h_out: usize,
     w_out: usize,
 ) -> Vec<T> {
+    // The readers refuse empty images; an empty axis here picks index 0 of nothing.
     let pick = |t: usize, n_in: usize, n_out: usize| {
-        (((t as f64 + 0.5) * n_in as f64 / n_out as f64) as usize).min(n_in - 1)
+        (((t as f64 + 0.5) * n_in as f64 / n_out as f64) as usize).min(n_in.saturating_sub(1))
     };
     let cols: Vec<usize> = (0..w_out).map(|c| pick(c, w_in, w_out)).collect();
     let mut out = Vec::with_capacity(h_out * w_out);
