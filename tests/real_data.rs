@@ -129,8 +129,10 @@ fn canonical_layout_puts_the_liver_on_the_image_left_and_round_trips() {
 #[test]
 fn prepare_from_csv_and_lits_folder_with_folds() {
     let d = tempfile::tempdir().expect("tmp");
-    // A CSV like the study's trainingdata.csv: a header, then image,label rows. The same real
-    // pair twice makes two volumes (two folds).
+    // A CSV like the study's trainingdata.csv: a header, then image,label rows. Two copies of
+    // the real pair make two volumes (two folds); the same file twice would be refused.
+    let copy = d.path().join("ct-copy.nii.gz");
+    std::fs::copy(ct(), &copy).expect("copy");
     let csv = d.path().join("trainingdata.csv");
     std::fs::write(
         &csv,
@@ -138,7 +140,7 @@ fn prepare_from_csv_and_lits_folder_with_folds() {
             "image,label\n{},{}\n{},{}\n",
             ct().display(),
             liver().display(),
-            ct().display(),
+            copy.display(),
             liver().display()
         ),
     )
@@ -1012,4 +1014,29 @@ fn oblique_affines_are_refused_with_how_to_resample() {
     // 0.01° (sine 1.7e-4) is float rounding, not obliquity: read as axis-aligned.
     let f = rotated_ct(d.path(), "straight.nii", 0.01);
     assert!(nifti::read(&f).is_ok());
+}
+
+#[test]
+fn a_csv_listing_one_image_twice_is_refused_with_both_rows() {
+    // The same volume on two rows became two volumes that the fold assignment could put into
+    // training and validation. Compared after resolving paths: `./x` and `/abs/x` are one file.
+    let d = tempfile::tempdir().expect("tmp");
+    std::fs::copy(ct(), d.path().join("ct.nii.gz")).expect("copy");
+    std::fs::copy(liver(), d.path().join("seg.nii.gz")).expect("copy");
+    let csv = d.path().join("cases.csv");
+    std::fs::write(
+        &csv,
+        format!(
+            "image,label\nct.nii.gz,seg.nii.gz\n# a comment\n{},seg.nii.gz\n",
+            d.path().join("./ct.nii.gz").display()
+        ),
+    )
+    .expect("csv");
+    let e = prepare::find_pairs(&csv)
+        .expect_err("duplicate")
+        .to_string();
+    assert!(
+        e.contains("cases.csv") && e.contains("line 4") && e.contains("line 2"),
+        "{e}"
+    );
 }

@@ -151,6 +151,9 @@ fn read_csv(path: &Path) -> Result<Vec<Pair>> {
     let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut pairs = Vec::new();
+    // Each image once: a volume listed twice would become two volumes of the dataset, which
+    // the split by volume or fold could put on both sides (training and validation).
+    let mut images: BTreeMap<FileKey, usize> = BTreeMap::new();
     for (k, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -190,12 +193,43 @@ fn read_csv(path: &Path) -> Result<Vec<Pair>> {
                 ));
             }
         }
+        if let Some(first) = images.insert(FileKey::of(&image), k + 1) {
+            return Err(Error::dataset(
+                path,
+                format!(
+                    "line {}: image {} is the image of line {first} too (the same file, after resolving paths); list each volume once, or its slices could land in training and validation",
+                    k + 1,
+                    image.display()
+                ),
+            ));
+        }
         pairs.push(Pair { image, label });
     }
     if pairs.is_empty() {
         return Err(Error::dataset(path, "no image,label rows"));
     }
     Ok(pairs)
+}
+
+/// What makes two paths the same file: the resolved path (symlinks, `.` and `..`), and on Unix
+/// the device and inode (hard links).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum FileKey {
+    Inode(u64, u64),
+    Path(PathBuf),
+}
+
+impl FileKey {
+    fn of(p: &Path) -> Self {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(m) = fs::metadata(p) {
+                return Self::Inode(m.dev(), m.ino());
+            }
+        }
+        Self::Path(crate::util::fs::resolve(p))
+    }
 }
 
 /// Reads an image volume: a NIfTI file, or a folder holding one DICOM series.
