@@ -1040,3 +1040,61 @@ fn a_csv_listing_one_image_twice_is_refused_with_both_rows() {
         "{e}"
     );
 }
+
+#[test]
+fn area_resized_training_data_makes_prediction_resize_by_area() {
+    let d = tempfile::tempdir().expect("tmp");
+    let lits = lits_folder(d.path(), 2);
+    let ds = d.path().join("ds");
+    common::ok(common::ctseg(&[
+        "prepare",
+        "--input",
+        common::s(&lits),
+        "--out",
+        common::s(&ds),
+        "--size",
+        "32",
+        "--resize",
+        "area",
+        "--quiet",
+    ]));
+    let manifest = std::fs::read_to_string(ds.join("dataset.json")).expect("manifest");
+    assert!(manifest.contains("\"resize\": \"area\""), "{manifest}");
+    let run = d.path().join("run");
+    common::ok(common::ctseg(&[
+        "train",
+        "--config",
+        common::TINY,
+        "--data",
+        common::s(&ds),
+        "--size",
+        "32",
+        "--max-steps",
+        "2",
+        "--quiet",
+        "--out",
+        common::s(&run),
+    ]));
+    let trained =
+        ctseg::train::Trained::open(&run, ctseg::rundir::CheckpointKind::Last).expect("checkpoint");
+    assert_eq!(
+        trained.ck.meta.provenance.resize,
+        Resize::Area,
+        "the checkpoint records it"
+    );
+    assert_eq!(
+        ctseg::infer::Predictor::input_resize(&trained),
+        Resize::Area
+    );
+    let mask = d.path().join("mask.nii.gz");
+    let t = common::ok(common::ctseg(&[
+        "predict",
+        "--checkpoint",
+        common::s(&run),
+        "--input",
+        common::s(&ct()),
+        "--output",
+        common::s(&mask),
+    ]));
+    assert!(t.contains("by area"), "{t}");
+}

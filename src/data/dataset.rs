@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::phantom;
+use super::prepare::Resize;
 use super::shard::ShardData;
 use crate::error::{Error, Result};
 use crate::rng::{Rng, keys};
@@ -155,6 +156,10 @@ pub struct Manifest {
     pub volumes: Vec<VolumeEntry>,
     /// Where the data came from.
     pub source: String,
+    /// How `prepare` resized the images (absent from older datasets, which were resized by
+    /// nearest neighbour; phantoms are generated at their size and say `nearest`).
+    #[serde(default)]
+    pub resize: Resize,
 }
 
 /// Labelled slices in memory.
@@ -179,6 +184,9 @@ pub struct Dataset {
     pub volume_names: BTreeMap<u32, String>,
     /// Cross-validation fold per volume id (datasets prepared with folds).
     pub folds: BTreeMap<u32, usize>,
+    /// How the images were resized when the dataset was prepared (inference resizes its
+    /// inputs the same way).
+    pub resize: Resize,
 }
 
 impl Dataset {
@@ -268,6 +276,7 @@ impl Dataset {
             slice_indices,
             volume_names,
             folds: BTreeMap::new(),
+            resize: Resize::Nearest,
         }
     }
 
@@ -318,6 +327,7 @@ impl Dataset {
                 .iter()
                 .filter_map(|v| v.fold.map(|f| (v.id, f)))
                 .collect(),
+            resize: m.resize,
         };
         for entry in &m.shards {
             let path = dir.join(&entry.file);
@@ -424,6 +434,7 @@ impl Dataset {
             shards,
             volumes: volumes.into_values().collect(),
             source: source.into(),
+            resize: self.resize,
         };
         let mpath = dir.join(MANIFEST);
         let text = serde_json::to_string_pretty(&m)
@@ -539,6 +550,14 @@ mod tests {
         assert_eq!(back.labels, ds.labels);
         assert_eq!(back.volume_ids, ds.volume_ids);
         assert!(ds.write(&out, 4, "test").is_err(), "refuses to overwrite");
+    }
+
+    #[test]
+    fn manifests_without_a_resize_mode_read_as_nearest() {
+        // What `prepare` and `phantom` wrote before the mode was recorded.
+        let old = r#"{"format":"ctseg-dataset","version":1,"height":32,"width":32,"slices":0,"shards":[],"volumes":[],"source":"prepare x (resize Area)"}"#;
+        let m: Manifest = serde_json::from_str(old).expect("old manifest");
+        assert_eq!(m.resize, Resize::Nearest);
     }
 
     #[test]

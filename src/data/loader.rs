@@ -274,6 +274,7 @@ mod tests {
             slice_indices: vec![0, 1, 2],
             volume_names: Default::default(),
             folds: Default::default(),
+            resize: Default::default(),
         };
         let cfg = DataConfig {
             intensity: super::super::dataset::Intensity::Raw,

@@ -7,7 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::dataset::{MANIFEST, Manifest, ShardEntry, VolumeEntry};
 use super::nifti::{self, Volume};
@@ -17,10 +17,13 @@ use crate::rng::Rng;
 use crate::util::fs::create_dir_atomic;
 
 /// How images are resized to the training size (labels always take the nearest voxel).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+/// Recorded in the dataset's manifest and the run's provenance, so that inference resizes its
+/// inputs the way the training images were.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Resize {
     /// Nearest neighbour (the study's choice).
+    #[default]
     Nearest,
     /// Mean over the source pixels each target pixel covers (anti-aliased downsampling).
     Area,
@@ -332,6 +335,26 @@ pub fn resize_slice<T: Copy>(
     out
 }
 
+/// Resizes one `rows × cols` image slice to `size × size` the way `mode` says: the one resize
+/// of images that `prepare` and inference share.
+pub fn resize_image(src: &[f32], rows: usize, cols: usize, size: usize, mode: Resize) -> Vec<f32> {
+    match mode {
+        Resize::Nearest => resize_slice(src, rows, cols, size, None),
+        Resize::Area => {
+            let mean = move |src: &[f32], r0: usize, r1: usize, c0: usize, c1: usize| {
+                let mut sum = 0.0f64;
+                for r in r0..r1 {
+                    for c in c0..c1 {
+                        sum += src[r * cols + c] as f64;
+                    }
+                }
+                (sum / ((r1 - r0) * (c1 - c0)) as f64) as f32
+            };
+            resize_slice(src, rows, cols, size, Some(&mean))
+        }
+    }
+}
+
 fn hu_i16(v: f32) -> i16 {
     v.round().clamp(i16::MIN as f32, i16::MAX as f32) as i16
 }
@@ -454,21 +477,7 @@ fn prepare_into(
             let img_slice = nifti::canonical_slice(&image.data, image.dims, axes, z);
             let img = &img_slice[..];
             let lb = &cl[z * px..(z + 1) * px];
-            let img_r: Vec<f32> = match opts.resize {
-                Resize::Nearest => resize_slice(img, rows, cols, s, None),
-                Resize::Area => {
-                    let f = move |src: &[f32], r0: usize, r1: usize, c0: usize, c1: usize| {
-                        let mut sum = 0.0f64;
-                        for r in r0..r1 {
-                            for c in c0..c1 {
-                                sum += src[r * cols + c] as f64;
-                            }
-                        }
-                        (sum / ((r1 - r0) * (c1 - c0)) as f64) as f32
-                    };
-                    resize_slice(img, rows, cols, s, Some(&f))
-                }
-            };
+            let img_r = resize_image(img, rows, cols, s, opts.resize);
             let lab_r = resize_slice(lb, rows, cols, s, None);
             for &l in &lab_r {
                 counts[l as usize] += 1;
@@ -536,6 +545,7 @@ fn prepare_into(
             opts.resize,
             opts.folds
         ),
+        resize: opts.resize,
     };
     let mpath = dir.join(MANIFEST);
     let text = serde_json::to_string_pretty(&manifest)
@@ -548,4 +558,25 @@ fn prepare_into(
         seconds: start.elapsed().as_secs_f64(),
     };
     Ok((manifest, summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn area_resizing_averages_what_nearest_picks_from() {
+        // A 4 × 4 ramp 0..16 to 2 × 2: area takes the mean of each 2 × 2 block (by hand:
+        // (0+1+4+5)/4 = 2.5, (2+3+6+7)/4 = 4.5, 10.5, 12.5); nearest takes the pixel at
+        // source centre (2t + 1): rows/columns 1 and 3.
+        let src: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        assert_eq!(
+            resize_image(&src, 4, 4, 2, Resize::Area),
+            vec![2.5, 4.5, 10.5, 12.5]
+        );
+        assert_eq!(
+            resize_image(&src, 4, 4, 2, Resize::Nearest),
+            vec![5.0, 7.0, 13.0, 15.0]
+        );
+    }
 }

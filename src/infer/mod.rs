@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::data::nifti::{self, Volume};
-use crate::data::prepare::{self, Pair};
+use crate::data::prepare::{self, Pair, Resize};
 use crate::error::{Error, Result};
 use crate::model::{DiceCounts, Mode, UNet};
 use crate::tensor_util::to_f32;
@@ -35,6 +35,9 @@ pub struct PredictOptions {
 pub struct Predictor {
     /// The run's config (input size, intensity transform).
     pub cfg: RunConfig,
+    /// How slices are resized to the model's input: as the training images were
+    /// ([`Predictor::input_resize`]).
+    pub resize: Resize,
     model: UNet,
     device: Device,
 }
@@ -61,10 +64,18 @@ pub fn resize_nearest<T: Copy>(
 }
 
 impl Predictor {
+    /// How a model trained from `trained` sees its inputs resized: as the run's training data
+    /// was prepared (`prepare --resize`, recorded in the dataset and the checkpoint; nearest for
+    /// phantoms and for checkpoints of older versions, which did not record it).
+    pub fn input_resize(trained: &Trained) -> Resize {
+        trained.ck.meta.provenance.resize
+    }
+
     /// The model of the trained run `trained` on `be`'s device.
     pub fn new(trained: &Trained, be: &Backend) -> Result<Self> {
         Ok(Self {
             cfg: trained.cfg.clone(),
+            resize: Self::input_resize(trained),
             model: trained.model(be, &be.device)?,
             device: be.device.clone(),
         })
@@ -72,8 +83,8 @@ impl Predictor {
 
     /// Labels (0 background, 1 liver, 2 tumour) for every voxel of `vol`, in its voxel order:
     /// slices taken in the canonical axial layout training used, resized to the model's input
-    /// size (nearest, HU rounded to integers as in the shards), segmented in batches and
-    /// resized back (nearest). Tumour where channel 2 fires inside the liver (channel 1).
+    /// size as the training images were ([`Predictor::resize`]; HU rounded to integers as in
+    /// the shards), segmented in batches and resized back (nearest). Tumour where channel 2 fires inside the liver (channel 1).
     pub fn predict(&self, vol: &Volume, opts: &PredictOptions) -> Result<Vec<u8>> {
         let (axes, n) = nifti::canonical_axes(vol)?;
         let (cols, rows, nz) = (n[0], n[1], n[2]);
@@ -87,7 +98,7 @@ impl Predictor {
             let mut inputs = Vec::with_capacity(b * px);
             for z in z0..z0 + b {
                 let slice = nifti::canonical_slice(&vol.data, vol.dims, axes, z);
-                let small = resize_nearest(&slice, rows, cols, s, s);
+                let small = prepare::resize_image(&slice, rows, cols, s, self.resize);
                 inputs.extend(small.into_iter().map(|v| {
                     let hu = v.round().clamp(i16::MIN as f32, i16::MAX as f32) as i16;
                     self.cfg.data.transform(hu)
