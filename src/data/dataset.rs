@@ -313,6 +313,46 @@ impl Dataset {
                 format!("slices must be square, got {}x{}", m.height, m.width),
             ));
         }
+        // The manifest is untrusted too: it names its shards (plain file names in the dataset
+        // directory, each once, so that a small manifest cannot make it read one shard over
+        // and over) and its folds (below the number of volumes, as `prepare` assigns them).
+        let mut seen = std::collections::BTreeSet::new();
+        for entry in &m.shards {
+            let plain = Path::new(&entry.file)
+                .file_name()
+                .is_some_and(|n| n == std::ffi::OsStr::new(&entry.file));
+            if !plain || !seen.insert(entry.file.as_str()) {
+                return Err(Error::dataset(
+                    &mpath,
+                    format!(
+                        "shard {:?} is {}; expected each shard once, as a file name in {}",
+                        entry.file,
+                        if plain {
+                            "listed twice"
+                        } else {
+                            "not a plain file name"
+                        },
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+        if let Some(v) = m
+            .volumes
+            .iter()
+            .find(|v| v.fold.is_some_and(|f| f >= m.volumes.len()))
+        {
+            return Err(Error::dataset(
+                &mpath,
+                format!(
+                    "volume {} is in fold {:?}, but there are {} volumes (folds 0..{})",
+                    v.id,
+                    v.fold,
+                    m.volumes.len(),
+                    m.volumes.len()
+                ),
+            ));
+        }
         let mut ds = Self {
             origin: dir.display().to_string(),
             fingerprint: format!("{:016x}", crate::util::fnv1a(text.bytes())),
@@ -454,7 +494,7 @@ impl Dataset {
 
     /// Validation = the volumes of fold `fold`, training = all other volumes.
     pub fn split_by_fold(&self, fold: usize) -> Result<(Vec<usize>, Vec<usize>)> {
-        let k = self.folds.values().max().map(|m| m + 1).unwrap_or(0);
+        let k = self.folds.values().max().map_or(0, |m| m.saturating_add(1));
         if k == 0 {
             return Err(Error::Argument(format!(
                 "dataset {} has no folds: prepare it with `ctseg prepare --folds K` to use --fold",
