@@ -771,7 +771,16 @@ fn a_training_set_smaller_than_one_batch_is_bad_input() {
     let d = tempfile::tempdir().expect("tmp");
     let run = d.path().join("run");
     fails_with(
-        ctseg(&["train", "--config", TINY, "--batch-size", "64", "--out", s(&run), "--quiet"]),
+        ctseg(&[
+            "train",
+            "--config",
+            TINY,
+            "--batch-size",
+            "64",
+            "--out",
+            s(&run),
+            "--quiet",
+        ]),
         2,
         &["not one full batch of 64", "lower train.batch_size"],
     );

@@ -207,3 +207,94 @@ fn a_dicom_series_goes_through_prepare() {
     let ds = ctseg::data::Dataset::open(&out).expect("open");
     assert!(ds.images.iter().all(|&h| (-1024..=1436).contains(&h)));
 }
+
+/// The uncompressed slice with ImagePositionPatient `(x, y, z)` and, if given,
+/// ImageOrientationPatient `iop`, written as `root/name`.
+fn slice_with(root: &Path, name: &str, pos: [f64; 3], iop: Option<&str>) -> PathBuf {
+    let mut obj = dicom_object::open_file(fixture("ts_slice_uncompressed.dcm")).expect("open");
+    obj.put_str(
+        tags::IMAGE_POSITION_PATIENT,
+        VR::DS,
+        format!("{}\\{}\\{}", pos[0], pos[1], pos[2]),
+    );
+    if let Some(iop) = iop {
+        obj.put_str(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, iop);
+    }
+    let p = root.join(name);
+    obj.write_to_file(&p).expect("write");
+    p
+}
+
+#[test]
+fn a_gantry_tilted_series_is_refused_with_how_to_correct_it() {
+    // A 10° tilt: each slice 1 mm up moves its origin tan(10°) = 0.176 mm along y, while
+    // ImageOrientationPatient stays axial. Read as untilted, the volume is sheared.
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("tilted");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let shift = 10f64.to_radians().tan();
+    for k in 0..3 {
+        let z = -766.5 + k as f64;
+        slice_with(
+            &dir,
+            &format!("{k}.dcm"),
+            [-249.51171875, -437.51171875 + shift * k as f64, z],
+            None,
+        );
+    }
+    let e = dicom::read_series(&dir).expect_err("tilted").to_string();
+    for want in ["1.dcm", "gantry tilt of 10.00 degrees", "dcm2niix"] {
+        assert!(e.contains(want), "{want:?} missing: {e}");
+    }
+    // Positions rounded to 0.001 mm are not a tilt (0.001 mm is a thousandth of a pixel).
+    let dir = d.path().join("rounded");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for k in 0..3 {
+        let x = -249.51171875 + [0.0, 0.001, -0.001][k];
+        slice_with(
+            &dir,
+            &format!("{k}.dcm"),
+            [x, -437.51171875, -766.5 + k as f64],
+            None,
+        );
+    }
+    assert!(dicom::read_series(&dir).is_ok());
+}
+
+#[test]
+fn oblique_slices_are_refused_with_how_to_resample() {
+    // ImageOrientationPatient turned 5° about z: the rows run 5° off the x axis.
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("oblique");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let (s, c) = 5f64.to_radians().sin_cos();
+    let iop = format!("{c:.8}\\{s:.8}\\0\\{:.8}\\{c:.8}\\0", -s);
+    slice_with(&dir, "0.dcm", [0.0, 0.0, 0.0], Some(&iop));
+    slice_with(&dir, "1.dcm", [0.0, 0.0, 1.0], Some(&iop));
+    let e = dicom::read_series(&dir).expect_err("oblique").to_string();
+    for want in ["oblique", "5.000°", "dcm2niix", "ResampleImageFilter"] {
+        assert!(e.contains(want), "{want:?} missing: {e}");
+    }
+}
+
+#[test]
+fn an_empty_image_is_refused_naming_the_file() {
+    // Rows = Columns = 0 reached the resizers, whose `n − 1` underflowed.
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("empty");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let mut obj = dicom_object::open_file(fixture("CT_small.dcm")).expect("open");
+    obj.put(dicom_object::mem::InMemElement::new(
+        tags::ROWS,
+        VR::US,
+        dicom_core::PrimitiveValue::from(0u16),
+    ));
+    obj.put(dicom_object::mem::InMemElement::new(
+        tags::COLUMNS,
+        VR::US,
+        dicom_core::PrimitiveValue::from(0u16),
+    ));
+    obj.write_to_file(dir.join("zero.dcm")).expect("write");
+    let e = dicom::read_series(&dir).expect_err("empty").to_string();
+    assert!(e.contains("zero.dcm") && e.contains("empty image"), "{e}");
+}

@@ -887,7 +887,16 @@ fn validate_under_mpirun_gives_each_rank_its_share_of_the_node() {
     // and rank 0 reports the global figures on its own device.
     let d = tempfile::tempdir().expect("tmp");
     let run = d.path().join("run");
-    ok(single(&["train", "--config", TINY, "--out", s(&run), "--max-steps", "3", "--quiet"]));
+    ok(single(&[
+        "train",
+        "--config",
+        TINY,
+        "--out",
+        s(&run),
+        "--max-steps",
+        "3",
+        "--quiet",
+    ]));
     let t = ok(mpirun(2, &["validate", "--checkpoint", s(&run)], &[], 120));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / 2).max(1);

@@ -129,8 +129,10 @@ fn canonical_layout_puts_the_liver_on_the_image_left_and_round_trips() {
 #[test]
 fn prepare_from_csv_and_lits_folder_with_folds() {
     let d = tempfile::tempdir().expect("tmp");
-    // A CSV like the study's trainingdata.csv: a header, then image,label rows. The same real
-    // pair twice makes two volumes (two folds).
+    // A CSV like the study's trainingdata.csv: a header, then image,label rows. Two copies of
+    // the real pair make two volumes (two folds); the same file twice would be refused.
+    let copy = d.path().join("ct-copy.nii.gz");
+    std::fs::copy(ct(), &copy).expect("copy");
     let csv = d.path().join("trainingdata.csv");
     std::fs::write(
         &csv,
@@ -138,7 +140,7 @@ fn prepare_from_csv_and_lits_folder_with_folds() {
             "image,label\n{},{}\n{},{}\n",
             ct().display(),
             liver().display(),
-            ct().display(),
+            copy.display(),
             liver().display()
         ),
     )
@@ -888,4 +890,301 @@ fn onnx_export_runs_in_onnxruntime_like_ctseg() {
             "{v}"
         );
     }
+}
+
+/// The raw (gunzipped) bytes of `path` with `edit` applied, written as `dir/name` (gzipped when
+/// the name ends in `.gz`).
+fn edited(dir: &Path, name: &str, path: &Path, edit: impl Fn(&mut Vec<u8>)) -> PathBuf {
+    let mut b = gunzip(path);
+    edit(&mut b);
+    if name.ends_with(".gz") {
+        write(dir, name, &gzip(&b))
+    } else {
+        write(dir, name, &b)
+    }
+}
+
+fn set_f32(h: &mut [u8], off: usize, v: f32) {
+    h[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+/// `ctseg prepare` of the pair through the binary: exit 2 naming the image and each of
+/// `needles`, no panic, and nothing left beside the inputs (no output, no temporary folder).
+fn prepare_fails_cleanly(image: &Path, label: &Path, needles: &[&str]) {
+    let d = tempfile::tempdir().expect("tmp");
+    let csv = d.path().join("pairs.csv");
+    std::fs::write(&csv, format!("{},{}\n", image.display(), label.display())).expect("csv");
+    let out = d.path().join("out");
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut want = vec![name.as_str()];
+    want.extend_from_slice(needles);
+    common::fails_with(
+        common::ctseg(&[
+            "prepare",
+            "--input",
+            common::s(&csv),
+            "--out",
+            common::s(&out),
+            "--size",
+            "32",
+            "--quiet",
+        ]),
+        2,
+        &want,
+    );
+    let left: Vec<String> = std::fs::read_dir(d.path())
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "pairs.csv")
+        .collect();
+    assert!(left.is_empty(), "{name}: left behind: {left:?}");
+}
+
+#[test]
+fn a_header_claiming_more_data_than_the_file_holds_is_refused_before_allocating() {
+    let d = tempfile::tempdir().expect("tmp");
+    // vox_offset = 1e20 made `ctseg prepare` panic ("capacity overflow", exit 101): the offset
+    // became the size of a buffer. Now it is held against the file's length (.nii) or found
+    // missing from the stream (.nii.gz).
+    for name in ["offset.nii", "offset.nii.gz"] {
+        let f = edited(d.path(), name, &ct(), |b| set_f32(b, 108, 1e20));
+        prepare_fails_cleanly(&f, &liver(), &["vox_offset 100000000000000000000"]);
+    }
+    // dims 32767³ of int16 in a file of a few hundred bytes aborted on allocating 70 TB (exit
+    // 134). 32767³ = 35,181,150,961,663 voxels, above the 2³¹ that ctseg reads.
+    for name in ["huge.nii", "huge.nii.gz"] {
+        let f = edited(d.path(), name, &ct(), |b| {
+            b.truncate(400);
+            for k in 1..=3 {
+                set_i16(b, 40 + 2 * k, i16::MAX);
+            }
+        });
+        prepare_fails_cleanly(
+            &f,
+            &liver(),
+            &["dim = [32767, 32767, 32767]", "35181150961663 voxels"],
+        );
+    }
+    // Within that limit (2000 × 1000 × 1000 int16 = 4 GB) in a 400-byte file: the .nii is
+    // refused by its length, the .nii.gz as truncated (its buffer grows only with the stream).
+    let big = |b: &mut Vec<u8>| {
+        b.truncate(400);
+        set_i16(b, 42, 2000);
+        set_i16(b, 44, 1000);
+        set_i16(b, 46, 1000);
+    };
+    let f = edited(d.path(), "big.nii", &ct(), big);
+    prepare_fails_cleanly(
+        &f,
+        &liver(),
+        &[
+            "describe 4000000000 bytes of voxel data",
+            "the file has 400 bytes",
+        ],
+    );
+    let f = edited(d.path(), "big.nii.gz", &ct(), big);
+    prepare_fails_cleanly(
+        &f,
+        &liver(),
+        &["ends after 48 of 4000000000 bytes of the voxel data"],
+    );
+}
+
+#[test]
+fn a_multi_member_gzip_reads_like_the_single_stream() {
+    // bgzip and some converters write a .nii.gz as several gzip members; the reader stopped at
+    // the end of the first and called the file truncated. Two members: the two halves.
+    let d = tempfile::tempdir().expect("tmp");
+    let raw = gunzip(&ct());
+    let mut two = gzip(&raw[..raw.len() / 2]);
+    two.extend_from_slice(&gzip(&raw[raw.len() / 2..]));
+    let f = write(d.path(), "bgzip.nii.gz", &two);
+    let a = nifti::read(&ct()).expect("original");
+    let b = nifti::read(&f).expect("two members");
+    assert_eq!((b.dims, b.affine, b.spacing), (a.dims, a.affine, a.spacing));
+    assert!(b.data == a.data, "the voxels differ");
+}
+
+#[test]
+fn a_corrupt_gzip_member_is_refused_by_its_checksum() {
+    // The reader reads the stream to its end, so a flipped byte in the data fails the CRC-32 of
+    // its gzip member (stored in the trailer's first 4 bytes).
+    let d = tempfile::tempdir().expect("tmp");
+    let mut gz = std::fs::read(ct()).expect("read");
+    let n = gz.len();
+    gz[n - 8] ^= 0x01;
+    let f = write(d.path(), "crc.nii.gz", &gz);
+    let e = nifti::read(&f).expect_err("corrupt").to_string();
+    assert!(e.contains("crc.nii.gz") && e.contains("gzip"), "{e}");
+}
+
+#[test]
+fn without_sform_and_qform_the_affine_is_nibabels_base_affine() {
+    // nibabel 5.4.2 (nib.load(f).affine), for liver.nii.gz with sform_code = qform_code = 0
+    // (dims 122 × 101 × 30, pixdim 3): get_base_affine = diag(-3, 3, 3) with the origin at the
+    // centre, (dim - 1) / 2 · zoom = (181.5, -150, -43.5). Produced with nibabel 5.4.2 in a
+    // venv, the header edited with struct.pack_into as here. The reader used diag(3, 3, 3):
+    // the volume came out mirrored left-right.
+    let d = tempfile::tempdir().expect("tmp");
+    let f = edited(d.path(), "nocodes.nii", &liver(), |b| {
+        set_i16(b, 252, 0);
+        set_i16(b, 254, 0);
+    });
+    let v = nifti::read(&f).expect("read");
+    let want = [
+        [-3.0, 0.0, 0.0, 181.5],
+        [0.0, 3.0, 0.0, -150.0],
+        [0.0, 0.0, 3.0, -43.5],
+    ];
+    assert_eq!(v.affine, want);
+    // nibabel's header checks on loading: pixdim (-2, 0, 1.5) → zooms (2, 1, 1.5); an invalid
+    // code (-2) counts as 0. nibabel 5.4.2 gives [[-2, 0, 0, 121], [0, 1, 0, -50],
+    // [0, 0, 1.5, -21.75]].
+    let f = edited(d.path(), "fixed.nii", &liver(), |b| {
+        set_i16(b, 252, 0);
+        set_i16(b, 254, -2);
+        set_f32(b, 80, -2.0);
+        set_f32(b, 84, 0.0);
+        set_f32(b, 88, 1.5);
+    });
+    let v = nifti::read(&f).expect("read");
+    let want = [
+        [-2.0, 0.0, 0.0, 121.0],
+        [0.0, 1.0, 0.0, -50.0],
+        [0.0, 0.0, 1.5, -21.75],
+    ];
+    assert_eq!(v.affine, want);
+    assert_eq!(v.spacing, [2.0, 1.0, 1.5]);
+    // The same, live, where nibabel is installed.
+    let script = format!(
+        "import nibabel as nib\nprint(nib.load({:?}).affine[:3].tolist())",
+        f.display().to_string()
+    );
+    if let Some(out) =
+        common::python_reference("nibabel base affine", &["nibabel"], &["-c", &script], &[])
+    {
+        assert_eq!(
+            out.trim(),
+            format!("{:?}", want.map(|r| r.to_vec())),
+            "nibabel says {out}"
+        );
+    }
+}
+
+/// The CT with its sform's rotation part turned by `degrees` about z.
+fn rotated_ct(dir: &Path, name: &str, degrees: f64) -> PathBuf {
+    edited(dir, name, &ct(), |b| {
+        let (s, c) = degrees.to_radians().sin_cos();
+        // sform rows start at 280, 296, 312; the CT's is diag(3, 3, 3).
+        set_f32(b, 280, (3.0 * c) as f32);
+        set_f32(b, 284, (-3.0 * s) as f32);
+        set_f32(b, 296, (3.0 * s) as f32);
+        set_f32(b, 300, (3.0 * c) as f32);
+    })
+}
+
+#[test]
+fn oblique_affines_are_refused_with_how_to_resample() {
+    let d = tempfile::tempdir().expect("tmp");
+    let f = rotated_ct(d.path(), "oblique.nii", 5.0);
+    let e = nifti::read(&f).expect_err("oblique").to_string();
+    for want in [
+        "oblique.nii",
+        "oblique",
+        "5.000°",
+        "resample_to_output",
+        "ResampleImageFilter",
+    ] {
+        assert!(e.contains(want), "{want:?} missing: {e}");
+    }
+    // 0.01° (sine 1.7e-4) is float rounding, not obliquity: read as axis-aligned.
+    let f = rotated_ct(d.path(), "straight.nii", 0.01);
+    assert!(nifti::read(&f).is_ok());
+}
+
+#[test]
+fn a_csv_listing_one_image_twice_is_refused_with_both_rows() {
+    // The same volume on two rows became two volumes that the fold assignment could put into
+    // training and validation. Compared after resolving paths: `./x` and `/abs/x` are one file.
+    let d = tempfile::tempdir().expect("tmp");
+    std::fs::copy(ct(), d.path().join("ct.nii.gz")).expect("copy");
+    std::fs::copy(liver(), d.path().join("seg.nii.gz")).expect("copy");
+    let csv = d.path().join("cases.csv");
+    std::fs::write(
+        &csv,
+        format!(
+            "image,label\nct.nii.gz,seg.nii.gz\n# a comment\n{},seg.nii.gz\n",
+            d.path().join("./ct.nii.gz").display()
+        ),
+    )
+    .expect("csv");
+    let e = prepare::find_pairs(&csv)
+        .expect_err("duplicate")
+        .to_string();
+    assert!(
+        e.contains("cases.csv") && e.contains("line 4") && e.contains("line 2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn area_resized_training_data_makes_prediction_resize_by_area() {
+    let d = tempfile::tempdir().expect("tmp");
+    let lits = lits_folder(d.path(), 2);
+    let ds = d.path().join("ds");
+    common::ok(common::ctseg(&[
+        "prepare",
+        "--input",
+        common::s(&lits),
+        "--out",
+        common::s(&ds),
+        "--size",
+        "32",
+        "--resize",
+        "area",
+        "--quiet",
+    ]));
+    let manifest = std::fs::read_to_string(ds.join("dataset.json")).expect("manifest");
+    assert!(manifest.contains("\"resize\": \"area\""), "{manifest}");
+    let run = d.path().join("run");
+    common::ok(common::ctseg(&[
+        "train",
+        "--config",
+        common::TINY,
+        "--data",
+        common::s(&ds),
+        "--size",
+        "32",
+        "--max-steps",
+        "2",
+        "--quiet",
+        "--out",
+        common::s(&run),
+    ]));
+    let trained =
+        ctseg::train::Trained::open(&run, ctseg::rundir::CheckpointKind::Last).expect("checkpoint");
+    assert_eq!(
+        trained.ck.meta.provenance.resize,
+        Resize::Area,
+        "the checkpoint records it"
+    );
+    assert_eq!(
+        ctseg::infer::Predictor::input_resize(&trained),
+        Resize::Area
+    );
+    let mask = d.path().join("mask.nii.gz");
+    let t = common::ok(common::ctseg(&[
+        "predict",
+        "--checkpoint",
+        common::s(&run),
+        "--input",
+        common::s(&ct()),
+        "--output",
+        common::s(&mask),
+    ]));
+    assert!(t.contains("by area"), "{t}");
 }

@@ -2014,35 +2014,4 @@ mod tests {
         assert_eq!(pow_fast(0.0, 0.7), 0.0);
         assert_eq!(pow_fast(1.0, 1.7), 1.0);
     }
-
-    /// Timing: `cargo test --release -- --ignored --nocapture bench`.
-    #[test]
-    #[ignore]
-    fn bench_microseconds_per_slice() {
-        for n in [128usize, 240] {
-            let (img, lab) = test_slice(n, 1);
-            let cfg = all_on();
-            let s = InputScale::raw();
-            let (mut oi, mut ol) = (vec![0.0; n * n], vec![0; n * n]);
-            let reps = 50u64;
-            let t = std::time::Instant::now();
-            for k in 0..reps {
-                let mut rng = Rng::stream(1, &[keys::AUGMENT, 0, k]);
-                let input = SliceRef {
-                    image: &img,
-                    label: &lab,
-                    size: n,
-                };
-                let out = SliceOut {
-                    image: &mut oi,
-                    label: &mut ol,
-                };
-                augment_slice(input, &cfg, &s, &mut rng, out);
-            }
-            println!(
-                "{n}x{n}: {:.0} µs per slice, everything on",
-                t.elapsed().as_secs_f64() * 1e6 / reps as f64
-            );
-        }
-    }
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::phantom;
+use super::prepare::Resize;
 use super::shard::ShardData;
 use crate::error::{Error, Result};
 use crate::rng::{Rng, keys};
@@ -192,6 +193,10 @@ pub struct Manifest {
     pub volumes: Vec<VolumeEntry>,
     /// Where the data came from.
     pub source: String,
+    /// How `prepare` resized the images (absent from older datasets, which were resized by
+    /// nearest neighbour; phantoms are generated at their size and say `nearest`).
+    #[serde(default)]
+    pub resize: Resize,
 }
 
 /// The most context slices on each side (`data.context_slices`).
@@ -221,6 +226,9 @@ pub struct Dataset {
     pub folds: BTreeMap<u32, usize>,
     /// (volume id, slice index) → slice, built on first use by [`Dataset::context`].
     pub positions: std::sync::OnceLock<std::collections::HashMap<(u32, u32), usize>>,
+    /// How the images were resized when the dataset was prepared (inference resizes its
+    /// inputs the same way).
+    pub resize: Resize,
 }
 
 impl Dataset {
@@ -354,6 +362,7 @@ impl Dataset {
             volume_names,
             folds: BTreeMap::new(),
             positions: Default::default(),
+            resize: Resize::Nearest,
         }
     }
 
@@ -390,6 +399,46 @@ impl Dataset {
                 format!("slices must be square, got {}x{}", m.height, m.width),
             ));
         }
+        // The manifest is untrusted too: it names its shards (plain file names in the dataset
+        // directory, each once, so that a small manifest cannot make it read one shard over
+        // and over) and its folds (below the number of volumes, as `prepare` assigns them).
+        let mut seen = std::collections::BTreeSet::new();
+        for entry in &m.shards {
+            let plain = Path::new(&entry.file)
+                .file_name()
+                .is_some_and(|n| n == std::ffi::OsStr::new(&entry.file));
+            if !plain || !seen.insert(entry.file.as_str()) {
+                return Err(Error::dataset(
+                    &mpath,
+                    format!(
+                        "shard {:?} is {}; expected each shard once, as a file name in {}",
+                        entry.file,
+                        if plain {
+                            "listed twice"
+                        } else {
+                            "not a plain file name"
+                        },
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+        if let Some(v) = m
+            .volumes
+            .iter()
+            .find(|v| v.fold.is_some_and(|f| f >= m.volumes.len()))
+        {
+            return Err(Error::dataset(
+                &mpath,
+                format!(
+                    "volume {} is in fold {:?}, but there are {} volumes (folds 0..{})",
+                    v.id,
+                    v.fold,
+                    m.volumes.len(),
+                    m.volumes.len()
+                ),
+            ));
+        }
         let mut ds = Self {
             origin: dir.display().to_string(),
             fingerprint: format!("{:016x}", crate::util::fnv1a(text.bytes())),
@@ -405,6 +454,7 @@ impl Dataset {
                 .filter_map(|v| v.fold.map(|f| (v.id, f)))
                 .collect(),
             positions: Default::default(),
+            resize: m.resize,
         };
         for entry in &m.shards {
             let path = dir.join(&entry.file);
@@ -511,6 +561,7 @@ impl Dataset {
             shards,
             volumes: volumes.into_values().collect(),
             source: source.into(),
+            resize: self.resize,
         };
         let mpath = dir.join(MANIFEST);
         let text = serde_json::to_string_pretty(&m)
@@ -530,7 +581,7 @@ impl Dataset {
 
     /// Validation = the volumes of fold `fold`, training = all other volumes.
     pub fn split_by_fold(&self, fold: usize) -> Result<(Vec<usize>, Vec<usize>)> {
-        let k = self.folds.values().max().map(|m| m + 1).unwrap_or(0);
+        let k = self.folds.values().max().map_or(0, |m| m.saturating_add(1));
         if k == 0 {
             return Err(Error::Argument(format!(
                 "dataset {} has no folds: prepare it with `ctseg prepare --folds K` to use --fold",
@@ -626,6 +677,14 @@ mod tests {
         assert_eq!(back.labels, ds.labels);
         assert_eq!(back.volume_ids, ds.volume_ids);
         assert!(ds.write(&out, 4, "test").is_err(), "refuses to overwrite");
+    }
+
+    #[test]
+    fn manifests_without_a_resize_mode_read_as_nearest() {
+        // What `prepare` and `phantom` wrote before the mode was recorded.
+        let old = r#"{"format":"ctseg-dataset","version":1,"height":32,"width":32,"slices":0,"shards":[],"volumes":[],"source":"prepare x (resize Area)"}"#;
+        let m: Manifest = serde_json::from_str(old).expect("old manifest");
+        assert_eq!(m.resize, Resize::Nearest);
     }
 
     #[test]

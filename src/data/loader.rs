@@ -395,6 +395,7 @@ mod tests {
             volume_names: Default::default(),
             folds: Default::default(),
             positions: Default::default(),
+            resize: Default::default(),
         };
         let cfg = DataConfig {
             intensity: super::super::dataset::Intensity::Raw,

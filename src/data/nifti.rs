@@ -1,17 +1,40 @@
 //! NIfTI-1 volumes (`.nii`, `.nii.gz`): reading with scaling and the voxel-to-world affine
-//! (sform, else qform, else pixdim), reorientation to ctseg's canonical axial layout, and
-//! writing label masks. Every error names the file and the header field or voxel at fault.
+//! (sform, else qform, else nibabel's base affine), reorientation to ctseg's canonical axial
+//! layout, and writing label masks. Every error names the file and the header field or voxel at
+//! fault.
 //!
 //! Written against the NIfTI-1 standard (nifti1.h) rather than on a crate so that errors can
-//! say which field is wrong and so that nothing but the volume itself is held in memory.
+//! say which field is wrong and so that nothing but the volume itself is held in memory. Sizes
+//! in the header are untrusted: the data size is computed with checked arithmetic and held
+//! against the file's length (`.nii`) before anything is allocated; a `.nii.gz` buffer grows
+//! only with the bytes the stream actually delivers, so a header claiming a huge volume in a
+//! small file fails as truncated instead of allocating what it claims.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-use flate2::read::GzDecoder;
+use flate2::read::MultiGzDecoder;
 
 use crate::error::{Error, Result};
+
+/// The largest volume ctseg reads, in voxels: 2³¹ (8 GiB as f32 in memory), eight times the
+/// largest LiTS CT (512 × 512 × 987). A header asking for more is refused before anything is
+/// allocated, with the size in the message.
+pub const MAX_VOXELS: u64 = 1 << 31;
+
+/// How far (the sine of the angle) a voxel axis may point away from its nearest world axis for
+/// a volume to count as axis-aligned: 1e-3 (0.057°). Affines stored as float32 round at 1e-7,
+/// real obliquity and gantry tilts are whole degrees; reading a volume within this tolerance as
+/// axis-aligned moves a voxel 256 voxels from the origin by a quarter of a voxel at most.
+pub const OBLIQUE_TOLERANCE: f64 = 1e-3;
+
+/// How an oblique volume can be made readable (named in the errors that refuse one).
+pub const RESAMPLE_HINT: &str = "resample it onto an axis-aligned grid first, e.g. with nibabel (`nibabel.processing.resample_to_output(nib.load(path))`) or SimpleITK (`ResampleImageFilter` with an identity direction); for a DICOM series with a gantry tilt, `dcm2niix` writes a tilt-corrected NIfTI";
+
+/// Growth step of the voxel buffer of a compressed volume, whose size is only known once the
+/// stream has delivered it.
+const CHUNK: usize = 1 << 22;
 
 /// A 3-D volume: `dims[0]` is the fastest-varying axis (NIfTI order, i then j then k).
 #[derive(Clone, Debug)]
@@ -65,10 +88,15 @@ fn datatype_size(path: &Path, code: i16) -> Result<usize> {
 
 struct Header {
     big_endian: bool,
+    ndim: usize,
     dims: [usize; 3],
+    /// Bytes of voxel data the header describes (dims × element size, checked).
+    data_bytes: u64,
     datatype: i16,
     pixdim: [f32; 8],
-    vox_offset: usize,
+    vox_offset: u64,
+    /// vox_offset as stored (for messages).
+    vox_offset_field: f32,
     slope: f32,
     inter: f32,
     qform_code: i16,
@@ -167,7 +195,23 @@ fn parse_header(path: &Path, h: &[u8; 348]) -> Result<Header> {
     };
     let dims = [size(1), size(2), size(3)];
     let datatype = i16_at(70);
-    datatype_size(path, datatype)?;
+    let element = datatype_size(path, datatype)?;
+    // Each dim is at most i16::MAX, so the product fits in u64; checked all the same.
+    let voxels = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .filter(|&v| v <= MAX_VOXELS)
+        .ok_or_else(|| {
+            err(
+                path,
+                format!(
+                    "header field dim = {:?}: {} voxels, more than the {MAX_VOXELS} ctseg reads (crop or resample the volume first)",
+                    &dim[1..=ndim as usize],
+                    dims.iter().map(|&d| d as f64).product::<f64>()
+                ),
+            )
+        })?;
+    let data_bytes = voxels * element as u64;
     let mut pixdim = [0f32; 8];
     for (k, p) in pixdim.iter_mut().enumerate() {
         *p = f32_at(76 + 4 * k);
@@ -187,10 +231,14 @@ fn parse_header(path: &Path, h: &[u8; 348]) -> Result<Header> {
     }
     Ok(Header {
         big_endian,
+        ndim: ndim as usize,
         dims,
+        data_bytes,
         datatype,
         pixdim,
-        vox_offset: vox_offset as usize,
+        // Finite and at least 348: the cast truncates a fraction and saturates beyond u64.
+        vox_offset: vox_offset as u64,
+        vox_offset_field: vox_offset,
         slope: f32_at(112),
         inter: f32_at(116),
         qform_code: i16_at(252),
@@ -201,14 +249,27 @@ fn parse_header(path: &Path, h: &[u8; 348]) -> Result<Header> {
     })
 }
 
-/// The voxel-to-world affine as nibabel computes it: sform if sform_code > 0, else qform if
-/// qform_code > 0, else the pixdim diagonal.
+/// Voxel sizes as nibabel reads them: its header checks on loading set a pixdim[1..=3] of 0 to 1
+/// and a negative one to its absolute value.
+fn zooms(h: &Header) -> [f64; 3] {
+    [1, 2, 3].map(|k| {
+        let p = h.pixdim[k] as f64;
+        if p == 0.0 { 1.0 } else { p.abs() }
+    })
+}
+
+/// The voxel-to-world affine as nibabel computes it (`Nifti1Header.get_best_affine` after the
+/// checks nibabel runs on loading, which set a form code outside 1..=5 to 0 and a qfac other
+/// than −1 to 1): the sform if its code is set, else the qform if its code is set, else
+/// nibabel's base affine (`get_base_affine`: the zooms on the diagonal with x negated, the
+/// origin at the centre of the volume).
 fn affine(h: &Header) -> [[f64; 4]; 3] {
-    let p = |k: usize| h.pixdim[k] as f64;
-    if h.sform_code > 0 {
+    let coded = |code: i16| (1..=5).contains(&code);
+    if coded(h.sform_code) {
         return h.srow.map(|r| r.map(|v| v as f64));
     }
-    if h.qform_code > 0 {
+    let z = zooms(h);
+    if coded(h.qform_code) {
         let [b, c, d] = h.quatern.map(|v| v as f64);
         let a = (1.0 - (b * b + c * c + d * d)).max(0.0).sqrt();
         let r = [
@@ -228,8 +289,8 @@ fn affine(h: &Header) -> [[f64; 4]; 3] {
                 a * a + d * d - c * c - b * b,
             ],
         ];
-        let qfac = if p(0) < 0.0 { -1.0 } else { 1.0 };
-        let s = [p(1), p(2), qfac * p(3)];
+        let qfac = if h.pixdim[0] == -1.0 { -1.0 } else { 1.0 };
+        let s = [z[0], z[1], qfac * z[2]];
         let mut out = [[0.0; 4]; 3];
         for i in 0..3 {
             for j in 0..3 {
@@ -239,75 +300,116 @@ fn affine(h: &Header) -> [[f64; 4]; 3] {
         }
         return out;
     }
-    [
-        [p(1), 0.0, 0.0, 0.0],
-        [0.0, p(2), 0.0, 0.0],
-        [0.0, 0.0, p(3), 0.0],
-    ]
+    // nibabel's shape_zoom_affine: axes beyond dim[0] count as one voxel of 1 mm.
+    let zoom = |k: usize| if k < h.ndim { z[k] } else { 1.0 };
+    let diag = [-zoom(0), zoom(1), zoom(2)];
+    let mut out = [[0.0; 4]; 3];
+    for k in 0..3 {
+        out[k][k] = diag[k];
+        out[k][3] = -((h.dims[k] as f64 - 1.0) / 2.0) * diag[k];
+    }
+    out
 }
 
-fn open_stream(path: &Path) -> Result<Box<dyn Read>> {
+fn is_gz(path: &Path) -> bool {
+    path.to_string_lossy().to_ascii_lowercase().ends_with(".gz")
+}
+
+/// The file as a stream of NIfTI bytes (gunzipped if its name ends in `.gz`; every gzip member,
+/// as bgzip writes several), and its length when that is the length of the NIfTI bytes.
+fn open_stream(path: &Path) -> Result<(Box<dyn Read>, Option<u64>)> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let gz = path
-        .file_name()
-        .is_some_and(|n| n.to_string_lossy().to_ascii_lowercase().ends_with(".gz"));
-    if gz {
-        Ok(Box::new(GzDecoder::new(BufReader::with_capacity(
-            1 << 20,
-            file,
-        ))))
+    if is_gz(path) {
+        let reader = MultiGzDecoder::new(BufReader::with_capacity(1 << 20, file));
+        Ok((Box::new(reader), None))
     } else {
-        Ok(Box::new(BufReader::with_capacity(1 << 20, file)))
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        Ok((Box::new(BufReader::with_capacity(1 << 20, file)), Some(len)))
     }
 }
 
-fn read_exact_named(path: &Path, r: &mut dyn Read, buf: &mut [u8], what: &str) -> Result<()> {
-    let mut got = 0;
+/// The error for a read of the `what` that failed after `got` bytes.
+fn read_error(path: &Path, what: &str, got: u64, e: &std::io::Error) -> Error {
+    let early =
+        e.kind() == std::io::ErrorKind::UnexpectedEof || e.to_string().contains("incomplete");
+    err(
+        path,
+        match (is_gz(path), early) {
+            (true, true) => format!(
+                "reading the {what}: the gzip stream ends early after {got} bytes (truncated file?)"
+            ),
+            (true, false) => format!("reading the {what}: not a valid gzip stream ({e})"),
+            (false, _) => format!("reading the {what}: {e}"),
+        },
+    )
+}
+
+/// Reads into `buf[from..]` until it is full or the stream ends; returns the bytes read.
+fn fill(path: &Path, r: &mut dyn Read, buf: &mut [u8], from: usize, what: &str) -> Result<usize> {
+    let mut got = from;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
-            Ok(0) => {
-                return Err(err(
-                    path,
-                    format!(
-                        "ends after {got} of {} bytes of the {what} (truncated file?)",
-                        buf.len()
-                    ),
-                ));
-            }
+            Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                let gz = path.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
-                let early = e.kind() == std::io::ErrorKind::UnexpectedEof
-                    || e.to_string().contains("incomplete");
-                return Err(err(
-                    path,
-                    if gz && early {
-                        format!(
-                            "reading the {what}: the gzip stream ends early after {got} bytes (truncated file?)"
-                        )
-                    } else if gz {
-                        format!("reading the {what}: not a valid gzip stream ({e})")
-                    } else {
-                        format!("reading the {what}: {e}")
-                    },
-                ));
-            }
+            Err(e) => return Err(read_error(path, what, got as u64, &e)),
         }
+    }
+    Ok(got)
+}
+
+fn truncated(path: &Path, what: &str, got: u64, want: u64) -> Error {
+    err(
+        path,
+        format!("ends after {got} of {want} bytes of the {what} (truncated file?)"),
+    )
+}
+
+fn read_exact_named(path: &Path, r: &mut dyn Read, buf: &mut [u8], what: &str) -> Result<()> {
+    let got = fill(path, r, buf, 0, what)?;
+    if got < buf.len() {
+        return Err(truncated(path, what, got as u64, buf.len() as u64));
+    }
+    Ok(())
+}
+
+/// Reads `n` bytes into a buffer that grows with what the stream delivers (doubling, never past
+/// `n`), so that a header claiming more than a compressed file holds fails as truncated after
+/// allocating about what the file held.
+fn read_growing(path: &Path, r: &mut dyn Read, n: usize, what: &str) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    while buf.len() < n {
+        let have = buf.len();
+        let grow = have.max(CHUNK).min(n - have);
+        buf.resize(have + grow, 0);
+        let got = fill(path, r, &mut buf, have, what)?;
+        if got < buf.len() {
+            return Err(truncated(path, what, got as u64, n as u64));
+        }
+    }
+    Ok(buf)
+}
+
+/// Skips `n` bytes without holding them.
+fn skip(path: &Path, r: &mut dyn Read, n: u64, what: &str) -> Result<()> {
+    let got = std::io::copy(&mut r.take(n), &mut std::io::sink())
+        .map_err(|e| read_error(path, what, 0, &e))?;
+    if got < n {
+        return Err(truncated(path, what, got, n));
     }
     Ok(())
 }
 
 /// Reads the header only: dimensions, spacing, affine.
 pub fn read_header(path: &Path) -> Result<Volume> {
-    let mut r = open_stream(path)?;
+    let (mut r, _) = open_stream(path)?;
     let mut hb = [0u8; 348];
     read_exact_named(path, r.as_mut(), &mut hb, "header")?;
     let h = parse_header(path, &hb)?;
     Ok(Volume {
         path: path.to_path_buf(),
         dims: h.dims,
-        spacing: [h.pixdim[1], h.pixdim[2], h.pixdim[3]].map(|v| v.abs() as f64),
+        spacing: zooms(&h),
         affine: affine(&h),
         data: Vec::new(),
         datatype: h.datatype,
@@ -315,19 +417,48 @@ pub fn read_header(path: &Path) -> Result<Volume> {
 }
 
 /// Reads a 3-D NIfTI-1 volume and applies scl_slope / scl_inter (when the slope is finite and
-/// non-zero, as nibabel does). Non-finite voxels are an error naming the first one.
+/// non-zero, as nibabel does). Non-finite voxels and an oblique affine ([`orientation`]) are
+/// errors naming the file. The data size the header gives is checked against the file's length
+/// (`.nii`) before it is allocated; a `.nii.gz` is read to the end of its stream, so that its
+/// gzip checksums are verified (bytes after the voxel data are ignored, as nibabel does).
 pub fn read(path: &Path) -> Result<Volume> {
-    let mut r = open_stream(path)?;
+    let (mut r, file_len) = open_stream(path)?;
     let mut hb = [0u8; 348];
     read_exact_named(path, r.as_mut(), &mut hb, "header")?;
     let h = parse_header(path, &hb)?;
-    // Skip extensions up to vox_offset.
-    let mut skip = vec![0u8; h.vox_offset - 348];
-    read_exact_named(path, r.as_mut(), &mut skip, "header extensions")?;
-    let n = h.dims.iter().product::<usize>();
-    let es = datatype_size(path, h.datatype)?;
-    let mut raw = vec![0u8; n * es];
-    read_exact_named(path, r.as_mut(), &mut raw, "voxel data")?;
+    let affine = affine(&h);
+    orientation(path, &affine)?;
+    if let Some(len) = file_len
+        && h.vox_offset
+            .checked_add(h.data_bytes)
+            .is_none_or(|end| end > len)
+    {
+        return Err(err(
+            path,
+            format!(
+                "header fields dim {:?} and datatype {} describe {} bytes of voxel data from vox_offset {}, but the file has {len} bytes (truncated file, or a corrupt header)",
+                h.dims, h.datatype, h.data_bytes, h.vox_offset_field
+            ),
+        ));
+    }
+    let extensions = format!(
+        "header extensions (up to vox_offset {})",
+        h.vox_offset_field
+    );
+    skip(path, r.as_mut(), h.vox_offset - 348, &extensions)?;
+    let n = usize::try_from(h.data_bytes)
+        .map_err(|_| err(path, "the voxel data does not fit in memory"))?;
+    let raw = if file_len.is_some() {
+        let mut raw = vec![0u8; n];
+        read_exact_named(path, r.as_mut(), &mut raw, "voxel data")?;
+        raw
+    } else {
+        let raw = read_growing(path, r.as_mut(), n, "voxel data")?;
+        // To the end of the stream, so that a corrupt member fails its gzip checksum.
+        std::io::copy(&mut r, &mut std::io::sink())
+            .map_err(|e| read_error(path, "end of the gzip stream", 0, &e))?;
+        raw
+    };
     let data = decode(&raw, h.datatype, h.big_endian);
     drop(raw);
     let (slope, inter) = if h.slope.is_finite() && h.slope != 0.0 {
@@ -358,8 +489,8 @@ pub fn read(path: &Path) -> Result<Volume> {
     Ok(Volume {
         path: path.to_path_buf(),
         dims: h.dims,
-        spacing: [h.pixdim[1], h.pixdim[2], h.pixdim[3]].map(|v| v.abs() as f64),
-        affine: affine(&h),
+        spacing: zooms(&h),
+        affine,
         data,
         datatype: h.datatype,
     })
@@ -397,11 +528,13 @@ fn decode(raw: &[u8], datatype: i16, big: bool) -> Vec<f32> {
 }
 
 /// Axis codes of an affine: for each voxel axis, the world axis (0 = x/R, 1 = y/A, 2 = z/S) it
-/// is closest to and the sign (+1: index increases towards R/A/S). Errors if two voxel axes
-/// map to the same world axis (an oblique or degenerate affine).
+/// runs along and the sign (+1: index increases towards R/A/S). Errors, naming the file and how
+/// to resample it, if a voxel axis points more than [`OBLIQUE_TOLERANCE`] away from its world
+/// axis (an oblique affine), or if the affine is degenerate.
 pub fn orientation(path: &Path, affine: &[[f64; 4]; 3]) -> Result<[(usize, i8); 3]> {
     let mut out = [(0usize, 1i8); 3];
     let mut used = [false; 3];
+    let mut norms = [0.0; 3];
     // Greedy on the largest normalised components, as nibabel's io_orientation does for
     // non-oblique affines.
     let mut cand: Vec<(f64, usize, usize)> = Vec::new();
@@ -414,6 +547,7 @@ pub fn orientation(path: &Path, affine: &[[f64; 4]; 3]) -> Result<[(usize, i8); 
                 format!("affine column {vox} is zero or not finite: no orientation"),
             ));
         }
+        norms[vox] = norm;
         for (w, v) in column.iter().enumerate() {
             cand.push(((v / norm).abs(), vox, w));
         }
@@ -427,6 +561,26 @@ pub fn orientation(path: &Path, affine: &[[f64; 4]; 3]) -> Result<[(usize, i8); 
         done[vox] = true;
         used[w] = true;
         out[vox] = (w, if affine[w][vox] < 0.0 { -1 } else { 1 });
+    }
+    for (vox, &(w, _)) in out.iter().enumerate() {
+        // The sine of the angle between the voxel axis and its world axis.
+        let off = (0..3)
+            .filter(|&r| r != w)
+            .map(|r| (affine[r][vox] / norms[vox]).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        if off > OBLIQUE_TOLERANCE {
+            return Err(err(
+                path,
+                format!(
+                    "the affine is oblique: voxel axis {} points {:.3}° away from world axis {} (ctseg reads axis-aligned volumes, within {:.3}°); {RESAMPLE_HINT}",
+                    ["i", "j", "k"][vox],
+                    off.min(1.0).asin().to_degrees(),
+                    ["x", "y", "z"][w],
+                    OBLIQUE_TOLERANCE.asin().to_degrees()
+                ),
+            ));
+        }
     }
     Ok(out)
 }
@@ -540,6 +694,13 @@ pub fn write_u8(path: &Path, dims: [usize; 3], affine: &[[f64; 4]; 3], data: &[u
             "{}: {} values for a {dims:?} volume",
             path.display(),
             data.len()
+        )));
+    }
+    if dims.iter().any(|&d| d == 0 || d > i16::MAX as usize) {
+        return Err(Error::Invalid(format!(
+            "{}: a NIfTI-1 volume has 1 to {} voxels per axis, not {dims:?}",
+            path.display(),
+            i16::MAX
         )));
     }
     let mut h = [0u8; 352];

@@ -7,7 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::dataset::{MANIFEST, Manifest, ShardEntry, VolumeEntry};
 use super::nifti::{self, Volume};
@@ -17,10 +17,13 @@ use crate::rng::Rng;
 use crate::util::fs::create_dir_atomic;
 
 /// How images are resized to the training size (labels always take the nearest voxel).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+/// Recorded in the dataset's manifest and the run's provenance, so that inference resizes its
+/// inputs the way the training images were.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Resize {
     /// Nearest neighbour (the study's choice).
+    #[default]
     Nearest,
     /// Mean over the source pixels each target pixel covers (anti-aliased downsampling).
     Area,
@@ -151,6 +154,9 @@ fn read_csv(path: &Path) -> Result<Vec<Pair>> {
     let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut pairs = Vec::new();
+    // Each image once: a volume listed twice would become two volumes of the dataset, which
+    // the split by volume or fold could put on both sides (training and validation).
+    let mut images: BTreeMap<FileKey, usize> = BTreeMap::new();
     for (k, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -190,12 +196,43 @@ fn read_csv(path: &Path) -> Result<Vec<Pair>> {
                 ));
             }
         }
+        if let Some(first) = images.insert(FileKey::of(&image), k + 1) {
+            return Err(Error::dataset(
+                path,
+                format!(
+                    "line {}: image {} is the image of line {first} too (the same file, after resolving paths); list each volume once, or its slices could land in training and validation",
+                    k + 1,
+                    image.display()
+                ),
+            ));
+        }
         pairs.push(Pair { image, label });
     }
     if pairs.is_empty() {
         return Err(Error::dataset(path, "no image,label rows"));
     }
     Ok(pairs)
+}
+
+/// What makes two paths the same file: the resolved path (symlinks, `.` and `..`), and on Unix
+/// the device and inode (hard links).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum FileKey {
+    Inode(u64, u64),
+    Path(PathBuf),
+}
+
+impl FileKey {
+    fn of(p: &Path) -> Self {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(m) = fs::metadata(p) {
+                return Self::Inode(m.dev(), m.ino());
+            }
+        }
+        Self::Path(crate::util::fs::resolve(p))
+    }
 }
 
 /// Reads an image volume: a NIfTI file, or a folder holding one DICOM series.
@@ -263,8 +300,9 @@ pub fn label_values(label: &Volume) -> Result<Vec<u8>> {
 }
 
 /// Source index of target pixel `t` of `n_out` along an axis of `n_in` (nearest, centres).
+/// The readers refuse empty images, so `n_in` is at least 1.
 fn nearest(t: usize, n_in: usize, n_out: usize) -> usize {
-    (((t as f64 + 0.5) * n_in as f64 / n_out as f64) as usize).min(n_in - 1)
+    (((t as f64 + 0.5) * n_in as f64 / n_out as f64) as usize).min(n_in.saturating_sub(1))
 }
 
 /// Mean of `src` over rows `r0..r1` and columns `c0..c1` (the area resize's reducer).
@@ -295,6 +333,26 @@ pub fn resize_slice<T: Copy>(
         }
     }
     out
+}
+
+/// Resizes one `rows × cols` image slice to `size × size` the way `mode` says: the one resize
+/// of images that `prepare` and inference share.
+pub fn resize_image(src: &[f32], rows: usize, cols: usize, size: usize, mode: Resize) -> Vec<f32> {
+    match mode {
+        Resize::Nearest => resize_slice(src, rows, cols, size, None),
+        Resize::Area => {
+            let mean = move |src: &[f32], r0: usize, r1: usize, c0: usize, c1: usize| {
+                let mut sum = 0.0f64;
+                for r in r0..r1 {
+                    for c in c0..c1 {
+                        sum += src[r * cols + c] as f64;
+                    }
+                }
+                (sum / ((r1 - r0) * (c1 - c0)) as f64) as f32
+            };
+            resize_slice(src, rows, cols, size, Some(&mean))
+        }
+    }
 }
 
 fn hu_i16(v: f32) -> i16 {
@@ -419,21 +477,7 @@ fn prepare_into(
             let img_slice = nifti::canonical_slice(&image.data, image.dims, axes, z);
             let img = &img_slice[..];
             let lb = &cl[z * px..(z + 1) * px];
-            let img_r: Vec<f32> = match opts.resize {
-                Resize::Nearest => resize_slice(img, rows, cols, s, None),
-                Resize::Area => {
-                    let f = move |src: &[f32], r0: usize, r1: usize, c0: usize, c1: usize| {
-                        let mut sum = 0.0f64;
-                        for r in r0..r1 {
-                            for c in c0..c1 {
-                                sum += src[r * cols + c] as f64;
-                            }
-                        }
-                        (sum / ((r1 - r0) * (c1 - c0)) as f64) as f32
-                    };
-                    resize_slice(img, rows, cols, s, Some(&f))
-                }
-            };
+            let img_r = resize_image(img, rows, cols, s, opts.resize);
             let lab_r = resize_slice(lb, rows, cols, s, None);
             for &l in &lab_r {
                 counts[l as usize] += 1;
@@ -501,6 +545,7 @@ fn prepare_into(
             opts.resize,
             opts.folds
         ),
+        resize: opts.resize,
     };
     let mpath = dir.join(MANIFEST);
     let text = serde_json::to_string_pretty(&manifest)
@@ -513,4 +558,25 @@ fn prepare_into(
         seconds: start.elapsed().as_secs_f64(),
     };
     Ok((manifest, summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn area_resizing_averages_what_nearest_picks_from() {
+        // A 4 × 4 ramp 0..16 to 2 × 2: area takes the mean of each 2 × 2 block (by hand:
+        // (0+1+4+5)/4 = 2.5, (2+3+6+7)/4 = 4.5, 10.5, 12.5); nearest takes the pixel at
+        // source centre (2t + 1): rows/columns 1 and 3.
+        let src: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        assert_eq!(
+            resize_image(&src, 4, 4, 2, Resize::Area),
+            vec![2.5, 4.5, 10.5, 12.5]
+        );
+        assert_eq!(
+            resize_image(&src, 4, 4, 2, Resize::Nearest),
+            vec![5.0, 7.0, 13.0, 15.0]
+        );
+    }
 }

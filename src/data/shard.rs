@@ -105,7 +105,8 @@ impl ShardData {
         b
     }
 
-    /// Parses bytes read from `path` (named in errors).
+    /// Parses bytes read from `path` (named in errors). The header's sizes are checked against
+    /// the length of `bytes` before anything is allocated.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
         let err = |m: String| Error::dataset(path, m);
         if bytes.len() < HEADER + 4 {
@@ -137,13 +138,20 @@ impl ShardData {
             u32_at(20) as usize,
             u32_at(24) as usize,
         );
-        let px = h
-            .checked_mul(w)
-            .ok_or_else(|| err("image size overflows".into()))?;
-        let expected = n
-            .checked_mul(8 + 3 * px)
-            .and_then(|v| v.checked_add(HEADER + 4))
-            .ok_or_else(|| err("slice count overflows".into()))?;
+        // Untrusted sizes: every product checked, and the total held against the file's length
+        // before anything is sliced or allocated (u32 × u32 × 3 overflows even 64-bit usize).
+        let px = h.checked_mul(w);
+        let slice_bytes = px
+            .and_then(|p| p.checked_mul(3))
+            .and_then(|b| b.checked_add(8));
+        let expected = slice_bytes
+            .and_then(|b| b.checked_mul(n))
+            .and_then(|v| v.checked_add(HEADER + 4));
+        let (Some(px), Some(expected)) = (px, expected) else {
+            return Err(err(format!(
+                "header says {n} slices of {h}x{w} pixels, more bytes than any file holds; the file is corrupt"
+            )));
+        };
         if bytes.len() != expected {
             return Err(err(format!(
                 "size {} bytes does not match its header ({n} slices of {h}x{w} need {expected}); the file is truncated or corrupt",
@@ -251,5 +259,41 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains("bad magic"), "{e}");
+    }
+
+    /// A forged shard whose header sizes wrap around in unchecked arithmetic.
+    fn forged(h: u32, w: u32, count: u32, body: usize) -> Vec<u8> {
+        let mut b = MAGIC.to_vec();
+        for v in [VERSION, HEADER as u32, h, w, count, 0] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.resize(b.len() + body, 0);
+        let crc = crc32fast::hash(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_refused_with_the_file() {
+        // 3 · 3633886365 · 3384208571 = 13 (mod 2⁶⁴) (found by searching h·w ≡ 13 · 3⁻¹
+        // (mod 2⁶⁴) for factors below 2³²): wrapping arithmetic gave 8 + 13 = 21 bytes per slice,
+        // so a 57-byte file with a valid CRC passed the size check and its slicing panicked.
+        let e = ShardData::from_bytes(
+            &forged(3_633_886_365, 3_384_208_571, 1, 21),
+            Path::new("w.ctshard"),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("w.ctshard") && e.contains("corrupt"), "{e}");
+        // The largest header: (2³² − 1)² pixels per slice.
+        let e = ShardData::from_bytes(
+            &forged(u32::MAX, u32::MAX, u32::MAX, 0),
+            Path::new("m.ctshard"),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("m.ctshard") && e.contains("corrupt"), "{e}");
     }
 }

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::data::nifti::{self, Volume};
-use crate::data::prepare::{self, Pair};
+use crate::data::prepare::{self, Pair, Resize};
 use crate::error::{Error, Result};
 use crate::model::{DiceCounts, Mode, UNet};
 use crate::tensor_util::to_f32;
@@ -36,6 +36,9 @@ pub struct PredictOptions {
 pub struct Predictor {
     /// The run's config (input size, intensity transform).
     pub cfg: RunConfig,
+    /// How slices are resized to the model's input: as the training images were
+    /// ([`Predictor::input_resize`]).
+    pub resize: Resize,
     model: UNet,
     device: Device,
 }
@@ -48,8 +51,9 @@ pub fn resize_nearest<T: Copy>(
     h_out: usize,
     w_out: usize,
 ) -> Vec<T> {
+    // The readers refuse empty images; an empty axis here picks index 0 of nothing.
     let pick = |t: usize, n_in: usize, n_out: usize| {
-        (((t as f64 + 0.5) * n_in as f64 / n_out as f64) as usize).min(n_in - 1)
+        (((t as f64 + 0.5) * n_in as f64 / n_out as f64) as usize).min(n_in.saturating_sub(1))
     };
     let cols: Vec<usize> = (0..w_out).map(|c| pick(c, w_in, w_out)).collect();
     let mut out = Vec::with_capacity(h_out * w_out);
@@ -61,10 +65,18 @@ pub fn resize_nearest<T: Copy>(
 }
 
 impl Predictor {
+    /// How a model trained from `trained` sees its inputs resized: as the run's training data
+    /// was prepared (`prepare --resize`, recorded in the dataset and the checkpoint; nearest for
+    /// phantoms and for checkpoints of older versions, which did not record it).
+    pub fn input_resize(trained: &Trained) -> Resize {
+        trained.ck.meta.provenance.resize
+    }
+
     /// The model of the trained run `trained` on `be`'s device.
     pub fn new(trained: &Trained, be: &Backend) -> Result<Self> {
         Ok(Self {
             cfg: trained.cfg.clone(),
+            resize: Self::input_resize(trained),
             model: trained.model(be, &be.device)?,
             device: be.device.clone(),
         })
@@ -72,8 +84,9 @@ impl Predictor {
 
     /// Labels (0 background, 1 liver, 2 tumour) for every voxel of `vol`, in its voxel order:
     /// slices taken in the canonical axial layout training used, resized to the model's input
-    /// size (nearest, HU rounded to integers as in the shards), segmented in batches and
-    /// resized back (nearest). Tumour where channel 2 fires inside the liver (channel 1).
+    /// size as the training images were ([`Predictor::resize`]; HU rounded to integers as in
+    /// the shards), segmented in batches and resized back (nearest). Tumour where channel 2
+    /// fires inside the liver (channel 1).
     pub fn predict(&self, vol: &Volume, opts: &PredictOptions) -> Result<Vec<u8>> {
         let (axes, n) = nifti::canonical_axes(vol)?;
         let (cols, rows, nz) = (n[0], n[1], n[2]);
@@ -85,7 +98,7 @@ impl Predictor {
         // in the shards, intensity-transformed.
         let input_of = |z: usize| -> Vec<f32> {
             let slice = nifti::canonical_slice(&vol.data, vol.dims, axes, z);
-            resize_nearest(&slice, rows, cols, s, s)
+            prepare::resize_image(&slice, rows, cols, s, self.resize)
                 .into_iter()
                 .map(|v| {
                     let hu = v.round().clamp(i16::MIN as f32, i16::MAX as f32) as i16;

@@ -39,6 +39,10 @@ pub struct Provenance {
     pub fold: Option<usize>,
     /// The seed of the split.
     pub split_seed: u64,
+    /// How the training images were resized (`prepare --resize`; absent from checkpoints of
+    /// older versions: nearest). Inference resizes its inputs the same way.
+    #[serde(default)]
+    pub resize: crate::data::prepare::Resize,
 }
 
 const MAGIC: &[u8; 8] = b"CTSEGCK\0";
@@ -286,5 +290,7 @@ mod tests {
         let m: CheckpointMeta = serde_json::from_str(old).expect("old meta");
         assert_eq!(m.provenance, Provenance::default());
         assert_eq!(m.best_dice_liver, None);
+        // Inference on such a checkpoint resizes as all data was resized then: nearest.
+        assert_eq!(m.provenance.resize, crate::data::prepare::Resize::Nearest);
     }
 }

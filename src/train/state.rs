@@ -54,6 +54,25 @@ pub fn load_model(model: UNet, bytes: Vec<u8>, source: &Path) -> Result<UNet> {
         .map_err(|e| Error::checkpoint(source, format!("model does not match the config: {e}")))
 }
 
+/// Refuses an optimiser record that burn's loader would panic on: it asserts that every state
+/// tensor carries the id of its parameter, which only a corrupt record lacks.
+fn check_optimizer_record(bytes: &[u8], source: &Path) -> Result<()> {
+    use burn_pack::Reader;
+    let bad = |m: String| Error::checkpoint(source, format!("optimiser record: {m}"));
+    let tensors = Reader::from_bytes(Bytes::from_bytes_vec(bytes.to_vec()))
+        .and_then(Reader::into_tensors)
+        .map_err(|e| bad(e.to_string()))?;
+    for t in tensors {
+        let (name, _, _, id, _) = t.into_parts().map_err(|e| bad(e.to_string()))?;
+        if id.is_none() {
+            return Err(bad(format!(
+                "state tensor {name:?} names no parameter; the record is corrupt"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl TrainState {
     /// The initial model of `cfg` and a fresh optimiser.
     pub fn fresh(cfg: &RunConfig, device: &Device, caps: DeviceCaps) -> Self {
@@ -80,6 +99,7 @@ impl TrainState {
         (model, optim): (Vec<u8>, Vec<u8>),
         source: &Path,
     ) -> Result<Self> {
+        check_optimizer_record(&optim, source)?;
         let model = load_model(self.model, model, source)?;
         let optim = cfg
             .optimizer
@@ -106,6 +126,31 @@ impl TrainState {
     }
 }
 
+/// Refuses a checkpoint whose config describes a model its weights cannot be: the model is
+/// built from the config before the weights are loaded into it, so a corrupt width (65,536 asks
+/// for terabytes) would be allocated first. The bottleneck's second convolution alone holds
+/// (width · 2^depth)² · 9 weights and the head width · classes, at two bytes or more each.
+pub fn check_model_fits(cfg: &RunConfig, record: &[u8], file: &Path) -> Result<()> {
+    let m = &cfg.model;
+    m.validate(&file.display().to_string())
+        .map_err(|e| Error::checkpoint(file, format!("its run config: {e}")))?;
+    let widest = m.width as f64 * 2f64.powi(m.depth as i32);
+    let least = 2.0 * (9.0 * widest * widest + m.width as f64 * m.classes as f64);
+    if least > record.len() as f64 {
+        return Err(Error::checkpoint(
+            file,
+            format!(
+                "its run config describes a U-Net of width {} and depth {} with {} classes ({least:.0} bytes of weights at the least), but the model record holds {} bytes: the checkpoint is corrupt",
+                m.width,
+                m.depth,
+                m.classes,
+                record.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A trained run a command was pointed at: the checkpoint it asked for, the file it came from,
 /// and the run config stored in it.
 pub struct Trained {
@@ -125,6 +170,7 @@ impl Trained {
     pub fn open(path: &Path, kind: CheckpointKind) -> Result<Self> {
         let (ck, file, note) = Checkpoint::open(path, kind)?;
         let cfg = RunConfig::from_toml(&ck.meta.config_toml, &file)?;
+        check_model_fits(&cfg, &ck.model, &file)?;
         Ok(Self {
             ck,
             file,

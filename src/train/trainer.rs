@@ -288,6 +288,7 @@ pub fn provenance_of(cfg: &RunConfig, ds: &Dataset, data_dir: Option<&Path>) -> 
         data_hash: ds.fingerprint.clone(),
         fold: cfg.data.fold,
         split_seed: cfg.seed,
+        resize: ds.resize,
     }
 }
 

@@ -72,16 +72,20 @@ pub fn create_dir_atomic<T>(dir: &Path, fill: impl FnOnce(&Path) -> Result<T>) -
         fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    match fill(&tmp) {
-        Ok(v) => {
-            fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-            Ok(v)
-        }
-        Err(e) => {
-            let _ = fs::remove_dir_all(&tmp);
-            Err(e)
+    // Removes the temporary directory however `fill` ends: an error, or a panic unwinding.
+    struct Cleanup<'a>(Option<&'a Path>);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            if let Some(p) = self.0 {
+                let _ = fs::remove_dir_all(p);
+            }
         }
     }
+    let mut cleanup = Cleanup(Some(&tmp));
+    let v = fill(&tmp)?;
+    fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    cleanup.0 = None;
+    Ok(v)
 }
 
 /// `path` with symlinks and `..` resolved: the file itself when it exists, else its resolved

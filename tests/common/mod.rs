@@ -3,6 +3,8 @@
 //! Python (required in CI, skipped elsewhere only when their packages are missing).
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod fuzz;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -23,7 +23,16 @@ fn predictor(a: &InferArgs) -> Result<Predictor> {
         eprintln!("{note}");
     }
     let be = open_backend(&a.backend, &trained.cfg.model, &Local, false)?;
-    Ok(Predictor::new(&trained, &be)?)
+    let predictor = Predictor::new(&trained, &be)?;
+    eprintln!(
+        "model inputs resized to {0}x{0} by {1}, as the run's training images were",
+        predictor.cfg.model.input_size,
+        match predictor.resize {
+            ctseg::data::prepare::Resize::Nearest => "nearest neighbour",
+            ctseg::data::prepare::Resize::Area => "area (mean over the covered pixels)",
+        }
+    );
+    Ok(predictor)
 }
 
 fn is_nifti_name(p: &Path) -> bool {

@@ -23,6 +23,7 @@ pub fn train(a: TrainArgs) -> Result<u8> {
                 let file = RunDir::new(dir).checkpoint(CheckpointKind::Last);
                 let ck = Checkpoint::load(&file)?;
                 let mut cfg = RunConfig::from_toml(&ck.meta.config_toml, &file)?;
+                ctseg::train::state::check_model_fits(&cfg, &ck.model, &file)?;
                 cfg.apply(&a.overrides.to_overrides());
                 cfg.validate(&dir.display().to_string())?;
                 (cfg, dir.clone(), Start::Resume(Box::new(ck)))
