@@ -1188,3 +1188,63 @@ fn area_resized_training_data_makes_prediction_resize_by_area() {
     ]));
     assert!(t.contains("by area"), "{t}");
 }
+
+/// No command writes over one of its own inputs: `predict --output` naming its input (directly
+/// or through a symlink) and `export --out` naming the run's checkpoint exit 2 naming the flag,
+/// and leave the files byte for byte as they were.
+#[test]
+fn predict_and_export_never_write_over_their_inputs() {
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    common::ok(common::ctseg(&[
+        "train",
+        "--config",
+        common::TINY,
+        "--max-steps",
+        "2",
+        "--quiet",
+        "--out",
+        common::s(&run),
+    ]));
+    let input = d.path().join("ct.nii.gz");
+    std::fs::copy(ct(), &input).expect("copy");
+    let link = d.path().join("link.nii.gz");
+    std::os::unix::fs::symlink(&input, &link).expect("symlink");
+    let before = std::fs::read(&input).expect("read");
+    for out in [&input, &link] {
+        common::fails_with(
+            common::ctseg(&[
+                "predict",
+                "--checkpoint",
+                common::s(&run),
+                "--input",
+                common::s(&input),
+                "--output",
+                common::s(out),
+            ]),
+            2,
+            &["--output", "ct.nii.gz"],
+        );
+        assert!(
+            std::fs::read(&input).expect("read") == before,
+            "the CT is untouched"
+        );
+    }
+    let ck = run.join("checkpoint.ctck");
+    let ck_before = std::fs::read(&ck).expect("checkpoint");
+    common::fails_with(
+        common::ctseg(&[
+            "export",
+            "--checkpoint",
+            common::s(&run),
+            "--out",
+            common::s(&ck),
+        ]),
+        2,
+        &["--out", "checkpoint.ctck"],
+    );
+    assert!(
+        std::fs::read(&ck).expect("checkpoint") == ck_before,
+        "the checkpoint is untouched"
+    );
+}

@@ -46,12 +46,6 @@ pub struct StepRecord {
     pub comm_s: Option<f64>,
     /// Seconds the allreduces took in total, overlapped or not (0 on one rank).
     pub comm_total_s: Option<f64>,
-    /// The loss scale of a mixed-precision step (absent in f32 runs).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub loss_scale: Option<f64>,
-    /// Whether the step was skipped because a gradient was not finite (mixed precision).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub skipped: bool,
 }
 
 /// One validation pass over the whole validation set.

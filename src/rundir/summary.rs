@@ -86,13 +86,9 @@ pub struct Summary {
     pub peak_rss_mb: f64,
     /// `"cpu"` or `"gpu"`.
     pub backend: String,
-    /// Arithmetic of the step: `"f32"`, or `"mixed"` (f16 convolution operands, f32 master
-    /// weights), as run (an adapter without f16 runs f32 and says so in `precision_note`).
+    /// Arithmetic of the step: `"f32"` (the only one today; reports read it to keep runs of
+    /// different arithmetic apart).
     pub precision: String,
-    /// Why the precision differs from the one asked for (empty when it does not).
-    pub precision_note: String,
-    /// Mixed-precision steps skipped because a gradient was not finite.
-    pub skipped_steps: u64,
     /// Micro-batches per optimiser step on each rank.
     pub accumulate: u64,
     /// Images per micro-batch on each rank.

@@ -662,7 +662,6 @@ impl<'a> Trainer<'a> {
             copy_s: Some(times.copy_s),
             comm_s: Some(times.comm_s),
             comm_total_s: Some(times.comm_total_s),
-            ..StepRecord::default()
         }))?;
         self.progress
             .step(self.pos.step, self.pos.epoch + 1, outcome.loss, ips);
@@ -842,7 +841,6 @@ impl<'a> Trainer<'a> {
             accumulate: p.accumulate as u64,
             batch_size: self.cfg.train.batch_size as u64,
             label: self.opts.label.clone(),
-            ..Summary::default()
         };
         if self.comm.rank() == 0 {
             summary.write(&self.run.summary())?;
