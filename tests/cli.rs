@@ -786,3 +786,53 @@ fn a_training_set_smaller_than_one_batch_is_bad_input() {
     );
     assert!(!run.exists(), "nothing written");
 }
+
+/// The JSON line of `bench step --json` output whose `bench` field is `kind`.
+fn bench_line(out: &str, kind: &str) -> serde_json::Value {
+    out.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["bench"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} line in:\n{out}"))
+}
+
+#[test]
+fn step_profile_splits_the_step_into_its_phases_in_order() {
+    // Two micro-batches per step: forward and backward run twice, then their mean.
+    let out = ok(ctseg(&[
+        "bench",
+        "step",
+        "--config",
+        TINY,
+        "--accumulate",
+        "2",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--profile",
+        "2",
+        "--json",
+    ]));
+    let p = bench_line(&out, "profile");
+    let phases: Vec<&str> = p["phases"]
+        .as_array()
+        .expect("phases")
+        .iter()
+        .map(|r| r["phase"].as_str().expect("name"))
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "forward",
+            "backward",
+            "micro_mean",
+            "exchange",
+            "optimiser",
+            "loss_read"
+        ]
+    );
+    // The CPU backend launches no GPU kernels; the phases still take time.
+    assert_eq!(p["launches_per_step"], 0.0);
+    let wall = |i: usize| p["phases"][i]["wall_s"].as_f64().expect("wall");
+    assert!(wall(0) > 0.0 && wall(1) > 0.0, "{p}");
+}

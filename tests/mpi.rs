@@ -906,3 +906,35 @@ fn validate_under_mpirun_gives_each_rank_its_share_of_the_node() {
         "{t}"
     );
 }
+
+#[test]
+fn step_profile_under_mpirun_is_collective_and_reported_once() {
+    // Every rank runs the profiled steps (their gradient exchanges must pair up, or the job
+    // hangs); rank 0 alone prints the profile.
+    let o = mpirun(
+        2,
+        &[
+            "bench",
+            "step",
+            "--config",
+            TINY,
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--profile",
+            "2",
+            "--json",
+        ],
+        &[],
+        120,
+    );
+    let out = ok(o);
+    let profiles: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["bench"] == "profile")
+        .collect();
+    assert_eq!(profiles.len(), 1, "{out}");
+    assert_eq!(profiles[0]["steps"], 2);
+}

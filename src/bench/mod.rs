@@ -1,9 +1,10 @@
 //! Benchmarks. Here `ctseg bench step` (the time of one training step: forward, loss, backward,
-//! optimiser step) over warm steps, with its spread, images/s, achieved GFLOP/s and peak memory; optionally the
-//! PyTorch peer run with the same shapes in the same invocation, reported as a ratio; and
-//! `bench allreduce`. Rank-count series are in [`scaling`], the performance model in [`model`].
+//! optimiser step) over warm steps, with its spread, images/s, achieved GFLOP/s and peak memory;
+//! optionally the PyTorch peer run with the same shapes in the same invocation, reported as a
+//! ratio; and `bench allreduce`. The step's phase and kernel profile is in [`profile`]. Rank-count series are in [`scaling`], the performance model in [`model`].
 
 pub mod model;
+pub mod profile;
 pub mod scaling;
 
 use std::path::Path;
@@ -14,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::config::RunConfig;
-use crate::data::{Dataset, make_batch};
+use crate::data::{Dataset, HostBatch, make_batch};
 use crate::error::{Error, Result};
 use crate::train::{Stepper, TrainState};
 use crate::util::stats::quantile;
@@ -80,6 +81,18 @@ pub struct StepBench {
     pub apply_s: f64,
 }
 
+/// The benchmarks' step inputs: `train.accumulate` micro-batches of one fixed batch from one
+/// phantom volume, and a fresh model and optimiser on `be`'s device.
+fn fixture(cfg: &RunConfig, be: &Backend) -> (Vec<HostBatch>, TrainState) {
+    let b = cfg.train.batch_size;
+    let ds = Dataset::phantom(cfg.seed, 1, b, cfg.model.input_size, 1);
+    let idx: Vec<usize> = (0..b).collect();
+    let batch = make_batch(&ds, &cfg.data, cfg.model.classes, &idx);
+    let micro = vec![batch; cfg.train.accumulate.max(1)];
+    let state = TrainState::fresh(cfg, &be.device.clone().autodiff(), be.caps);
+    (micro, state)
+}
+
 /// Times training steps of `cfg`'s model on one fixed phantom batch (`train.accumulate`
 /// micro-batches of it per step), through the trainer's own [`Stepper`]. Collective under MPI:
 /// every rank times its own batch and the gradient exchange.
@@ -89,15 +102,10 @@ pub fn bench_step(
     o: &StepBenchOptions,
     comm: &dyn crate::comm::Communicator,
 ) -> Result<StepBench> {
-    // 1. One phantom volume with enough slices for the batch, the model and the stepper.
+    // 1. The fixed batch, the model and the stepper.
     let b = cfg.train.batch_size;
     let size = cfg.model.input_size;
-    let ds = Dataset::phantom(cfg.seed, 1, b, size, 1);
-    let idx: Vec<usize> = (0..b).collect();
-    let batch = make_batch(&ds, &cfg.data, cfg.model.classes, &idx);
-    let micro = vec![batch; cfg.train.accumulate.max(1)];
-    let ad = be.device.clone().autodiff();
-    let mut state = TrainState::fresh(cfg, &ad, be.caps);
+    let (micro, mut state) = fixture(cfg, be);
     let stepper = Stepper::new(cfg, &state.model, &be.device, comm);
     let sync = || {
         be.device

@@ -410,6 +410,16 @@ pub struct BenchStepArgs {
     /// Device for the peer (`cpu`, or `cuda` beside `--backend gpu`).
     #[arg(long, default_value = "cpu")]
     pub peer_device: String,
+    /// Then profile this many more steps: each phase's wall and host-issue time with the device
+    /// synchronised between phases, and on the GPU every kernel launch counted and timed.
+    #[arg(long, value_name = "STEPS", num_args = 0..=1, default_missing_value = "3")]
+    pub profile: Option<usize>,
+    /// Kernels listed per phase in the profile table (all are in the JSON).
+    #[arg(long, default_value_t = 8)]
+    pub profile_top: usize,
+    /// Also write the profile as JSON to this file.
+    #[arg(long, value_name = "FILE", requires = "profile")]
+    pub profile_json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -14,7 +14,7 @@ pub mod validation;
 use serde::{Deserialize, Serialize};
 
 pub use state::{TrainState, Trained, build_model};
-pub use step::{StepOutcome, StepTimes, Stepper, batch_tensors};
+pub use step::{Phase, StepOutcome, StepProbe, StepTimes, Stepper, batch_tensors};
 pub use trainer::{
     Start, TrainOptions, TrainOutcome, agree_across_ranks, check_provenance, load_dataset,
     provenance_of, train,

@@ -57,6 +57,59 @@ pub struct StepOutcome {
     pub times: StepTimes,
 }
 
+/// The parts of a step, in the order they run, as a profile ([`StepProbe`]) sees them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Forward pass and loss of a micro-batch.
+    Forward,
+    /// Backward pass of a micro-batch.
+    Backward,
+    /// The micro-batches' gradients averaged (nothing with one micro-batch).
+    MicroMean,
+    /// Gradients averaged across ranks (nothing on one rank).
+    Exchange,
+    /// The optimiser step.
+    Optimiser,
+    /// The losses read to the host.
+    LossRead,
+}
+
+impl Phase {
+    /// All phases, in step order.
+    pub const ALL: [Phase; 6] = [
+        Phase::Forward,
+        Phase::Backward,
+        Phase::MicroMean,
+        Phase::Exchange,
+        Phase::Optimiser,
+        Phase::LossRead,
+    ];
+
+    /// The name used in tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Forward => "forward",
+            Phase::Backward => "backward",
+            Phase::MicroMean => "micro_mean",
+            Phase::Exchange => "exchange",
+            Phase::Optimiser => "optimiser",
+            Phase::LossRead => "loss_read",
+        }
+    }
+}
+
+/// Watches a step phase by phase (`bench step --profile`). With a probe the stepper waits for
+/// the device at every phase boundary, so each phase's kernels run inside it: a profiled step is
+/// slower than a plain one, and only its split is the measurement.
+pub trait StepProbe {
+    /// The host has issued the current phase's work and is about to wait for the device.
+    fn issued(&self);
+    /// The device has finished everything issued so far; `next` begins (`None`: the step is
+    /// over).
+    fn enter(&self, next: Option<Phase>);
+}
+
 /// What a step needs that does not change from step to step.
 pub struct Stepper<'a> {
     cfg: &'a RunConfig,
@@ -66,6 +119,7 @@ pub struct Stepper<'a> {
     /// The same device with autodiff (where the model lives).
     ad: Device,
     slots: Vec<Slot>,
+    probe: Option<&'a dyn StepProbe>,
 }
 
 impl<'a> Stepper<'a> {
@@ -82,7 +136,24 @@ impl<'a> Stepper<'a> {
             device: device.clone(),
             ad: device.clone().autodiff(),
             slots: flat::layout(model, Select::Trainable),
+            probe: None,
         }
+    }
+
+    /// This stepper, reporting its phases to `probe`.
+    pub fn with_probe(mut self, probe: &'a dyn StepProbe) -> Self {
+        self.probe = Some(probe);
+        self
+    }
+
+    /// A phase boundary: with a probe, the device finishes the previous phase first.
+    fn mark(&self, next: Option<Phase>, step: u64) -> Result<()> {
+        if let Some(p) = self.probe {
+            p.issued();
+            self.sync(step + 1)?;
+            p.enter(next);
+        }
+        Ok(())
     }
 
     /// The trainable parameter tensors, in visit order.
@@ -113,6 +184,7 @@ impl<'a> Stepper<'a> {
         let mut losses = Vec::with_capacity(accumulate);
         let mut grads = Vec::with_capacity(accumulate);
         for (k, batch) in micro.iter().enumerate() {
+            self.mark(Some(Phase::Forward), step)?;
             let (x, y) = batch_tensors(batch, &self.ad);
             let mode = Mode::Train {
                 seed: self.cfg.seed,
@@ -121,14 +193,17 @@ impl<'a> Stepper<'a> {
             };
             let t = &self.cfg.train;
             let loss = t.loss.loss(state.model.logits(x, mode), y, t.loss_smooth);
+            self.mark(Some(Phase::Backward), step)?;
             grads.push(GradientsParams::from_grads(loss.backward(), &state.model));
             losses.push(loss);
         }
+        self.mark(Some(Phase::MicroMean), step)?;
         let grads = self.mean_of_micro_batches(&state.model, grads)?;
         self.sync(step + 1)?;
         times.compute_s = t.elapsed().as_secs_f64();
 
         // 2. Gradients averaged across ranks.
+        self.mark(Some(Phase::Exchange), step)?;
         let (grads, ex) = exchange::average(
             &state.model,
             grads,
@@ -141,7 +216,9 @@ impl<'a> Stepper<'a> {
 
         // 3. Optimiser step, then the loss read (which waits for the device).
         let t = Instant::now();
+        self.mark(Some(Phase::Optimiser), step)?;
         state.model = state.optim.step(lr, state.model, grads);
+        self.mark(Some(Phase::LossRead), step)?;
         let mut local = 0.0;
         for loss in losses {
             local += data_to_f32(loss.into_data())?
@@ -151,6 +228,7 @@ impl<'a> Stepper<'a> {
         }
         self.sync(step + 1)?;
         times.apply_s = t.elapsed().as_secs_f64();
+        self.mark(None, step)?;
 
         // 4. The step's loss: the mean over this rank's micro-batches, then over ranks.
         let mut sum = [local / accumulate.max(1) as f64];

@@ -22,14 +22,30 @@ pub fn step(a: BenchStepArgs) -> Result<()> {
         };
         // 2. The timed steps.
         let r = bench::bench_step(&cfg, &be, &o, comm)?;
+        // 3. The profile, after the plain steps so that it cannot disturb them.
+        let profile = match a.profile {
+            Some(steps) => Some(bench::profile::profile_step(&cfg, &be, steps, comm)?),
+            None => None,
+        };
         if comm.rank() != 0 {
             return Ok(());
         }
-        // 3. The figures, and the peer's in the same invocation.
+        // 4. The figures, and the peer's in the same invocation.
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
             println!("{}", r.render());
+        }
+        if let Some(p) = &profile {
+            if let Some(path) = &a.profile_json {
+                let json = serde_json::to_string_pretty(p)?;
+                ctseg::util::fs::write_atomic(path, json.as_bytes())?;
+            }
+            if a.json {
+                println!("{}", serde_json::to_string(p)?);
+            } else {
+                print!("{}", p.render(a.profile_top));
+            }
         }
         if let Some(script) = &a.peer {
             let threads = if a.backend.threads == 0 {
