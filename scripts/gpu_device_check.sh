@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared run on a machine with a real GPU (the "device" machine of the development
 # workplace): the GPU parity tests on the NVIDIA Vulkan driver, `bench step --backend gpu` beside
-# the PyTorch peer on CUDA at width 32 and 64 (batch 4, 240²) with the step's phase and kernel
-# profile (profile-w*-b4.json), and a short GPU training run.
+# the PyTorch peer on CUDA in f32 (TF32 convolutions, PyTorch's default) and AMP at width 32 and
+# 64, batch 4 and 30, 240², with the step's phase and kernel profile (profile-w*-b*.json), and a
+# short GPU training run.
 # Expects: .devbin/ctseg and .devbin/gpu-tests (x86-64 builds from the build machine, possibly
 # xz-compressed), .gl/*.deb (Vulkan loader, see the device tool's notes), python3 with torch.
 set -u
@@ -23,11 +24,14 @@ log adapters
 log "gpu parity tests"
 # GPU_TESTS: optional test-name filters (all tests by default); the per-tensor tables are kept.
 CTSEG_REQUIRE_GPU=1 timeout 180 ./.devbin/gpu-tests --test-threads 1 --nocapture ${GPU_TESTS:-} 2>&1 | grep -vE "XDG|^$" | tee -a "$OUT/log.txt"
-for w in 32 64; do
-  log "bench step width $w batch 4 240x240 (ctseg wgpu vs pytorch cuda), then its phase/kernel profile"
-  timeout 240 ./.devbin/ctseg bench step --config configs/livermask.toml --backend gpu --width $w --batch-size 4 \
+# Width/batch pairs: issue 12's target rows (batch 30 is the study's batch).
+for wb in ${SHAPES:-32x4 64x4 64x30}; do
+  w=${wb%x*}; b=${wb#*x}
+  log "bench step width $w batch $b 240x240 (ctseg wgpu vs pytorch cuda f32 and amp), then its phase/kernel profile"
+  timeout 240 ./.devbin/ctseg bench step --config configs/livermask.toml --backend gpu --width $w --batch-size $b \
     --warmup "${WARMUP:-3}" --steps "${STEPS:-10}" --peer tests/reference/livermask_torch.py --peer-device cuda \
-    --profile "${PROFILE_STEPS:-3}" --profile-top 12 --profile-json "$OUT/profile-w$w-b4.json" 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
+    --peer-precision f32,amp --profile "${PROFILE_STEPS:-3}" --profile-top 12 \
+    --profile-json "$OUT/profile-w$w-b$b.json" 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
 done
 [ "${QUICK:-1}" = 1 ] || exit 0
 log "quick config on the GPU"

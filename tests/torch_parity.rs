@@ -463,3 +463,52 @@ fn flex_matches_pytorch_at_240_and_depth_4() {
         verdict.table()
     );
 }
+
+#[test]
+fn bench_step_runs_the_pytorch_peer_in_f32_and_in_amp() {
+    // The peer in both precisions in one invocation, as scripts/gpu_device_check.sh runs it on
+    // CUDA: each line says what the peer ran in, beside ctseg's ratio to it.
+    if common::python_reference("peer", &["torch"], &["-c", "pass"], &[]).is_none() {
+        return;
+    }
+    let out = common::ok(common::ctseg(&[
+        "bench",
+        "step",
+        "--config",
+        common::TINY,
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--peer",
+        common::s(&common::reference_script("livermask_torch.py")),
+        "--python",
+        &common::python(),
+        "--peer-precision",
+        "f32,amp",
+        "--json",
+    ]));
+    let peers: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["bench"] == "peer")
+        .collect();
+    assert_eq!(peers.len(), 2, "{out}");
+    let (f32_run, amp) = (&peers[0]["peer"], &peers[1]["peer"]);
+    assert_eq!(f32_run["precision"], "f32");
+    assert!(f32_run["amp_dtype"].is_null());
+    assert!(f32_run["cudnn_allow_tf32"].is_boolean(), "{f32_run}");
+    // On the CPU autocast runs in bfloat16; GradScaler starts at 2^16 and halves once per
+    // skipped step (it doubles only after 2000 finite steps).
+    assert_eq!(amp["precision"], "amp");
+    assert_eq!(amp["amp_dtype"], "bfloat16");
+    let skipped = amp["skipped_steps"].as_u64().expect("skipped");
+    assert_eq!(
+        amp["loss_scale"].as_f64(),
+        Some(65536.0 * 0.5f64.powi(skipped as i32))
+    );
+    for p in &peers {
+        let r = p["ratio_ctseg_over_peer"].as_f64().expect("ratio");
+        assert!(r.is_finite() && r > 0.0, "{p}");
+    }
+}

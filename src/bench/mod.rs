@@ -222,10 +222,48 @@ pub struct PeerResult {
     /// Device.
     #[serde(default)]
     pub device: String,
+    /// `f32` (PyTorch's default) or `amp` (autocast + GradScaler).
+    #[serde(default = "f32_name")]
+    pub precision: String,
+    /// `torch.backends.cudnn.allow_tf32`: whether cuDNN convolutions ran in TF32 on CUDA.
+    #[serde(default)]
+    pub cudnn_allow_tf32: Option<bool>,
+    /// The autocast dtype under `amp` (float16 on CUDA, bfloat16 on the CPU).
+    #[serde(default)]
+    pub amp_dtype: Option<String>,
+    /// The GradScaler's scale after the last step, under `amp`.
+    #[serde(default)]
+    pub loss_scale: Option<f64>,
+    /// Steps the GradScaler skipped (non-finite gradients), under `amp`.
+    #[serde(default)]
+    pub skipped_steps: u64,
+}
+
+fn f32_name() -> String {
+    "f32".into()
+}
+
+/// The precision the PyTorch peer trains in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PeerPrecision {
+    /// PyTorch's default: f32 tensors (cuDNN convolutions in TF32 on CUDA, as PyTorch defaults).
+    F32,
+    /// Automatic mixed precision: `torch.autocast` and a `GradScaler`.
+    Amp,
+}
+
+impl PeerPrecision {
+    /// The peer script's `--precision` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerPrecision::F32 => "f32",
+            PeerPrecision::Amp => "amp",
+        }
+    }
 }
 
 /// Runs `python3 SCRIPT` (the livermask PyTorch peer) with `cfg`'s width, input size, batch
-/// and dropout on `device` (`cpu` or `cuda`) and parses its JSON line.
+/// and dropout on `device` (`cpu` or `cuda`) in `precision` and parses its JSON line.
 pub fn run_peer(
     python: &str,
     script: &Path,
@@ -233,6 +271,7 @@ pub fn run_peer(
     cfg: &RunConfig,
     o: &StepBenchOptions,
     device: &str,
+    precision: PeerPrecision,
 ) -> Result<PeerResult> {
     let out = Command::new(python)
         .arg(script)
@@ -244,6 +283,7 @@ pub fn run_peer(
         .args(["--steps", &o.steps.to_string()])
         .args(["--dropout", &cfg.model.dropout.to_string()])
         .args(["--device", device])
+        .args(["--precision", precision.name()])
         .output()
         .map_err(|e| Error::io(script, e))?;
     if !out.status.success() {

@@ -410,6 +410,10 @@ pub struct BenchStepArgs {
     /// Device for the peer (`cpu`, or `cuda` beside `--backend gpu`).
     #[arg(long, default_value = "cpu")]
     pub peer_device: String,
+    /// The peer's precisions, each run in turn: `f32` (PyTorch's default, cuDNN in TF32 on
+    /// CUDA) and/or `amp` (autocast + GradScaler).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "f32")]
+    pub peer_precision: Vec<ctseg::bench::PeerPrecision>,
     /// Then profile this many more steps: each phase's wall and host-issue time with the device
     /// synchronised between phases, and on the GPU every kernel launch counted and timed.
     #[arg(long, value_name = "STEPS", num_args = 0..=1, default_missing_value = "3")]

@@ -53,27 +53,58 @@ pub fn step(a: BenchStepArgs) -> Result<()> {
             } else {
                 a.backend.threads
             };
-            let p = bench::run_peer(&a.python, script, threads, &cfg, &o, &a.peer_device)?;
-            let ratio = r.median_step_s / p.median_step_s;
-            let rss_ratio = r.peak_rss_mb / p.peak_rss_mb;
-            if a.json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "bench": "peer", "peer": p, "ratio_ctseg_over_peer": ratio,
-                        "rss_ratio_ctseg_over_peer": rss_ratio,
-                    })
-                );
-            } else {
-                println!(
-                    "pytorch {} ({}): median {:.3} s (min {:.3}) | {:.2} img/s | peak RSS {:.0} MB",
-                    p.torch, p.device, p.median_step_s, p.min_step_s, p.images_per_s, p.peak_rss_mb
-                );
-                println!("ratio ctseg/pytorch step time: {ratio:.2}x (peak RSS {rss_ratio:.2}x)");
+            for &precision in &a.peer_precision {
+                let p = bench::run_peer(
+                    &a.python,
+                    script,
+                    threads,
+                    &cfg,
+                    &o,
+                    &a.peer_device,
+                    precision,
+                )?;
+                print_peer(&r, &p, a.json)?;
             }
         }
         Ok(())
     })
+}
+
+/// The peer's figures and ctseg's ratio to them (ctseg runs in f32: against an `amp` peer the
+/// ratio says what mixed precision buys PyTorch, not a like-for-like comparison).
+fn print_peer(r: &bench::StepBench, p: &bench::PeerResult, json: bool) -> Result<()> {
+    let ratio = r.median_step_s / p.median_step_s;
+    let rss_ratio = r.peak_rss_mb / p.peak_rss_mb;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "peer", "peer": p, "ratio_ctseg_over_peer": ratio,
+                "rss_ratio_ctseg_over_peer": rss_ratio,
+            })
+        );
+        return Ok(());
+    }
+    let how = match (&p.amp_dtype, p.cudnn_allow_tf32) {
+        (Some(dtype), _) => format!(
+            "amp {dtype}, final loss scale {}, {} skipped steps",
+            p.loss_scale.unwrap_or(f64::NAN),
+            p.skipped_steps
+        ),
+        (None, Some(tf32)) if p.device.starts_with("cuda") => {
+            format!("f32, cuDNN TF32 {}", if tf32 { "on" } else { "off" })
+        }
+        (None, _) => "f32".into(),
+    };
+    println!(
+        "pytorch {} ({}, {how}): median {:.3} s (min {:.3}) | {:.2} img/s | peak RSS {:.0} MB",
+        p.torch, p.device, p.median_step_s, p.min_step_s, p.images_per_s, p.peak_rss_mb
+    );
+    println!(
+        "ratio ctseg f32 / pytorch {}: step time {ratio:.2}x (peak RSS {rss_ratio:.2}x)",
+        p.precision
+    );
+    Ok(())
 }
 
 /// `ctseg bench allreduce` (collective under mpirun).
@@ -118,7 +149,15 @@ pub fn scaling(a: BenchScalingArgs) -> Result<()> {
                 steps: 5,
             };
             Some(scaling::PeerLine {
-                peer: bench::run_peer(&a.python, script, threads, &cfg, &steps, "cpu")?,
+                peer: bench::run_peer(
+                    &a.python,
+                    script,
+                    threads,
+                    &cfg,
+                    &steps,
+                    "cpu",
+                    bench::PeerPrecision::F32,
+                )?,
                 threads,
                 width: cfg.model.width,
                 size: cfg.model.input_size,
