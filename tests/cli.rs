@@ -836,3 +836,23 @@ fn step_profile_splits_the_step_into_its_phases_in_order() {
     let wall = |i: usize| p["phases"][i]["wall_s"].as_f64().expect("wall");
     assert!(wall(0) > 0.0 && wall(1) > 0.0, "{p}");
 }
+
+#[test]
+fn bench_step_reports_the_hosts_issue_time_as_part_of_compute() {
+    // The host's time to issue forward, loss and backward is measured before the step waits for
+    // the device, so it is a part of the compute time (the whole of it on the CPU backend,
+    // where every operation runs as it is issued).
+    let out = ok(ctseg(&[
+        "bench", "step", "--config", TINY, "--warmup", "0", "--steps", "2", "--json",
+    ]));
+    let r = bench_line(&out, "ctseg");
+    let (issue, compute) = (
+        r["issue_s"].as_f64().expect("issue_s"),
+        r["compute_s"].as_f64().expect("compute_s"),
+    );
+    assert!(issue > 0.0 && issue <= compute, "{r}");
+    assert!(
+        issue >= 0.5 * compute,
+        "on the CPU issuing is computing: {r}"
+    );
+}

@@ -71,6 +71,10 @@ pub struct StepBench {
     pub ranks: usize,
     /// Median seconds of forward + loss + backward.
     pub compute_s: f64,
+    /// Median seconds the host spent issuing the forward + loss + backward, before waiting for
+    /// the device (`#[serde(default)]`: older result files lack it).
+    #[serde(default)]
+    pub issue_s: f64,
     /// Median seconds copying the fused gradient buffer off the device (0 on one rank).
     pub copy_s: f64,
     /// Median seconds of exposed gradient communication (0 on one rank).
@@ -114,7 +118,7 @@ pub fn bench_step(
     };
     // 2. Warm-up and timed steps, all ranks starting each step together.
     let mut times = Vec::with_capacity(o.steps);
-    let mut parts: [Vec<f64>; 5] = Default::default();
+    let mut parts: [Vec<f64>; 6] = Default::default();
     let mut losses = Vec::new();
     for step in 0..o.warmup + o.steps {
         sync()?;
@@ -128,11 +132,14 @@ pub fn bench_step(
         if step >= o.warmup {
             times.push(dt);
             let x = out.times;
-            for (v, x) in
-                parts
-                    .iter_mut()
-                    .zip([x.compute_s, x.copy_s, x.comm_s, x.apply_s, x.comm_total_s])
-            {
+            for (v, x) in parts.iter_mut().zip([
+                x.compute_s,
+                x.copy_s,
+                x.comm_s,
+                x.apply_s,
+                x.comm_total_s,
+                x.issue_s,
+            ]) {
                 v.push(x);
             }
         }
@@ -142,7 +149,14 @@ pub fn bench_step(
         v.sort_by(f64::total_cmp);
         quantile(v, 0.5)
     };
-    let [mut pc, mut pcopy, mut pcomm, mut papply, mut ptotal] = parts;
+    let [
+        mut pc,
+        mut pcopy,
+        mut pcomm,
+        mut papply,
+        mut ptotal,
+        mut pissue,
+    ] = parts;
     let spread = crate::util::stats::spread(&times);
     let summary = crate::model::summarize_with_inputs(&cfg.model, cfg.data.in_channels());
     let images = b * cfg.train.accumulate.max(1);
@@ -167,6 +181,7 @@ pub fn bench_step(
         peak_rss_mb: peak_rss_mb(),
         ranks: comm.size(),
         compute_s: median_of(&mut pc),
+        issue_s: median_of(&mut pissue),
         copy_s: median_of(&mut pcopy),
         comm_s: median_of(&mut pcomm),
         comm_total_s: median_of(&mut ptotal),
@@ -179,7 +194,7 @@ impl StepBench {
     /// median split of the step.
     pub fn render(&self) -> String {
         format!(
-            "ctseg step ({}): width {} size {} batch {} | median {:.3} s (min {:.3}, max {:.3}, IQR {:.3}, {} steps) | {:.2} img/s | {:.1} GFLOP/s | peak RSS {:.0} MB | loss {:.4} -> {:.4}\n  per step (median): compute {:.3} s | gradient copy {:.3} s | communication {:.3} s of which exposed {:.3} s | optimiser {:.3} s | {} rank(s)",
+            "ctseg step ({}): width {} size {} batch {} | median {:.3} s (min {:.3}, max {:.3}, IQR {:.3}, {} steps) | {:.2} img/s | {:.1} GFLOP/s | peak RSS {:.0} MB | loss {:.4} -> {:.4}\n  per step (median): compute {:.3} s (host issuing it {:.3} s) | gradient copy {:.3} s | communication {:.3} s of which exposed {:.3} s | optimiser {:.3} s | {} rank(s)",
             self.device,
             self.width,
             self.size,
@@ -195,6 +210,7 @@ impl StepBench {
             self.first_loss,
             self.last_loss,
             self.compute_s,
+            self.issue_s,
             self.copy_s,
             self.comm_total_s,
             self.comm_s,

@@ -38,6 +38,9 @@ pub fn batch_tensors(batch: &HostBatch, device: &Device) -> (Tensor<4>, Tensor<4
 pub struct StepTimes {
     /// Forward, loss and backward of all micro-batches, and their gradients' mean.
     pub compute_s: f64,
+    /// The part of `compute_s` the host spent issuing that work, before it waited for the
+    /// device (on a GPU: near `compute_s` means the step is bound by the host's launches).
+    pub issue_s: f64,
     /// Copying the fused gradient buffer off the device (0 on one rank).
     pub copy_s: f64,
     /// Gradient communication the step waited for (0 on one rank).
@@ -199,6 +202,7 @@ impl<'a> Stepper<'a> {
         }
         self.mark(Some(Phase::MicroMean), step)?;
         let grads = self.mean_of_micro_batches(&state.model, grads)?;
+        times.issue_s = t.elapsed().as_secs_f64();
         self.sync(step + 1)?;
         times.compute_s = t.elapsed().as_secs_f64();
 
