@@ -787,12 +787,11 @@ fn a_training_set_smaller_than_one_batch_is_bad_input() {
     assert!(!run.exists(), "nothing written");
 }
 
-/// The JSON line of `bench step --json` output whose `bench` field is `kind`.
+/// The one JSON line of `bench step --json` output whose `bench` field is `kind`.
 fn bench_line(out: &str, kind: &str) -> serde_json::Value {
-    out.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["bench"] == kind)
-        .unwrap_or_else(|| panic!("no {kind} line in:\n{out}"))
+    let mut lines = bench_lines(out, kind);
+    assert_eq!(lines.len(), 1, "one {kind} line expected in:\n{out}");
+    lines.remove(0)
 }
 
 #[test]

@@ -191,26 +191,43 @@ fn transposed_upsampling_and_no_norm_match_cpu() {
     assert!(rel_err(&gc, &gg) < 1e-3, "gradients differ");
 }
 
-#[test]
-fn gpu_training_reduces_the_loss() {
-    let Some(be) = gpu() else { return };
-    // The trainer's own step (ctseg::train::Stepper) on the adapter, 8 steps on one batch.
-    let mut cfg = ctseg::config::RunConfig::load(None).expect("quick config");
-    cfg.model.width = 4;
-    cfg.model.input_size = 64;
+/// The losses of `steps` steps of the trainer's own step (ctseg::train::Stepper) from a fresh
+/// model of `cfg` on `be`'s device, all on `batch`, optionally watched by `probe`.
+fn step_losses(
+    be: &Backend,
+    cfg: &ctseg::config::RunConfig,
+    batch: &ctseg::data::HostBatch,
+    steps: u64,
+    probe: Option<&dyn ctseg::train::StepProbe>,
+) -> Vec<f64> {
     let ad = be.device.clone().autodiff();
-    let mut state = ctseg::train::TrainState::fresh(&cfg, &ad, be.caps);
-    let stepper = ctseg::train::Stepper::new(&cfg, &state.model, &be.device, &ctseg::comm::Local);
-    let ds = ctseg::data::Dataset::phantom(1, 1, 4, 64, 1);
-    let batch = ctseg::data::make_batch(&ds, &cfg.data, 3, &[0, 1, 2, 3]);
+    let mut state = ctseg::train::TrainState::fresh(cfg, &ad, be.caps);
+    let stepper = ctseg::train::Stepper::new(cfg, &state.model, &be.device, &ctseg::comm::Local);
+    let stepper = match probe {
+        Some(p) => stepper.with_probe(p),
+        None => stepper,
+    };
     let mut losses = Vec::new();
-    for step in 0..8 {
+    for step in 0..steps {
         let (s, out) = stepper
-            .step(state, std::slice::from_ref(&batch), step, 1e-2)
+            .step(state, std::slice::from_ref(batch), step, 1e-2)
             .expect("step");
         state = s;
         losses.push(out.loss);
     }
+    losses
+}
+
+#[test]
+fn gpu_training_reduces_the_loss() {
+    let Some(be) = gpu() else { return };
+    // The trainer's own step on the adapter, 8 steps on one batch.
+    let mut cfg = ctseg::config::RunConfig::load(None).expect("quick config");
+    cfg.model.width = 4;
+    cfg.model.input_size = 64;
+    let ds = ctseg::data::Dataset::phantom(1, 1, 4, 64, 1);
+    let batch = ctseg::data::make_batch(&ds, &cfg.data, 3, &[0, 1, 2, 3]);
+    let losses = step_losses(&be, &cfg, &batch, 8, None);
     assert!(
         losses[7] < losses[0] - 0.05,
         "loss did not fall on {}: {losses:?}",
@@ -339,11 +356,9 @@ fn step_profile_attributes_every_kernel_launch_to_a_phase_and_times_it() {
         "2",
         "--json",
     ]));
-    let p: serde_json::Value = out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["bench"] == "profile")
-        .unwrap_or_else(|| panic!("no profile line in:\n{out}"));
+    let profiles = common::bench_lines(&out, "profile");
+    assert_eq!(profiles.len(), 1, "{out}");
+    let p = &profiles[0];
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     let phases = p["phases"].as_array().expect("phases");
     let phase = |name: &str| {
@@ -401,30 +416,11 @@ fn profiling_a_step_changes_its_losses_only_by_rounding() {
         fn issued(&self) {}
         fn enter(&self, _: Option<ctseg::train::Phase>) {}
     }
-    let run = |probe: bool| {
-        let ad = be.device.clone().autodiff();
-        let mut state = ctseg::train::TrainState::fresh(&cfg, &ad, be.caps);
-        let stepper =
-            ctseg::train::Stepper::new(&cfg, &state.model, &be.device, &ctseg::comm::Local);
-        let stepper = if probe {
-            stepper.with_probe(&Quiet)
-        } else {
-            stepper
-        };
-        let mut losses = Vec::new();
-        for step in 0..3 {
-            let (s, out) = stepper
-                .step(state, std::slice::from_ref(&batch), step, 1e-2)
-                .expect("step");
-            state = s;
-            losses.push(out.loss);
-        }
-        losses
-    };
     // A first pass lets burn's autotuner settle (while it tunes, a result may come from any
     // candidate kernel); the compared passes then run the same kernels.
-    let _ = run(false);
-    let (plain, probed) = (run(false), run(true));
+    let _ = step_losses(&be, &cfg, &batch, 3, None);
+    let plain = step_losses(&be, &cfg, &batch, 3, None);
+    let probed = step_losses(&be, &cfg, &batch, 3, Some(&Quiet));
     assert_eq!(plain[0], probed[0]);
     for (a, b) in plain.iter().zip(&probed) {
         assert!(((a - b) / a).abs() < 1e-5, "{plain:?} vs {probed:?}");

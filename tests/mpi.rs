@@ -930,11 +930,7 @@ fn step_profile_under_mpirun_is_collective_and_reported_once() {
         120,
     );
     let out = ok(o);
-    let profiles: Vec<serde_json::Value> = out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["bench"] == "profile")
-        .collect();
+    let profiles = bench_lines(&out, "profile");
     assert_eq!(profiles.len(), 1, "{out}");
     assert_eq!(profiles[0]["steps"], 2);
 }

@@ -488,11 +488,7 @@ fn bench_step_runs_the_pytorch_peer_in_f32_and_in_amp() {
         "f32,amp",
         "--json",
     ]));
-    let peers: Vec<serde_json::Value> = out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["bench"] == "peer")
-        .collect();
+    let peers = common::bench_lines(&out, "peer");
     assert_eq!(peers.len(), 2, "{out}");
     let (f32_run, amp) = (&peers[0]["peer"], &peers[1]["peer"]);
     assert_eq!(f32_run["precision"], "f32");

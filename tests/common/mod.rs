@@ -205,3 +205,11 @@ pub fn python_reference(
     );
     Some(String::from_utf8_lossy(&o.stdout).into_owned())
 }
+
+/// The JSON lines of `ctseg bench ... --json` output whose `bench` field is `kind`, in order.
+pub fn bench_lines(out: &str, kind: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["bench"] == kind)
+        .collect()
+}
