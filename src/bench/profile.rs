@@ -316,18 +316,18 @@ impl StepProfile {
     /// A table for a terminal: the phases, then each phase's `top` kernels by time.
     pub fn render(&self, top: usize) -> String {
         let ms = |s: f64| s * 1e3;
+        let launches = if self.launches_per_step > 0.0 {
+            format!(
+                "{:.0} kernel launches per step ({} timed by device timestamps, {} by host time, {} untimed)",
+                self.launches_per_step, self.timed_on_device, self.timed_on_host, self.untimed
+            )
+        } else {
+            // The CPU backend computes in the host's threads: there are no kernels to count.
+            "no GPU kernel launches".to_string()
+        };
         let mut out = format!(
-            "profile ({}): width {} size {} batch {} | {} profiled steps, median {:.3} s each | {:.0} kernel launches per step ({} timed by device timestamps, {} by host time, {} untimed)\n",
-            self.device,
-            self.width,
-            self.size,
-            self.batch,
-            self.steps,
-            self.profiled_step_s,
-            self.launches_per_step,
-            self.timed_on_device,
-            self.timed_on_host,
-            self.untimed
+            "profile ({}): width {} size {} batch {} | {} profiled steps, median {:.3} s each | {launches}\n",
+            self.device, self.width, self.size, self.batch, self.steps, self.profiled_step_s,
         );
         out += &format!(
             "  {:<11} {:>10} {:>10} {:>9} {:>10} {:>10}\n",
