@@ -4,8 +4,10 @@
 # the PyTorch peer on CUDA in f32 (TF32 convolutions, PyTorch's default) and AMP at width 32 and
 # 64, batch 4 and 30, 240², with the step's phase and kernel profile (profile-w*-b*.json), and a
 # short GPU training run.
-# Expects: .devbin/ctseg and .devbin/gpu-tests (x86-64 builds from the build machine, possibly
-# xz-compressed), .gl/*.deb (Vulkan loader, see the device tool's notes), python3 with torch.
+# Expects: .devbin/ctseg and .devbin/gpu-tests (x86-64 builds from the build machine without
+# the mpi feature, possibly xz-compressed: `cargo build --release`, and the binary that
+# `cargo test --release --test gpu --no-run` names), .gl/*.deb (Vulkan loader, see the device
+# tool's notes), python3 with torch.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -18,6 +20,8 @@ fi
 export XDG_RUNTIME_DIR=$(mktemp -d)
 for b in .devbin/*.xz; do [ -f "$b" ] && xz -d -k -f "$b"; done
 chmod +x .devbin/ctseg .devbin/gpu-tests
+# The test binary's own ctseg path is the build machine's; its binary tests run the carried one.
+export CTSEG_BIN="$PWD/.devbin/ctseg"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/log.txt"
 log adapters
 ./.devbin/ctseg adapters 2>&1 | tee -a "$OUT/log.txt"

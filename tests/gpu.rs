@@ -338,14 +338,17 @@ fn step_profile_attributes_every_kernel_launch_to_a_phase_and_times_it() {
         return;
     }
     // The binary, in its own process: the launch observer sees every launch of its process, so
-    // the other tests of this file must not share it.
+    // the other tests of this file must not share it. The built-in config, shrunk, so that the
+    // test needs no file (scripts/gpu_device_check.sh runs it on another machine).
     let out = common::ok(common::ctseg(&[
         "bench",
         "step",
         "--backend",
         "gpu",
-        "--config",
-        common::TINY,
+        "--width",
+        "4",
+        "--size",
+        "32",
         "--batch-size",
         "2",
         "--warmup",

@@ -773,7 +773,7 @@ fn ranks_given_different_datasets_stop_before_training() {
         [
             "-np",
             "1",
-            bin(),
+            &bin(),
             "train",
             "--config",
             TINY,

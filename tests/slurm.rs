@@ -233,7 +233,7 @@ fn srun_sbatch_preemption_and_bench_scaling_on_a_one_node_cluster() {
     // 3. bench scaling through an srun launcher.
     let sc = d.path().join("scaling");
     let o = cluster
-        .cmd(600, bin())
+        .cmd(600, &bin())
         .args(["bench", "scaling", "--config", TINY, "--ranks", "1,2"])
         .args(["--launcher", "srun -n {n} --mpi=pmix", "--out"])
         .arg(&sc)

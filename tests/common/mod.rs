@@ -13,9 +13,10 @@ pub const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny
 /// The study's config.
 pub const LIVERMASK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/livermask.toml");
 
-/// The ctseg binary under test.
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_ctseg")
+/// The ctseg binary under test: `CTSEG_BIN` when set (a test binary carried to another machine
+/// with its ctseg, as scripts/gpu_device_check.sh does), else the one cargo built beside it.
+pub fn bin() -> String {
+    std::env::var("CTSEG_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ctseg").to_string())
 }
 
 /// `ctseg ARGS` on two threads, under a 20-minute timeout.
