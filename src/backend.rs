@@ -73,7 +73,61 @@ pub struct Adapter {
     pub device_type: String,
     /// Graphics API.
     pub backend: String,
+    /// What the adapter offers the kernels (f16 arithmetic, timestamps, cooperative matrices).
+    pub caps: AdapterCaps,
     kind: DeviceKind,
+}
+
+/// The adapter features that decide a GPU kernel path, as wgpu reports them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AdapterCaps {
+    /// f16 arithmetic in shaders (`SHADER_F16`).
+    pub shader_f16: bool,
+    /// Timestamp queries (`TIMESTAMP_QUERY`): `bench step --profile` times kernels on the device.
+    pub timestamp_query: bool,
+    /// Cooperative-matrix (tensor-core) shapes wgpu exposes (`EXPERIMENTAL_COOPERATIVE_MATRIX`),
+    /// as `MxNxK A/B-type->accumulator-type`; empty when it exposes none.
+    pub cooperative_matrix: Vec<String>,
+}
+
+impl AdapterCaps {
+    fn of(adapter: &wgpu::Adapter) -> Self {
+        let f = adapter.features();
+        let cooperative_matrix = if f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+            adapter
+                .cooperative_matrix_properties()
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}x{}x{} {:?}->{:?}",
+                        p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type
+                    )
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Self {
+            shader_f16: f.contains(wgpu::Features::SHADER_F16),
+            timestamp_query: f.contains(wgpu::Features::TIMESTAMP_QUERY),
+            cooperative_matrix,
+        }
+    }
+
+    /// One line for `ctseg adapters`.
+    pub fn describe(&self) -> String {
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        let coop = if self.cooperative_matrix.is_empty() {
+            "none".to_string()
+        } else {
+            self.cooperative_matrix.join(", ")
+        };
+        format!(
+            "f16 shaders {}, timestamp queries {}, cooperative matrices: {coop}",
+            yes(self.shader_f16),
+            yes(self.timestamp_query)
+        )
+    }
 }
 
 /// A private `XDG_RUNTIME_DIR` for Mesa (which warns without a usable one), when the variable
@@ -147,19 +201,22 @@ pub fn configure_kernel_cache() {
 /// The adapters the GPU backend would use: those of the first graphics API (Vulkan, then GL)
 /// that offers a hardware adapter, or failing that the first offering any (e.g. lavapipe).
 pub fn list_adapters() -> Vec<Adapter> {
-    let mut software: Option<Vec<wgpu::AdapterInfo>> = None;
-    let mut chosen: Option<Vec<wgpu::AdapterInfo>> = None;
+    let mut software: Option<Vec<(wgpu::AdapterInfo, AdapterCaps)>> = None;
+    let mut chosen: Option<Vec<(wgpu::AdapterInfo, AdapterCaps)>> = None;
     for api in [wgpu::Backend::Vulkan, wgpu::Backend::Gl] {
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
             backends: api.into(),
             ..wgpu::InstanceDescriptor::new_without_display_handle()
         });
-        let infos: Vec<wgpu::AdapterInfo> =
+        let infos: Vec<(wgpu::AdapterInfo, AdapterCaps)> =
             pollster::block_on(instance.enumerate_adapters(api.into()))
                 .iter()
-                .map(wgpu::Adapter::get_info)
+                .map(|a| (a.get_info(), AdapterCaps::of(a)))
                 .collect();
-        if infos.iter().any(|a| a.device_type != wgpu::DeviceType::Cpu) {
+        if infos
+            .iter()
+            .any(|(a, _)| a.device_type != wgpu::DeviceType::Cpu)
+        {
             chosen = Some(infos);
             break;
         }
@@ -172,7 +229,7 @@ pub fn list_adapters() -> Vec<Adapter> {
     infos
         .into_iter()
         .enumerate()
-        .map(|(index, info)| {
+        .map(|(index, (info, caps))| {
             let (ty, kind) = match info.device_type {
                 wgpu::DeviceType::DiscreteGpu => ("discrete GPU", {
                     counters[0] += 1;
@@ -200,6 +257,7 @@ pub fn list_adapters() -> Vec<Adapter> {
                     .to_string(),
                 device_type: ty.into(),
                 backend: format!("{:?}", info.backend),
+                caps,
                 kind,
             }
         })
@@ -215,8 +273,13 @@ pub fn describe_adapters(adapters: &[Adapter]) -> String {
     for a in adapters {
         let _ = writeln!(
             s,
-            "  [{}] {} ({}, {}, driver {})",
-            a.index, a.name, a.device_type, a.backend, a.driver
+            "  [{}] {} ({}, {}, driver {})\n      {}",
+            a.index,
+            a.name,
+            a.device_type,
+            a.backend,
+            a.driver,
+            a.caps.describe()
         );
     }
     s

@@ -429,3 +429,54 @@ fn profiling_a_step_changes_its_losses_only_by_rounding() {
         assert!(((a - b) / a).abs() < 1e-5, "{plain:?} vs {probed:?}");
     }
 }
+
+#[test]
+fn adapters_report_timestamp_queries_as_the_profiler_finds_them() {
+    if gpu().is_none() {
+        return;
+    }
+    // `ctseg adapters` reads the adapter's features from wgpu; cubecl, independently, times
+    // kernels with timestamp queries exactly when the adapter has them. The default adapter is
+    // the first listed.
+    let listed = common::ok(common::ctseg(&["adapters"]));
+    let caps = listed
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("[0]"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no capabilities line under [0]:\n{listed}"));
+    let timestamps = if caps.contains("timestamp queries yes") {
+        true
+    } else if caps.contains("timestamp queries no") {
+        false
+    } else {
+        panic!("no timestamp-query capability in: {caps}")
+    };
+    let out = common::ok(common::ctseg(&[
+        "bench",
+        "step",
+        "--backend",
+        "gpu",
+        "--width",
+        "4",
+        "--size",
+        "32",
+        "--batch-size",
+        "2",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--profile",
+        "1",
+        "--json",
+    ]));
+    let p = &common::bench_lines(&out, "profile")[0];
+    let on_device = p["timed_on_device"].as_u64().expect("timed_on_device");
+    let on_host = p["timed_on_host"].as_u64().expect("timed_on_host");
+    assert!(on_device + on_host > 0, "{p}");
+    if timestamps {
+        assert_eq!(on_host, 0, "{caps}: {p}");
+    } else {
+        assert_eq!(on_device, 0, "{caps}: {p}");
+    }
+}
