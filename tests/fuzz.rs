@@ -734,36 +734,72 @@ fn mutate_embedded_config(m: &mut Mutator, meta: &[u8]) -> Vec<u8> {
     serde_json::to_vec(&v).expect("meta json")
 }
 
+/// The checkpoint with its optimiser record rewritten: `edit(k, tensor, scalars)` for each
+/// state tensor `k` (and the record's scalars, to change in place).
+fn rewrite_optimiser(
+    s: &CheckpointState,
+    edit: impl Fn(
+        usize,
+        burn_pack::Tensor,
+        &mut std::collections::BTreeMap<String, burn_pack::Scalar>,
+    ) -> burn_pack::Tensor,
+) -> Vec<u8> {
+    use burn_pack::{Bytes, Reader, Writer};
+    let reader = Reader::from_bytes(Bytes::from_bytes_vec(s.parts[2].clone())).expect("record");
+    let mut scalars = reader.scalars().clone();
+    let metadata = reader.metadata().clone();
+    let tensors = reader
+        .into_tensors()
+        .expect("tensors")
+        .into_iter()
+        .enumerate()
+        .map(|(k, t)| edit(k, t, &mut scalars))
+        .collect();
+    let mut w = Writer::new(tensors);
+    for (k, v) in &scalars {
+        w = w.with_scalar(k, *v);
+    }
+    for (k, v) in &metadata {
+        w = w.with_metadata(k, v);
+    }
+    let mut parts = s.parts.clone();
+    parts[2] = w.into_bytes().expect("record").to_vec();
+    assemble(&parts)
+}
+
 /// Crashes the fuzz suite found in the checkpoint readers, as minimal inputs.
 const CHECKPOINT_REGRESSIONS: Regressions<CheckpointState, Vec<u8>> = &[
     (
         "an optimiser state tensor without a parameter id: an assertion in burn",
         |s| {
-            use burn_pack::{Bytes, Reader, Tensor, Writer};
-            let reader =
-                Reader::from_bytes(Bytes::from_bytes_vec(s.parts[2].clone())).expect("record");
-            let scalars = reader.scalars().clone();
-            let metadata = reader.metadata().clone();
-            let tensors = reader
-                .into_tensors()
-                .expect("tensors")
-                .into_iter()
-                .enumerate()
-                .map(|(k, t)| {
-                    let (name, dtype, shape, id, bytes) = t.into_parts().expect("parts");
-                    Tensor::new(name, dtype, shape, if k == 0 { None } else { id }, bytes)
-                })
-                .collect();
-            let mut w = Writer::new(tensors);
-            for (k, v) in &scalars {
-                w = w.with_scalar(k, *v);
-            }
-            for (k, v) in &metadata {
-                w = w.with_metadata(k, v);
-            }
-            let mut parts = s.parts.clone();
-            parts[2] = w.into_bytes().expect("record").to_vec();
-            assemble(&parts)
+            rewrite_optimiser(s, |k, t, _| {
+                let (name, dtype, shape, id, bytes) = t.into_parts().expect("parts");
+                burn_pack::Tensor::new(name, dtype, shape, if k == 0 { None } else { id }, bytes)
+            })
+        },
+    ),
+    (
+        "an optimiser parameter rank of 9: burn's rank dispatch panics",
+        |s| {
+            rewrite_optimiser(s, |_, t, scalars| {
+                if let Some(key) = scalars.keys().find(|k| k.ends_with(".__rank")).cloned() {
+                    scalars.insert(key, burn_pack::Scalar::UInt(9));
+                }
+                t
+            })
+        },
+    ),
+    (
+        "an optimiser state tensor of another rank than its parameter: a panic creating it",
+        |s| {
+            rewrite_optimiser(s, |k, t, _| {
+                let (name, dtype, shape, id, bytes) = t.into_parts().expect("parts");
+                let mut dims = shape.as_slice().to_vec();
+                if k == 0 {
+                    dims.push(1);
+                }
+                burn_pack::Tensor::new(name, dtype, dims, id, bytes)
+            })
         },
     ),
     (

@@ -54,21 +54,57 @@ pub fn load_model(model: UNet, bytes: Vec<u8>, source: &Path) -> Result<UNet> {
         .map_err(|e| Error::checkpoint(source, format!("model does not match the config: {e}")))
 }
 
-/// Refuses an optimiser record that burn's loader would panic on: it asserts that every state
-/// tensor carries the id of its parameter, which only a corrupt record lacks.
+/// Refuses an optimiser record that burn's loader would panic on rather than return an error
+/// (burn-optim 0.22.1's `ModuleOptimizer::load_record`): a state tensor without the id of its
+/// parameter, a parameter rank (its `{id}.__rank` scalar, else its first tensor's rank) outside
+/// the 0–8 its loader dispatches on, a state tensor whose rank differs from its parameter's
+/// (built as a tensor of the parameter's rank), or a shape that does not describe the tensor's
+/// bytes. Each was found by the fuzz suite (tests/fuzz.rs).
 fn check_optimizer_record(bytes: &[u8], source: &Path) -> Result<()> {
     use burn_pack::Reader;
+    use std::collections::BTreeMap;
+    const MAX_RANK: usize = 8;
     let bad = |m: String| Error::checkpoint(source, format!("optimiser record: {m}"));
-    let tensors = Reader::from_bytes(Bytes::from_bytes_vec(bytes.to_vec()))
-        .and_then(Reader::into_tensors)
+    let reader = Reader::from_bytes(Bytes::from_bytes_vec(bytes.to_vec()))
         .map_err(|e| bad(e.to_string()))?;
-    for t in tensors {
-        let (name, _, _, id, _) = t.into_parts().map_err(|e| bad(e.to_string()))?;
-        if id.is_none() {
+    // 1. The ranks the record states, as burn reads them.
+    let mut ranks: BTreeMap<u64, usize> = BTreeMap::new();
+    for (name, value) in reader.scalars() {
+        let Some(id) = name.strip_suffix(".__rank") else {
+            continue;
+        };
+        if let (Ok(id), Ok(rank)) = (id.parse::<u64>(), usize::try_from(*value)) {
+            ranks.insert(id, rank);
+        }
+    }
+    // 2. Every tensor: a parameter id, a rank its parameter has, a shape its bytes hold.
+    for t in reader.into_tensors().map_err(|e| bad(e.to_string()))? {
+        let (name, dtype, shape, id, data) = t.into_parts().map_err(|e| bad(e.to_string()))?;
+        let Some(id) = id else {
             return Err(bad(format!(
                 "state tensor {name:?} names no parameter; the record is corrupt"
             )));
+        };
+        let dims = shape.as_slice();
+        let rank = *ranks.entry(id).or_insert(dims.len());
+        if rank != dims.len() {
+            return Err(bad(format!(
+                "state tensor {name:?} has rank {}, its parameter {id} rank {rank}; the record is corrupt",
+                dims.len()
+            )));
         }
+        let bytes = dims.iter().try_fold(dtype.size(), |n, &d| n.checked_mul(d));
+        if bytes != Some(data.len()) {
+            return Err(bad(format!(
+                "state tensor {name:?} of shape {dims:?} holds {} bytes; the record is corrupt",
+                data.len()
+            )));
+        }
+    }
+    if let Some((id, rank)) = ranks.iter().find(|(_, r)| **r > MAX_RANK) {
+        return Err(bad(format!(
+            "parameter {id} has rank {rank}, beyond the {MAX_RANK} optimiser states support; the record is corrupt"
+        )));
     }
     Ok(())
 }

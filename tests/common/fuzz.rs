@@ -799,6 +799,12 @@ fn child<T>(
         let refused_before = OUTCOMES[1].load(Ordering::Relaxed);
         if catch_unwind(AssertUnwindSafe(|| case(&state, &work, id))).is_err() {
             eprintln!("fuzz-panic {test} {label}");
+            // Kept: some inputs (checkpoints, whose records carry burn's random parameter ids)
+            // differ between runs, so a seed alone may not reproduce the case.
+            let _ = std::fs::rename(
+                &work,
+                dir.join(format!("failed-{}", label.replace(' ', "-"))),
+            );
             failed.push(label);
         } else if id.is_err() && OUTCOMES[1].load(Ordering::Relaxed) == refused_before {
             // A regression input is a corrupt file: some reader on its way must refuse it.
@@ -879,7 +885,8 @@ fn parent(test: &str, default_cases: u64, regressions: usize) {
     if status.as_ref().is_none_or(|st| !st.success()) {
         let kept = dir.keep();
         tail.push_str(&format!(
-            "\n(the last case's files are in {})",
+            "\n(the files of each case that panicked are in {}/failed-*, the last case's in {})",
+            kept.display(),
             kept.join("case").display()
         ));
     }
