@@ -2,11 +2,12 @@
 # One prepared run on a machine with a real GPU (the "device" machine of the development
 # workplace): the GPU parity tests on the NVIDIA Vulkan driver, `bench step --backend gpu` beside
 # the PyTorch peer on CUDA in f32 (TF32 convolutions, PyTorch's default) and AMP at width 32 and
-# 64, batch 4 and 30, 240², with the step's phase and kernel profile (profile-w*-b*.json), and a
-# short GPU training run.
+# 64, batch 4 and 30, 240², with the step's phase and kernel profile (profile-w*-b*.json), ctseg's
+# own 3×3 convolution kernel against burn's, and a short GPU training run.
 # Expects: .devbin/ctseg and .devbin/gpu-tests (x86-64 builds from the build machine without
 # the mpi feature, possibly xz-compressed: `cargo build --release`, and the binary that
-# `cargo test --release --test gpu --no-run` names), .gl/*.deb (Vulkan loader, see the device
+# `cargo test --release --test gpu --no-run` names) and .devbin/gpu-conv-bench (the binary that
+# `cargo bench --bench gpu_conv --no-run` names), .gl/*.deb (Vulkan loader, see the device
 # tool's notes), python3 with torch.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -19,7 +20,7 @@ if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
 fi
 export XDG_RUNTIME_DIR=$(mktemp -d)
 for b in .devbin/*.xz; do [ -f "$b" ] && xz -d -k -f "$b"; done
-chmod +x .devbin/ctseg .devbin/gpu-tests
+chmod +x .devbin/ctseg .devbin/gpu-tests .devbin/gpu-conv-bench
 # The test binary's own ctseg path is the build machine's; its binary tests run the carried one.
 export CTSEG_BIN="$PWD/.devbin/ctseg"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/log.txt"
@@ -28,6 +29,8 @@ log adapters
 log "gpu parity tests"
 # GPU_TESTS: optional test-name filters (all tests by default); the per-tensor tables are kept.
 CTSEG_REQUIRE_GPU=1 timeout 180 ./.devbin/gpu-tests --test-threads 1 --nocapture ${GPU_TESTS:-} 2>&1 | grep -vE "XDG|^$" | tee -a "$OUT/log.txt"
+log "3x3 convolution forward: burn's conv2d against ctseg's WGSL kernel"
+CTSEG_BENCH_REPS=10 timeout 120 ./.devbin/gpu-conv-bench 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
 # Width/batch pairs: issue 12's target rows (batch 30 is the study's batch).
 for wb in ${SHAPES:-32x4 64x4 64x30}; do
   w=${wb%x*}; b=${wb#*x}

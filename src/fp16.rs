@@ -5,19 +5,15 @@
 //! The host functions are the reference the kernels are tested against (bit for bit); they use
 //! the `half` crate, itself pinned to numpy's conversion in the tests below.
 
-use burn::tensor::{DType, Device, Shape, Tensor};
-use burn_cubecl::cubecl::ir::{UIntKind, metadata::Info};
+use burn::tensor::{DType, Device, Tensor};
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::server::KernelArguments;
-use burn_cubecl::cubecl::{CubeKernel, PrecompiledSource};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{Cube, CubeBackend};
-use burn_dispatch::DispatchDevice;
-use burn_fusion::NoOp;
-use burn_fusion::custom::{OperationIr, OperationOutput, StreamId};
 
 use crate::error::{Error, Result};
+use crate::wgsl::{WgslKernel, cube_device, f32_tensor, gpu_err, u32_bytes};
 
 /// f32 → IEEE half bits (round to nearest even).
 pub fn to_f16(values: &[f32]) -> Vec<u16> {
@@ -42,47 +38,6 @@ const MAX_GROUPS_X: u32 = 65_535;
 const PACK_WGSL: &str = include_str!("../shaders/fp16_pack.wgsl");
 const UNPACK_WGSL: &str = include_str!("../shaders/fp16_unpack.wgsl");
 
-/// A hand-written WGSL kernel: the text is the kernel, there is no IR to compile.
-struct WgslKernel {
-    source: &'static str,
-    /// Distinguishes the kernels in cubecl's compilation caches, which never see the text.
-    name: &'static str,
-}
-
-impl KernelMetadata for WgslKernel {
-    fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.name, crc32fast::hash(self.source.as_bytes())))
-    }
-
-    fn address_type(&self) -> ElemType {
-        ElemType::UInt(UIntKind::U32)
-    }
-}
-
-impl CubeKernel for WgslKernel {
-    fn define(&self) -> KernelDefinition {
-        let settings = KernelSettings::new(
-            CubeDim::new_1d(WORKGROUP).0,
-            ExecutionMode::Checked,
-            AddressType::U32,
-        );
-        KernelDefinition {
-            body: Scope::root(settings.clone()),
-            settings,
-            info: Info::default(),
-        }
-    }
-
-    fn source(&self) -> Option<PrecompiledSource> {
-        Some(PrecompiledSource {
-            source: self.source.to_string(),
-            entrypoint_name: "main".to_string(),
-            lang: "wgsl",
-        })
-    }
-}
-
-/// Workgroups for one invocation per word, as (x, y) with x ≤ 65,535.
 fn grid(words: usize) -> Result<(u32, u32)> {
     let groups = words.div_ceil(WORKGROUP as usize).max(1);
     let x = groups.min(MAX_GROUPS_X as usize);
@@ -95,23 +50,9 @@ fn grid(words: usize) -> Result<(u32, u32)> {
     Ok((x as u32, y as u32))
 }
 
-/// The cubecl device behind `device`, if it is one (a wgpu adapter); `None` for the CPU backend.
-fn cube_device(device: &Device) -> Option<burn_cubecl::CubeDevice> {
-    let device = device.clone().without_autodiff();
-    #[allow(unreachable_patterns)]
-    match device.as_dispatch() {
-        DispatchDevice::Cube(d) => Some(d.clone()),
-        _ => None,
-    }
-}
-
 /// Whether [`pack_on_device`] and [`unpack_on_device`] run on `device`.
 pub fn device_kernels_apply(device: &Device) -> bool {
     cube_device(device).is_some()
-}
-
-fn gpu_err(what: &str, e: impl std::fmt::Debug) -> Error {
-    Error::Device(format!("fp16 {what} kernel: {e:?}"))
 }
 
 /// Packs a flat f32 tensor on its wgpu device into IEEE half bits and copies only those to the
@@ -123,7 +64,7 @@ pub fn pack_on_device(flat: Tensor<1>) -> Result<Vec<u16>> {
     }
     let fused = flat
         .try_into_primitive::<Cube>()
-        .map_err(|e| gpu_err("pack", e))?;
+        .map_err(|e| gpu_err("fp16 pack", e))?;
     let client = fused.client.clone();
     let t: CubeTensor = client.resolve_tensor_float::<CubeBackend>(fused);
     if t.dtype != DType::F32 {
@@ -141,6 +82,7 @@ pub fn pack_on_device(flat: Tensor<1>) -> Result<Vec<u16>> {
         Box::new(WgslKernel {
             source: PACK_WGSL,
             name: "fp16_pack",
+            workgroup: WORKGROUP,
         }),
         CubeCount::Static(gx, gy, 1),
         KernelArguments::new().with_buffers(vec![
@@ -149,7 +91,10 @@ pub fn pack_on_device(flat: Tensor<1>) -> Result<Vec<u16>> {
             info.binding(),
         ]),
     );
-    let bytes = t.client.read_one(out).map_err(|e| gpu_err("pack", e))?;
+    let bytes = t
+        .client
+        .read_one(out)
+        .map_err(|e| gpu_err("fp16 pack", e))?;
     let mut bits = Vec::with_capacity(2 * words);
     bits.extend(
         bytes
@@ -187,6 +132,7 @@ pub fn unpack_on_device(bits: &[u16], scale: f32, device: &Device) -> Result<Ten
         Box::new(WgslKernel {
             source: UNPACK_WGSL,
             name: "fp16_unpack",
+            workgroup: WORKGROUP,
         }),
         CubeCount::Static(gx, gy, 1),
         KernelArguments::new().with_buffers(vec![
@@ -195,27 +141,7 @@ pub fn unpack_on_device(bits: &[u16], scale: f32, device: &Device) -> Result<Ten
             info.binding(),
         ]),
     );
-    let shape = Shape::new([n]);
-    let tensor = CubeTensor::new_contiguous(client, cube.clone(), shape.clone(), out, DType::F32);
-    // Hand the buffer to the fusion layer the way burn's own `float_from_data` does: an init
-    // operation that registers the handle, so later (fused) operations see an ordinary tensor.
-    let fclient = burn_fusion::get_client::<CubeBackend>(&cube);
-    let handle = <CubeBackend as burn_ir::BackendIr>::float_tensor_handle(tensor);
-    let desc = burn_ir::InitOperationIr::create(shape, DType::F32, || {
-        fclient.register_tensor_handle(handle)
-    });
-    let fused = fclient
-        .register(
-            StreamId::current(),
-            OperationIr::Init(desc),
-            NoOp::<CubeBackend>::new(),
-        )
-        .output();
-    Ok(Tensor::<1>::from_primitive::<Cube>(fused))
-}
-
-fn u32_bytes(values: &[u32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    Ok(f32_tensor(&cube, out, [n]))
 }
 
 #[cfg(test)]

@@ -23,5 +23,6 @@ pub mod tensor_util;
 pub mod train;
 pub mod util;
 pub mod verify;
+pub mod wgsl;
 
 pub use error::{Error, Result};

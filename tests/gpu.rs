@@ -480,3 +480,54 @@ fn adapters_report_timestamp_queries_as_the_profiler_finds_them() {
         assert_eq!(on_device, 0, "{caps}: {p}");
     }
 }
+
+/// ctseg's 3×3 convolution kernel against burn's `conv2d` (+ ReLU) on the CPU, at `shape` with
+/// `c_out` outputs: the relative L2 error.
+fn own_conv_error(be: &Backend, shape: [usize; 4], c_out: usize, relu: bool) -> f64 {
+    use burn::tensor::module::conv2d;
+    use burn::tensor::ops::ConvOptions;
+    let mut r = Rng::new(5);
+    let mut values = |n: usize| (0..n).map(|_| r.normal() as f32).collect::<Vec<f32>>();
+    let xs = values(shape.iter().product());
+    let ws = values(c_out * shape[1] * 9);
+    let bs = values(c_out);
+    let tensors = |d: &Device| {
+        (
+            Tensor::<4>::from_data(TensorData::new(xs.clone(), shape), d),
+            Tensor::<4>::from_data(TensorData::new(ws.clone(), [c_out, shape[1], 3, 3]), d),
+            Tensor::<1>::from_data(TensorData::new(bs.clone(), [c_out]), d),
+        )
+    };
+    let (x, w, b) = tensors(&Device::flex());
+    let y = conv2d(x, w, Some(b), ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
+    let y = if relu {
+        burn::tensor::activation::relu(y)
+    } else {
+        y
+    };
+    let (x, w, b) = tensors(&be.device);
+    let own = ctseg::model::gpu_conv::conv3x3_forward(&x, &w, &b, relu)
+        .expect("the kernel applies to f32 tensors on the adapter");
+    rel_err(&to_f32(y).expect("cpu"), &to_f32(own).expect("gpu"))
+}
+
+#[test]
+fn own_3x3_convolution_matches_burns_on_the_cpu() {
+    let Some(be) = gpu() else { return };
+    // Shapes with partial tiles in every direction (c_out 5 and 70 against tiles of 64, odd
+    // image sides, a K of 9 against steps of 16), one input channel as the first layer has, and
+    // a livermask-sized layer beyond lavapipe's loop cap for burn's own kernels.
+    for (shape, c_out, relu) in [
+        ([2, 3, 17, 19], 5, false),
+        ([2, 3, 17, 19], 5, true),
+        ([1, 1, 32, 32], 4, true),
+        ([2, 16, 24, 24], 70, true),
+        ([4, 8, 120, 120], 16, true),
+    ] {
+        let err = own_conv_error(&be, shape, c_out, relu);
+        assert!(
+            err < 1e-5,
+            "{shape:?} → {c_out}, relu {relu}: relative error {err}"
+        );
+    }
+}

@@ -5,6 +5,7 @@
 
 pub mod arch;
 pub mod cpu;
+pub mod gpu_conv;
 pub mod layers;
 pub mod loss;
 pub mod ops;

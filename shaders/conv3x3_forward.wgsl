@@ -1,0 +1,122 @@
+// 3x3 'same' convolution, stride 1, with bias and an optional ReLU, as an implicit GEMM:
+//   y[b, o, i, j] = act(bias[o] + sum_k w[o, k] * col[k, (b, i, j)]),  k = (c, u, v),
+//   col[(c, u, v), (b, i, j)] = x[b, c, i + u - 1, j + v - 1] (0 outside the image).
+// M = c_out rows, N = batch*h*w columns, K = c_in*9. Each workgroup computes a 64 x 64 tile of
+// y; each of its 256 invocations a 4 x 4 block in registers. K is walked 16 at a time through
+// workgroup memory, so no loop runs longer than K/16 iterations (adapters that cap shader loops,
+// such as lavapipe at 65,535, are safe up to c_in = 116,000).
+//
+// Bindings (all f32 contiguous NCHW / OIHW): x, w, bias, y, info = [batch, c_in, c_out, h, w,
+// relu (0/1), workgroups in x]. Workgroups: x * y grid over (N/64) * (M/64) tiles, the M tile
+// index in the second dimension.
+
+@group(0) @binding(0) var<storage, read_write> x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> wt: array<f32>;
+@group(0) @binding(2) var<storage, read_write> bias: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> info: array<u32>;
+
+const TM: u32 = 64u;
+const TN: u32 = 64u;
+const TK: u32 = 16u;
+
+var<workgroup> a_tile: array<f32, 1024>; // [TK][TM]
+var<workgroup> b_tile: array<f32, 1024>; // [TK][TN]
+
+@compute @workgroup_size(256, 1, 1)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let batch = info[0];
+    let c_in = info[1];
+    let c_out = info[2];
+    let h = info[3];
+    let w = info[4];
+    let relu = info[5];
+    let hw = h * w;
+    let n_total = batch * hw;
+    let k_total = c_in * 9u;
+    let n0 = wg.x * TN;
+    let m0 = wg.y * TM;
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+
+    var acc: array<f32, 16>;
+    for (var i = 0u; i < 16u; i++) {
+        acc[i] = 0.0;
+    }
+
+    for (var k0 = 0u; k0 < k_total; k0 += TK) {
+        // Weights: tile element e = kk * TM + mm holds w[m0 + mm, k0 + kk].
+        for (var l = 0u; l < 4u; l++) {
+            let e = lid + l * 256u;
+            let kk = e / TM;
+            let mm = e % TM;
+            let k = k0 + kk;
+            let m = m0 + mm;
+            var v = 0.0;
+            if (k < k_total && m < c_out) {
+                v = wt[m * k_total + k];
+            }
+            a_tile[e] = v;
+        }
+        // Image columns: tile element e = kk * TN + nn holds col[k0 + kk, n0 + nn].
+        for (var l = 0u; l < 4u; l++) {
+            let e = lid + l * 256u;
+            let kk = e / TN;
+            let nn = e % TN;
+            let k = k0 + kk;
+            let n = n0 + nn;
+            var v = 0.0;
+            if (k < k_total && n < n_total) {
+                let c = k / 9u;
+                let r = k % 9u;
+                let b = n / hw;
+                let p = n % hw;
+                // Unsigned arithmetic: row i + u - 1 is valid when i + u >= 1 and i + u <= h.
+                let iy = p / w + r / 3u;
+                let ix = p % w + r % 3u;
+                if (iy >= 1u && iy <= h && ix >= 1u && ix <= w) {
+                    v = x[((b * c_in + c) * h + (iy - 1u)) * w + (ix - 1u)];
+                }
+            }
+            b_tile[e] = v;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TK; kk++) {
+            var a: array<f32, 4>;
+            var bb: array<f32, 4>;
+            for (var q = 0u; q < 4u; q++) {
+                a[q] = a_tile[kk * TM + ty * 4u + q];
+                bb[q] = b_tile[kk * TN + tx * 4u + q];
+            }
+            for (var r = 0u; r < 4u; r++) {
+                for (var q = 0u; q < 4u; q++) {
+                    acc[r * 4u + q] = fma(a[r], bb[q], acc[r * 4u + q]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    for (var r = 0u; r < 4u; r++) {
+        let m = m0 + ty * 4u + r;
+        if (m >= c_out) {
+            continue;
+        }
+        for (var q = 0u; q < 4u; q++) {
+            let n = n0 + tx * 4u + q;
+            if (n >= n_total) {
+                continue;
+            }
+            var v = acc[r * 4u + q] + bias[m];
+            if (relu != 0u) {
+                v = max(v, 0.0);
+            }
+            let b = n / hw;
+            let p = n % hw;
+            y[(b * c_out + m) * hw + p] = v;
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Hand-written WGSL kernels (`shaders/`) on burn's wgpu device: the kernel wrapper cubecl
+//! launches, the tensors' buffers in and out of burn's fusion layer. Used by the fp16 gradient
+//! compression ([`crate::fp16`]) and the 3×3 convolution ([`crate::model::gpu_conv`]).
+
+use burn::tensor::{DType, Device, Shape, Tensor};
+use burn_cubecl::cubecl::ir::{UIntKind, metadata::Info};
+use burn_cubecl::cubecl::prelude::*;
+use burn_cubecl::cubecl::{CubeKernel, PrecompiledSource};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{Cube, CubeBackend};
+use burn_dispatch::DispatchDevice;
+use burn_fusion::NoOp;
+use burn_fusion::custom::{OperationIr, OperationOutput, StreamId};
+
+use crate::error::Error;
+
+/// A precompiled WGSL kernel with entry point `main` and a 1-D workgroup of `workgroup`
+/// invocations (the size the source declares).
+pub(crate) struct WgslKernel {
+    pub source: &'static str,
+    pub name: &'static str,
+    pub workgroup: u32,
+}
+
+impl KernelMetadata for WgslKernel {
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info((self.name, crc32fast::hash(self.source.as_bytes())))
+    }
+
+    fn address_type(&self) -> ElemType {
+        ElemType::UInt(UIntKind::U32)
+    }
+}
+
+impl CubeKernel for WgslKernel {
+    fn define(&self) -> KernelDefinition {
+        let settings = KernelSettings::new(
+            CubeDim::new_1d(self.workgroup).0,
+            ExecutionMode::Checked,
+            AddressType::U32,
+        );
+        KernelDefinition {
+            body: Scope::root(settings.clone()),
+            settings,
+            info: Info::default(),
+        }
+    }
+
+    fn source(&self) -> Option<PrecompiledSource> {
+        Some(PrecompiledSource {
+            source: self.source.to_string(),
+            entrypoint_name: "main".to_string(),
+            lang: "wgsl",
+        })
+    }
+}
+
+/// The wgpu device under `device` (with or without autodiff), `None` for other devices.
+pub(crate) fn cube_device(device: &Device) -> Option<burn_cubecl::CubeDevice> {
+    let device = device.clone().without_autodiff();
+    #[allow(unreachable_patterns)]
+    match device.as_dispatch() {
+        DispatchDevice::Cube(d) => Some(d.clone()),
+        _ => None,
+    }
+}
+
+/// The contiguous f32 buffer behind a tensor on the wgpu device without autodiff (queued
+/// operations that produce it run first); `None` for any other tensor.
+pub(crate) fn f32_buffer<const D: usize>(t: &Tensor<D>) -> Option<CubeTensor> {
+    let fused = t.clone().try_into_primitive::<Cube>().ok()?;
+    let client = fused.client.clone();
+    let t: CubeTensor = client.resolve_tensor_float::<CubeBackend>(fused);
+    (t.dtype == DType::F32).then(|| into_contiguous(t))
+}
+
+/// A contiguous f32 buffer written by a kernel, handed to the fusion layer the way burn's own
+/// `float_from_data` does (an init operation that registers the handle), so later (fused)
+/// operations see an ordinary tensor.
+pub(crate) fn f32_tensor<const D: usize>(
+    cube: &burn_cubecl::CubeDevice,
+    buffer: burn_cubecl::cubecl::server::Handle,
+    shape: [usize; D],
+) -> Tensor<D> {
+    let shape = Shape::new(shape);
+    let tensor = CubeTensor::new_contiguous(
+        cube.client(),
+        cube.clone(),
+        shape.clone(),
+        buffer,
+        DType::F32,
+    );
+    let fclient = burn_fusion::get_client::<CubeBackend>(cube);
+    let handle = <CubeBackend as burn_ir::BackendIr>::float_tensor_handle(tensor);
+    let desc = burn_ir::InitOperationIr::create(shape, DType::F32, || {
+        fclient.register_tensor_handle(handle)
+    });
+    let fused = fclient
+        .register(
+            StreamId::current(),
+            OperationIr::Init(desc),
+            NoOp::<CubeBackend>::new(),
+        )
+        .output();
+    Tensor::<D>::from_primitive::<Cube>(fused)
+}
+
+/// Little-endian bytes of `values` (a kernel's `info` buffer).
+pub(crate) fn u32_bytes(values: &[u32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// A device error from kernel `what`.
+pub(crate) fn gpu_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Device(format!("{what} kernel: {e:?}"))
+}
