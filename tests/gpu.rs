@@ -332,14 +332,12 @@ fn fp16_unpack_kernel_matches_the_cpu_reference_bit_for_bit() {
     assert_eq!(to_f32(t * 2.0).unwrap(), vec![2.0, 4.0, -6.0]);
 }
 
-#[test]
-fn step_profile_attributes_every_kernel_launch_to_a_phase_and_times_it() {
-    if gpu().is_none() {
-        return;
-    }
-    // The binary, in its own process: the launch observer sees every launch of its process, so
-    // the other tests of this file must not share it. The built-in config, shrunk, so that the
-    // test needs no file (scripts/gpu_device_check.sh runs it on another machine).
+/// The profile of `steps` steps of a tiny U-Net on the default adapter, from the binary in its
+/// own process: the launch observer sees every launch of its process, so the other tests of this
+/// file must not share it. The built-in config, shrunk, so that no file is needed
+/// (scripts/gpu_device_check.sh runs these tests on another machine).
+fn tiny_gpu_profile(steps: usize) -> serde_json::Value {
+    let steps = steps.to_string();
     let out = common::ok(common::ctseg(&[
         "bench",
         "step",
@@ -356,12 +354,20 @@ fn step_profile_attributes_every_kernel_launch_to_a_phase_and_times_it() {
         "--steps",
         "1",
         "--profile",
-        "2",
+        &steps,
         "--json",
     ]));
-    let profiles = common::bench_lines(&out, "profile");
+    let mut profiles = common::bench_lines(&out, "profile");
     assert_eq!(profiles.len(), 1, "{out}");
-    let p = &profiles[0];
+    profiles.remove(0)
+}
+
+#[test]
+fn step_profile_attributes_every_kernel_launch_to_a_phase_and_times_it() {
+    if gpu().is_none() {
+        return;
+    }
+    let p = &tiny_gpu_profile(2);
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     let phases = p["phases"].as_array().expect("phases");
     let phase = |name: &str| {
@@ -451,26 +457,7 @@ fn adapters_report_timestamp_queries_as_the_profiler_finds_them() {
     } else {
         panic!("no timestamp-query capability in: {caps}")
     };
-    let out = common::ok(common::ctseg(&[
-        "bench",
-        "step",
-        "--backend",
-        "gpu",
-        "--width",
-        "4",
-        "--size",
-        "32",
-        "--batch-size",
-        "2",
-        "--warmup",
-        "0",
-        "--steps",
-        "1",
-        "--profile",
-        "1",
-        "--json",
-    ]));
-    let p = &common::bench_lines(&out, "profile")[0];
+    let p = &tiny_gpu_profile(1);
     let on_device = p["timed_on_device"].as_u64().expect("timed_on_device");
     let on_host = p["timed_on_host"].as_u64().expect("timed_on_host");
     assert!(on_device + on_host > 0, "{p}");
