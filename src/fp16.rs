@@ -5,15 +5,12 @@
 //! The host functions are the reference the kernels are tested against (bit for bit); they use
 //! the `half` crate, itself pinned to numpy's conversion in the tests below.
 
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::server::KernelArguments;
-use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::tensor::CubeTensor;
-use burn_cubecl::{Cube, CubeBackend};
 
 use crate::error::{Error, Result};
-use crate::wgsl::{WgslKernel, cube_device, f32_tensor, gpu_err, u32_bytes};
+use crate::wgsl::{WgslKernel, cube_device, f32_buffer, f32_tensor, gpu_err, u32_bytes};
 
 /// f32 → IEEE half bits (round to nearest even).
 pub fn to_f16(values: &[f32]) -> Vec<u16> {
@@ -62,18 +59,13 @@ pub fn pack_on_device(flat: Tensor<1>) -> Result<Vec<u16>> {
     if n == 0 {
         return Ok(Vec::new());
     }
-    let fused = flat
-        .try_into_primitive::<Cube>()
-        .map_err(|e| gpu_err("fp16 pack", e))?;
-    let client = fused.client.clone();
-    let t: CubeTensor = client.resolve_tensor_float::<CubeBackend>(fused);
-    if t.dtype != DType::F32 {
-        return Err(Error::Invalid(format!(
-            "fp16 pack kernel: expected an f32 tensor, got {:?}",
-            t.dtype
-        )));
-    }
-    let t = into_contiguous(t);
+    let t = f32_buffer(&flat).ok_or_else(|| {
+        Error::Device(format!(
+            "fp16 pack kernel: expected an f32 tensor on a wgpu device, got {:?} on {:?}",
+            flat.dtype(),
+            flat.device()
+        ))
+    })?;
     let words = n.div_ceil(2);
     let (gx, gy) = grid(words)?;
     let out = t.client.empty(words * 4);

@@ -278,9 +278,15 @@ fn tabulate(cfg: &RunConfig, be: &Backend, rec: &Record, walls: &[f64]) -> StepP
         r.launches += 1.0 / n;
         r.kernel_s += secs / n;
     }
-    let mut kernels: Vec<KernelRow> = kernels
+    // In step order (the map's), then by time, largest first.
+    let mut kernels: Vec<(Phase, String, f64, f64)> = kernels
         .into_iter()
-        .map(|((p, kernel), (count, total))| KernelRow {
+        .map(|((p, kernel), (count, total))| (p, kernel, count, total))
+        .collect();
+    kernels.sort_by(|a, b| a.0.cmp(&b.0).then(b.3.total_cmp(&a.3)));
+    let kernels: Vec<KernelRow> = kernels
+        .into_iter()
+        .map(|(p, kernel, count, total)| KernelRow {
             phase: p.name().into(),
             kernel,
             launches: count / n,
@@ -288,12 +294,6 @@ fn tabulate(cfg: &RunConfig, be: &Backend, rec: &Record, walls: &[f64]) -> StepP
             mean_s: total / count.max(1.0),
         })
         .collect();
-    let order = |name: &str| Phase::ALL.iter().position(|p| p.name() == name);
-    kernels.sort_by(|a, b| {
-        order(&a.phase)
-            .cmp(&order(&b.phase))
-            .then(b.total_s.total_cmp(&a.total_s))
-    });
     // 3. The profile.
     StepProfile {
         bench: "profile".into(),

@@ -79,16 +79,6 @@ pub enum Phase {
 }
 
 impl Phase {
-    /// All phases, in step order.
-    pub const ALL: [Phase; 6] = [
-        Phase::Forward,
-        Phase::Backward,
-        Phase::MicroMean,
-        Phase::Exchange,
-        Phase::Optimiser,
-        Phase::LossRead,
-    ];
-
     /// The name used in tables and JSON.
     pub fn name(self) -> &'static str {
         match self {
