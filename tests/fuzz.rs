@@ -8,10 +8,10 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use common::fuzz::{self, Field, Kind, Mutator, campaign, fix_crc};
+use common::{gunzip, gzip};
 use ctseg::data::prepare::{self, PrepareOptions, Resize};
 use ctseg::data::{Dataset, dicom, nifti, shard::ShardData};
 use ctseg::rundir::{self, Checkpoint, CheckpointKind, Summary};
@@ -28,21 +28,6 @@ fn read(path: &Path) -> Vec<u8> {
 
 fn write(path: &Path, bytes: &[u8]) {
     std::fs::write(path, bytes).expect("write case");
-}
-
-fn gunzip(bytes: &[u8]) -> Vec<u8> {
-    use std::io::Read;
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(bytes)
-        .read_to_end(&mut out)
-        .expect("gunzip fixture");
-    out
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut w = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    w.write_all(bytes).expect("gzip");
-    w.finish().expect("gzip")
 }
 
 /// A reader's result judged: `Ok` passes; an error must name `name` (the file or folder read).

@@ -8,8 +8,9 @@
 //! convolutions into chunks; its BatchNorm reduces one axis at a time. These tests would catch
 //! any of that regressing.
 //!
-//! Without a Vulkan/GL adapter the tests print why and pass, unless `CTSEG_REQUIRE_GPU=1` (set by
-//! `.ci/run`), in which case a missing adapter fails them.
+//! Without a Vulkan/GL adapter the tests print why and pass, unless `CI=true` or
+//! `CTSEG_REQUIRE_GPU=1` (`.ci/run` and `scripts/test` set them), in which case a missing adapter
+//! fails them.
 
 mod common;
 
@@ -32,8 +33,11 @@ fn gpu() -> Option<Backend> {
     match backend::open(&req) {
         Ok(b) => Some(b),
         Err(e) => {
-            if std::env::var("CTSEG_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("CTSEG_REQUIRE_GPU=1 but the GPU backend does not open: {e}");
+            // In CI (`.ci/run` sets CI=true, `scripts/test` CTSEG_REQUIRE_GPU=1) a GPU test runs
+            // or fails, never skips.
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            if ci || std::env::var("CTSEG_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("CI or CTSEG_REQUIRE_GPU=1, but the GPU backend does not open: {e}");
             }
             eprintln!("skipped: no GPU adapter ({e})");
             None

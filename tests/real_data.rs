@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -24,18 +23,9 @@ fn liver() -> PathBuf {
     fixture("liver.nii.gz")
 }
 
-fn gunzip(path: &Path) -> Vec<u8> {
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(path).expect("open"))
-        .read_to_end(&mut out)
-        .expect("gunzip");
-    out
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut w = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    w.write_all(bytes).expect("gzip");
-    w.finish().expect("gzip")
+/// The gunzipped contents of the file at `path`.
+fn gunzip_file(path: &Path) -> Vec<u8> {
+    common::gunzip(&std::fs::read(path).expect("read"))
 }
 
 /// A LiTS-layout folder `root/lits` with `n` copies of the real (CT, liver) pair.
@@ -269,7 +259,7 @@ fn set_i16(h: &mut [u8], off: usize, v: i16) {
 #[test]
 fn bad_volumes_get_errors_naming_the_file_and_the_field() {
     let d = tempfile::tempdir().expect("tmp");
-    let raw = gunzip(&ct());
+    let raw = gunzip_file(&ct());
     let gz = std::fs::read(ct()).expect("read");
     let cases: Vec<(PathBuf, &str)> = vec![
         (
@@ -368,7 +358,7 @@ fn bad_pairs_and_labels_are_refused() {
     );
 
     // A NaN voxel in a float32 image.
-    let raw = gunzip(&ct());
+    let raw = gunzip_file(&ct());
     let off = f32::from_le_bytes([raw[108], raw[109], raw[110], raw[111]]) as usize;
     let mut f = raw[..off].to_vec();
     set_i16(&mut f, 70, 16); // float32
@@ -383,7 +373,7 @@ fn bad_pairs_and_labels_are_refused() {
         };
         f.extend_from_slice(&v.to_le_bytes());
     }
-    let nan = write(d.path(), "nan.nii.gz", &gzip(&f));
+    let nan = write(d.path(), "nan.nii.gz", &common::gzip(&f));
     let e = prepare_error(&nan, &liver());
     assert!(
         e.contains("nan.nii.gz") && e.contains("voxel (1, 2, 3) is NaN"),
@@ -393,7 +383,7 @@ fn bad_pairs_and_labels_are_refused() {
     let mut f2 = f.clone();
     let k = 1 + 122 * (2 + 101 * 3);
     f2[off + 4 * k..off + 4 * k + 4].copy_from_slice(&(-1000f32).to_le_bytes());
-    let ok = write(d.path(), "float.nii.gz", &gzip(&f2));
+    let ok = write(d.path(), "float.nii.gz", &common::gzip(&f2));
     let v = nifti::read(&ok).expect("float32 volume");
     assert_eq!(v.datatype, 16);
     assert_eq!(v.data[0], -1024.0);
@@ -895,10 +885,10 @@ fn onnx_export_runs_in_onnxruntime_like_ctseg() {
 /// The raw (gunzipped) bytes of `path` with `edit` applied, written as `dir/name` (gzipped when
 /// the name ends in `.gz`).
 fn edited(dir: &Path, name: &str, path: &Path, edit: impl Fn(&mut Vec<u8>)) -> PathBuf {
-    let mut b = gunzip(path);
+    let mut b = gunzip_file(path);
     edit(&mut b);
     if name.ends_with(".gz") {
-        write(dir, name, &gzip(&b))
+        write(dir, name, &common::gzip(&b))
     } else {
         write(dir, name, &b)
     }
@@ -999,9 +989,9 @@ fn a_multi_member_gzip_reads_like_the_single_stream() {
     // bgzip and some converters write a .nii.gz as several gzip members; the reader stopped at
     // the end of the first and called the file truncated. Two members: the two halves.
     let d = tempfile::tempdir().expect("tmp");
-    let raw = gunzip(&ct());
-    let mut two = gzip(&raw[..raw.len() / 2]);
-    two.extend_from_slice(&gzip(&raw[raw.len() / 2..]));
+    let raw = gunzip_file(&ct());
+    let mut two = common::gzip(&raw[..raw.len() / 2]);
+    two.extend_from_slice(&common::gzip(&raw[raw.len() / 2..]));
     let f = write(d.path(), "bgzip.nii.gz", &two);
     let a = nifti::read(&ct()).expect("original");
     let b = nifti::read(&f).expect("two members");

@@ -866,6 +866,14 @@ fn parent(test: &str, default_cases: u64, regressions: usize) {
     };
     let log = reader.join().unwrap_or_default();
     let secs = started.elapsed().as_secs_f64();
+    // The case the child started last: where it died or hung.
+    let last_case = |log: &str| -> String {
+        log.lines()
+            .filter_map(|l| l.strip_prefix(&format!("fuzz-case {test} ")))
+            .next_back()
+            .unwrap_or("setup")
+            .to_string()
+    };
     let reproduce = |label: &str| match label.strip_prefix("seed ") {
         Some(seed) => format!(
             "CTSEG_FUZZ_SEED={seed} cargo test --release --features mpi,test-hooks --test fuzz {test}"
@@ -915,14 +923,10 @@ fn parent(test: &str, default_cases: u64, regressions: usize) {
                 .map(|l| l.split(':').next().unwrap_or(l))
                 .collect();
             if panics.is_empty() {
-                let last = log
-                    .lines()
-                    .filter_map(|l| l.strip_prefix(&format!("fuzz-case {test} ")))
-                    .next_back()
-                    .unwrap_or("setup");
+                let last = last_case(&log);
                 panic!(
                     "{test}: the fuzz child died ({st}) at {last}; reproduce with {}\n{tail}",
-                    reproduce(last)
+                    reproduce(&last)
                 );
             }
             let how: Vec<String> = panics.iter().take(10).map(|p| reproduce(p)).collect();
@@ -934,15 +938,11 @@ fn parent(test: &str, default_cases: u64, regressions: usize) {
             );
         }
         None => {
-            let last = log
-                .lines()
-                .filter_map(|l| l.strip_prefix(&format!("fuzz-case {test} ")))
-                .next_back()
-                .unwrap_or("setup");
+            let last = last_case(&log);
             panic!(
                 "{test}: the fuzz child ran past {}s and was killed at {last} (a hang?); reproduce with {}\n{tail}",
                 timeout.as_secs(),
-                reproduce(last)
+                reproduce(&last)
             );
         }
     }

@@ -214,3 +214,21 @@ pub fn bench_lines(out: &str, kind: &str) -> Vec<serde_json::Value> {
         .filter(|v| v["bench"] == kind)
         .collect()
 }
+
+/// The gunzipped `bytes` (a fixture's `.nii.gz`).
+pub fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .expect("gunzip");
+    out
+}
+
+/// `bytes` as one gzip member.
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut w = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    w.write_all(bytes).expect("gzip");
+    w.finish().expect("gzip")
+}
