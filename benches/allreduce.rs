@@ -35,6 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         kind: BackendKind::Cpu,
         threads: 0,
         adapter: None,
+        gpu_conv: Default::default(),
     })?;
     let ad = be.device.clone().autodiff();
     let model = build_model(&cfg, &ad, be.caps);

@@ -45,7 +45,7 @@ fn run(
         let t = Instant::now();
         let b = Tensor::<1>::zeros([co], &ad).require_grad();
         let y = if ours {
-            conv2d_same(&x, &w, &b, false).ok_or("not the CPU device")?
+            conv2d_same(&x, &w, &b, false, false).ok_or("not the CPU device")?
         } else {
             conv2d(
                 x.clone(),
@@ -79,6 +79,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         kind: BackendKind::Cpu,
         threads,
         adapter: None,
+        gpu_conv: Default::default(),
     })?;
     // livermask at width 32 and 64, batch 4: the first level (240²) and the bottleneck (15²).
     let cases = [

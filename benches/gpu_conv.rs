@@ -1,39 +1,79 @@
-//! `cargo bench --bench gpu_conv`: the forward of one 3×3 convolution + ReLU of the livermask
-//! U-Net on the GPU adapter (lavapipe here; the H200 through scripts/gpu_device_check.sh), three
-//! ways: burn's `conv2d` as ctseg calls it today (`model::ops::conv`, split into row chunks on
-//! loop-capped adapters), burn's `conv2d` in one call, and ctseg's own kernel
-//! (`model::gpu_conv`, shaders/conv3x3_forward.wgsl). Median of warm repetitions with the device
-//! synchronised, GFLOP/s, the ratio to today's path, and the kernel's agreement with it.
+//! `cargo bench --bench gpu_conv`: one 3×3 convolution + ReLU of the livermask U-Net on the GPU
+//! adapter (lavapipe here; the H200 through scripts/gpu_device_check.sh), as the model calls it
+//! (`model::ops::conv`) with burn's kernels (`--gpu-conv burn`, split into row chunks on
+//! loop-capped adapters) and with ctseg's (`--gpu-conv wgsl`, `model::gpu_conv`): the forward
+//! alone, and forward + backward (input, weight and bias gradients) as in a training step.
+//! Median of warm repetitions with the device synchronised, GFLOP/s, the ratio burn / ctseg,
+//! and the agreement of the two (relative L2 difference of the output and of the gradients).
 
 use std::time::Instant;
 
-use burn::tensor::activation::relu;
-use burn::tensor::module::conv2d;
-use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Tensor, TensorData};
 use ctseg::backend::{self, Backend, BackendKind, DeviceRequest};
-use ctseg::model::gpu_conv::conv3x3_forward;
-use ctseg::model::ops;
+use ctseg::model::{DeviceCaps, GpuConv, ops};
 use ctseg::tensor_util::to_f32;
 use ctseg::util::stats::spread;
+use ctseg::verify::rel_l2;
 
 /// Median seconds of `f` over `reps` warm repetitions (one untimed first), and its last output.
-fn time(be: &Backend, reps: usize, f: &dyn Fn() -> Tensor<4>) -> Result<(f64, Vec<f32>), String> {
+fn time(
+    be: &Backend,
+    reps: usize,
+    f: &dyn Fn() -> Vec<Tensor<4>>,
+) -> Result<(f64, Vec<Vec<f32>>), String> {
     let mut times = Vec::new();
     let mut out = Vec::new();
     for i in 0..=reps {
         be.device.sync().map_err(|e| format!("{e:?}"))?;
         let t = Instant::now();
-        let y = f();
+        let ys = f();
         be.device.sync().map_err(|e| format!("{e:?}"))?;
         if i > 0 {
             times.push(t.elapsed().as_secs_f64());
         }
         if i == reps {
-            out = to_f32(y).map_err(|e| e.to_string())?;
+            out = ys
+                .into_iter()
+                .map(|y| to_f32(y).map_err(|e| e.to_string()))
+                .collect::<Result<_, _>>()?;
         }
     }
     Ok((spread(&times).median, out))
+}
+
+/// The output of the convolution, or with `train` the input and weight gradients under the
+/// loss `sum(y · r)`.
+fn run(
+    be: &Backend,
+    caps: DeviceCaps,
+    train: bool,
+    data: &(Vec<f32>, Vec<f32>, Vec<f32>),
+    shape: [usize; 4],
+    co: usize,
+) -> Vec<Tensor<4>> {
+    let device = if train {
+        be.device.clone().autodiff()
+    } else {
+        be.device.clone()
+    };
+    let x = Tensor::<4>::from_data(TensorData::new(data.0.clone(), shape), &device);
+    let w = Tensor::<4>::from_data(
+        TensorData::new(data.1.clone(), [co, shape[1], 3, 3]),
+        &device,
+    );
+    let b = Tensor::<1>::zeros([co], &device);
+    if !train {
+        return vec![ops::conv(x, w, b, true, &caps)];
+    }
+    let (x, w, b) = (x.require_grad(), w.require_grad(), b.require_grad());
+    let y = ops::conv(x.clone(), w.clone(), b.clone(), true, &caps);
+    let yshape = [shape[0], co, shape[2], shape[3]];
+    let r = Tensor::<4>::from_data(TensorData::new(data.2.clone(), yshape), &device);
+    let grads = (y * r).sum().backward();
+    [x.grad(&grads), w.grad(&grads)]
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -45,54 +85,59 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         kind: BackendKind::Gpu,
         threads: 0,
         adapter: None,
+        gpu_conv: GpuConv::Burn,
     })?;
     println!("{}", be.description);
-    // livermask at batch 4: width 32's first level, its third level and bottleneck input, and
-    // width 64's first level.
+    let caps = |gpu_conv| DeviceCaps {
+        gpu_conv,
+        ..be.caps
+    };
+    // livermask: width 32's first level and its third level, the bottleneck's input, and width
+    // 64's first level, at batch 4; width 64's first level at the study's batch 30.
     let cases = [
         ([4, 32, 240, 240], 32),
         ([4, 64, 120, 120], 64),
         ([4, 256, 30, 30], 256),
         ([4, 64, 240, 240], 64),
+        ([30, 64, 240, 240], 64),
     ];
-    for (shape, co) in cases {
+    let only: Option<usize> = std::env::var("CTSEG_BENCH_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    for (shape, co) in cases.into_iter().take(only.unwrap_or(cases.len())) {
         let n: usize = shape.iter().product();
-        let xs: Vec<f32> = (0..n)
-            .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
-            .collect();
-        let ws: Vec<f32> = (0..co * shape[1] * 9)
-            .map(|i| ((i * 104729) % 89) as f32 / 890.0 - 0.05)
-            .collect();
-        let x = Tensor::<4>::from_data(TensorData::new(xs, shape), &be.device);
-        let w = Tensor::<4>::from_data(TensorData::new(ws, [co, shape[1], 3, 3]), &be.device);
-        let b = Tensor::<1>::zeros([co], &be.device);
-        let caps = be.caps;
-        let flop = 2.0 * (shape[0] * shape[2] * shape[3] * co * shape[1] * 9) as f64;
-        let (t_today, y_today) = time(&be, reps, &|| {
-            ops::conv(x.clone(), w.clone(), b.clone(), true, &caps)
-        })?;
-        let (t_one, _) = time(&be, reps, &|| {
-            relu(conv2d(
-                x.clone(),
-                w.clone(),
-                Some(b.clone()),
-                ConvOptions::new([1, 1], [1, 1], [1, 1], 1),
-            ))
-        })?;
-        let (t_own, y_own) = time(&be, reps, &|| {
-            conv3x3_forward(&x, &w, &b, true).expect("the kernel applies on the adapter")
-        })?;
-        let err = ctseg::verify::rel_l2(&y_own, &y_today);
-        println!(
-            "{shape:?} -> {co}: ops::conv {:.4} s ({:.1} GFLOP/s) | burn conv2d one call {:.4} s ({:.1}) | ctseg kernel {:.4} s ({:.1}) | today / kernel {:.2}x | rel. L2 diff {err:.1e}",
-            t_today,
-            flop / t_today / 1e9,
-            t_one,
-            flop / t_one / 1e9,
-            t_own,
-            flop / t_own / 1e9,
-            t_today / t_own,
+        let ny = n / shape[1] * co;
+        let data = (
+            (0..n)
+                .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+                .collect::<Vec<f32>>(),
+            (0..co * shape[1] * 9)
+                .map(|i| ((i * 104729) % 89) as f32 / 890.0 - 0.05)
+                .collect::<Vec<f32>>(),
+            (0..ny)
+                .map(|i| ((i * 31) % 17) as f32 / 17.0 - 0.5)
+                .collect::<Vec<f32>>(),
         );
+        let flop = 2.0 * (shape[0] * shape[2] * shape[3] * co * shape[1] * 9) as f64;
+        for (train, what, flops) in [(false, "forward", flop), (true, "fwd+bwd", 3.0 * flop)] {
+            let (t_burn, y_burn) = time(&be, reps, &|| {
+                run(&be, caps(GpuConv::Burn), train, &data, shape, co)
+            })?;
+            let (t_own, y_own) = time(&be, reps, &|| {
+                run(&be, caps(GpuConv::Wgsl), train, &data, shape, co)
+            })?;
+            let err = y_burn
+                .iter()
+                .zip(&y_own)
+                .map(|(a, b)| rel_l2(b, a))
+                .fold(0.0f64, f64::max);
+            println!(
+                "{shape:?} -> {co} {what}: burn {t_burn:.4} s ({:.1} GFLOP/s) | ctseg {t_own:.4} s ({:.1}) | burn / ctseg {:.2}x | rel. L2 diff {err:.1e}",
+                flops / t_burn / 1e9,
+                flops / t_own / 1e9,
+                t_burn / t_own,
+            );
+        }
     }
     Ok(())
 }

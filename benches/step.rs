@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         kind,
         threads: 0,
         adapter: None,
+        gpu_conv: Default::default(),
     })?;
     let r = bench_step(
         &cfg,

@@ -2,8 +2,9 @@
 # One prepared run on a machine with a real GPU (the "device" machine of the development
 # workplace): the GPU parity tests on the NVIDIA Vulkan driver, `bench step --backend gpu` beside
 # the PyTorch peer on CUDA in f32 (TF32 convolutions, PyTorch's default) and AMP at width 32 and
-# 64, batch 4 and 30, 240², with the step's phase and kernel profile (profile-w*-b*.json), ctseg's
-# own 3×3 convolution kernel against burn's, and a short GPU training run.
+# 64, batch 4 and 30, 240², with the step's phase and kernel profile (profile-w*-b*.json); the
+# same steps on ctseg's own 3×3 convolution kernels (--gpu-conv wgsl, profile-wgsl-w*-b*.json);
+# one convolution's forward and forward + backward on both; and a short GPU training run.
 # Expects: .devbin/ctseg and .devbin/gpu-tests (x86-64 builds from the build machine without
 # the mpi feature, possibly xz-compressed: `cargo build --release`, and the binary that
 # `cargo test --release --test gpu --no-run` names) and .devbin/gpu-conv-bench (the binary that
@@ -13,6 +14,15 @@ set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 log() { echo "== $*" | tee -a "$OUT/log.txt"; }
+# Every stage's timeout is cut to what is left of DEADLINE seconds (default 450: the device
+# session's 8 minutes less start-up and transfers); a stage with under 20 s left is skipped and
+# says so, so the files written so far always come back.
+DEADLINE=${DEADLINE:-450}
+budget() {
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 20 ]; then log "skipped (deadline): $2" >&2; return 1; fi
+  echo $(($1 < left ? $1 : left))
+}
 for f in .gl/*.deb; do dpkg -x "$f" /; done
 ldconfig
 if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
@@ -28,20 +38,24 @@ log adapters
 ./.devbin/ctseg adapters 2>&1 | tee -a "$OUT/log.txt"
 log "gpu parity tests"
 # GPU_TESTS: optional test-name filters (all tests by default); the per-tensor tables are kept.
-CTSEG_REQUIRE_GPU=1 timeout 180 ./.devbin/gpu-tests --test-threads 1 --nocapture ${GPU_TESTS:-} 2>&1 | grep -vE "XDG|^$" | tee -a "$OUT/log.txt"
-log "3x3 convolution forward: burn's conv2d against ctseg's WGSL kernel"
-CTSEG_BENCH_REPS=10 timeout 120 ./.devbin/gpu-conv-bench 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
+t=$(budget 180 "gpu parity tests") && CTSEG_REQUIRE_GPU=1 timeout "$t" ./.devbin/gpu-tests --test-threads 1 --nocapture ${GPU_TESTS:-} 2>&1 | grep -vE "XDG|^$" | tee -a "$OUT/log.txt"
+log "3x3 convolution, forward and forward+backward: burn's kernels against ctseg's WGSL kernels"
+t=$(budget 120 "convolution bench") && CTSEG_BENCH_REPS=10 timeout "$t" ./.devbin/gpu-conv-bench 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
 # Width/batch pairs: issue 12's target rows (batch 30 is the study's batch).
-for wb in ${SHAPES:-32x4 64x4 64x30}; do
+for wb in ${SHAPES:-64x4 64x30 32x4}; do
   w=${wb%x*}; b=${wb#*x}
   log "bench step width $w batch $b 240x240 (ctseg wgpu vs pytorch cuda f32 and amp), then its phase/kernel profile"
-  timeout 240 ./.devbin/ctseg bench step --config configs/livermask.toml --backend gpu --width $w --batch-size $b \
+  t=$(budget 240 "bench step $wb") && timeout "$t" ./.devbin/ctseg bench step --config configs/livermask.toml --backend gpu --width $w --batch-size $b \
     --warmup "${WARMUP:-3}" --steps "${STEPS:-10}" --peer tests/reference/livermask_torch.py --peer-device cuda \
     --peer-precision f32,amp --profile "${PROFILE_STEPS:-3}" --profile-top 12 \
     --profile-json "$OUT/profile-w$w-b$b.json" 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
+  log "bench step width $w batch $b 240x240 on ctseg's convolution kernels (--gpu-conv wgsl), then its profile"
+  t=$(budget 150 "bench step $wb wgsl") && timeout "$t" ./.devbin/ctseg bench step --config configs/livermask.toml --backend gpu --gpu-conv wgsl \
+    --width $w --batch-size $b --warmup "${WARMUP:-3}" --steps "${STEPS:-10}" --profile "${PROFILE_STEPS:-3}" \
+    --profile-top 12 --profile-json "$OUT/profile-wgsl-w$w-b$b.json" 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
 done
 [ "${QUICK:-1}" = 1 ] || exit 0
 log "quick config on the GPU"
-timeout 200 ./.devbin/ctseg train --backend gpu --out "$OUT/gpu-quick" --quiet 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
+t=$(budget 200 "quick config") && timeout "$t" ./.devbin/ctseg train --backend gpu --out "$OUT/gpu-quick" --quiet 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
 cp "$OUT/gpu-quick/summary.json" "$OUT/gpu-quick-summary.json" 2>/dev/null
 rm -rf "$OUT/gpu-quick"

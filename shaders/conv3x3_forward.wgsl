@@ -1,20 +1,26 @@
 // 3x3 'same' convolution, stride 1, with bias and an optional ReLU, as an implicit GEMM:
 //   y[b, o, i, j] = act(bias[o] + sum_k w[o, k] * col[k, (b, i, j)]),  k = (c, u, v),
 //   col[(c, u, v), (b, i, j)] = x[b, c, i + u - 1, j + v - 1] (0 outside the image).
+// The same kernel computes a convolution's input gradient: the convolution of the output
+// gradient (x here), zeroed where a gate (the forward's ReLU output) is not positive, by the
+// kernel with its channel axes swapped and taps mirrored (read in place: flag 8).
 // M = c_out rows, N = batch*h*w columns, K = c_in*9. Each workgroup computes a 64 x 64 tile of
 // y; each of its 256 invocations a 4 x 4 block in registers. K is walked 16 at a time through
 // workgroup memory, so no loop runs longer than K/16 iterations (adapters that cap shader loops,
 // such as lavapipe at 65,535, are safe up to c_in = 116,000).
 //
-// Bindings (all f32 contiguous NCHW / OIHW): x, w, bias, y, info = [batch, c_in, c_out, h, w,
-// relu (0/1), workgroups in x]. Workgroups: x * y grid over (N/64) * (M/64) tiles, the M tile
-// index in the second dimension.
+// Bindings (all f32 contiguous NCHW / OIHW): x, w, bias, y, gate (x's shape), info = [batch,
+// c_in, c_out, h, w, flags]; flags: 1 ReLU, 2 add the bias, 4 gate x by gate > 0, 8 w is
+// [c_in, c_out, 3, 3] and read swapped and mirrored, 16 both operands rounded to f16 (mixed
+// precision's numerics: f16 operands, f32 accumulation; round_f16 is shaders/f16.wgsl's). Workgroups: x * y grid over
+// (N/64) * (M/64) tiles, the M tile index in the second dimension.
 
 @group(0) @binding(0) var<storage, read_write> x: array<f32>;
 @group(0) @binding(1) var<storage, read_write> wt: array<f32>;
 @group(0) @binding(2) var<storage, read_write> bias: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
-@group(0) @binding(4) var<storage, read_write> info: array<u32>;
+@group(0) @binding(4) var<storage, read_write> gate: array<f32>;
+@group(0) @binding(5) var<storage, read_write> info: array<u32>;
 
 const TM: u32 = 64u;
 const TN: u32 = 64u;
@@ -33,7 +39,7 @@ fn main(
     let c_out = info[2];
     let h = info[3];
     let w = info[4];
-    let relu = info[5];
+    let flags = info[5];
     let hw = h * w;
     let n_total = batch * hw;
     let k_total = c_in * 9u;
@@ -57,7 +63,15 @@ fn main(
             let m = m0 + mm;
             var v = 0.0;
             if (k < k_total && m < c_out) {
-                v = wt[m * k_total + k];
+                if ((flags & 8u) != 0u) {
+                    // w[c, m, 2 - u, 2 - v] of a [c_in, c_out, 3, 3] kernel.
+                    v = wt[((k / 9u) * c_out + m) * 9u + 8u - k % 9u];
+                } else {
+                    v = wt[m * k_total + k];
+                }
+                if ((flags & 16u) != 0u) {
+                    v = round_f16(v);
+                }
             }
             a_tile[e] = v;
         }
@@ -78,7 +92,14 @@ fn main(
                 let iy = p / w + r / 3u;
                 let ix = p % w + r % 3u;
                 if (iy >= 1u && iy <= h && ix >= 1u && ix <= w) {
-                    v = x[((b * c_in + c) * h + (iy - 1u)) * w + (ix - 1u)];
+                    let at = ((b * c_in + c) * h + (iy - 1u)) * w + (ix - 1u);
+                    v = x[at];
+                    if ((flags & 4u) != 0u && !(gate[at] > 0.0)) {
+                        v = 0.0;
+                    }
+                    if ((flags & 16u) != 0u) {
+                        v = round_f16(v);
+                    }
                 }
             }
             b_tile[e] = v;
@@ -110,8 +131,11 @@ fn main(
             if (n >= n_total) {
                 continue;
             }
-            var v = acc[r * 4u + q] + bias[m];
-            if (relu != 0u) {
+            var v = acc[r * 4u + q];
+            if ((flags & 2u) != 0u) {
+                v += bias[m];
+            }
+            if ((flags & 1u) != 0u) {
                 v = max(v, 0.0);
             }
             let b = n / hw;

@@ -1,6 +1,7 @@
 // fp16 gradient compression, unpack side: IEEE 754 binary16 -> f32 (exact), times a scale
 // (1/ranks, the average of the allreduced sum), one f32 rounding. Inverse of fp16_pack.wgsl:
-// two halves per input word, the lower-indexed value in the low 16 bits.
+// two halves per input word, the lower-indexed value in the low 16 bits. The conversion is
+// shaders/f16.wgsl's (prepended to this source).
 //
 // Bindings: input words, output f32 values, info = [n values, workgroups in x, scale as f32
 // bits]. One invocation per input word on a 2-D grid of workgroups.
@@ -8,21 +9,6 @@
 @group(0) @binding(0) var<storage, read_write> input: array<u32>;
 @group(0) @binding(1) var<storage, read_write> output: array<f32>;
 @group(0) @binding(2) var<storage, read_write> info: array<u32>;
-
-fn f16_to_f32(h: u32) -> f32 {
-    let sign = (h & 0x8000u) << 16u;
-    let exp = (h >> 10u) & 0x1fu;
-    let man = h & 0x3ffu;
-    if exp == 0x1fu {
-        return bitcast<f32>(sign | 0x7f800000u | (man << 13u));
-    }
-    if exp == 0u {
-        // Subnormal half: man * 2^-24, exact in f32 (a normal number there).
-        let v = ldexp(f32(man), -24);
-        return select(v, -v, sign != 0u);
-    }
-    return bitcast<f32>(sign | ((exp + 112u) << 23u) | (man << 13u));
-}
 
 @compute @workgroup_size(256, 1, 1)
 fn main(

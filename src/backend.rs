@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
-use crate::model::DeviceCaps;
+use crate::model::{DeviceCaps, GpuConv};
 
 /// Which backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -41,6 +41,8 @@ pub struct DeviceRequest {
     pub threads: usize,
     /// GPU adapter index (`None`: the first hardware adapter, or under MPI one per local rank).
     pub adapter: Option<usize>,
+    /// The 3×3 convolutions' kernels on a GPU.
+    pub gpu_conv: GpuConv,
 }
 
 impl DeviceRequest {
@@ -388,17 +390,23 @@ pub fn open(req: &DeviceRequest) -> Result<Backend> {
             }
             let caps = DeviceCaps {
                 shader_loop_cap: (!long_loops_work(&device)).then_some(LAVAPIPE_LOOP_CAP),
+                gpu_conv: req.gpu_conv,
+                f16_operands: false,
             };
-            let capped = if caps.shader_loop_cap.is_some() {
-                ", loop-capped: convolutions split into exact chunks"
-            } else {
-                ""
+            let capped = match (caps.shader_loop_cap, caps.gpu_conv) {
+                (Some(_), GpuConv::Burn) => ", loop-capped: convolutions split into exact chunks",
+                (Some(_), GpuConv::Wgsl) => ", loop-capped",
+                (None, _) => "",
             };
             Ok(Backend {
                 device,
                 description: format!(
-                    "gpu (burn wgpu, adapter [{}] {}, {}, {}{capped})",
-                    chosen.index, chosen.name, chosen.device_type, chosen.backend
+                    "gpu (burn wgpu, adapter [{}] {}, {}, {}{capped}; {})",
+                    chosen.index,
+                    chosen.name,
+                    chosen.device_type,
+                    chosen.backend,
+                    caps.gpu_conv.describe()
                 ),
                 kind,
                 caps,

@@ -63,6 +63,8 @@ pub struct Overrides {
     pub fold: Option<usize>,
     /// `train.accumulate`.
     pub accumulate: Option<usize>,
+    /// `train.precision`.
+    pub precision: Option<crate::train::precision::Precision>,
 }
 
 impl RunConfig {
@@ -113,6 +115,9 @@ impl RunConfig {
         }
         if let Some(v) = o.accumulate {
             self.train.accumulate = v;
+        }
+        if let Some(v) = o.precision {
+            self.train.precision = v;
         }
         if let Some(v) = o.fold {
             self.data.fold = Some(v);

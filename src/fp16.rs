@@ -27,13 +27,24 @@ pub fn from_f16(bits: &[u16]) -> Vec<f32> {
         .collect()
 }
 
+/// `values` rounded to the nearest f16 values (round to nearest even, Inf beyond f16's range),
+/// as f32: the CPU reference of shaders/f16.wgsl's `round_f16`, which mixed precision's
+/// convolution kernels apply to their operands.
+pub fn round_to_f16(values: &[f32]) -> Vec<f32> {
+    use rayon::prelude::*;
+    values
+        .par_iter()
+        .map(|&v| half::f16::from_f32(v).to_f32())
+        .collect()
+}
+
 /// Invocations per workgroup, as the shaders declare (`@workgroup_size(256, 1, 1)`).
 const WORKGROUP: u32 = 256;
 /// The largest workgroup count in one dimension that every adapter accepts.
 const MAX_GROUPS_X: u32 = 65_535;
 
-const PACK_WGSL: &str = include_str!("../shaders/fp16_pack.wgsl");
-const UNPACK_WGSL: &str = include_str!("../shaders/fp16_unpack.wgsl");
+const PACK_WGSL: &str = crate::wgsl::shader!("fp16_pack.wgsl");
+const UNPACK_WGSL: &str = crate::wgsl::shader!("fp16_unpack.wgsl");
 
 fn grid(words: usize) -> Result<(u32, u32)> {
     let groups = words.div_ceil(WORKGROUP as usize).max(1);

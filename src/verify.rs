@@ -7,6 +7,14 @@
 //! on such an adapter would waste hours and report a wrong comparison, so `--backend gpu`
 //! refuses to start unless every gradient agrees with the CPU's within the CPU's own f32
 //! rounding noise (see [`NOISE_FACTOR`]).
+//!
+//! In mixed precision the check runs twice: the same kernels with f16 rounding off, at f32's
+//! limits (this is what catches a wrong kernel), and with it on, against the CPU computing with
+//! the same f16 operands (its convolutions round them as the GPU kernels do) within that
+//! computation's own noise on the transposed problem. The second limit is loose by nature:
+//! summation-order differences flip single f16 roundings, and this ill-conditioned model
+//! amplifies them to 1–10 % per gradient tensor (measured on lavapipe at 240², the CPU against
+//! itself), where f32's noise is ~1e-4.
 
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -173,8 +181,16 @@ pub fn loss_and_grads(
     };
     let loss = dice_loss(model.forward(x, mode), y, 0.0);
     let value = to_f32(loss.clone())?.first().copied().unwrap_or(f32::NAN) as f64;
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
-    let flat_grads = flat::flatten_grads(&model, &grads)?;
+    // In mixed precision, as training does: the loss scaled before the backward (else the
+    // output gradients underflow f16), the gradients unscaled (a power of two: exact in f32).
+    let scale = if caps.f16_operands {
+        crate::train::scaler::INIT_SCALE
+    } else {
+        1.0
+    };
+    let grads = GradientsParams::from_grads(loss.mul_scalar(scale).backward(), &model);
+    let mut flat_grads = flat::flatten_grads(&model, &grads)?;
+    flat_grads.iter_mut().for_each(|g| *g /= scale as f32);
     let mut per_tensor = Vec::new();
     let mut o = 0;
     for s in &slots {
@@ -208,10 +224,15 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
-/// Compares the model `cfg` (dropout switched off) on `device` against burn flex, batch `b`.
+/// Compares the model `cfg` (dropout switched off) on `device` against burn flex, batch `b`, in
+/// the precision of `caps` (the CPU rounds convolution operands to f16 where `caps` do).
 pub fn compare(cfg: &UNetConfig, device: &Device, caps: DeviceCaps, b: usize) -> Result<Verdict> {
-    let (lc, gc) = loss_and_grads(cfg, &Device::flex(), DeviceCaps::default(), b, false)?;
-    let (_, gr) = loss_and_grads(cfg, &Device::flex(), DeviceCaps::default(), b, true)?;
+    let cpu = DeviceCaps {
+        f16_operands: caps.f16_operands,
+        ..DeviceCaps::default()
+    };
+    let (lc, gc) = loss_and_grads(cfg, &Device::flex(), cpu, b, false)?;
+    let (_, gr) = loss_and_grads(cfg, &Device::flex(), cpu, b, true)?;
     let (lg, gg) = loss_and_grads(cfg, device, caps, b, false)?;
     Ok(verdict(lc, lg, &gc, &gg, &gr))
 }
@@ -250,17 +271,34 @@ pub fn verdict(
     }
 }
 
-/// Compares `backend` against burn flex on a narrow copy of `model` (width 2, batch 2).
-pub fn check_against_cpu(model: &UNetConfig, backend: &Backend) -> Result<Verdict> {
+/// Compares `backend` with `caps` (its own, or a run's precision on it) against burn flex on a
+/// narrow copy of `model` (width 2, batch 2).
+pub fn check_against_cpu(
+    model: &UNetConfig,
+    backend: &Backend,
+    caps: DeviceCaps,
+) -> Result<Verdict> {
     let mut cfg = model.clone();
     cfg.width = 2;
     cfg.dropout = 0.0;
-    compare(&cfg, &backend.device, backend.caps, 2)
+    compare(&cfg, &backend.device, caps, 2)
 }
 
-/// Runs the check and turns a disagreement into an error that says what to do.
-pub fn require_gpu_agrees(model: &UNetConfig, backend: &Backend) -> Result<Verdict> {
-    let v = check_against_cpu(model, backend)?;
+/// Runs the check (twice in mixed precision: f32, then f16 operands) and turns a disagreement
+/// into an error that says what to do. The verdict is the last check's.
+pub fn require_gpu_agrees(
+    model: &UNetConfig,
+    backend: &Backend,
+    caps: DeviceCaps,
+) -> Result<Verdict> {
+    if caps.f16_operands {
+        let f32_caps = DeviceCaps {
+            f16_operands: false,
+            ..caps
+        };
+        require_gpu_agrees(model, backend, f32_caps)?;
+    }
+    let v = check_against_cpu(model, backend, caps)?;
     if !v.passes() {
         let (k, t) = v.worst().unwrap_or((
             0,
@@ -272,8 +310,13 @@ pub fn require_gpu_agrees(model: &UNetConfig, backend: &Backend) -> Result<Verdi
             },
         ));
         return Err(Error::Device(format!(
-            "{}: the GPU computes this model's gradients differently from the CPU reference (loss relative error {:.1e}; parameter tensor {k} off by {:.1e}, accepted {:.1e}: {TOLERANCE:.0e} or {NOISE_FACTOR}x the CPU's own f32 rounding noise {:.1e}). Training there would silently go wrong: use --backend cpu, another --adapter, or --skip-gpu-check if you know better.\n{}",
+            "{}: the GPU computes this model's gradients{} differently from the CPU reference (loss relative error {:.1e}; parameter tensor {k} off by {:.1e}, accepted {:.1e}: {TOLERANCE:.0e} or {NOISE_FACTOR}x the CPU's own rounding noise {:.1e}). Training there would silently go wrong: use --backend cpu, another --adapter, or --skip-gpu-check if you know better.\n{}",
             backend.description,
+            if caps.f16_operands {
+                " with f16 operands (mixed precision)"
+            } else {
+                ""
+            },
             v.loss_err,
             t.error,
             t.limit(),

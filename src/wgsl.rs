@@ -15,6 +15,18 @@ use burn_fusion::custom::{OperationIr, OperationOutput, StreamId};
 
 use crate::error::Error;
 
+/// A kernel's WGSL source: `shaders/f16.wgsl` (the binary16 conversions every kernel may use),
+/// then `shaders/<name>`.
+macro_rules! shader {
+    ($name:literal) => {
+        concat!(
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/f16.wgsl")),
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name))
+        )
+    };
+}
+pub(crate) use shader;
+
 /// A precompiled WGSL kernel with entry point `main` and a 1-D workgroup of `workgroup`
 /// invocations (the size the source declares).
 pub(crate) struct WgslKernel {
@@ -24,6 +36,11 @@ pub(crate) struct WgslKernel {
 }
 
 impl KernelMetadata for WgslKernel {
+    /// The shader's own name in profiles (`bench step --profile`), not this wrapper's.
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
     fn id(&self) -> KernelId {
         KernelId::new::<Self>().info((self.name, crc32fast::hash(self.source.as_bytes())))
     }
@@ -66,13 +83,21 @@ pub(crate) fn cube_device(device: &Device) -> Option<burn_cubecl::CubeDevice> {
     }
 }
 
+/// burn's tensor primitive on the wgpu device without autodiff (the fusion layer's).
+pub(crate) type Fused = <Cube as burn::backend::BackendTypes>::FloatTensorPrimitive;
+
 /// The contiguous f32 buffer behind a tensor on the wgpu device without autodiff (queued
 /// operations that produce it run first); `None` for any other tensor.
 pub(crate) fn f32_buffer<const D: usize>(t: &Tensor<D>) -> Option<CubeTensor> {
     let fused = t.clone().try_into_primitive::<Cube>().ok()?;
+    (fused.dtype == DType::F32).then(|| resolve(fused))
+}
+
+/// The contiguous buffer behind a fused primitive (queued operations that produce it run
+/// first), whatever its element type: the caller knows it.
+pub(crate) fn resolve(fused: Fused) -> CubeTensor {
     let client = fused.client.clone();
-    let t: CubeTensor = client.resolve_tensor_float::<CubeBackend>(fused);
-    (t.dtype == DType::F32).then(|| into_contiguous(t))
+    into_contiguous(client.resolve_tensor_float::<CubeBackend>(fused))
 }
 
 /// A contiguous f32 buffer written by a kernel, handed to the fusion layer the way burn's own
@@ -83,7 +108,16 @@ pub(crate) fn f32_tensor<const D: usize>(
     buffer: burn_cubecl::cubecl::server::Handle,
     shape: [usize; D],
 ) -> Tensor<D> {
-    let shape = Shape::new(shape);
+    Tensor::<D>::from_primitive::<Cube>(f32_fused(cube, buffer, &shape))
+}
+
+/// [`f32_tensor`]'s primitive.
+pub(crate) fn f32_fused(
+    cube: &burn_cubecl::CubeDevice,
+    buffer: burn_cubecl::cubecl::server::Handle,
+    shape: &[usize],
+) -> Fused {
+    let shape = Shape::from(shape.to_vec());
     let tensor = CubeTensor::new_contiguous(
         cube.client(),
         cube.clone(),
@@ -96,14 +130,13 @@ pub(crate) fn f32_tensor<const D: usize>(
     let desc = burn_ir::InitOperationIr::create(shape, DType::F32, || {
         fclient.register_tensor_handle(handle)
     });
-    let fused = fclient
+    fclient
         .register(
             StreamId::current(),
             OperationIr::Init(desc),
             NoOp::<CubeBackend>::new(),
         )
-        .output();
-    Tensor::<D>::from_primitive::<Cube>(fused)
+        .output()
 }
 
 /// Little-endian bytes of `values` (a kernel's `info` buffer).

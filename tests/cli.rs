@@ -855,3 +855,46 @@ fn bench_step_reports_the_hosts_issue_time_as_part_of_compute() {
         "on the CPU issuing is computing: {r}"
     );
 }
+
+#[test]
+fn mixed_precision_on_the_cpu_rounds_operands_and_scales_the_loss() {
+    let d = tempfile::tempdir().expect("tmp");
+    let (f32_run, mixed_run) = (d.path().join("f32"), d.path().join("mixed"));
+    let train = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--config",
+            TINY,
+            "--max-steps",
+            "6",
+            "--out",
+            s(out),
+        ];
+        args.extend_from_slice(extra);
+        ok(ctseg(&args))
+    };
+    train(&f32_run, &["--quiet"]);
+    let log = train(&mixed_run, &["--precision", "mixed"]);
+    // The CPU's convolutions round their operands to f16 (the GPU check's reference), so the
+    // CPU trains in mixed precision too, says so, and records it with the loss scale.
+    assert!(
+        log.contains("precision: mixed (3x3 convolution operands rounded to f16"),
+        "{log}"
+    );
+    let sm = summary(&mixed_run);
+    assert_eq!(
+        (sm.precision.as_str(), sm.precision_requested.as_str()),
+        ("mixed", "mixed")
+    );
+    assert_eq!((sm.loss_scale, sm.skipped_steps), (Some(65_536.0), 0));
+    // Its losses follow the f32 run's closely but not bit for bit (operands were rounded).
+    let (a, b) = (step_losses(&f32_run), step_losses(&mixed_run));
+    assert_eq!(a.len(), b.len());
+    assert_ne!(a, b);
+    for ((step, la), (_, lb)) in a.iter().zip(&b) {
+        assert!(
+            ((la - lb) / la).abs() < 0.02,
+            "step {step}: f32 loss {la}, mixed {lb}"
+        );
+    }
+}

@@ -699,6 +699,7 @@ fn checkpoint_state(dir: &Path) -> CheckpointState {
         kind: ctseg::backend::BackendKind::Cpu,
         threads: 1,
         adapter: None,
+        gpu_conv: Default::default(),
     })
     .expect("cpu backend");
     CheckpointState {

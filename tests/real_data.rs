@@ -620,6 +620,7 @@ fn exported_weights_reproduce_ctseg_in_pytorch() {
         kind: ctseg::backend::BackendKind::Cpu,
         threads: 1,
         adapter: None,
+        gpu_conv: Default::default(),
     })
     .expect("cpu");
     let trained =
@@ -815,6 +816,7 @@ fn onnx_export_runs_in_onnxruntime_like_ctseg() {
         kind: ctseg::backend::BackendKind::Cpu,
         threads: 1,
         adapter: None,
+        gpu_conv: Default::default(),
     })
     .expect("cpu");
     let trained =

@@ -508,3 +508,44 @@ fn bench_step_runs_the_pytorch_peer_in_f32_and_in_amp() {
         assert!(r.is_finite() && r > 0.0, "{p}");
     }
 }
+
+#[test]
+fn loss_scale_follows_torch_grad_scaler() {
+    // Overflow flags per step: a burst of three at the start, two more after a doubling, and one
+    // late, over 5,000 steps, so that growth (after 2,000 finite steps), back-off and the restart
+    // of the count after a skip each happen more than once.
+    let flags: String = (0..5_000)
+        .map(|i| {
+            if [100, 101, 102, 2_500, 2_501, 4_700].contains(&i) {
+                '1'
+            } else {
+                '0'
+            }
+        })
+        .collect();
+    let script = common::reference_script("grad_scaler.py");
+    let Some(stdout) = common::python_reference(
+        "grad_scaler.py",
+        &["torch"],
+        &[common::s(&script), &flags],
+        &[],
+    ) else {
+        return;
+    };
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    let mut ours = ctseg::train::scaler::LossScale::default();
+    assert_eq!(Some(ours.scale), v["init_scale"].as_f64());
+    for (i, c) in flags.chars().enumerate() {
+        let applied = ours.update(c == '0');
+        assert_eq!(
+            (ours.scale, ours.growth_tracker, applied),
+            (
+                v["scale"][i].as_f64().expect("scale"),
+                v["tracker"][i].as_u64().expect("tracker"),
+                v["applied"][i].as_bool().expect("applied"),
+            ),
+            "step {i}"
+        );
+    }
+    assert_eq!(ours.skipped, 6);
+}

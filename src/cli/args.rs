@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use ctseg::backend::{BackendKind, DeviceRequest};
 use ctseg::config::{Overrides, RunConfig};
 use ctseg::error::Error;
+use ctseg::model::GpuConv;
 use ctseg::rundir::CheckpointKind;
 
 /// ctseg: train CT segmentation U-Nets on a CPU or a GPU, alone or over MPI.
@@ -58,6 +59,10 @@ pub struct BackendArgs {
     /// GPU adapter index (see `ctseg adapters`).
     #[arg(long)]
     pub adapter: Option<usize>,
+    /// The 3×3 convolutions' kernels on a GPU: burn's, or ctseg's WGSL implicit GEMM
+    /// (docs/gpu-notes.md compares them).
+    #[arg(long, value_enum, default_value = "burn")]
+    pub gpu_conv: GpuConv,
     /// Skip the start-up check that the GPU computes the model's gradients like the CPU.
     #[arg(long)]
     pub skip_gpu_check: bool,
@@ -70,6 +75,7 @@ impl BackendArgs {
             kind: self.backend,
             threads: self.threads,
             adapter: self.adapter,
+            gpu_conv: self.gpu_conv,
         }
     }
 }
@@ -107,6 +113,10 @@ pub struct OverrideArgs {
     /// Micro-batches per optimiser step on each rank (global batch = batch size × ranks × this).
     #[arg(long)]
     pub accumulate: Option<usize>,
+    /// f32, or mixed: f16 convolution operands with f32 accumulation and dynamic loss scaling
+    /// (GPU only; the CPU backend runs f32 and says so).
+    #[arg(long, value_enum)]
+    pub precision: Option<ctseg::train::precision::Precision>,
 }
 
 impl OverrideArgs {
@@ -122,6 +132,7 @@ impl OverrideArgs {
             grad_compression: self.grad_compression,
             fold: self.fold,
             accumulate: self.accumulate,
+            precision: self.precision,
         }
     }
 

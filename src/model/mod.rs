@@ -14,6 +14,6 @@ pub mod unet;
 
 pub use layers::Mode;
 pub use loss::{DiceCounts, LossKind, bce_with_logits, dice_loss, hard_counts, soft_dice};
-pub use ops::DeviceCaps;
+pub use ops::{DeviceCaps, GpuConv};
 pub use summary::{ModelSummary, summarize, summarize_with_inputs};
 pub use unet::{Norm, UNet, UNetConfig, Upsampling};

@@ -9,7 +9,40 @@ use burn::tensor::module::{conv_transpose2d, conv2d, max_pool2d};
 use burn::tensor::ops::{ConvOptions, ConvTransposeOptions, MaxPoolOptions};
 use burn::tensor::{Tensor, TensorData};
 
-use super::cpu;
+use super::{cpu, gpu_conv};
+
+/// Which 3×3 convolution kernels the model uses on a wgpu adapter.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuConv {
+    /// burn's (direct convolution forward, im2col or direct gradients; split into row chunks
+    /// on loop-capped adapters). The default: faster on lavapipe (docs/gpu-notes.md).
+    #[default]
+    Burn,
+    /// ctseg's WGSL implicit-GEMM kernels for the forward and all three gradients
+    /// ([`gpu_conv`]), with bias and ReLU fused, on every adapter without chunks.
+    Wgsl,
+}
+
+impl GpuConv {
+    /// How logs and `ctseg adapters` name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            GpuConv::Burn => "burn's convolution kernels",
+            GpuConv::Wgsl => "ctseg's WGSL implicit-GEMM convolution kernels",
+        }
+    }
+}
 
 /// What the model's operations must know about the device they run on, decided once when the
 /// backend is opened ([`crate::backend::open`]) and carried by the model.
@@ -18,6 +51,14 @@ pub struct DeviceCaps {
     /// Iterations after which the adapter stops a shader loop (Mesa's lavapipe: 65,535);
     /// `None`: loops run to completion (CPUs, real GPUs).
     pub shader_loop_cap: Option<usize>,
+    /// The 3×3 convolutions' kernels on a wgpu adapter (ignored on the CPU, whose own kernels
+    /// always apply).
+    pub gpu_conv: GpuConv,
+    /// Mixed precision: the 3×3 convolutions' operands rounded to f16, accumulated in f32 (on
+    /// a wgpu adapter, through ctseg's kernels whatever `gpu_conv` says: burn's would
+    /// accumulate f16 operands in f16; on the CPU, its own kernels, as the GPU check's
+    /// reference).
+    pub f16_operands: bool,
 }
 
 impl DeviceCaps {
@@ -44,10 +85,18 @@ pub fn conv(
     apply_relu: bool,
     caps: &DeviceCaps,
 ) -> Tensor<4> {
-    if let Some(y) = cpu::conv::conv2d_same(&x, &weight, &bias, apply_relu) {
+    // Mixed precision rounds the 3×3 convolutions' operands (ctseg's GPU kernels cover
+    // those); the 1×1 output layer stays f32 on every device.
+    let [_, _, k, _] = weight.dims();
+    let f16 = caps.f16_operands && k == 3;
+    if let Some(y) = cpu::conv::conv2d_same(&x, &weight, &bias, apply_relu, f16) {
         return y;
     }
-    let [_, _, k, _] = weight.dims();
+    if (caps.gpu_conv == GpuConv::Wgsl || f16)
+        && let Some(y) = gpu_conv::conv3x3(&x, &weight, &bias, apply_relu, f16)
+    {
+        return y;
+    }
     let pad = k / 2;
     let y = chunked_rows(x, caps.conv_chunk(), pad, |x, pad_h| {
         conv2d(
@@ -242,6 +291,7 @@ mod tests {
     fn lavapipe_cap_gives_the_measured_chunk() {
         let caps = DeviceCaps {
             shader_loop_cap: Some(65_535),
+            ..DeviceCaps::default()
         };
         assert_eq!(caps.conv_chunk(), Some(7_168));
         assert_eq!(DeviceCaps::default().conv_chunk(), None);

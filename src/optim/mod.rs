@@ -461,6 +461,7 @@ mod tests {
             kind: crate::backend::BackendKind::Gpu,
             threads: 0,
             adapter: None,
+            gpu_conv: Default::default(),
         }) {
             Ok(b) => b,
             Err(e) => {

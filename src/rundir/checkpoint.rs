@@ -79,6 +79,9 @@ pub struct CheckpointMeta {
     /// The step of that validation.
     #[serde(default)]
     pub best_step: u64,
+    /// The loss scale of a mixed-precision run (`None`: f32).
+    #[serde(default)]
+    pub loss_scale: Option<crate::train::scaler::LossScale>,
 }
 
 /// A checkpoint in memory.
@@ -228,6 +231,7 @@ mod tests {
                 val_dice_liver: Some(0.5),
                 best_dice_liver: Some(0.5),
                 best_step: 12,
+                loss_scale: None,
             },
             model: vec![1, 2, 3],
             optimizer: vec![4, 5],

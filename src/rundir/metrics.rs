@@ -46,6 +46,13 @@ pub struct StepRecord {
     pub comm_s: Option<f64>,
     /// Seconds the allreduces took in total, overlapped or not (0 on one rank).
     pub comm_total_s: Option<f64>,
+    /// Mixed precision: the loss scale of the step's backward (absent in f32).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// Mixed precision: the gradients were not finite on some rank, and the optimiser step was
+    /// skipped (absent otherwise).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
 }
 
 /// One validation pass over the whole validation set.

@@ -86,9 +86,17 @@ pub struct Summary {
     pub peak_rss_mb: f64,
     /// `"cpu"` or `"gpu"`.
     pub backend: String,
-    /// Arithmetic of the step: `"f32"` (the only one today; reports read it to keep runs of
-    /// different arithmetic apart).
+    /// Arithmetic of the step: `"f32"` or `"mixed"` (reports read it to keep runs of different
+    /// arithmetic apart).
     pub precision: String,
+    /// `train.precision` as asked (`"mixed"` runs in f32 on the CPU).
+    pub precision_requested: String,
+    /// How the step computes, or why not as asked.
+    pub precision_note: String,
+    /// The loss scale at the end (mixed precision; `None` in f32).
+    pub loss_scale: Option<f64>,
+    /// Steps skipped for non-finite gradients (mixed precision; never silently applied).
+    pub skipped_steps: u64,
     /// Micro-batches per optimiser step on each rank.
     pub accumulate: u64,
     /// Images per micro-batch on each rank.

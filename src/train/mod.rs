@@ -4,7 +4,9 @@
 
 pub mod exchange;
 pub mod flat;
+pub mod precision;
 pub mod progress;
+pub mod scaler;
 pub mod signals;
 pub mod state;
 pub mod step;
@@ -50,6 +52,9 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Seconds between plain progress lines when stderr is not a terminal.
     pub log_every_s: f64,
+    /// `f32` or `mixed` (see [`precision::Precision`]). Optional, default `f32`.
+    #[serde(default)]
+    pub precision: precision::Precision,
 }
 
 fn one() -> usize {

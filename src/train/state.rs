@@ -1,6 +1,6 @@
-//! What training changes, as one value: the model (weights and BN statistics) and the optimiser
-//! state, with the one serialisation that checkpoints, resume and the start-up broadcast from
-//! rank 0 all use.
+//! What training changes, as one value: the model (weights and BN statistics), the optimiser
+//! state and, in mixed precision, the loss scale, with the one serialisation that checkpoints,
+//! resume and the start-up broadcast from rank 0 all use.
 
 use std::path::{Path, PathBuf};
 
@@ -14,13 +14,16 @@ use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::model::{DeviceCaps, UNet};
 use crate::rundir::{Checkpoint, CheckpointKind};
+use crate::train::scaler::LossScale;
 
-/// The model and its optimiser.
+/// The model, its optimiser and the loss scale.
 pub struct TrainState {
     /// The model, on the training (autodiff) device.
     pub model: UNet,
     /// The optimiser and its per-parameter state.
     pub optim: ModuleOptimizer,
+    /// Dynamic loss scaling, in mixed precision only (the model's `caps.f16_operands`).
+    pub loss_scale: Option<LossScale>,
 }
 
 fn record_error(what: &str, e: impl std::fmt::Display) -> Error {
@@ -110,11 +113,13 @@ fn check_optimizer_record(bytes: &[u8], source: &Path) -> Result<()> {
 }
 
 impl TrainState {
-    /// The initial model of `cfg` and a fresh optimiser.
+    /// The initial model of `cfg` and a fresh optimiser (and loss scale, where `caps` ask for
+    /// mixed precision).
     pub fn fresh(cfg: &RunConfig, device: &Device, caps: DeviceCaps) -> Self {
         Self {
             model: build_model(cfg, device, caps),
             optim: cfg.optimizer.init(),
+            loss_scale: caps.f16_operands.then(LossScale::default),
         }
     }
 
@@ -142,7 +147,11 @@ impl TrainState {
             .init()
             .from_bytes(Bytes::from_bytes_vec(optim))
             .map_err(|e| Error::checkpoint(source, format!("optimiser record: {e}")))?;
-        Ok(Self { model, optim })
+        Ok(Self {
+            model,
+            optim,
+            loss_scale: self.loss_scale,
+        })
     }
 
     /// Makes every rank hold rank 0's state (weights, BN statistics, optimiser state and its
@@ -158,7 +167,13 @@ impl TrainState {
         };
         comm.broadcast_bytes(&mut m, 0)?;
         comm.broadcast_bytes(&mut o, 0)?;
-        self.load_bytes(cfg, (m, o), Path::new("<broadcast from rank 0>"))
+        let mut scale = serde_json::to_vec(&self.loss_scale)
+            .map_err(|e| record_error("serialising the loss scale", e))?;
+        comm.broadcast_bytes(&mut scale, 0)?;
+        let loss_scale = serde_json::from_slice(&scale)
+            .map_err(|e| record_error("the loss scale broadcast from rank 0", e))?;
+        let state = Self { loss_scale, ..self };
+        state.load_bytes(cfg, (m, o), Path::new("<broadcast from rank 0>"))
     }
 }
 

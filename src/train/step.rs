@@ -1,8 +1,9 @@
 //! One data-parallel training step, written once and used by both the trainer and `bench step`
 //! (so the benchmark times the step that trains): forward and loss of each micro-batch,
-//! backward, the micro-batches' gradients averaged, gradients averaged across ranks, the
-//! optimiser step, and only then the loss read to the host (on a GPU, reading it earlier would
-//! stall the device before the backward is even queued).
+//! backward, the micro-batches' gradients averaged, gradients averaged across ranks, in mixed
+//! precision the loss scaling's unscale and overflow check, the optimiser step, and only then
+//! the loss read to the host (on a GPU, reading it earlier would stall the device before the
+//! backward is even queued).
 
 use std::time::Instant;
 
@@ -58,6 +59,9 @@ pub struct StepOutcome {
     pub loss: f64,
     /// Where the time went.
     pub times: StepTimes,
+    /// In mixed precision, the loss scale the step's backward used, and whether its gradients
+    /// were finite on every rank (else the optimiser step was skipped); `None` in f32.
+    pub scaling: Option<(f64, bool)>,
 }
 
 /// The parts of a step, in the order they run, as a profile ([`StepProbe`]) sees them.
@@ -187,7 +191,11 @@ impl<'a> Stepper<'a> {
             let t = &self.cfg.train;
             let loss = t.loss.loss(state.model.logits(x, mode), y, t.loss_smooth);
             self.mark(Some(Phase::Backward), step)?;
-            grads.push(GradientsParams::from_grads(loss.backward(), &state.model));
+            let scaled = match &state.loss_scale {
+                Some(s) => loss.clone().mul_scalar(s.scale),
+                None => loss.clone(),
+            };
+            grads.push(GradientsParams::from_grads(scaled.backward(), &state.model));
             losses.push(loss);
         }
         self.mark(Some(Phase::MicroMean), step)?;
@@ -208,10 +216,24 @@ impl<'a> Stepper<'a> {
         )?;
         (times.copy_s, times.comm_s, times.comm_total_s) = (ex.copy_s, ex.comm_s, ex.comm_total_s);
 
-        // 3. Optimiser step, then the loss read (which waits for the device).
+        // 3. Mixed precision: gradients unscaled, and the step skipped if any rank's were not
+        // finite. Then the optimiser step and the loss read (which waits for the device).
         let t = Instant::now();
         self.mark(Some(Phase::Optimiser), step)?;
-        state.model = state.optim.step(lr, state.model, grads);
+        let mut scaling = None;
+        let grads = match state.loss_scale.as_mut() {
+            None => Some(grads),
+            Some(ls) => {
+                let used = ls.scale;
+                let (grads, finite) = self.unscale(&state.model, grads, used)?;
+                let apply = ls.update(finite);
+                scaling = Some((used, finite));
+                apply.then_some(grads)
+            }
+        };
+        if let Some(grads) = grads {
+            state.model = state.optim.step(lr, state.model, grads);
+        }
         self.mark(Some(Phase::LossRead), step)?;
         let mut local = 0.0;
         for loss in losses {
@@ -230,8 +252,36 @@ impl<'a> Stepper<'a> {
         let outcome = StepOutcome {
             loss: sum[0] / self.comm.size() as f64,
             times,
+            scaling,
         };
         Ok((state, outcome))
+    }
+
+    /// Gradients of a loss multiplied by `scale`, divided by it on the device, and whether
+    /// every value on every rank is finite (one value read to the host, one allreduce, as
+    /// GradScaler's `found_inf` is shared by all ranks). Collective.
+    fn unscale(
+        &self,
+        model: &UNet,
+        grads: GradientsParams,
+        scale: f64,
+    ) -> Result<(GradientsParams, bool)> {
+        let flat = flat::flatten_grads_range_device(model, &grads, 0..self.slots.len())?
+            .ok_or_else(|| Error::Invalid("a model without trainable parameters".into()))?;
+        let flat = flat.mul_scalar(1.0 / scale);
+        // x · 0 is 0 for every finite x and NaN for Inf and NaN, so this sum is 0 exactly when
+        // all are finite (a sum of magnitudes could itself overflow).
+        let probe = data_to_f32(flat.clone().mul_scalar(0.0).sum().into_data())?;
+        let mut bad = [if probe.first() == Some(&0.0) {
+            0.0
+        } else {
+            1.0
+        }];
+        self.comm.allreduce_sum_f64(&mut bad)?;
+        Ok((
+            flat::unflatten_grads_tensor(flat, &self.slots)?,
+            bad[0] == 0.0,
+        ))
     }
 
     /// The mean of the micro-batches' gradients (summed on the host in micro-batch order, then

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use super::exchange;
 use super::flat::{self, Select};
+use super::precision::PrecisionUsed;
 use super::progress::Progress;
 use super::signals::StopFlag;
 use super::state::TrainState;
@@ -19,6 +20,7 @@ use crate::comm::Communicator;
 use crate::config::RunConfig;
 use crate::data::{BatchMaker, Dataset, HostBatch, Loader, Sampler};
 use crate::error::{Error, Result};
+use crate::model::DeviceCaps;
 use crate::optim::schedule::Schedule;
 use crate::rundir::metrics::{self, Record};
 use crate::rundir::{
@@ -80,7 +82,13 @@ pub fn train(cfg: &RunConfig, opts: TrainOptions, comm: &dyn Communicator) -> Re
         _ => None,
     };
     let data_dir = data_dir_of(opts.data_dir.as_deref(), resume);
-    let plan = Plan::new(cfg, data_dir.as_deref(), opts.host_threads, comm)?;
+    let plan = Plan::new(
+        cfg,
+        data_dir.as_deref(),
+        &opts.backend,
+        opts.host_threads,
+        comm,
+    )?;
     if let Some(ck) = resume {
         check_provenance(&plan.provenance, &ck.meta.provenance, &opts.run_dir)?;
         if ck.meta.step >= plan.total_steps {
@@ -94,7 +102,7 @@ pub fn train(cfg: &RunConfig, opts: TrainOptions, comm: &dyn Communicator) -> Re
     let _lock = prepare_run_dir(cfg, &opts, &run, comm.rank() == 0)?;
     // 4. Model and optimiser, fresh or restored, then rank 0's copy on every rank.
     let ad = opts.backend.device.clone().autodiff();
-    let fresh = TrainState::fresh(cfg, &ad, opts.backend.caps);
+    let fresh = TrainState::fresh(cfg, &ad, plan.caps);
     let (state, pos, note) = match resume {
         Some(ck) => restore(cfg, fresh, ck, &plan, &run)?,
         None => (fresh, Position::default(), None),
@@ -253,6 +261,9 @@ struct Plan {
     schedule: Schedule,
     global_batch: usize,
     provenance: Provenance,
+    /// The precision the steps compute in, and the device capabilities that give it.
+    precision: PrecisionUsed,
+    caps: DeviceCaps,
 }
 
 /// The dataset a run trains on: `data_dir`, or the config's phantoms.
@@ -296,6 +307,7 @@ impl Plan {
     fn new(
         cfg: &RunConfig,
         data_dir: Option<&Path>,
+        backend: &Backend,
         threads: usize,
         comm: &dyn Communicator,
     ) -> Result<Self> {
@@ -349,6 +361,7 @@ impl Plan {
             steps_per_epoch,
             total_steps,
         );
+        let (caps, precision) = super::precision::resolve(cfg.train.precision, backend);
         Ok(Self {
             ds: Arc::new(ds),
             train_idx,
@@ -360,6 +373,8 @@ impl Plan {
             schedule,
             global_batch: cfg.train.batch_size * virtual_world,
             provenance,
+            precision,
+            caps,
         })
     }
 
@@ -404,8 +419,13 @@ fn restore(
     run: &RunDir,
 ) -> Result<(TrainState, Position, Option<String>)> {
     let source = run.checkpoint(CheckpointKind::Last);
-    let state = fresh.load_bytes(cfg, (ck.model.clone(), ck.optimizer.clone()), &source)?;
+    let mut state = fresh.load_bytes(cfg, (ck.model.clone(), ck.optimizer.clone()), &source)?;
     let m = &ck.meta;
+    // The scale where the run left it; a run resumed in mixed precision from an f32 checkpoint
+    // starts from the initial scale.
+    if let (Some(scale), Some(saved)) = (state.loss_scale.as_mut(), m.loss_scale) {
+        *scale = saved;
+    }
     let mut pos = Position {
         step: m.step,
         epoch: m.epoch,
@@ -543,6 +563,9 @@ impl<'a> Trainer<'a> {
         if let Some(note) = note {
             self.progress.println(note);
         }
+        let pr = &p.precision;
+        self.progress
+            .println(&format!("precision: {} ({})", pr.used.name(), pr.note));
         if self.comm.size() > 1 {
             self.progress
                 .println(&format!("gradient exchange: {}", self.exchange_desc));
@@ -662,7 +685,15 @@ impl<'a> Trainer<'a> {
             copy_s: Some(times.copy_s),
             comm_s: Some(times.comm_s),
             comm_total_s: Some(times.comm_total_s),
+            loss_scale: outcome.scaling.map(|(scale, _)| scale),
+            skipped: matches!(outcome.scaling, Some((_, false))),
         }))?;
+        if let Some((scale, false)) = outcome.scaling {
+            self.progress.println(&format!(
+                "step {}: gradients not finite at loss scale {scale}: optimiser step skipped, scale halved",
+                self.pos.step
+            ));
+        }
         self.progress
             .step(self.pos.step, self.pos.epoch + 1, outcome.loss, ips);
         Ok(())
@@ -780,6 +811,7 @@ impl<'a> Trainer<'a> {
                 val_dice_liver: val_dice,
                 best_dice_liver: self.pos.best_dice,
                 best_step: self.pos.best_step,
+                loss_scale: state.loss_scale,
             },
             model,
             optimizer,
@@ -837,7 +869,11 @@ impl<'a> Trainer<'a> {
                 .unwrap_or(f64::NAN),
             peak_rss_mb: rss.iter().copied().fold(0.0, f64::max),
             backend: self.opts.backend.kind.name().into(),
-            precision: "f32".into(),
+            precision: p.precision.used.name().into(),
+            precision_requested: p.precision.requested.name().into(),
+            precision_note: p.precision.note.clone(),
+            loss_scale: state.loss_scale.map(|s| s.scale),
+            skipped_steps: state.loss_scale.map_or(0, |s| s.skipped),
             accumulate: p.accumulate as u64,
             batch_size: self.cfg.train.batch_size as u64,
             label: self.opts.label.clone(),

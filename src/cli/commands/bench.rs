@@ -15,7 +15,8 @@ pub fn step(a: BenchStepArgs) -> Result<()> {
     with_comm(|comm| {
         // 1. Config and this rank's device.
         let cfg = load_config(a.config.as_deref(), &a.overrides)?;
-        let be = open_backend(&a.backend, &cfg.model, comm, a.json || comm.rank() != 0)?;
+        let quiet = a.json || comm.rank() != 0;
+        let be = open_backend(&a.backend, &cfg.model, cfg.train.precision, comm, quiet)?;
         let o = StepBenchOptions {
             warmup: a.warmup,
             steps: a.steps.max(1),

@@ -11,6 +11,7 @@ use ctseg::error::Error;
 use ctseg::infer::{Predictor, overlay};
 use ctseg::rundir::RunDir;
 use ctseg::train::Trained;
+use ctseg::train::precision::Precision;
 use ctseg::util::fs::refuse_overwriting_inputs;
 
 use super::open_backend;
@@ -22,7 +23,14 @@ fn predictor(a: &InferArgs) -> Result<Predictor> {
     if let Some(note) = &trained.note {
         eprintln!("{note}");
     }
-    let be = open_backend(&a.backend, &trained.cfg.model, &Local, false)?;
+    // Inference runs in f32 whatever the run trained in.
+    let be = open_backend(
+        &a.backend,
+        &trained.cfg.model,
+        Precision::F32,
+        &Local,
+        false,
+    )?;
     let predictor = Predictor::new(&trained, &be)?;
     eprintln!(
         "model inputs resized to {0}x{0} by {1}, as the run's training images were",
@@ -186,6 +194,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
         kind: BackendKind::Cpu,
         threads: 0,
         adapter: None,
+        gpu_conv: Default::default(),
     })?;
     let steps = trained.ck.meta.step;
     let model = trained.model(&be, &be.device.clone().autodiff())?;

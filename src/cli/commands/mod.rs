@@ -13,6 +13,7 @@ use anyhow::Result;
 use ctseg::backend::{self, Backend, BackendKind};
 use ctseg::comm::{Communicator, Local};
 use ctseg::model::UNetConfig;
+use ctseg::train::precision::Precision;
 
 use super::args::BackendArgs;
 
@@ -46,16 +47,19 @@ fn open_comm() -> Result<Box<dyn Communicator>> {
 }
 
 /// Opens this rank's share of the backend `args` ask for ([`backend::DeviceRequest::for_rank`])
-/// and, for a GPU, first checks that it computes `model`'s gradients like the CPU.
+/// and, for a GPU, first checks that it computes `model`'s gradients like the CPU in the
+/// `precision` the command will compute in.
 pub fn open_backend(
     args: &BackendArgs,
     model: &UNetConfig,
+    precision: Precision,
     comm: &dyn Communicator,
     quiet: bool,
 ) -> Result<Backend> {
     let be = backend::open(&args.request().for_rank(comm))?;
     if be.kind == BackendKind::Gpu && !args.skip_gpu_check {
-        let v = ctseg::verify::require_gpu_agrees(model, &be)?;
+        let (caps, _) = ctseg::train::precision::resolve(precision, &be);
+        let v = ctseg::verify::require_gpu_agrees(model, &be, caps)?;
         if !quiet {
             let worst = v.worst().map_or(0.0, |(_, t)| t.error);
             eprintln!(

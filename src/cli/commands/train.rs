@@ -7,6 +7,7 @@ use anyhow::Result;
 use ctseg::comm::Communicator;
 use ctseg::config::RunConfig;
 use ctseg::rundir::{Checkpoint, CheckpointKind, RunDir};
+use ctseg::train::precision::Precision;
 use ctseg::train::{Start, TrainOptions, TrainOutcome, Trained};
 
 use super::{open_backend, with_comm};
@@ -44,7 +45,7 @@ pub fn train(a: TrainArgs) -> Result<u8> {
         };
         // 2. This rank's device.
         let quiet = a.quiet || comm.rank() != 0;
-        let backend = open_backend(&a.backend, &cfg.model, comm, quiet)?;
+        let backend = open_backend(&a.backend, &cfg.model, cfg.train.precision, comm, quiet)?;
         // 3. Training.
         let opts = TrainOptions {
             run_dir: run_dir.clone(),
@@ -164,7 +165,8 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
             eprintln!("{note}");
         }
         let quiet = a.json || !rank0;
-        let be = open_backend(&a.backend, &trained.cfg.model, comm, quiet)?;
+        // Validation runs in f32 whatever the run trained in.
+        let be = open_backend(&a.backend, &trained.cfg.model, Precision::F32, comm, quiet)?;
         let cfg = &trained.cfg;
         let recorded = &trained.ck.meta.provenance;
         let data_dir = a

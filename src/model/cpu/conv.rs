@@ -406,11 +406,28 @@ fn shape_of(x: &FlexTensor, w: &FlexTensor) -> ConvShape {
     }
 }
 
-fn forward_flex(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor, relu: bool) -> FlexTensor {
+/// A product's operand: its values, rounded to f16 with `f16_operands` (mixed precision's
+/// numerics, the reference of the GPU kernels' `round_f16`).
+fn operand(t: &FlexTensor, f16_operands: bool) -> std::borrow::Cow<'_, [f32]> {
+    let v = f32_values(t);
+    if f16_operands {
+        std::borrow::Cow::Owned(crate::fp16::round_to_f16(&v))
+    } else {
+        v
+    }
+}
+
+fn forward_flex(
+    x: &FlexTensor,
+    w: &FlexTensor,
+    b: &FlexTensor,
+    relu: bool,
+    f16_operands: bool,
+) -> FlexTensor {
     let s = shape_of(x, w);
     let y = forward_act(
-        &f32_values(x),
-        &f32_values(w),
+        &operand(x, f16_operands),
+        &operand(w, f16_operands),
         Some(&f32_values(b)),
         &s,
         relu,
@@ -422,13 +439,14 @@ fn forward_flex(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor, relu: bool) -> F
 struct ConvBackward;
 
 impl Backward<Flex, 3> for ConvBackward {
-    /// Input and kernel nodes, and the output when a ReLU followed the convolution.
-    type State = (NodeId, NodeId, Option<FlexTensor>);
+    /// Input and kernel nodes, the output when a ReLU followed the convolution, and whether
+    /// the products' operands are rounded to f16.
+    type State = (NodeId, NodeId, Option<FlexTensor>, bool);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
         let [node_x, node_w, node_b] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
-        let (xs, ws, relu_out) = ops.state;
+        let (xs, ws, relu_out, f16_operands) = ops.state;
         let x = ckpt.retrieve_node_output::<FlexTensor>(xs);
         let w = ckpt.retrieve_node_output::<FlexTensor>(ws);
         let s = shape_of(&x, &w);
@@ -437,12 +455,15 @@ impl Backward<Flex, 3> for ConvBackward {
             // Through the ReLU: the gradient passes where the output is positive.
             dyv = std::borrow::Cow::Owned(relu_masked(&dyv, &f32_values(&y)));
         }
+        if f16_operands {
+            dyv = std::borrow::Cow::Owned(crate::fp16::round_to_f16(&dyv));
+        }
         if let Some(node) = node_x {
-            let dx = input_grad(&dyv, &f32_values(&w), &s);
+            let dx = input_grad(&dyv, &operand(&w, f16_operands), &s);
             grads.register::<Flex>(node.id, flex(dx, vec![s.batch, s.c_in, s.h, s.w]));
         }
         if node_w.is_some() || node_b.is_some() {
-            let (dw, db) = weight_bias_grad(&f32_values(&x), &dyv, &s);
+            let (dw, db) = weight_bias_grad(&operand(&x, f16_operands), &dyv, &s);
             if let Some(node) = node_w {
                 grads.register::<Flex>(node.id, flex(dw, vec![s.c_out, s.c_in, s.k, s.k]));
             }
@@ -470,6 +491,9 @@ fn relu_masked(g: &[f32], y: &[f32]) -> Vec<f32> {
 /// the convolution's tiles, and its gradient mask into the backward), as one autodiff
 /// operation: `Some` when the tensors are f32 on the flex device (with or without autodiff) and
 /// the kernel is square and odd; `None` otherwise (the portable path in [`crate::model::ops`]).
+/// With `f16_operands`, every product's operands (forward and both gradients) are rounded to
+/// f16 and accumulated in f32: mixed precision's numerics, the reference the GPU's
+/// mixed-precision kernels are checked against (src/verify.rs).
 ///
 /// # Shapes
 /// - `x`: `[batch, c_in, h, w]`, `weight`: `[c_out, c_in, k, k]` (k odd), `bias`: `[c_out]`
@@ -479,6 +503,7 @@ pub fn conv2d_same(
     weight: &Tensor<4>,
     bias: &Tensor<1>,
     relu: bool,
+    f16_operands: bool,
 ) -> Option<Tensor<4>> {
     let [_, c_in, _, _] = x.dims();
     let [_, wc, kh, kw] = weight.dims();
@@ -496,20 +521,23 @@ pub fn conv2d_same(
                 OpsKind::Tracked(mut prep) => {
                     let xs = prep.checkpoint(&x);
                     let ws = prep.checkpoint(&w);
-                    let y = forward_flex(x.primitive(), w.primitive(), b.primitive(), relu);
-                    prep.finish((xs, ws, relu.then(|| y.clone())), y)
+                    let (xp, wp, bp) = (x.primitive(), w.primitive(), b.primitive());
+                    let y = forward_flex(xp, wp, bp, relu, f16_operands);
+                    prep.finish((xs, ws, relu.then(|| y.clone()), f16_operands), y)
                 }
-                OpsKind::UnTracked(prep) => prep.finish(forward_flex(
-                    x.primitive(),
-                    w.primitive(),
-                    b.primitive(),
-                    relu,
-                )),
+                OpsKind::UnTracked(prep) => {
+                    let (xp, wp, bp) = (x.primitive(), w.primitive(), b.primitive());
+                    prep.finish(forward_flex(xp, wp, bp, relu, f16_operands))
+                }
             };
             Some(Tensor::from_primitive::<Autodiff<Flex>>(out))
         }
         FlexOperands::Plain([x, w, b]) => Some(Tensor::from_primitive::<Flex>(forward_flex(
-            &x, &w, &b, relu,
+            &x,
+            &w,
+            &b,
+            relu,
+            f16_operands,
         ))),
     }
 }
@@ -740,7 +768,7 @@ mod tests {
                 &device,
             );
             let y = if ours {
-                conv2d_same(&x, &w, &b, relu)
+                conv2d_same(&x, &w, &b, relu, false)
                     .expect("the autodiff CPU device takes the cpuconv path")
             } else {
                 let y = conv2d(
@@ -795,7 +823,7 @@ mod tests {
         let x = Tensor::<4>::from_data(TensorData::new(xv, [s.batch, s.c_in, s.h, s.w]), &plain);
         let w = Tensor::<4>::from_data(TensorData::new(wv, [s.c_out, s.c_in, 3, 3]), &plain);
         let bias = Tensor::<1>::from_data(TensorData::new(bv, [s.c_out]), &plain);
-        let y = conv2d_same(&x, &w, &bias, false)
+        let y = conv2d_same(&x, &w, &bias, false, false)
             .expect("the plain CPU device takes the cpuconv path")
             .into_data()
             .try_to_vec::<f32>()
