@@ -275,7 +275,7 @@ pub fn describe_adapters(adapters: &[Adapter]) -> String {
     for a in adapters {
         let _ = writeln!(
             s,
-            "  [{}] {} ({}, {}, driver {})\n      {}",
+            "  [{}] {} ({}, {}, driver {})\n      {}\n      {PATHS}",
             a.index,
             a.name,
             a.device_type,
@@ -286,6 +286,10 @@ pub fn describe_adapters(adapters: &[Adapter]) -> String {
     }
     s
 }
+
+/// What every adapter gets today: the paths `--gpu-conv` and `--precision` choose between (no
+/// cooperative-matrix kernel exists yet, so what an adapter offers does not change them).
+const PATHS: &str = "convolutions: burn's kernels (default) or --gpu-conv wgsl (ctseg's); --precision mixed: f16 operands, f32 accumulation on ctseg's kernels, without tensor cores";
 
 const GPU_HELP: &str = "To get an adapter: install your GPU's Vulkan driver (NVIDIA: the proprietary driver; AMD/Intel: Mesa's `mesa-vulkan-drivers`) and the loader `libvulkan1`; on a machine without a GPU, Mesa's lavapipe (`apt install mesa-vulkan-drivers libvulkan1`) gives a slow software adapter. `vulkaninfo --summary` shows what Vulkan sees.";
 

@@ -4,24 +4,29 @@
 //!
 //! `CTSEG_FAULT_INJECT=<point>:<rank>:<n>` makes rank `<rank>` panic at the `n`-th pass through
 //! `<point>`: `step` (after optimiser step n), `loader` (while building batch n of an epoch),
-//! `bench` (in timed bench step n).
+//! `bench` (in timed bench step n). One point does not panic: `overflow` makes rank `<rank>`'s
+//! gradients of step n count as not finite in mixed precision ([`fires`]).
 
-/// Panics when the environment asks for a fault at this point, rank and count.
+/// Whether the environment asks for a fault at this point, rank and count.
 #[cfg(feature = "test-hooks")]
-pub fn inject(point: &str, rank: usize, n: u64) {
-    if let Ok(spec) = std::env::var("CTSEG_FAULT_INJECT") {
+pub fn fires(point: &str, rank: usize, n: u64) -> bool {
+    std::env::var("CTSEG_FAULT_INJECT").is_ok_and(|spec| {
         let parts: Vec<&str> = spec.split(':').collect();
-        if let [p, r, k] = parts.as_slice()
-            && *p == point
-            && r.parse() == Ok(rank)
-            && k.parse() == Ok(n)
-        {
-            panic!("CTSEG_FAULT_INJECT: rank {rank} fails at {point} {n}");
-        }
-    }
+        matches!(parts.as_slice(), [p, r, k]
+            if *p == point && r.parse() == Ok(rank) && k.parse() == Ok(n))
+    })
 }
 
-/// Without the `test-hooks` feature: nothing.
+/// Without the `test-hooks` feature: never.
 #[cfg(not(feature = "test-hooks"))]
 #[inline(always)]
-pub fn inject(_point: &str, _rank: usize, _n: u64) {}
+pub fn fires(_point: &str, _rank: usize, _n: u64) -> bool {
+    false
+}
+
+/// Panics when the environment asks for a fault at this point, rank and count.
+pub fn inject(point: &str, rank: usize, n: u64) {
+    if fires(point, rank, n) {
+        panic!("CTSEG_FAULT_INJECT: rank {rank} fails at {point} {n}");
+    }
+}

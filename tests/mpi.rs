@@ -934,3 +934,45 @@ fn step_profile_under_mpirun_is_collective_and_reported_once() {
     assert_eq!(profiles.len(), 1, "{out}");
     assert_eq!(profiles[0]["steps"], 2);
 }
+
+#[test]
+fn an_overflow_on_one_rank_skips_the_step_on_every_rank() {
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("mixed");
+    // Mixed precision on 2 ranks (the CPU computes mixed precision's numerics too); rank 1's
+    // gradients of step 2 are made to count as overflowed (test-hooks fault). GradScaler's
+    // found_inf is shared by all ranks: both must skip step 2 and halve the scale, or their
+    // weights would part.
+    let t = ok(mpirun(
+        2,
+        &[
+            "train",
+            "--config",
+            TINY,
+            "--precision",
+            "mixed",
+            "--out",
+            s(&run),
+            "--max-steps",
+            "4",
+        ],
+        &[("CTSEG_FAULT_INJECT", "overflow:1:2")],
+        120,
+    ));
+    assert!(
+        t.contains("step 2: gradients not finite at loss scale 65536"),
+        "{t}"
+    );
+    let h = hashes(&t);
+    assert_eq!(h.len(), 2, "{t}");
+    assert_eq!(h[0], h[1], "ranks hold different weights:\n{t}");
+    let sm = summary(&run);
+    assert_eq!((sm.skipped_steps, sm.loss_scale), (1, Some(32_768.0)));
+    let skipped: Vec<u64> = metrics(&run)
+        .steps
+        .iter()
+        .filter(|r| r.skipped)
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(skipped, vec![2]);
+}
