@@ -41,36 +41,57 @@ fn time(
     Ok((spread(&times).median, out))
 }
 
-/// The output of the convolution, or with `train` the input and weight gradients under the
-/// loss `sum(y · r)`.
-fn run(
+/// One case's tensors on the device (uploaded before any timing): input, kernel, bias and the
+/// loss weights `r`; with `train`, on the autodiff device and tracked.
+struct Operands {
+    x: Tensor<4>,
+    w: Tensor<4>,
+    b: Tensor<1>,
+    r: Tensor<4>,
+}
+
+fn operands(
     be: &Backend,
-    caps: DeviceCaps,
     train: bool,
     data: &(Vec<f32>, Vec<f32>, Vec<f32>),
     shape: [usize; 4],
     co: usize,
-) -> Vec<Tensor<4>> {
+) -> Operands {
     let device = if train {
         be.device.clone().autodiff()
     } else {
         be.device.clone()
     };
-    let x = Tensor::<4>::from_data(TensorData::new(data.0.clone(), shape), &device);
-    let w = Tensor::<4>::from_data(
-        TensorData::new(data.1.clone(), [co, shape[1], 3, 3]),
-        &device,
-    );
-    let b = Tensor::<1>::zeros([co], &device);
-    if !train {
-        return vec![ops::conv(x, w, b, true, &caps)];
-    }
-    let (x, w, b) = (x.require_grad(), w.require_grad(), b.require_grad());
-    let y = ops::conv(x.clone(), w.clone(), b.clone(), true, &caps);
     let yshape = [shape[0], co, shape[2], shape[3]];
-    let r = Tensor::<4>::from_data(TensorData::new(data.2.clone(), yshape), &device);
-    let grads = (y * r).sum().backward();
-    [x.grad(&grads), w.grad(&grads)]
+    let o = Operands {
+        x: Tensor::from_data(TensorData::new(data.0.clone(), shape), &device),
+        w: Tensor::from_data(
+            TensorData::new(data.1.clone(), [co, shape[1], 3, 3]),
+            &device,
+        ),
+        b: Tensor::zeros([co], &device),
+        r: Tensor::from_data(TensorData::new(data.2.clone(), yshape), &device),
+    };
+    if !train {
+        return o;
+    }
+    Operands {
+        x: o.x.require_grad(),
+        w: o.w.require_grad(),
+        b: o.b.require_grad(),
+        r: o.r,
+    }
+}
+
+/// The output of the convolution, or with `train` the input and weight gradients under the
+/// loss `sum(y · r)`.
+fn run(caps: DeviceCaps, train: bool, o: &Operands) -> Vec<Tensor<4>> {
+    let y = ops::conv(o.x.clone(), o.w.clone(), o.b.clone(), true, &caps);
+    if !train {
+        return vec![y];
+    }
+    let grads = (y * o.r.clone()).sum().backward();
+    [o.x.grad(&grads), o.w.grad(&grads)]
         .into_iter()
         .flatten()
         .collect()
@@ -120,12 +141,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         let flop = 2.0 * (shape[0] * shape[2] * shape[3] * co * shape[1] * 9) as f64;
         for (train, what, flops) in [(false, "forward", flop), (true, "fwd+bwd", 3.0 * flop)] {
-            let (t_burn, y_burn) = time(&be, reps, &|| {
-                run(&be, caps(GpuConv::Burn), train, &data, shape, co)
-            })?;
-            let (t_own, y_own) = time(&be, reps, &|| {
-                run(&be, caps(GpuConv::Wgsl), train, &data, shape, co)
-            })?;
+            let o = operands(&be, train, &data, shape, co);
+            let (t_burn, y_burn) = time(&be, reps, &|| run(caps(GpuConv::Burn), train, &o))?;
+            let (t_own, y_own) = time(&be, reps, &|| run(caps(GpuConv::Wgsl), train, &o))?;
             let err = y_burn
                 .iter()
                 .zip(&y_own)

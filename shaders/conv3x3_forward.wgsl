@@ -26,8 +26,8 @@ const TM: u32 = 64u;
 const TN: u32 = 64u;
 const TK: u32 = 16u;
 
-var<workgroup> a_tile: array<f32, 1024>; // [TK][TM]
-var<workgroup> b_tile: array<f32, 1024>; // [TK][TN]
+// a_tile[kk * TM + mm] = w[m0 + mm, k0 + kk], b_tile[kk * TN + nn] = col[k0 + kk, n0 + nn]
+// (declared in gemm_tile.wgsl).
 
 @compute @workgroup_size(256, 1, 1)
 fn main(
@@ -105,19 +105,7 @@ fn main(
             b_tile[e] = v;
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < TK; kk++) {
-            var a: array<f32, 4>;
-            var bb: array<f32, 4>;
-            for (var q = 0u; q < 4u; q++) {
-                a[q] = a_tile[kk * TM + ty * 4u + q];
-                bb[q] = b_tile[kk * TN + tx * 4u + q];
-            }
-            for (var r = 0u; r < 4u; r++) {
-                for (var q = 0u; q < 4u; q++) {
-                    acc[r * 4u + q] = fma(a[r], bb[q], acc[r * 4u + q]);
-                }
-            }
-        }
+        accumulate_tile(&acc, ty, tx);
         workgroupBarrier();
     }
 

@@ -23,8 +23,8 @@ const TM: u32 = 64u;
 const TK: u32 = 64u;
 const TN: u32 = 16u;
 
-var<workgroup> a_tile: array<f32, 1024>; // [TN][TM]: dy
-var<workgroup> b_tile: array<f32, 1024>; // [TN][TK]: col
+// a_tile[nn * TM + mm] = dy[m0 + mm, n], b_tile[nn * TK + kk] = col[k0 + kk, n] for the staged
+// columns n = n0 + nn (declared in gemm_tile.wgsl).
 
 @compute @workgroup_size(256, 1, 1)
 fn main(
@@ -100,19 +100,7 @@ fn main(
             b_tile[nn * TK + row] = v;
         }
         workgroupBarrier();
-        for (var nn = 0u; nn < TN; nn++) {
-            var a: array<f32, 4>;
-            var bb: array<f32, 4>;
-            for (var q = 0u; q < 4u; q++) {
-                a[q] = a_tile[nn * TM + ty * 4u + q];
-                bb[q] = b_tile[nn * TK + tx * 4u + q];
-            }
-            for (var r = 0u; r < 4u; r++) {
-                for (var q = 0u; q < 4u; q++) {
-                    acc[r * 4u + q] = fma(a[r], bb[q], acc[r * 4u + q]);
-                }
-            }
-        }
+        accumulate_tile(&acc, ty, tx);
         workgroupBarrier();
     }
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::model::{DeviceCaps, GpuConv};
+use crate::train::precision::PrecisionUsed;
 
 /// Which backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -304,6 +305,9 @@ pub struct Backend {
     pub kind: BackendKind,
     /// What the model's operations must know about the device.
     pub caps: DeviceCaps,
+    /// The precision it computes in (f32 unless [`crate::train::precision::apply`] says
+    /// otherwise; `caps.f16_operands` follows it).
+    pub precision: PrecisionUsed,
 }
 
 /// The shader-loop cap of Mesa's lavapipe (Mesa 22.3, measured): loops stop after 65,535
@@ -352,6 +356,7 @@ pub fn open(req: &DeviceRequest) -> Result<Backend> {
                 ),
                 kind,
                 caps: DeviceCaps::default(),
+                precision: PrecisionUsed::default(),
             })
         }
         BackendKind::Gpu => {
@@ -414,6 +419,7 @@ pub fn open(req: &DeviceRequest) -> Result<Backend> {
                 ),
                 kind,
                 caps,
+                precision: PrecisionUsed::default(),
             })
         }
     }

@@ -10,7 +10,9 @@ use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::server::KernelArguments;
 
 use crate::error::{Error, Result};
-use crate::wgsl::{WgslKernel, cube_device, f32_buffer, f32_tensor, gpu_err, u32_bytes};
+use crate::wgsl::{
+    WORKGROUP, WgslKernel, cube_device, f32_buffer, f32_tensor, gpu_err, grid_1d, u32_bytes,
+};
 
 /// f32 → IEEE half bits (round to nearest even).
 pub fn to_f16(values: &[f32]) -> Vec<u16> {
@@ -38,24 +40,15 @@ pub fn round_to_f16(values: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// Invocations per workgroup, as the shaders declare (`@workgroup_size(256, 1, 1)`).
-const WORKGROUP: u32 = 256;
-/// The largest workgroup count in one dimension that every adapter accepts.
-const MAX_GROUPS_X: u32 = 65_535;
-
 const PACK_WGSL: &str = crate::wgsl::shader!("fp16_pack.wgsl");
 const UNPACK_WGSL: &str = crate::wgsl::shader!("fp16_unpack.wgsl");
 
 fn grid(words: usize) -> Result<(u32, u32)> {
-    let groups = words.div_ceil(WORKGROUP as usize).max(1);
-    let x = groups.min(MAX_GROUPS_X as usize);
-    let y = groups.div_ceil(x);
-    if y > MAX_GROUPS_X as usize {
-        return Err(Error::Invalid(format!(
+    grid_1d(words).ok_or_else(|| {
+        Error::Invalid(format!(
             "fp16 kernel: {words} words exceed the dispatch grid"
-        )));
-    }
-    Ok((x as u32, y as u32))
+        ))
+    })
 }
 
 /// Whether [`pack_on_device`] and [`unpack_on_device`] run on `device`.

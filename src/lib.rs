@@ -11,6 +11,7 @@ pub mod detmath;
 pub mod error;
 pub mod export;
 pub mod faults;
+pub mod finite;
 pub mod fp16;
 pub mod infer;
 pub mod model;

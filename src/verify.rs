@@ -271,8 +271,8 @@ pub fn verdict(
     }
 }
 
-/// Compares `backend` with `caps` (its own, or a run's precision on it) against burn flex on a
-/// narrow copy of `model` (width 2, batch 2).
+/// Compares `backend` with `caps` against burn flex on a narrow copy of `model` (width 2,
+/// batch 2).
 pub fn check_against_cpu(
     model: &UNetConfig,
     backend: &Backend,
@@ -284,20 +284,23 @@ pub fn check_against_cpu(
     compare(&cfg, &backend.device, caps, 2)
 }
 
-/// Runs the check (twice in mixed precision: f32, then f16 operands) and turns a disagreement
-/// into an error that says what to do. The verdict is the last check's.
-pub fn require_gpu_agrees(
-    model: &UNetConfig,
-    backend: &Backend,
-    caps: DeviceCaps,
-) -> Result<Verdict> {
-    if caps.f16_operands {
+/// Runs the check of `backend` as it will compute (twice in mixed precision: ctseg's kernels in
+/// f32, then with f16 operands) and turns a disagreement into an error that says what to do.
+/// The verdict is the last check's.
+pub fn require_gpu_agrees(model: &UNetConfig, backend: &Backend) -> Result<Verdict> {
+    if backend.caps.f16_operands {
+        // The kernels mixed precision runs on (ctseg's), with f16 rounding off: f32's limits.
         let f32_caps = DeviceCaps {
             f16_operands: false,
-            ..caps
+            gpu_conv: crate::model::GpuConv::Wgsl,
+            ..backend.caps
         };
-        require_gpu_agrees(model, backend, f32_caps)?;
+        agree(model, backend, f32_caps)?;
     }
+    agree(model, backend, backend.caps)
+}
+
+fn agree(model: &UNetConfig, backend: &Backend, caps: DeviceCaps) -> Result<Verdict> {
     let v = check_against_cpu(model, backend, caps)?;
     if !v.passes() {
         let (k, t) = v.worst().unwrap_or((

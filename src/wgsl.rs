@@ -16,12 +16,12 @@ use burn_fusion::custom::{OperationIr, OperationOutput, StreamId};
 use crate::error::Error;
 
 /// A kernel's WGSL source: `shaders/f16.wgsl` (the binary16 conversions every kernel may use),
-/// then `shaders/<name>`.
+/// then each of `shaders/<name>…` in order (shared pieces first, the kernel last).
 macro_rules! shader {
-    ($name:literal) => {
+    ($($name:literal),+) => {
         concat!(
             include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/f16.wgsl")),
-            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name))
+            $(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name))),+
         )
     };
 }
@@ -137,6 +137,20 @@ pub(crate) fn f32_fused(
             NoOp::<CubeBackend>::new(),
         )
         .output()
+}
+
+/// Invocations per workgroup of every kernel in `shaders/` (`@workgroup_size(256, 1, 1)`).
+pub(crate) const WORKGROUP: u32 = 256;
+/// The largest workgroup count in one grid dimension that every adapter accepts.
+pub(crate) const MAX_GROUPS: usize = 65_535;
+
+/// The 2-D grid of workgroups that covers `items` invocations, one per item (a kernel folds it
+/// back with its `workgroups in x` info value); `None` beyond the grid.
+pub(crate) fn grid_1d(items: usize) -> Option<(u32, u32)> {
+    let groups = items.div_ceil(WORKGROUP as usize).max(1);
+    let x = groups.min(MAX_GROUPS);
+    let y = groups.div_ceil(x);
+    (y <= MAX_GROUPS).then_some((x as u32, y as u32))
 }
 
 /// Little-endian bytes of `values` (a kernel's `info` buffer).

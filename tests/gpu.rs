@@ -141,12 +141,10 @@ fn grads_of(
     (lv, g, lens)
 }
 
-#[test]
-fn unet_loss_and_gradients_match_cpu_at_240() {
-    let Some(be) = gpu() else { return };
-    // livermask's resolution and a batch of 4: the top level's contractions cover 230,400
-    // values. Narrow (width 4, depth 2) so that lavapipe runs it in seconds.
-    let cfg = UNetConfig {
+/// livermask's resolution and depth 2, width 4: the top level's contractions at batch 4 cover
+/// 230,400 values (beyond lavapipe's loop cap), and lavapipe runs it in seconds.
+fn narrow_unet_240() -> UNetConfig {
+    UNetConfig {
         width: 4,
         depth: 2,
         input_size: 240,
@@ -156,7 +154,13 @@ fn unet_loss_and_gradients_match_cpu_at_240() {
         norm: Norm::Batch,
         bn_momentum: 0.9,
         bn_epsilon: 1e-3,
-    };
+    }
+}
+
+#[test]
+fn unet_loss_and_gradients_match_cpu_at_240() {
+    let Some(be) = gpu() else { return };
+    let cfg = narrow_unet_240();
     // Per parameter tensor, the relative L2 error of the GPU gradient against the CPU's, next
     // to the CPU's own f32 noise (the transposed problem; see `verify`). Measured on lavapipe with
     // chunking: at most 2.2e-4; without chunking most tensors were off by 50–250 %.
@@ -583,15 +587,15 @@ fn conv_and_grads(
 }
 
 #[test]
-fn own_3x3_convolution_gradients_match_burns_on_the_cpu() {
+fn own_3x3_convolution_gradients_match_the_cpu() {
     let Some(be) = gpu() else { return };
     let own = DeviceCaps {
         gpu_conv: GpuConv::Wgsl,
         ..be.caps
     };
-    // Reference: burn's conv2d and its autodiff on the CPU device through the portable path
-    // (DeviceCaps::default() on flex takes ctseg's CPU kernels, themselves tested against a
-    // float64 evaluation of the definition in src/model/cpu/conv.rs). Shapes: partial tiles in
+    // Reference: the model's convolution on the CPU device, i.e. ctseg's CPU kernels (tested
+    // against a float64 evaluation of the definition and against burn's conv2d in
+    // src/model/cpu/conv.rs). Shapes: partial tiles in
     // every direction, one input channel, a weight-gradient reduction cut into many slices
     // (57,600 columns), a deep layer with few pixels and more channels than a tile.
     for (shape, c_out, relu) in [
@@ -678,17 +682,7 @@ fn unet_with_own_convolutions_matches_cpu_at_240() {
     let Some(be) = gpu() else { return };
     // As unet_loss_and_gradients_match_cpu_at_240, every 3×3 convolution on ctseg's kernels:
     // no row chunks on a loop-capped adapter, since no kernel loop nears the cap.
-    let cfg = UNetConfig {
-        width: 4,
-        depth: 2,
-        input_size: 240,
-        classes: 3,
-        upsampling: Upsampling::Nearest,
-        dropout: 0.0,
-        norm: Norm::Batch,
-        bn_momentum: 0.9,
-        bn_epsilon: 1e-3,
-    };
+    let cfg = narrow_unet_240();
     let caps = DeviceCaps {
         gpu_conv: GpuConv::Wgsl,
         ..be.caps
@@ -745,9 +739,9 @@ fn mixed_state(
     cfg.train.precision = ctseg::train::precision::Precision::Mixed;
     let ds = ctseg::data::Dataset::phantom(1, 1, 2, 32, 1);
     let batch = ctseg::data::make_batch(&ds, &cfg.data, 3, &[0, 1]);
-    let (caps, used) = ctseg::train::precision::resolve(cfg.train.precision, be);
-    assert_eq!(used.used, ctseg::train::precision::Precision::Mixed);
-    let state = ctseg::train::TrainState::fresh(&cfg, &be.device.clone().autodiff(), caps);
+    let be = ctseg::train::precision::apply(cfg.train.precision, be.clone());
+    assert!(be.caps.f16_operands);
+    let state = ctseg::train::TrainState::fresh(&cfg, &be.device.clone().autodiff(), be.caps);
     (cfg, batch, state)
 }
 
@@ -755,15 +749,31 @@ fn weights_hash(state: &ctseg::train::TrainState) -> u64 {
     flat::hash_f32(&flat::flatten_values(&state.model, Select::Trainable).expect("weights"))
 }
 
-#[test]
-fn mixed_precision_steps_apply_finite_gradients_at_the_initial_scale() {
-    let Some(be) = gpu() else { return };
-    let (cfg, batch, state) = mixed_state(&be);
+/// One trainer step of a fresh mixed-precision state (its loss scale set to `scale` when
+/// given): the weights hash before, the state after, and the step's outcome.
+fn one_mixed_step(
+    be: &Backend,
+    scale: Option<f64>,
+) -> (u64, ctseg::train::TrainState, ctseg::train::StepOutcome) {
+    let (cfg, batch, mut state) = mixed_state(be);
+    if let Some(scale) = scale {
+        state.loss_scale = Some(ctseg::train::scaler::LossScale {
+            scale,
+            ..Default::default()
+        });
+    }
     let before = weights_hash(&state);
     let stepper = ctseg::train::Stepper::new(&cfg, &state.model, &be.device, &ctseg::comm::Local);
     let (state, out) = stepper
         .step(state, std::slice::from_ref(&batch), 0, 1e-2)
         .expect("step");
+    (before, state, out)
+}
+
+#[test]
+fn mixed_precision_steps_apply_finite_gradients_at_the_initial_scale() {
+    let Some(be) = gpu() else { return };
+    let (before, state, out) = one_mixed_step(&be, None);
     // GradScaler's initial scale 2^16 suits this model: the step applies and counts one
     // finite step towards the next doubling.
     assert_eq!(out.scaling, Some((65_536.0, true)));
@@ -782,17 +792,8 @@ fn mixed_precision_steps_apply_finite_gradients_at_the_initial_scale() {
 #[test]
 fn a_mixed_precision_step_whose_gradients_overflow_is_skipped() {
     let Some(be) = gpu() else { return };
-    let (cfg, batch, mut state) = mixed_state(&be);
     // A scale that makes the scaled loss's gradients overflow f16 (and f32) operands.
-    state.loss_scale = Some(ctseg::train::scaler::LossScale {
-        scale: 1e38,
-        ..Default::default()
-    });
-    let before = weights_hash(&state);
-    let stepper = ctseg::train::Stepper::new(&cfg, &state.model, &be.device, &ctseg::comm::Local);
-    let (state, out) = stepper
-        .step(state, std::slice::from_ref(&batch), 0, 1e-2)
-        .expect("step");
+    let (before, state, out) = one_mixed_step(&be, Some(1e38));
     assert_eq!(out.scaling, Some((1e38, false)));
     let ls = state.loss_scale.expect("loss scale");
     assert_eq!((ls.scale, ls.growth_tracker, ls.skipped), (5e37, 0, 1));
@@ -856,17 +857,7 @@ fn mixed_precision_matches_the_cpus_mixed_precision_at_240() {
     // The second half of a mixed-precision run's start-up check (src/verify.rs): the GPU with
     // f16 operands against the CPU with the same f16 operands, within that computation's own
     // noise on the transposed problem. Shape as unet_loss_and_gradients_match_cpu_at_240.
-    let cfg = UNetConfig {
-        width: 4,
-        depth: 2,
-        input_size: 240,
-        classes: 3,
-        upsampling: Upsampling::Nearest,
-        dropout: 0.0,
-        norm: Norm::Batch,
-        bn_momentum: 0.9,
-        bn_epsilon: 1e-3,
-    };
+    let cfg = narrow_unet_240();
     let mixed = DeviceCaps {
         f16_operands: true,
         ..be.caps
@@ -885,4 +876,36 @@ fn mixed_precision_matches_the_cpus_mixed_precision_at_240() {
     let against_f32 = verify::verdict(l32, lg, &g32, &gg, &g32t);
     eprintln!("mixed GPU against f32 CPU:\n{}", against_f32.table());
     assert!(!against_f32.passes(), "{}", against_f32.table());
+}
+
+#[test]
+fn the_overflow_check_finds_every_inf_and_nan_on_the_device() {
+    let Some(be) = gpu() else { return };
+    // Decided on the bits by shaders/non_finite.wgsl; the host's f32::is_finite is the
+    // reference. Finite extremes (the largest f32, the smallest subnormal, -0) must pass.
+    let finite = [
+        0.0f32,
+        -0.0,
+        1.0,
+        f32::MAX,
+        -f32::MAX,
+        f32::MIN_POSITIVE,
+        1e-45,
+    ];
+    let check = |v: Vec<f32>| {
+        let n = v.len();
+        let t = Tensor::<1>::from_data(TensorData::new(v, [n]), &be.device);
+        ctseg::finite::all_finite(t).expect("check")
+    };
+    assert!(check(finite.repeat(1000)));
+    for (k, bad) in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN]
+        .into_iter()
+        .enumerate()
+    {
+        // One bad value among 70,000, at a different place each time (other workgroups).
+        let mut v = finite.repeat(10_000);
+        let at = (k * 31_337 + 5) % v.len();
+        v[at] = bad;
+        assert!(!check(v), "{bad} not found");
+    }
 }

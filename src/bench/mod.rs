@@ -86,15 +86,14 @@ pub struct StepBench {
 }
 
 /// The benchmarks' step inputs: `train.accumulate` micro-batches of one fixed batch from one
-/// phantom volume, and a fresh model and optimiser on `be`'s device in the config's precision.
+/// phantom volume, and a fresh model and optimiser on `be`'s device (in its precision).
 fn fixture(cfg: &RunConfig, be: &Backend) -> (Vec<HostBatch>, TrainState) {
     let b = cfg.train.batch_size;
     let ds = Dataset::phantom(cfg.seed, 1, b, cfg.model.input_size, 1);
     let idx: Vec<usize> = (0..b).collect();
     let batch = make_batch(&ds, &cfg.data, cfg.model.classes, &idx);
     let micro = vec![batch; cfg.train.accumulate.max(1)];
-    let (caps, _) = crate::train::precision::resolve(cfg.train.precision, be);
-    let state = TrainState::fresh(cfg, &be.device.clone().autodiff(), caps);
+    let state = TrainState::fresh(cfg, &be.device.clone().autodiff(), be.caps);
     (micro, state)
 }
 

@@ -9,8 +9,8 @@
 //!   depends only on the shape (so results are deterministic), summed in slice order
 //!   (`shaders/sum_slices.wgsl`).
 //!
-//! Every loop stays short on every adapter, so loop-capped adapters (lavapipe) need no row
-//! chunks. Which convolution the model uses is decided in [`super::ops::conv`] from
+//! Every loop stays short on every adapter ([`MAX_LOOP`]), so loop-capped adapters (lavapipe)
+//! need no row chunks. Which convolution the model uses is decided in [`super::ops::conv`] from
 //! [`super::ops::GpuConv`].
 
 use burn::tensor::{DType, Tensor};
@@ -25,25 +25,24 @@ use burn_dispatch::backends::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_dispatch::backends::autodiff::grads::Gradients;
 use burn_dispatch::backends::autodiff::ops::{Backward, Ops, OpsKind};
 
+use super::cpu::conv::ConvShape;
 use crate::wgsl::{
-    Fused, WgslKernel, cube_device, f32_buffer, f32_fused, resolve, shader, u32_bytes,
+    Fused, MAX_GROUPS, WORKGROUP, WgslKernel, cube_device, f32_buffer, f32_fused, resolve, shader,
+    u32_bytes,
 };
 
-const FORWARD: &str = shader!("conv3x3_forward.wgsl");
-const WEIGHT_GRAD: &str = shader!("conv3x3_weight_grad.wgsl");
+const FORWARD: &str = shader!("gemm_tile.wgsl", "conv3x3_forward.wgsl");
+const WEIGHT_GRAD: &str = shader!("gemm_tile.wgsl", "conv3x3_weight_grad.wgsl");
 const SUM_SLICES: &str = shader!("sum_slices.wgsl");
 /// The output tile of one workgroup in both GEMM kernels, rows and columns, as the shaders
 /// declare; and their K (forward) or N (weight gradient) step.
 const TILE: usize = 64;
 const STEP: usize = 16;
-/// Invocations per workgroup of every kernel here.
-const WORKGROUP: u32 = 256;
-/// The largest workgroup count in one grid dimension (WebGPU's default limit).
-const MAX_GRID: usize = 65_535;
-/// The weight-gradient kernel's slices: enough workgroups to fill a large GPU, and never a
-/// slice so long that its loop nears an adapter's loop cap (16,384 steps of 16 columns).
+/// The weight-gradient kernel's slices: enough workgroups to fill a large GPU.
 const TARGET_WORKGROUPS: usize = 1024;
-const MAX_SLICE: usize = 16_384 * STEP;
+/// The most values one workgroup's loop walks (a weight-gradient slice's columns, the forward's
+/// K = channels·9): 16,384 steps of 16, far below an adapter's loop cap (lavapipe: 65,535).
+const MAX_LOOP: usize = 16_384 * STEP;
 
 /// The forward kernel's flags (shaders/conv3x3_forward.wgsl).
 const RELU: u32 = 1;
@@ -52,16 +51,7 @@ const GATE: u32 = 4;
 const MIRRORED: u32 = 8;
 const F16_OPERANDS: u32 = 16;
 
-/// One convolution's shape: input `[batch, c_in, h, w]`, kernel `[c_out, c_in, 3, 3]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ConvShape {
-    batch: usize,
-    c_in: usize,
-    c_out: usize,
-    h: usize,
-    w: usize,
-}
-
+/// What the WGSL kernels need of the CPU's convolution shape (k = 3 here).
 impl ConvShape {
     /// The shape of `x` convolved by `weight` with `bias`, when the kernels cover it: 3×3, the
     /// channels matching, and the forward, input-gradient and weight-gradient grids and indices
@@ -78,14 +68,15 @@ impl ConvShape {
             c_out,
             h,
             w,
+            k: 3,
         };
         let fits = |v: usize| u32::try_from(v).is_ok();
         let n_tiles = s.n().div_ceil(TILE);
         let (slice, slices) = s.slices();
-        let ok = n_tiles <= MAX_GRID
-            && c_in.max(c_out).div_ceil(TILE) <= MAX_GRID
-            && (c_in * 9 + 1).div_ceil(TILE) <= MAX_GRID
-            && slices <= MAX_GRID
+        let ok = n_tiles <= MAX_GROUPS
+            && c_in.max(c_out) * 9 <= MAX_LOOP
+            && (c_in * 9 + 1).div_ceil(TILE) <= MAX_GROUPS
+            && slices <= MAX_GROUPS
             && fits(s.n() * c_in.max(c_out))
             && fits(slices * c_out * (c_in * 9 + 1))
             && fits(s.n() + slice);
@@ -97,15 +88,6 @@ impl ConvShape {
         self.batch * self.h * self.w
     }
 
-    /// The convolution whose forward is this one's input gradient.
-    fn swapped(&self) -> Self {
-        Self {
-            c_in: self.c_out,
-            c_out: self.c_in,
-            ..*self
-        }
-    }
-
     /// Columns per weight-gradient slice (a multiple of the kernel's step) and the slice count.
     fn slices(&self) -> (usize, usize) {
         let tiles = (self.c_in * 9 + 1).div_ceil(TILE) * self.c_out.div_ceil(TILE);
@@ -113,7 +95,7 @@ impl ConvShape {
         let wanted = TARGET_WORKGROUPS
             .div_ceil(tiles)
             .clamp(1, n.div_ceil(256).max(1))
-            .max(n.div_ceil(MAX_SLICE));
+            .max(n.div_ceil(MAX_LOOP));
         let slice = n.div_ceil(wanted).div_ceil(STEP) * STEP;
         (slice, n.div_ceil(slice))
     }
@@ -320,7 +302,7 @@ fn launch_weight_grad(
     let dw = client.empty(s.c_out * k * 4);
     let db = client.empty(s.c_out * 4);
     let groups = (s.c_out * (k + 1)).div_ceil(WORKGROUP as usize);
-    let gx = groups.min(MAX_GRID);
+    let gx = groups.min(MAX_GROUPS);
     launch(
         x,
         WgslKernel {
@@ -352,7 +334,7 @@ mod tests {
                 .expect("covered");
             let (slice, slices) = s.slices();
             assert_eq!(slice % STEP, 0);
-            assert!(slice * slices >= s.n() && slice * (slices - 1) < s.n());
+            assert!(slice * slices >= s.n());
             assert!(slice / STEP <= 16_384, "{slice}");
         }
     }
@@ -363,7 +345,13 @@ mod tests {
         assert!(ConvShape::of([1, 2, 8, 8], [3, 4, 3, 3], [3]).is_none());
         assert!(ConvShape::of([1, 2, 8, 8], [3, 2, 3, 3], [4]).is_none());
         assert!(ConvShape::of([0, 2, 8, 8], [3, 2, 3, 3], [3]).is_none());
-        // 2^32 output values.
+        // Beyond the dispatch grid: 2^26 tiles of pixels.
         assert!(ConvShape::of([65_536, 1, 256, 256], [1, 1, 3, 3], [1]).is_none());
+        // Within the grid (65,504 tiles), output values at 2^32 (1,025 channels) but not below.
+        assert!(ConvShape::of([1, 1, 2047, 2048], [1024, 1, 3, 3], [1024]).is_some());
+        assert!(ConvShape::of([1, 1, 2047, 2048], [1025, 1, 3, 3], [1025]).is_none());
+        // K = channels·9 up to 16,384 steps of 16 (262,144), not beyond.
+        assert!(ConvShape::of([1, 29_127, 4, 4], [1, 29_127, 3, 3], [1]).is_some());
+        assert!(ConvShape::of([1, 29_128, 4, 4], [1, 29_128, 3, 3], [1]).is_none());
     }
 }

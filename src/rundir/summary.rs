@@ -89,9 +89,7 @@ pub struct Summary {
     /// Arithmetic of the step: `"f32"` or `"mixed"` (reports read it to keep runs of different
     /// arithmetic apart).
     pub precision: String,
-    /// `train.precision` as asked (`"mixed"` runs in f32 on the CPU).
-    pub precision_requested: String,
-    /// How the step computes, or why not as asked.
+    /// How the step computes in that precision.
     pub precision_note: String,
     /// The loss scale at the end (mixed precision; `None` in f32).
     pub loss_scale: Option<f64>,

@@ -1,11 +1,13 @@
-//! The precision a run trains in: what the config asks (`train.precision`), what the backend
-//! gives, and how the log and `summary.json` say it. Decided once per run here; the model's
-//! operations read the outcome from [`DeviceCaps::f16_operands`], the step from
+//! The precision a run trains in: what the config asks (`train.precision`), and how the log
+//! and `summary.json` say it. Decided once, when a command opens its backend ([`apply`]); the
+//! model's operations read it from [`DeviceCaps::f16_operands`], the step from
 //! [`super::TrainState::loss_scale`].
 
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, BackendKind};
+
+#[cfg(doc)]
 use crate::model::DeviceCaps;
 
 /// `train.precision` / `--precision`.
@@ -32,43 +34,42 @@ impl Precision {
     }
 }
 
-/// What a run asked for and what it got (`summary.json`'s `precision`).
+/// The precision a backend computes in (`summary.json`'s `precision` and `precision_note`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PrecisionUsed {
-    /// `train.precision`.
-    pub requested: Precision,
-    /// What the step computes in.
-    pub used: Precision,
-    /// How, or why not (for the log and the summary).
+    /// f32 or mixed.
+    pub precision: Precision,
+    /// How, for the log and the summary.
     pub note: String,
 }
 
-/// The precision `requested` gets on `backend`, and the device capabilities the model is built
-/// with for it.
-pub fn resolve(requested: Precision, backend: &Backend) -> (DeviceCaps, PrecisionUsed) {
-    let mut caps = backend.caps;
-    let (used, note) = match (requested, backend.kind) {
-        (Precision::F32, _) => (Precision::F32, "f32 throughout".to_string()),
-        (Precision::Mixed, kind) => {
-            caps.f16_operands = true;
-            let kernels = match kind {
+impl Default for PrecisionUsed {
+    fn default() -> Self {
+        Self {
+            precision: Precision::F32,
+            note: "f32 throughout".into(),
+        }
+    }
+}
+
+/// `backend`, computing in `precision` from now on: its capabilities say so to the model's
+/// operations, its `precision` to the log and summary.
+pub fn apply(precision: Precision, mut backend: Backend) -> Backend {
+    backend.caps.f16_operands = precision == Precision::Mixed;
+    backend.precision = match precision {
+        Precision::F32 => PrecisionUsed::default(),
+        Precision::Mixed => {
+            let kernels = match backend.kind {
                 BackendKind::Gpu => "ctseg's WGSL kernels",
                 BackendKind::Cpu => "the CPU's convolution kernels",
             };
-            (
-                Precision::Mixed,
-                format!(
+            PrecisionUsed {
+                precision,
+                note: format!(
                     "3x3 convolution operands rounded to f16 and accumulated in f32 by {kernels}, dynamic loss scaling; buffers stay f32 and no tensor-core kernel exists yet, so this has mixed precision's numerics, not its speed (docs/gpu-notes.md)"
                 ),
-            )
+            }
         }
     };
-    (
-        caps,
-        PrecisionUsed {
-            requested,
-            used,
-            note,
-        },
-    )
+    backend
 }

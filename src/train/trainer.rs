@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use super::exchange;
 use super::flat::{self, Select};
-use super::precision::PrecisionUsed;
 use super::progress::Progress;
 use super::signals::StopFlag;
 use super::state::TrainState;
@@ -20,7 +19,6 @@ use crate::comm::Communicator;
 use crate::config::RunConfig;
 use crate::data::{BatchMaker, Dataset, HostBatch, Loader, Sampler};
 use crate::error::{Error, Result};
-use crate::model::DeviceCaps;
 use crate::optim::schedule::Schedule;
 use crate::rundir::metrics::{self, Record};
 use crate::rundir::{
@@ -82,13 +80,7 @@ pub fn train(cfg: &RunConfig, opts: TrainOptions, comm: &dyn Communicator) -> Re
         _ => None,
     };
     let data_dir = data_dir_of(opts.data_dir.as_deref(), resume);
-    let plan = Plan::new(
-        cfg,
-        data_dir.as_deref(),
-        &opts.backend,
-        opts.host_threads,
-        comm,
-    )?;
+    let plan = Plan::new(cfg, data_dir.as_deref(), opts.host_threads, comm)?;
     if let Some(ck) = resume {
         check_provenance(&plan.provenance, &ck.meta.provenance, &opts.run_dir)?;
         if ck.meta.step >= plan.total_steps {
@@ -102,7 +94,7 @@ pub fn train(cfg: &RunConfig, opts: TrainOptions, comm: &dyn Communicator) -> Re
     let _lock = prepare_run_dir(cfg, &opts, &run, comm.rank() == 0)?;
     // 4. Model and optimiser, fresh or restored, then rank 0's copy on every rank.
     let ad = opts.backend.device.clone().autodiff();
-    let fresh = TrainState::fresh(cfg, &ad, plan.caps);
+    let fresh = TrainState::fresh(cfg, &ad, opts.backend.caps);
     let (state, pos, note) = match resume {
         Some(ck) => restore(cfg, fresh, ck, &plan, &run)?,
         None => (fresh, Position::default(), None),
@@ -261,9 +253,6 @@ struct Plan {
     schedule: Schedule,
     global_batch: usize,
     provenance: Provenance,
-    /// The precision the steps compute in, and the device capabilities that give it.
-    precision: PrecisionUsed,
-    caps: DeviceCaps,
 }
 
 /// The dataset a run trains on: `data_dir`, or the config's phantoms.
@@ -307,7 +296,6 @@ impl Plan {
     fn new(
         cfg: &RunConfig,
         data_dir: Option<&Path>,
-        backend: &Backend,
         threads: usize,
         comm: &dyn Communicator,
     ) -> Result<Self> {
@@ -361,7 +349,6 @@ impl Plan {
             steps_per_epoch,
             total_steps,
         );
-        let (caps, precision) = super::precision::resolve(cfg.train.precision, backend);
         Ok(Self {
             ds: Arc::new(ds),
             train_idx,
@@ -373,8 +360,6 @@ impl Plan {
             schedule,
             global_batch: cfg.train.batch_size * virtual_world,
             provenance,
-            precision,
-            caps,
         })
     }
 
@@ -563,9 +548,9 @@ impl<'a> Trainer<'a> {
         if let Some(note) = note {
             self.progress.println(note);
         }
-        let pr = &p.precision;
+        let pr = &self.opts.backend.precision;
         self.progress
-            .println(&format!("precision: {} ({})", pr.used.name(), pr.note));
+            .println(&format!("precision: {} ({})", pr.precision.name(), pr.note));
         if self.comm.size() > 1 {
             self.progress
                 .println(&format!("gradient exchange: {}", self.exchange_desc));
@@ -869,9 +854,8 @@ impl<'a> Trainer<'a> {
                 .unwrap_or(f64::NAN),
             peak_rss_mb: rss.iter().copied().fold(0.0, f64::max),
             backend: self.opts.backend.kind.name().into(),
-            precision: p.precision.used.name().into(),
-            precision_requested: p.precision.requested.name().into(),
-            precision_note: p.precision.note.clone(),
+            precision: self.opts.backend.precision.precision.name().into(),
+            precision_note: self.opts.backend.precision.note.clone(),
             loss_scale: state.loss_scale.map(|s| s.scale),
             skipped_steps: state.loss_scale.map_or(0, |s| s.skipped),
             accumulate: p.accumulate as u64,

@@ -13,7 +13,7 @@ use crate::comm::Communicator;
 use crate::config::RunConfig;
 use crate::data::{Dataset, Loader, make_batch};
 use crate::error::Result;
-use crate::model::{DiceCounts, Mode, UNet, hard_counts, soft_dice};
+use crate::model::{DeviceCaps, DiceCounts, Mode, UNet, hard_counts, soft_dice};
 use crate::tensor_util::to_f32;
 
 /// Validation results (global over all ranks).
@@ -46,7 +46,13 @@ pub fn validate(
     device: &Device,
     comm: &dyn Communicator,
 ) -> Result<ValResult> {
-    let model = model.valid();
+    // Evaluation is in f32 whatever the run trains in, as `ctseg validate`, `evaluate` and
+    // `predict` are: the best checkpoint is chosen by the figures a user will get.
+    let caps = DeviceCaps {
+        f16_operands: false,
+        ..model.caps
+    };
+    let model = model.valid().with_caps(caps);
     let classes = cfg.model.classes;
     let mine: Vec<usize> = indices
         .iter()

@@ -57,9 +57,9 @@ pub fn open_backend(
     quiet: bool,
 ) -> Result<Backend> {
     let be = backend::open(&args.request().for_rank(comm))?;
+    let be = ctseg::train::precision::apply(precision, be);
     if be.kind == BackendKind::Gpu && !args.skip_gpu_check {
-        let (caps, _) = ctseg::train::precision::resolve(precision, &be);
-        let v = ctseg::verify::require_gpu_agrees(model, &be, caps)?;
+        let v = ctseg::verify::require_gpu_agrees(model, &be)?;
         if !quiet {
             let worst = v.worst().map_or(0.0, |(_, t)| t.error);
             eprintln!(

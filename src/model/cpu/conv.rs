@@ -65,7 +65,7 @@ impl ConvShape {
     }
 
     /// The same convolution seen from its input gradient: channels swapped.
-    fn swapped(&self) -> Self {
+    pub(crate) fn swapped(&self) -> Self {
         Self {
             c_in: self.c_out,
             c_out: self.c_in,
