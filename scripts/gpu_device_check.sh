@@ -3,7 +3,8 @@
 # workplace): the GPU parity tests on the NVIDIA Vulkan driver, `bench step --backend gpu` beside
 # the PyTorch peer on CUDA in f32 (TF32 convolutions, PyTorch's default) and AMP at width 32 and
 # 64, batch 4 and 30, 240², with the step's phase and kernel profile (profile-w*-b*.json); the
-# same steps on ctseg's own 3×3 convolution kernels (--gpu-conv wgsl, profile-wgsl-w*-b*.json);
+# same steps on ctseg's own 3×3 convolution kernels (--gpu-conv wgsl, profile-wgsl-w*-b*.json)
+# and at 64x30 in mixed precision (profile-mixed-w64-b30.json);
 # one convolution's forward and forward + backward on both; and a short GPU training run.
 # Expects: .devbin/ctseg and .devbin/gpu-tests (x86-64 builds from the build machine without
 # the mpi feature, possibly xz-compressed: `cargo build --release`, and the binary that
@@ -54,6 +55,11 @@ for wb in ${SHAPES:-64x4 64x30 32x4}; do
     --width $w --batch-size $b --warmup "${WARMUP:-3}" --steps "${STEPS:-10}" --profile "${PROFILE_STEPS:-3}" \
     --profile-top 12 --profile-json "$OUT/profile-wgsl-w$w-b$b.json" 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
 done
+# Issue 12's mixed-precision row: ctseg mixed against the AMP peer measured above at 64x30.
+log "bench step width 64 batch 30 240x240 in mixed precision (f16 operands on ctseg's kernels), then its profile"
+t=$(budget 150 "bench step 64x30 mixed") && timeout "$t" ./.devbin/ctseg bench step --config configs/livermask.toml --backend gpu \
+  --precision mixed --width 64 --batch-size 30 --warmup "${WARMUP:-3}" --steps "${STEPS:-10}" --profile "${PROFILE_STEPS:-3}" \
+  --profile-top 12 --profile-json "$OUT/profile-mixed-w64-b30.json" 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
 [ "${QUICK:-1}" = 1 ] || exit 0
 log "quick config on the GPU"
 t=$(budget 200 "quick config") && timeout "$t" ./.devbin/ctseg train --backend gpu --out "$OUT/gpu-quick" --quiet 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"

@@ -53,7 +53,7 @@ impl Default for PrecisionUsed {
 }
 
 /// `backend`, computing in `precision` from now on: its capabilities say so to the model's
-/// operations, its `precision` to the log and summary.
+/// operations, its `precision` and description to the log and summary.
 pub fn apply(precision: Precision, mut backend: Backend) -> Backend {
     backend.caps.f16_operands = precision == Precision::Mixed;
     backend.precision = match precision {
@@ -63,6 +63,9 @@ pub fn apply(precision: Precision, mut backend: Backend) -> Backend {
                 BackendKind::Gpu => "ctseg's WGSL kernels",
                 BackendKind::Cpu => "the CPU's convolution kernels",
             };
+            backend.description.push_str(&format!(
+                " in mixed precision (3x3 convolutions with f16 operands on {kernels})"
+            ));
             PrecisionUsed {
                 precision,
                 note: format!(
