@@ -3,12 +3,10 @@
 //! may assume floats are finite, so a float test there could miss an Inf), elsewhere on the host.
 
 use burn::tensor::Tensor;
-use burn_cubecl::cubecl::prelude::*;
-use burn_cubecl::cubecl::server::KernelArguments;
 
 use crate::error::{Error, Result};
 use crate::tensor_util::data_to_f32;
-use crate::wgsl::{WORKGROUP, WgslKernel, f32_buffer, gpu_err, grid_1d, shader, u32_bytes};
+use crate::wgsl::{f32_buffer, gpu_err, grid_1d, launch, shader, u32_bytes};
 
 const NON_FINITE: &str = shader!("non_finite.wgsl");
 
@@ -26,19 +24,12 @@ pub fn all_finite(t: Tensor<1>) -> Result<bool> {
     let n = u32::try_from(n).map_err(|_| too_many())?;
     let client = &buf.client;
     let flag = client.create_from_slice(&u32_bytes(&[0]));
-    let info = client.create_from_slice(&u32_bytes(&[n, gx]));
-    client.launch(
-        Box::new(WgslKernel {
-            source: NON_FINITE,
-            name: "non_finite",
-            workgroup: WORKGROUP,
-        }),
-        CubeCount::Static(gx, gy, 1),
-        KernelArguments::new().with_buffers(vec![
-            buf.handle.clone().binding(),
-            flag.clone().binding(),
-            info.binding(),
-        ]),
+    launch(
+        client,
+        (NON_FINITE, "non_finite"),
+        (gx, gy, 1),
+        &[&buf.handle, &flag],
+        &[n, gx],
     );
     let bytes = client
         .read_one(flag)

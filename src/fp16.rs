@@ -6,13 +6,9 @@
 //! the `half` crate, itself pinned to numpy's conversion in the tests below.
 
 use burn::tensor::{Device, Tensor};
-use burn_cubecl::cubecl::prelude::*;
-use burn_cubecl::cubecl::server::KernelArguments;
 
 use crate::error::{Error, Result};
-use crate::wgsl::{
-    WORKGROUP, WgslKernel, cube_device, f32_buffer, f32_tensor, gpu_err, grid_1d, u32_bytes,
-};
+use crate::wgsl::{cube_device, f32_buffer, f32_tensor, gpu_err, grid_1d, launch};
 
 /// f32 → IEEE half bits (round to nearest even).
 pub fn to_f16(values: &[f32]) -> Vec<u16> {
@@ -73,19 +69,12 @@ pub fn pack_on_device(flat: Tensor<1>) -> Result<Vec<u16>> {
     let words = n.div_ceil(2);
     let (gx, gy) = grid(words)?;
     let out = t.client.empty(words * 4);
-    let info = t.client.create_from_slice(&u32_bytes(&[n as u32, gx]));
-    t.client.launch(
-        Box::new(WgslKernel {
-            source: PACK_WGSL,
-            name: "fp16_pack",
-            workgroup: WORKGROUP,
-        }),
-        CubeCount::Static(gx, gy, 1),
-        KernelArguments::new().with_buffers(vec![
-            t.handle.clone().binding(),
-            out.clone().binding(),
-            info.binding(),
-        ]),
+    launch(
+        &t.client,
+        (PACK_WGSL, "fp16_pack"),
+        (gx, gy, 1),
+        &[&t.handle, &out],
+        &[n as u32, gx],
     );
     let bytes = t
         .client
@@ -123,19 +112,12 @@ pub fn unpack_on_device(bits: &[u16], scale: f32, device: &Device) -> Result<Ten
     }
     let input = client.create_from_slice(&packed);
     let out = client.empty(n * 4);
-    let info = client.create_from_slice(&u32_bytes(&[n as u32, gx, scale.to_bits()]));
-    client.launch(
-        Box::new(WgslKernel {
-            source: UNPACK_WGSL,
-            name: "fp16_unpack",
-            workgroup: WORKGROUP,
-        }),
-        CubeCount::Static(gx, gy, 1),
-        KernelArguments::new().with_buffers(vec![
-            input.binding(),
-            out.clone().binding(),
-            info.binding(),
-        ]),
+    launch(
+        &client,
+        (UNPACK_WGSL, "fp16_unpack"),
+        (gx, gy, 1),
+        &[&input, &out],
+        &[n as u32, gx, scale.to_bits()],
     );
     Ok(f32_tensor(&cube, out, [n]))
 }

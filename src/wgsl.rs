@@ -27,12 +27,11 @@ macro_rules! shader {
 }
 pub(crate) use shader;
 
-/// A precompiled WGSL kernel with entry point `main` and a 1-D workgroup of `workgroup`
-/// invocations (the size the source declares).
-pub(crate) struct WgslKernel {
-    pub source: &'static str,
-    pub name: &'static str,
-    pub workgroup: u32,
+/// A precompiled WGSL kernel with entry point `main` and a 1-D workgroup of [`WORKGROUP`]
+/// invocations (the size every source in `shaders/` declares).
+struct WgslKernel {
+    source: &'static str,
+    name: &'static str,
 }
 
 impl KernelMetadata for WgslKernel {
@@ -53,7 +52,7 @@ impl KernelMetadata for WgslKernel {
 impl CubeKernel for WgslKernel {
     fn define(&self) -> KernelDefinition {
         let settings = KernelSettings::new(
-            CubeDim::new_1d(self.workgroup).0,
+            CubeDim::new_1d(WORKGROUP).0,
             ExecutionMode::Checked,
             AddressType::U32,
         );
@@ -151,6 +150,26 @@ pub(crate) fn grid_1d(items: usize) -> Option<(u32, u32)> {
     let x = groups.min(MAX_GROUPS);
     let y = groups.div_ceil(x);
     (y <= MAX_GROUPS).then_some((x as u32, y as u32))
+}
+
+/// Launches the WGSL kernel `name` (source `source`, [`WORKGROUP`] invocations per workgroup) on
+/// a `grid` of workgroups with `buffers` bound in order, then an `info` buffer holding `info`
+/// (the layout every kernel in `shaders/` uses).
+pub(crate) fn launch(
+    client: &burn_cubecl::cubecl::client::Client,
+    (source, name): (&'static str, &'static str),
+    grid: (u32, u32, u32),
+    buffers: &[&burn_cubecl::cubecl::server::Handle],
+    info: &[u32],
+) {
+    let info = client.create_from_slice(&u32_bytes(info));
+    let mut bindings: Vec<_> = buffers.iter().map(|h| (*h).clone().binding()).collect();
+    bindings.push(info.binding());
+    client.launch(
+        Box::new(WgslKernel { source, name }),
+        CubeCount::Static(grid.0, grid.1, grid.2),
+        burn_cubecl::cubecl::server::KernelArguments::new().with_buffers(bindings),
+    );
 }
 
 /// Little-endian bytes of `values` (a kernel's `info` buffer).

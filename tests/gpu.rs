@@ -227,15 +227,23 @@ fn step_losses(
     losses
 }
 
+/// The built-in config at width 4 and `size`², and one batch of its first `images` phantom
+/// slices.
+fn tiny_batch(size: usize, images: usize) -> (ctseg::config::RunConfig, ctseg::data::HostBatch) {
+    let mut cfg = ctseg::config::RunConfig::load(None).expect("quick config");
+    cfg.model.width = 4;
+    cfg.model.input_size = size;
+    let ds = ctseg::data::Dataset::phantom(cfg.seed, 1, images, size, 1);
+    let idx: Vec<usize> = (0..images).collect();
+    let batch = ctseg::data::make_batch(&ds, &cfg.data, 3, &idx);
+    (cfg, batch)
+}
+
 #[test]
 fn gpu_training_reduces_the_loss() {
     let Some(be) = gpu() else { return };
     // The trainer's own step on the adapter, 8 steps on one batch.
-    let mut cfg = ctseg::config::RunConfig::load(None).expect("quick config");
-    cfg.model.width = 4;
-    cfg.model.input_size = 64;
-    let ds = ctseg::data::Dataset::phantom(1, 1, 4, 64, 1);
-    let batch = ctseg::data::make_batch(&ds, &cfg.data, 3, &[0, 1, 2, 3]);
+    let (cfg, batch) = tiny_batch(64, 4);
     let losses = step_losses(&be, &cfg, &batch, 8, None);
     assert!(
         losses[7] < losses[0] - 0.05,
@@ -426,11 +434,7 @@ fn profiling_a_step_changes_its_losses_only_by_rounding() {
     // losses still differ by rounding after the first step (measured on lavapipe: identical,
     // then 4.8e-7 and 1.5e-6 relative apart), most likely because burn's fusion groups the
     // queued operations differently when they are flushed at every boundary.
-    let mut cfg = ctseg::config::RunConfig::load(None).expect("quick config");
-    cfg.model.width = 4;
-    cfg.model.input_size = 32;
-    let ds = ctseg::data::Dataset::phantom(cfg.seed, 1, 2, 32, 1);
-    let batch = ctseg::data::make_batch(&ds, &cfg.data, 3, &[0, 1]);
+    let (cfg, batch) = tiny_batch(32, 2);
     struct Quiet;
     impl ctseg::train::StepProbe for Quiet {
         fn issued(&self) {}
@@ -733,12 +737,8 @@ fn mixed_state(
     ctseg::data::HostBatch,
     ctseg::train::TrainState,
 ) {
-    let mut cfg = ctseg::config::RunConfig::load(None).expect("quick config");
-    cfg.model.width = 4;
-    cfg.model.input_size = 32;
+    let (mut cfg, batch) = tiny_batch(32, 2);
     cfg.train.precision = ctseg::train::precision::Precision::Mixed;
-    let ds = ctseg::data::Dataset::phantom(1, 1, 2, 32, 1);
-    let batch = ctseg::data::make_batch(&ds, &cfg.data, 3, &[0, 1]);
     let be = ctseg::train::precision::apply(cfg.train.precision, be.clone());
     assert!(be.caps.f16_operands);
     let state = ctseg::train::TrainState::fresh(&cfg, &be.device.clone().autodiff(), be.caps);

@@ -15,8 +15,7 @@
 
 use burn::tensor::{DType, Tensor};
 use burn_cubecl::Cube;
-use burn_cubecl::cubecl::prelude::*;
-use burn_cubecl::cubecl::server::{Handle, KernelArguments};
+use burn_cubecl::cubecl::server::Handle;
 use burn_cubecl::tensor::CubeTensor;
 use burn_dispatch::backends::Autodiff;
 use burn_dispatch::backends::autodiff::NodeId;
@@ -27,8 +26,7 @@ use burn_dispatch::backends::autodiff::ops::{Backward, Ops, OpsKind};
 
 use super::cpu::conv::ConvShape;
 use crate::wgsl::{
-    Fused, MAX_GROUPS, WORKGROUP, WgslKernel, cube_device, f32_buffer, f32_fused, resolve, shader,
-    u32_bytes,
+    Fused, MAX_GROUPS, WORKGROUP, cube_device, f32_buffer, f32_fused, launch, resolve, shader,
 };
 
 const FORWARD: &str = shader!("gemm_tile.wgsl", "conv3x3_forward.wgsl");
@@ -220,25 +218,6 @@ impl Backward<Cube, 3> for ConvBackward {
     }
 }
 
-/// A kernel launch with `buffers` bound in order, then an `info` buffer of `info`.
-fn launch(
-    x: &CubeTensor,
-    kernel: WgslKernel,
-    grid: (usize, usize, usize),
-    buffers: &[&Handle],
-    info: &[u32],
-) {
-    let client = &x.client;
-    let info = client.create_from_slice(&u32_bytes(info));
-    let mut bindings: Vec<_> = buffers.iter().map(|h| (*h).clone().binding()).collect();
-    bindings.push(info.binding());
-    client.launch(
-        Box::new(kernel),
-        CubeCount::Static(grid.0 as u32, grid.1 as u32, grid.2 as u32),
-        KernelArguments::new().with_buffers(bindings),
-    );
-}
-
 /// shaders/conv3x3_forward.wgsl on contiguous f32 buffers: the output `[batch, c_out, h, w]`.
 /// `bias` and `gate` are read only under their flags (any buffer otherwise).
 fn launch_conv(
@@ -252,13 +231,9 @@ fn launch_conv(
     let y = x.client.empty(s.n() * s.c_out * 4);
     let [b, ci, co, h, wd] = s.dims();
     launch(
-        x,
-        WgslKernel {
-            source: FORWARD,
-            name: "conv3x3_forward",
-            workgroup: WORKGROUP,
-        },
-        (s.n().div_ceil(TILE), s.c_out.div_ceil(TILE), 1),
+        &x.client,
+        (FORWARD, "conv3x3_forward"),
+        grid(s.n().div_ceil(TILE), s.c_out.div_ceil(TILE), 1),
         &[&x.handle, &w.handle, &bias.handle, &y, &gate.handle],
         &[b, ci, co, h, wd, flags],
     );
@@ -281,13 +256,9 @@ fn launch_weight_grad(
     let part = client.empty(slices * s.c_out * (k + 1) * 4);
     let [b, ci, co, h, wd] = s.dims();
     launch(
-        x,
-        WgslKernel {
-            source: WEIGHT_GRAD,
-            name: "conv3x3_weight_grad",
-            workgroup: WORKGROUP,
-        },
-        ((k + 1).div_ceil(TILE), s.c_out.div_ceil(TILE), slices),
+        &x.client,
+        (WEIGHT_GRAD, "conv3x3_weight_grad"),
+        grid((k + 1).div_ceil(TILE), s.c_out.div_ceil(TILE), slices),
         &[&x.handle, &dy.handle, &gate.unwrap_or(dy).handle, &part],
         &[
             b,
@@ -304,17 +275,18 @@ fn launch_weight_grad(
     let groups = (s.c_out * (k + 1)).div_ceil(WORKGROUP as usize);
     let gx = groups.min(MAX_GROUPS);
     launch(
-        x,
-        WgslKernel {
-            source: SUM_SLICES,
-            name: "sum_slices",
-            workgroup: WORKGROUP,
-        },
-        (gx, groups.div_ceil(gx), 1),
+        &x.client,
+        (SUM_SLICES, "sum_slices"),
+        grid(gx, groups.div_ceil(gx), 1),
         &[&part, &dw, &db],
         &[slices as u32, co, k as u32, gx as u32],
     );
     (dw, db)
+}
+
+/// A grid of workgroups ([`ConvShape::of`] keeps every dimension within the dispatch limit).
+fn grid(x: usize, y: usize, z: usize) -> (u32, u32, u32) {
+    (x as u32, y as u32, z as u32)
 }
 
 #[cfg(test)]

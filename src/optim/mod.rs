@@ -456,7 +456,7 @@ mod tests {
     #[test]
     fn lars_and_lamb_on_wgpu_match_flex() {
         // The trust ratios are tensor ops (no host read), so they must also run on burn wgpu.
-        // Skipped without an adapter unless CTSEG_REQUIRE_GPU=1 (as tests/gpu.rs).
+        // Skipped without an adapter unless CI=true or CTSEG_REQUIRE_GPU=1 (as tests/gpu.rs).
         let gpu = match crate::backend::open(&crate::backend::DeviceRequest {
             kind: crate::backend::BackendKind::Gpu,
             threads: 0,
@@ -465,8 +465,12 @@ mod tests {
         }) {
             Ok(b) => b,
             Err(e) => {
-                let required = std::env::var("CTSEG_REQUIRE_GPU").is_ok_and(|v| v == "1");
-                assert!(!required, "CTSEG_REQUIRE_GPU=1 but no GPU backend: {e}");
+                let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+                let required = ci || std::env::var("CTSEG_REQUIRE_GPU").is_ok_and(|v| v == "1");
+                assert!(
+                    !required,
+                    "CI or CTSEG_REQUIRE_GPU=1, but no GPU backend: {e}"
+                );
                 eprintln!("skipped: no GPU adapter ({e})");
                 return;
             }
