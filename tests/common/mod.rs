@@ -232,3 +232,81 @@ pub fn gzip(bytes: &[u8]) -> Vec<u8> {
     w.write_all(bytes).expect("gzip");
     w.finish().expect("gzip")
 }
+
+/// The lavapipe with cooperative matrices that scripts/lavapipe_coop.sh prepares
+/// (`CTSEG_COOP_LAVAPIPE`, set by scripts/test), when it is ready.
+pub fn coop_lavapipe() -> Option<PathBuf> {
+    let dir = PathBuf::from(std::env::var_os("CTSEG_COOP_LAVAPIPE")?);
+    dir.join("run").is_file().then_some(dir)
+}
+
+/// Whether GPU tests must run rather than skip (CI, or `CTSEG_REQUIRE_GPU=1`).
+pub fn gpu_required() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+        || std::env::var("CTSEG_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// Whether the calling test, `name` in this test binary, runs its body here: yes when this
+/// process's adapter has cooperative matrices (`here`). Otherwise the test binary runs that one
+/// test again on scripts/lavapipe_coop.sh's lavapipe, which has them, this asserts that it
+/// passed there, and the answer is no. Without that lavapipe the test fails where GPU tests are
+/// required and is skipped elsewhere.
+pub fn cooperative_matrices_here(name: &str, here: bool) -> bool {
+    if here {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CTSEG_IN_COOP_LAVAPIPE").is_none(),
+        "{name}: run on the lavapipe of scripts/lavapipe_coop.sh, whose adapter offers no cooperative matrices"
+    );
+    let Some(dir) = coop_lavapipe() else {
+        assert!(
+            !gpu_required(),
+            "{name} needs an adapter with cooperative matrices: run scripts/test (it prepares Mesa 26's lavapipe with scripts/lavapipe_coop.sh)"
+        );
+        eprintln!("skipped: no adapter with cooperative matrices (scripts/lavapipe_coop.sh)");
+        return false;
+    };
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = Command::new("timeout")
+        .arg("1200")
+        .arg(dir.join("run"))
+        .arg(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env("CTSEG_IN_COOP_LAVAPIPE", "1")
+        .output()
+        .expect("run the test binary on the cooperative-matrix lavapipe");
+    let log = text(&out);
+    eprintln!("{log}");
+    assert!(
+        out.status.success() && log.contains("test result: ok. 1 passed"),
+        "{name} on the cooperative-matrix lavapipe ({}): {log}",
+        dir.display()
+    );
+    false
+}
+
+/// `ctseg ARGS` on an adapter with cooperative matrices: this machine's own (`here`), else
+/// scripts/lavapipe_coop.sh's; `None` (skipped) where neither exists and GPU tests are not
+/// required.
+pub fn ctseg_with_cooperative_matrices(args: &[&str], here: bool) -> Option<Output> {
+    let mut c = Command::new("timeout");
+    c.arg("1200");
+    if !here {
+        match coop_lavapipe() {
+            Some(dir) => {
+                c.arg(dir.join("run"));
+            }
+            None => {
+                assert!(
+                    !gpu_required(),
+                    "an adapter with cooperative matrices is needed: run scripts/test (it prepares one with scripts/lavapipe_coop.sh)"
+                );
+                eprintln!("skipped: no adapter with cooperative matrices");
+                return None;
+            }
+        }
+    }
+    c.arg(bin()).args(args).env("RAYON_NUM_THREADS", "2");
+    Some(c.output().expect("run ctseg"))
+}
