@@ -5,6 +5,8 @@
 //! alone, and forward + backward (input, weight and bias gradients) as in a training step.
 //! Median of warm repetitions with the device synchronised, GFLOP/s, the ratio burn / ctseg,
 //! and the agreement of the two (relative L2 difference of the output and of the gradients).
+//! On an adapter with cooperative matrices, a second line per case times mixed precision's
+//! convolution (f16 operands, f32 accumulation) in registers against on cooperative matrices.
 
 use std::time::Instant;
 
@@ -154,6 +156,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 flops / t_burn / 1e9,
                 flops / t_own / 1e9,
                 t_burn / t_own,
+            );
+            let Some(tile) = be.caps.coop else { continue };
+            let mixed = |coop| DeviceCaps {
+                gpu_conv: GpuConv::Wgsl,
+                f16_operands: true,
+                coop,
+                ..be.caps
+            };
+            let (t_reg, y_reg) = time(&be, reps, &|| run(mixed(None), train, &o))?;
+            let (t_coop, y_coop) = time(&be, reps, &|| run(mixed(Some(tile)), train, &o))?;
+            let err = y_reg
+                .iter()
+                .zip(&y_coop)
+                .map(|(a, b)| rel_l2(b, a))
+                .fold(0.0f64, f64::max);
+            println!(
+                "{shape:?} -> {co} {what} mixed: registers {t_reg:.4} s ({:.1} GFLOP/s) | {} {t_coop:.4} s ({:.1}) | registers / cooperative {:.2}x | rel. L2 diff {err:.1e}",
+                flops / t_reg / 1e9,
+                tile.describe(),
+                flops / t_coop / 1e9,
+                t_reg / t_coop,
             );
         }
     }

@@ -4,7 +4,8 @@
 # the PyTorch peer on CUDA in f32 (TF32 convolutions, PyTorch's default) and AMP at width 32 and
 # 64, batch 4 and 30, 240², with the step's phase and kernel profile (profile-w*-b*.json); the
 # same steps on ctseg's own 3×3 convolution kernels (--gpu-conv wgsl, profile-wgsl-w*-b*.json)
-# and at 64x30 in mixed precision (profile-mixed-w64-b30.json);
+# and at 64x30 in mixed precision (profile-mixed-w64-b30.json; on cooperative matrices where
+# `ctseg adapters` lists them, which the cooperative-matrix parity tests then check in-process);
 # one convolution's forward and forward + backward on both; and a short GPU training run.
 # Expects: .devbin/ctseg and .devbin/gpu-tests (x86-64 builds from the build machine without
 # the mpi feature, possibly xz-compressed: `cargo build --release`, and the binary that
@@ -40,7 +41,7 @@ log adapters
 log "gpu parity tests"
 # GPU_TESTS: optional test-name filters (all tests by default); the per-tensor tables are kept.
 t=$(budget 180 "gpu parity tests") && CTSEG_REQUIRE_GPU=1 timeout "$t" ./.devbin/gpu-tests --test-threads 1 --nocapture ${GPU_TESTS:-} 2>&1 | grep -vE "XDG|^$" | tee -a "$OUT/log.txt"
-log "3x3 convolution, forward and forward+backward: burn's kernels against ctseg's WGSL kernels"
+log "3x3 convolution, forward and forward+backward: burn's kernels against ctseg's WGSL kernels (and, with cooperative matrices, mixed precision in registers against on them)"
 t=$(budget 120 "convolution bench") && CTSEG_BENCH_REPS=10 timeout "$t" ./.devbin/gpu-conv-bench 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
 # Width/batch pairs: issue 12's target rows (batch 30 is the study's batch).
 for wb in ${SHAPES:-64x4 64x30 32x4}; do
@@ -56,7 +57,7 @@ for wb in ${SHAPES:-64x4 64x30 32x4}; do
     --profile-top 12 --profile-json "$OUT/profile-wgsl-w$w-b$b.json" 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
 done
 # Issue 12's mixed-precision row: ctseg mixed against the AMP peer measured above at 64x30.
-log "bench step width 64 batch 30 240x240 in mixed precision (f16 operands on ctseg's kernels), then its profile"
+log "bench step width 64 batch 30 240x240 in mixed precision (f16 operands on ctseg's kernels, on cooperative matrices where the adapter has them), then its profile"
 t=$(budget 150 "bench step 64x30 mixed") && timeout "$t" ./.devbin/ctseg bench step --config configs/livermask.toml --backend gpu \
   --precision mixed --width 64 --batch-size 30 --warmup "${WARMUP:-3}" --steps "${STEPS:-10}" --profile "${PROFILE_STEPS:-3}" \
   --profile-top 12 --profile-json "$OUT/profile-mixed-w64-b30.json" 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"

@@ -5,15 +5,17 @@
 // gradient (x here), zeroed where a gate (the forward's ReLU output) is not positive, by the
 // kernel with its channel axes swapped and taps mirrored (read in place: flag 8).
 // M = c_out rows, N = batch*h*w columns, K = c_in*9. Each workgroup computes a 64 x 64 tile of
-// y; each of its 256 invocations a 4 x 4 block in registers. K is walked 16 at a time through
-// workgroup memory, so no loop runs longer than K/16 iterations (adapters that cap shader loops,
-// such as lavapipe at 65,535, are safe up to c_in = 116,000).
+// y; each of its 256 invocations a 4 x 4 block in registers (gemm_tile.wgsl), or its subgroups
+// cooperative matrices (gemm_tile_coop.wgsl). K is walked 16 at a time through workgroup
+// memory, so no loop runs longer than K/16 iterations (adapters that cap shader loops, such as
+// lavapipe at 65,535, are safe up to c_in = 116,000).
 //
 // Bindings (all f32 contiguous NCHW / OIHW): x, w, bias, y, gate (x's shape), info = [batch,
 // c_in, c_out, h, w, flags]; flags: 1 ReLU, 2 add the bias, 4 gate x by gate > 0, 8 w is
 // [c_in, c_out, 3, 3] and read swapped and mirrored, 16 both operands rounded to f16 (mixed
-// precision's numerics: f16 operands, f32 accumulation; round_f16 is shaders/f16.wgsl's). Workgroups: x * y grid over
-// (N/64) * (M/64) tiles, the M tile index in the second dimension.
+// precision's numerics: f16 operands, f32 accumulation; round_f16 is shaders/f16.wgsl's; always
+// set with cooperative matrices). Workgroups: x * y grid over (N/64) * (M/64) tiles, the M tile
+// index in the second dimension.
 
 @group(0) @binding(0) var<storage, read_write> x: array<f32>;
 @group(0) @binding(1) var<storage, read_write> wt: array<f32>;
@@ -32,8 +34,9 @@ const TK: u32 = 16u;
 @compute @workgroup_size(256, 1, 1)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
+    lanes: Lanes,
 ) {
+    let lid = lanes.lid;
     let batch = info[0];
     let c_in = info[1];
     let c_out = info[2];
@@ -47,11 +50,7 @@ fn main(
     let m0 = wg.y * TM;
     let tx = lid % 16u;
     let ty = lid / 16u;
-
-    var acc: array<f32, 16>;
-    for (var i = 0u; i < 16u; i++) {
-        acc[i] = 0.0;
-    }
+    begin_tile(lanes);
 
     for (var k0 = 0u; k0 < k_total; k0 += TK) {
         // Weights: tile element e = kk * TM + mm holds w[m0 + mm, k0 + kk].
@@ -73,7 +72,7 @@ fn main(
                     v = round_f16(v);
                 }
             }
-            a_tile[e] = v;
+            a_tile[e] = stage(v);
         }
         // Image columns: tile element e = kk * TN + nn holds col[k0 + kk, n0 + nn].
         for (var l = 0u; l < 4u; l++) {
@@ -102,12 +101,13 @@ fn main(
                     }
                 }
             }
-            b_tile[e] = v;
+            b_tile[e] = stage(v);
         }
         workgroupBarrier();
-        accumulate_tile(&acc, ty, tx);
+        accumulate_tile(lanes);
         workgroupBarrier();
     }
+    end_tile(lanes);
 
     for (var r = 0u; r < 4u; r++) {
         let m = m0 + ty * 4u + r;
@@ -119,7 +119,7 @@ fn main(
             if (n >= n_total) {
                 continue;
             }
-            var v = acc[r * 4u + q];
+            var v = tile_value(lanes, r, q);
             if ((flags & 2u) != 0u) {
                 v += bias[m];
             }

@@ -5,8 +5,9 @@
 // M = c_out rows, K = c_in*9 + 1 columns, the reduction over N = batch*h*w columns of dy is cut
 // into slices of `slice` columns (a multiple of 16), one slice per workgroup z index; the
 // caller sums the slices. Each workgroup computes a 64 x 64 tile of one slice's M x K result,
-// each of its 256 invocations a 4 x 4 block in registers; N is walked 16 at a time through
-// workgroup memory, so no loop runs longer than slice/16 iterations.
+// each of its 256 invocations a 4 x 4 block in registers (gemm_tile.wgsl), or its subgroups
+// cooperative matrices (gemm_tile_coop.wgsl); N is walked 16 at a time through workgroup
+// memory, so no loop runs longer than slice/16 iterations.
 //
 // Bindings (f32, contiguous NCHW): x, dy (the output gradient), gate (dy's shape: the
 // forward's ReLU output), part ([slices, c_out, c_in*9 + 1]), info = [batch, c_in, c_out, h, w,
@@ -29,8 +30,9 @@ const TN: u32 = 16u;
 @compute @workgroup_size(256, 1, 1)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
+    lanes: Lanes,
 ) {
+    let lid = lanes.lid;
     let batch = info[0];
     let c_in = info[1];
     let c_out = info[2];
@@ -49,11 +51,7 @@ fn main(
     let n_end = min(n_begin + slice, n_total);
     let tx = lid % 16u;
     let ty = lid / 16u;
-
-    var acc: array<f32, 16>;
-    for (var i = 0u; i < 16u; i++) {
-        acc[i] = 0.0;
-    }
+    begin_tile(lanes);
 
     for (var n0 = n_begin; n0 < n_end; n0 += TN) {
         // Tile element e: column nn = e % 16 (consecutive invocations read consecutive
@@ -77,7 +75,7 @@ fn main(
                     a = round_f16(a);
                 }
             }
-            a_tile[nn * TM + row] = a;
+            a_tile[nn * TM + row] = stage(a);
             let k = k0 + row;
             var v = 0.0;
             if (n < n_end && k < k_total) {
@@ -97,12 +95,13 @@ fn main(
                     }
                 }
             }
-            b_tile[nn * TK + row] = v;
+            b_tile[nn * TK + row] = stage(v);
         }
         workgroupBarrier();
-        accumulate_tile(&acc, ty, tx);
+        accumulate_tile(lanes);
         workgroupBarrier();
     }
+    end_tile(lanes);
 
     let base = wg.z * c_out * k_total;
     for (var r = 0u; r < 4u; r++) {
@@ -113,7 +112,7 @@ fn main(
         for (var q = 0u; q < 4u; q++) {
             let k = k0 + tx * 4u + q;
             if (k < k_total) {
-                part[base + m * k_total + k] = acc[r * 4u + q];
+                part[base + m * k_total + k] = tile_value(lanes, r, q);
             }
         }
     }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
+use crate::model::gpu_conv::CoopTile;
 use crate::model::{DeviceCaps, GpuConv};
 use crate::train::precision::PrecisionUsed;
 
@@ -91,30 +92,58 @@ pub struct AdapterCaps {
     /// Cooperative-matrix (tensor-core) shapes wgpu exposes (`EXPERIMENTAL_COOPERATIVE_MATRIX`),
     /// as `MxNxK A/B-type->accumulator-type`; empty when it exposes none.
     pub cooperative_matrix: Vec<String>,
+    /// The cooperative matrices ctseg's convolution kernels use in mixed precision, if any fit.
+    pub coop: Option<CoopTile>,
 }
 
 impl AdapterCaps {
     fn of(adapter: &wgpu::Adapter) -> Self {
         let f = adapter.features();
-        let cooperative_matrix = if f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
-            adapter
-                .cooperative_matrix_properties()
-                .iter()
-                .map(|p| {
-                    format!(
-                        "{}x{}x{} {:?}->{:?}",
-                        p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type
-                    )
-                })
-                .collect()
+        let shapes = if f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+            adapter.cooperative_matrix_properties()
         } else {
             Vec::new()
         };
+        let cooperative_matrix = shapes
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}x{}x{} {:?}->{:?}",
+                    p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type
+                )
+            })
+            .collect();
+        use wgpu::CooperativeScalarType as Scalar;
+        let square_f16_to_f32: Vec<u32> = shapes
+            .iter()
+            .filter(|p| p.m_size == p.n_size && p.n_size == p.k_size)
+            .filter(|p| p.ab_type == Scalar::F16 && p.cr_type == Scalar::F32)
+            .map(|p| p.m_size)
+            .collect();
+        let shader_f16 = f.contains(wgpu::Features::SHADER_F16);
+        let coop = CoopTile::choose(
+            &square_f16_to_f32,
+            shader_f16 && f.contains(wgpu::Features::SUBGROUP),
+            adapter.get_info().subgroup_max_size,
+            adapter.limits().max_compute_workgroup_storage_size,
+        );
         Self {
-            shader_f16: f.contains(wgpu::Features::SHADER_F16),
+            shader_f16,
             timestamp_query: f.contains(wgpu::Features::TIMESTAMP_QUERY),
             cooperative_matrix,
+            coop,
         }
+    }
+
+    /// The kernel paths `--gpu-conv` and `--precision` choose between on this adapter.
+    pub fn paths(&self) -> String {
+        let mixed = match self.coop {
+            Some(t) => format!("f16 operands on {}, f32 accumulation", t.describe()),
+            None => "f16 operands, f32 accumulation in registers (no cooperative matrices)".into(),
+        };
+        format!(
+            "convolutions: burn's kernels (default) or --gpu-conv wgsl (ctseg's); --precision mixed: ctseg's kernels with {mixed}"
+        )
     }
 
     /// One line for `ctseg adapters`.
@@ -276,21 +305,18 @@ pub fn describe_adapters(adapters: &[Adapter]) -> String {
     for a in adapters {
         let _ = writeln!(
             s,
-            "  [{}] {} ({}, {}, driver {})\n      {}\n      {PATHS}",
+            "  [{}] {} ({}, {}, driver {})\n      {}\n      {}",
             a.index,
             a.name,
             a.device_type,
             a.backend,
             a.driver,
-            a.caps.describe()
+            a.caps.describe(),
+            a.caps.paths()
         );
     }
     s
 }
-
-/// What every adapter gets today: the paths `--gpu-conv` and `--precision` choose between (no
-/// cooperative-matrix kernel exists yet, so what an adapter offers does not change them).
-const PATHS: &str = "convolutions: burn's kernels (default) or --gpu-conv wgsl (ctseg's); --precision mixed: f16 operands, f32 accumulation on ctseg's kernels, without tensor cores";
 
 const GPU_HELP: &str = "To get an adapter: install your GPU's Vulkan driver (NVIDIA: the proprietary driver; AMD/Intel: Mesa's `mesa-vulkan-drivers`) and the loader `libvulkan1`; on a machine without a GPU, Mesa's lavapipe (`apt install mesa-vulkan-drivers libvulkan1`) gives a slow software adapter. `vulkaninfo --summary` shows what Vulkan sees.";
 
@@ -401,6 +427,7 @@ pub fn open(req: &DeviceRequest) -> Result<Backend> {
                 shader_loop_cap: (!long_loops_work(&device)).then_some(LAVAPIPE_LOOP_CAP),
                 gpu_conv: req.gpu_conv,
                 f16_operands: false,
+                coop: chosen.caps.coop,
             };
             let capped = match (caps.shader_loop_cap, caps.gpu_conv) {
                 (Some(_), GpuConv::Burn) => ", loop-capped: convolutions split into exact chunks",

@@ -16,7 +16,9 @@ use burn_fusion::custom::{OperationIr, OperationOutput, StreamId};
 use crate::error::Error;
 
 /// A kernel's WGSL source: `shaders/f16.wgsl` (the binary16 conversions every kernel may use),
-/// then each of `shaders/<name>…` in order (shared pieces first, the kernel last).
+/// then each of `shaders/<name>…` in order (shared pieces first, the kernel last). Kernels on
+/// cooperative matrices put the adapter's `enable` header before it
+/// ([`crate::model::gpu_conv`]).
 macro_rules! shader {
     ($($name:literal),+) => {
         concat!(

@@ -17,6 +17,7 @@ mod common;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use ctseg::backend::{self, Backend, BackendKind, DeviceRequest};
+use ctseg::model::gpu_conv::Operands;
 use ctseg::model::layers::BatchNorm;
 use ctseg::model::{DeviceCaps, GpuConv, Mode, Norm, UNetConfig, Upsampling, dice_loss};
 use ctseg::rng::Rng;
@@ -36,14 +37,26 @@ fn gpu() -> Option<Backend> {
         Err(e) => {
             // In CI (`.ci/run` sets CI=true, `scripts/test` CTSEG_REQUIRE_GPU=1) a GPU test runs
             // or fails, never skips.
-            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-            if ci || std::env::var("CTSEG_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+            if common::gpu_required() {
                 panic!("CI or CTSEG_REQUIRE_GPU=1, but the GPU backend does not open: {e}");
             }
             eprintln!("skipped: no GPU adapter ({e})");
             None
         }
     }
+}
+
+/// [`gpu`] on an adapter with cooperative matrices, for test `name`: this process's adapter if it
+/// has them; otherwise the test runs again on scripts/lavapipe_coop.sh's lavapipe
+/// ([`common::cooperative_matrices_here`]) and this is `None`.
+fn coop_gpu(name: &str) -> Option<Backend> {
+    let be = gpu()?;
+    common::cooperative_matrices_here(name, be.caps.coop.is_some()).then_some(be)
+}
+
+/// Whether this process's GPU adapter has cooperative matrices ctseg's kernels use.
+fn coop_here() -> bool {
+    gpu().is_some_and(|be| be.caps.coop.is_some())
 }
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
@@ -354,6 +367,13 @@ fn fp16_unpack_kernel_matches_the_cpu_reference_bit_for_bit() {
 /// file must not share it. The built-in config, shrunk, so that no file is needed
 /// (scripts/gpu_device_check.sh runs these tests on another machine).
 fn tiny_gpu_profile(steps: usize, extra: &[&str]) -> serde_json::Value {
+    let args = tiny_profile_args(steps, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    only_profile(&common::ok(common::ctseg(&args)))
+}
+
+/// The arguments of [`tiny_gpu_profile`].
+fn tiny_profile_args(steps: usize, extra: &[&str]) -> Vec<String> {
     let steps = steps.to_string();
     let mut args = vec![
         "bench",
@@ -375,10 +395,25 @@ fn tiny_gpu_profile(steps: usize, extra: &[&str]) -> serde_json::Value {
         "--json",
     ];
     args.extend_from_slice(extra);
-    let out = common::ok(common::ctseg(&args));
-    let mut profiles = common::bench_lines(&out, "profile");
+    args.into_iter().map(String::from).collect()
+}
+
+/// The one profile `bench step --json` printed in `out`.
+fn only_profile(out: &str) -> serde_json::Value {
+    let mut profiles = common::bench_lines(out, "profile");
     assert_eq!(profiles.len(), 1, "{out}");
     profiles.remove(0)
+}
+
+/// Launches of `kernel` in `phase` of profile `p`, over its profiled steps.
+fn launches(p: &serde_json::Value, phase: &str, kernel: &str) -> f64 {
+    p["kernels"]
+        .as_array()
+        .expect("kernels")
+        .iter()
+        .filter(|k| k["phase"] == phase && k["kernel"] == kernel)
+        .map(|k| k["launches"].as_f64().unwrap_or(f64::NAN))
+        .sum()
 }
 
 #[test]
@@ -508,7 +543,7 @@ fn own_conv_error(be: &Backend, shape: [usize; 4], c_out: usize, relu: bool) -> 
         y
     };
     let (x, w, b) = tensors(&be.device);
-    let own = ctseg::model::gpu_conv::conv3x3(&x, &w, &b, relu, false)
+    let own = ctseg::model::gpu_conv::conv3x3(&x, &w, &b, relu, Operands::F32)
         .expect("the kernel applies to f32 tensors on the adapter");
     rel_err(&to_f32(y).expect("cpu"), &to_f32(own).expect("gpu"))
 }
@@ -534,10 +569,8 @@ fn own_3x3_convolution_matches_burns_on_the_cpu() {
     }
 }
 
-/// Output, input, weight and bias gradients of `act(conv3x3(x, w) + b)` under the loss
-/// `sum(y · r)` (r: fixed pseudo-random weights, so misplaced values show), on `device` with
-/// `caps` through the model's convolution ([`ctseg::model::ops::conv`]). With `rounded`, x, w
-/// and r (hence the output gradient) are first rounded to the nearest f16 values; b is not.
+/// [`verify::conv_and_grads`]; on the GPU with `--gpu-conv wgsl` or f16 operands, first
+/// asserting that ctseg's kernels apply, so the comparison is of them (not of a fallback).
 fn conv_and_grads(
     device: &Device,
     caps: DeviceCaps,
@@ -546,48 +579,17 @@ fn conv_and_grads(
     relu: bool,
     rounded: bool,
 ) -> [Vec<f32>; 4] {
-    let ad = device.clone().autodiff();
-    let mut r = Rng::new(9);
-    // The bias is added to the f32 accumulator, not a product's operand: never rounded.
-    let mut values = |n: usize, operand: bool| {
-        let v: Vec<f32> = (0..n).map(|_| r.normal() as f32).collect();
-        if rounded && operand {
-            ctseg::fp16::from_f16(&ctseg::fp16::to_f16(&v))
-        } else {
-            v
-        }
-    };
-    let x = Tensor::<4>::from_data(
-        TensorData::new(values(shape.iter().product(), true), shape),
-        &ad,
-    )
-    .require_grad();
-    let wshape = [c_out, shape[1], 3, 3];
-    let w = Tensor::<4>::from_data(
-        TensorData::new(values(c_out * shape[1] * 9, true), wshape),
-        &ad,
-    )
-    .require_grad();
-    let b =
-        Tensor::<1>::from_data(TensorData::new(values(c_out, false), [c_out]), &ad).require_grad();
-    let yshape = [shape[0], c_out, shape[2], shape[3]];
-    let rs = Tensor::<4>::from_data(
-        TensorData::new(values(yshape.iter().product(), true), yshape),
-        &ad,
-    );
-    if caps.gpu_conv == GpuConv::Wgsl {
-        // The kernels apply here, so the comparison below is of them (not of a fallback).
-        assert!(ctseg::model::gpu_conv::conv3x3(&x, &w, &b, relu, caps.f16_operands).is_some());
+    if caps.gpu_conv == GpuConv::Wgsl || caps.f16_operands {
+        let x = Tensor::<4>::zeros(shape, device);
+        let w = Tensor::<4>::zeros([c_out, shape[1], 3, 3], device);
+        let b = Tensor::<1>::zeros([c_out], device);
+        let applies = ctseg::model::gpu_conv::conv3x3(&x, &w, &b, relu, caps.conv_operands(3));
+        assert!(
+            applies.is_some() || *device == Device::flex(),
+            "{shape:?} → {c_out}"
+        );
     }
-    let y = ctseg::model::ops::conv(x.clone(), w.clone(), b.clone(), relu, &caps);
-    let grads = (y.clone() * rs).sum().backward();
-    let read = |t: Option<Tensor<4>>| to_f32(t.expect("a gradient")).expect("read");
-    [
-        to_f32(y).expect("output"),
-        read(x.grad(&grads)),
-        read(w.grad(&grads)),
-        to_f32(b.grad(&grads).expect("bias gradient")).expect("read"),
-    ]
+    verify::conv_and_grads(device, caps, shape, c_out, relu, rounded).expect("convolution")
 }
 
 #[test]
@@ -637,20 +639,77 @@ fn own_3x3_convolution_gradients_match_the_cpu() {
 #[test]
 fn f16_operands_are_rounded_in_every_product_and_accumulated_in_f32() {
     let Some(be) = gpu() else { return };
-    let mixed = DeviceCaps {
+    // In registers (shaders/gemm_tile.wgsl), whatever the adapter offers.
+    let registers = DeviceCaps {
+        f16_operands: true,
+        coop: None,
+        ..be.caps
+    };
+    assert_eq!(registers.conv_operands(3), Operands::F16);
+    f16_products_equal_f32_products_of_rounded_operands(&be, registers);
+}
+
+#[test]
+fn cooperative_matrices_compute_f16_products_accumulated_in_f32() {
+    let Some(be) = coop_gpu("cooperative_matrices_compute_f16_products_accumulated_in_f32") else {
+        return;
+    };
+    // The same numerics on the adapter's cooperative matrices (shaders/gemm_tile_coop.wgsl).
+    let coop = DeviceCaps {
         f16_operands: true,
         ..be.caps
     };
+    assert!(
+        matches!(coop.conv_operands(3), Operands::Coop(_)),
+        "{}",
+        be.description
+    );
+    f16_products_equal_f32_products_of_rounded_operands(&be, coop);
+}
+
+#[test]
+fn cooperative_matrices_agree_with_the_register_kernels_to_summation_order() {
+    let Some(be) =
+        coop_gpu("cooperative_matrices_agree_with_the_register_kernels_to_summation_order")
+    else {
+        return;
+    };
+    // The start-up check's step 2 (src/verify.rs): the same f16 operands, the same exact
+    // products, only the f32 summation order differs, so the two agree to verify::REORDERED.
+    let coop = DeviceCaps {
+        f16_operands: true,
+        ..be.caps
+    };
+    let registers = DeviceCaps { coop: None, ..coop };
+    let diff = verify::conv_difference(&be.device, coop, registers).expect("compare");
+    eprintln!("cooperative matrices against registers: {diff:.1e}");
+    assert!(diff <= verify::REORDERED, "{diff}");
+    // And the check can fail: against f32 operands, f16's rounding shows (2^-11 relative).
+    let f32_operands = DeviceCaps {
+        f16_operands: false,
+        gpu_conv: GpuConv::Wgsl,
+        ..registers
+    };
+    let off = verify::conv_difference(&be.device, coop, f32_operands).expect("compare");
+    assert!(off > 10.0 * verify::REORDERED, "{off}");
+}
+
+/// The model's convolution on `be` with `mixed` (f16 operands) against the CPU's f32
+/// convolution of operands rounded beforehand, forward and the three gradients.
+fn f16_products_equal_f32_products_of_rounded_operands(be: &Backend, mixed: DeviceCaps) {
     // A product of two f16 values is exact in f32, so the kernels on f16 operands must equal an
     // f32 convolution of operands rounded to f16 beforehand (here: burn's on the CPU, rounding
     // by ctseg::fp16, itself bit-exact with numpy's float16 in src/fp16.rs's tests), up to the
     // f32 summation order, in the output and in all three gradients (whose operands include
     // the output gradient). And they must differ from the unrounded convolution by about f16's
-    // relative precision (2^-11), or no rounding happened.
+    // relative precision (2^-11), or no rounding happened. Shapes: partial tiles, a tile's
+    // worth of output channels and more, and more input channels than one reduction step.
     for (shape, c_out, relu) in [
+        ([2, 1, 32, 32], 2, true),
         ([2, 3, 17, 19], 5, true),
         ([2, 16, 24, 24], 70, false),
         ([4, 8, 120, 120], 16, true),
+        ([2, 96, 6, 6], 80, false),
     ] {
         let gpu = conv_and_grads(&be.device, mixed, shape, c_out, relu, false);
         let flex = Device::flex();
@@ -705,15 +764,7 @@ fn own_convolutions_replace_burns_in_the_training_step() {
     // forward and gradients; burn's convolution kernels remain only for the 1×1 output layer
     // (one forward, and in the backward its input gradient and weight gradient).
     let p = &tiny_gpu_profile(1, &["--gpu-conv", "wgsl"]);
-    let launches = |phase: &str, kernel: &str| -> f64 {
-        p["kernels"]
-            .as_array()
-            .expect("kernels")
-            .iter()
-            .filter(|k| k["phase"] == phase && k["kernel"] == kernel)
-            .map(|k| k["launches"].as_f64().unwrap_or(f64::NAN))
-            .sum()
-    };
+    let launches = |phase: &str, kernel: &str| launches(p, phase, kernel);
     let convs = launches("forward", "conv3x3_forward");
     // Width 4, depth of the built-in config: two 3×3 convolutions per level and bottleneck.
     assert!(convs >= 6.0, "{p}");
@@ -726,6 +777,79 @@ fn own_convolutions_replace_burns_in_the_training_step() {
     let burn_backward = launches("backward", "DirectConv2dKernel")
         + launches("backward", "ConvTranspose2dDirectNhwcKernel");
     assert_eq!(burn_backward, 2.0, "{p}");
+}
+
+#[test]
+fn mixed_precision_runs_every_3x3_convolution_on_cooperative_matrices() {
+    // The trainer's step in mixed precision on an adapter with cooperative matrices: every 3×3
+    // convolution, forward and both gradients, on the cooperative-matrix kernels, none left on
+    // the register ones (counts as in own_convolutions_replace_burns_in_the_training_step).
+    let args = tiny_profile_args(1, &["--precision", "mixed"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let Some(out) = common::ctseg_with_cooperative_matrices(&args, coop_here()) else {
+        return;
+    };
+    let p = &only_profile(&common::ok(out));
+    let launches = |phase: &str, kernel: &str| launches(p, phase, kernel);
+    let convs = launches("forward", "conv3x3_forward_coop");
+    assert!(convs >= 6.0, "{p}");
+    assert_eq!(launches("backward", "conv3x3_forward_coop"), convs, "{p}");
+    assert_eq!(
+        launches("backward", "conv3x3_weight_grad_coop"),
+        convs,
+        "{p}"
+    );
+    let registers = launches("forward", "conv3x3_forward")
+        + launches("backward", "conv3x3_forward")
+        + launches("backward", "conv3x3_weight_grad");
+    assert_eq!(registers, 0.0, "{p}");
+}
+
+#[test]
+fn mixed_precision_training_names_its_cooperative_matrices() {
+    // A short mixed-precision run on an adapter with cooperative matrices passes its start-up
+    // check (src/verify.rs, on those kernels) and says in its log and summary what it ran on;
+    // `ctseg adapters` says the same beforehand.
+    let here = coop_here();
+    let Some(adapters) = common::ctseg_with_cooperative_matrices(&["adapters"], here) else {
+        return;
+    };
+    let adapters = common::ok(adapters);
+    assert!(
+        adapters.contains(
+            "--precision mixed: ctseg's kernels with f16 operands on cooperative matrices"
+        ),
+        "{adapters}"
+    );
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    let args = [
+        "train",
+        "--config",
+        common::TINY,
+        "--backend",
+        "gpu",
+        "--precision",
+        "mixed",
+        "--max-steps",
+        "3",
+        "--out",
+        common::s(&run),
+    ];
+    let out = common::ctseg_with_cooperative_matrices(&args, here).expect("the adapter above");
+    let out = common::ok(out);
+    assert!(
+        out.contains("f16 operands on ctseg's WGSL kernels on cooperative matrices"),
+        "{out}"
+    );
+    let sm = common::summary(&run);
+    assert_eq!(sm.precision, "mixed");
+    assert!(
+        sm.precision_note.contains("cooperative matrices"),
+        "{}",
+        sm.precision_note
+    );
+    assert_eq!(sm.skipped_steps, 0);
 }
 
 /// A fresh mixed-precision train state of a tiny U-Net on `be`, its stepper's inputs and the
@@ -854,14 +978,33 @@ fn mixed_precision_training_keeps_its_loss_scale_across_a_resume() {
 #[test]
 fn mixed_precision_matches_the_cpus_mixed_precision_at_240() {
     let Some(be) = gpu() else { return };
-    // The second half of a mixed-precision run's start-up check (src/verify.rs): the GPU with
-    // f16 operands against the CPU with the same f16 operands, within that computation's own
-    // noise on the transposed problem. Shape as unet_loss_and_gradients_match_cpu_at_240.
-    let cfg = narrow_unet_240();
-    let mixed = DeviceCaps {
+    let registers = DeviceCaps {
+        f16_operands: true,
+        coop: None,
+        ..be.caps
+    };
+    unet_in_mixed_precision_matches_the_cpus_at_240(&be, registers);
+}
+
+#[test]
+fn mixed_precision_on_cooperative_matrices_matches_the_cpus_at_240() {
+    let Some(be) = coop_gpu("mixed_precision_on_cooperative_matrices_matches_the_cpus_at_240")
+    else {
+        return;
+    };
+    let coop = DeviceCaps {
         f16_operands: true,
         ..be.caps
     };
+    assert!(matches!(coop.conv_operands(3), Operands::Coop(_)));
+    unet_in_mixed_precision_matches_the_cpus_at_240(&be, coop);
+}
+
+/// The second half of a mixed-precision run's start-up check (src/verify.rs) with `mixed`: the
+/// GPU with f16 operands against the CPU with the same f16 operands, within that computation's
+/// own noise on the transposed problem. Shape as unet_loss_and_gradients_match_cpu_at_240.
+fn unet_in_mixed_precision_matches_the_cpus_at_240(be: &Backend, mixed: DeviceCaps) {
+    let cfg = narrow_unet_240();
     let v = verify::compare(&cfg, &be.device, mixed, 4).expect("compare");
     eprintln!("{}\n{}", be.description, v.table());
     assert!(v.passes(), "{}\n{}", be.description, v.table());

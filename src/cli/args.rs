@@ -114,7 +114,7 @@ pub struct OverrideArgs {
     #[arg(long)]
     pub accumulate: Option<usize>,
     /// f32, or mixed: f16 convolution operands with f32 accumulation and dynamic loss scaling
-    /// (mixed precision's numerics on every backend; not yet faster, see docs/gpu-notes.md).
+    /// (on the adapter's cooperative matrices where it has them; `ctseg adapters` says which).
     #[arg(long, value_enum)]
     pub precision: Option<ctseg::train::precision::Precision>,
 }

@@ -9,9 +9,16 @@
 //!   depends only on the shape (so results are deterministic), summed in slice order
 //!   (`shaders/sum_slices.wgsl`).
 //!
+//! In mixed precision on an adapter with cooperative matrices, both GEMMs run their tile
+//! products on them (`shaders/gemm_tile_coop.wgsl`: f16 operands, f32 accumulation, tensor
+//! cores where the adapter has them) instead of in registers (`shaders/gemm_tile.wgsl`); the
+//! staging, bias, ReLU and gate are the same kernel code either way.
+//!
 //! Every loop stays short on every adapter ([`MAX_LOOP`]), so loop-capped adapters (lavapipe)
 //! need no row chunks. Which convolution the model uses is decided in [`super::ops::conv`] from
-//! [`super::ops::GpuConv`].
+//! [`super::ops::GpuConv`] and [`super::ops::DeviceCaps`].
+
+use std::sync::Mutex;
 
 use burn::tensor::{DType, Tensor};
 use burn_cubecl::Cube;
@@ -31,6 +38,9 @@ use crate::wgsl::{
 
 const FORWARD: &str = shader!("gemm_tile.wgsl", "conv3x3_forward.wgsl");
 const WEIGHT_GRAD: &str = shader!("gemm_tile.wgsl", "conv3x3_weight_grad.wgsl");
+/// The same kernels on cooperative matrices, after the header [`CoopTile::header`] writes.
+const FORWARD_COOP: &str = shader!("gemm_tile_coop.wgsl", "conv3x3_forward.wgsl");
+const WEIGHT_GRAD_COOP: &str = shader!("gemm_tile_coop.wgsl", "conv3x3_weight_grad.wgsl");
 const SUM_SLICES: &str = shader!("sum_slices.wgsl");
 /// The output tile of one workgroup in both GEMM kernels, rows and columns, as the shaders
 /// declare; and their K (forward) or N (weight gradient) step.
@@ -48,6 +58,112 @@ const BIAS: u32 = 2;
 const GATE: u32 = 4;
 const MIRRORED: u32 = 8;
 const F16_OPERANDS: u32 = 16;
+
+/// How the kernels multiply: f32 operands, operands rounded to f16 (mixed precision's numerics)
+/// in registers, or f16 operands on the adapter's cooperative matrices. Accumulation is f32 in
+/// all three.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operands {
+    /// f32 products (f32 runs).
+    F32,
+    /// f16 operands in registers (`shaders/gemm_tile.wgsl`).
+    F16,
+    /// f16 operands on cooperative matrices (`shaders/gemm_tile_coop.wgsl`).
+    Coop(CoopTile),
+}
+
+impl Operands {
+    /// The kernels' operand flag (16 in the forward's flags, 2 in the weight gradient's).
+    fn f16(self) -> bool {
+        self != Operands::F32
+    }
+
+    /// The forward and weight-gradient kernels (source, profile name).
+    fn kernels(self) -> [(&'static str, &'static str); 2] {
+        match self {
+            Operands::F32 | Operands::F16 => [
+                (FORWARD, "conv3x3_forward"),
+                (WEIGHT_GRAD, "conv3x3_weight_grad"),
+            ],
+            Operands::Coop(t) => {
+                let [f, w] = t.sources();
+                [(f, "conv3x3_forward_coop"), (w, "conv3x3_weight_grad_coop")]
+            }
+        }
+    }
+}
+
+/// The cooperative-matrix products the kernels use on an adapter (shaders/gemm_tile_coop.wgsl):
+/// `size`×`size`×`size` with f16 operands and f32 accumulators, `per_subgroup` accumulators in
+/// each subgroup (enough for the adapter's largest subgroups to cover a 64×64 tile).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoopTile {
+    /// The matrices' side: 8 or 16.
+    pub size: u32,
+    /// Accumulators per subgroup.
+    pub per_subgroup: u32,
+}
+
+impl CoopTile {
+    /// Workgroup memory the cooperative kernels declare for products of `size`: the f16 A and B
+    /// tiles (2 KiB each), the f32 result tile (16 KiB) and a scratch block of 64×`size` f32.
+    fn workgroup_bytes(size: u32) -> u32 {
+        4096 + (4096 + 64 * size) * 4
+    }
+
+    /// The configuration for an adapter offering square f16 × f16 → f32 products of the sizes
+    /// `f16_to_f32` (8 and 16 are those WGSL can name), subgroup operations (`subgroups`) with
+    /// at most `max_subgroup` invocations, and `workgroup_bytes` of workgroup memory: 16 where
+    /// offered (a quarter of the products of 8), else 8; `None` where nothing fits.
+    pub fn choose(
+        f16_to_f32: &[u32],
+        subgroups: bool,
+        max_subgroup: u32,
+        workgroup_bytes: u32,
+    ) -> Option<Self> {
+        if !subgroups || max_subgroup == 0 {
+            return None;
+        }
+        let size = [16, 8]
+            .into_iter()
+            .find(|s| f16_to_f32.contains(s) && Self::workgroup_bytes(*s) <= workgroup_bytes)?;
+        let matrices = (TILE as u32 / size).pow(2);
+        let fewest_subgroups = (WORKGROUP / max_subgroup.min(WORKGROUP)).max(1);
+        let per_subgroup = matrices.div_ceil(fewest_subgroups);
+        // More accumulators than this would spill registers on any GPU.
+        (per_subgroup <= 16).then_some(Self { size, per_subgroup })
+    }
+
+    /// How logs and `ctseg adapters` name it.
+    pub fn describe(self) -> String {
+        let s = self.size;
+        format!("cooperative matrices {s}x{s}x{s} f16->f32")
+    }
+
+    /// The WGSL that declares what shaders/gemm_tile_coop.wgsl expects of the adapter.
+    fn header(self) -> String {
+        let (s, acc) = (self.size, self.per_subgroup);
+        format!(
+            "enable f16;\nenable wgpu_cooperative_matrix;\n\
+             alias CoopA = coop_mat{s}x{s}<f16, A>;\nalias CoopB = coop_mat{s}x{s}<f16, B>;\n\
+             alias CoopC = coop_mat{s}x{s}<f32, C>;\nconst CT: u32 = {s}u;\nconst ACC: u32 = {acc}u;\n"
+        )
+    }
+
+    /// The forward and weight-gradient sources for this configuration, written once per
+    /// process and configuration (kernels are launched by `&'static str`).
+    fn sources(self) -> [&'static str; 2] {
+        static SOURCES: Mutex<Vec<(CoopTile, [&'static str; 2])>> = Mutex::new(Vec::new());
+        let mut known = SOURCES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, s)) = known.iter().find(|(t, _)| *t == self) {
+            return *s;
+        }
+        let leak = |body: &str| -> &'static str { Box::leak((self.header() + body).into()) };
+        let s = [leak(FORWARD_COOP), leak(WEIGHT_GRAD_COOP)];
+        known.push((self, s));
+        s
+    }
+}
 
 /// What the WGSL kernels need of the CPU's convolution shape (k = 3 here).
 impl ConvShape {
@@ -107,9 +223,10 @@ impl ConvShape {
 /// `act(conv3x3_same(x, weight) + bias)` with ctseg's kernels, or `None` where they do not
 /// apply: tensors not f32 on a wgpu device (with or without autodiff, all alike), a kernel other
 /// than 3×3, or shapes beyond the dispatch grid or 32-bit indexing. Under autodiff the
-/// gradients are ctseg's kernels too. With `f16_operands`, every product's two operands
+/// gradients are ctseg's kernels too. With f16 `operands`, every product's two operands
 /// (forward and both gradients) are rounded to binary16 and accumulated in f32, as tensor
-/// cores compute mixed precision; the buffers stay f32.
+/// cores compute mixed precision (on the adapter's cooperative matrices with
+/// [`Operands::Coop`]); the buffers stay f32.
 ///
 /// # Shapes
 /// - `x`: `[batch, c_in, h, w]`, `weight`: `[c_out, c_in, 3, 3]`, `bias`: `[c_out]`
@@ -119,9 +236,8 @@ pub fn conv3x3(
     weight: &Tensor<4>,
     bias: &Tensor<1>,
     relu: bool,
-    f16_operands: bool,
+    operands: Operands,
 ) -> Option<Tensor<4>> {
-    let precision = if f16_operands { F16_OPERANDS } else { 0 };
     let s = ConvShape::of(x.dims(), weight.dims(), bias.dims())?;
     if [x.dtype(), weight.dtype(), bias.dtype()]
         .iter()
@@ -145,20 +261,27 @@ pub fn conv3x3(
             OpsKind::Tracked(mut prep) => {
                 let xs = prep.checkpoint(&x);
                 let ws = prep.checkpoint(&w);
-                let operands = [x.primitive(), w.primitive(), b.primitive()];
-                let y = forward(&s, operands, relu, precision);
-                prep.finish((xs, ws, relu.then(|| y.clone()), s, precision), y)
+                let ops = operands;
+                let y = forward(&s, [x.primitive(), w.primitive(), b.primitive()], relu, ops);
+                prep.finish((xs, ws, relu.then(|| y.clone()), s, ops), y)
             }
             OpsKind::UnTracked(prep) => {
-                let operands = [x.primitive(), w.primitive(), b.primitive()];
-                prep.finish(forward(&s, operands, relu, precision))
+                let tensors = [x.primitive(), w.primitive(), b.primitive()];
+                prep.finish(forward(&s, tensors, relu, operands))
             }
         };
         return Some(Tensor::from_primitive::<Autodiff<Cube>>(out));
     }
     let (x, w, b) = (f32_buffer(x)?, f32_buffer(weight)?, f32_buffer(bias)?);
-    let flags = BIAS | precision | if relu { RELU } else { 0 };
-    let y = launch_conv(&s, &x, &w, &b, &x, flags);
+    let y = launch_conv(
+        &s,
+        &x,
+        &w,
+        &b,
+        &x,
+        BIAS | if relu { RELU } else { 0 },
+        operands,
+    );
     Some(Tensor::from_primitive::<Cube>(f32_fused(
         &x.device,
         y,
@@ -167,10 +290,17 @@ pub fn conv3x3(
 }
 
 /// The forward on fused primitives `[x, weight, bias]` (the autodiff path).
-fn forward(s: &ConvShape, operands: [&Fused; 3], relu: bool, precision: u32) -> Fused {
-    let [x, w, b] = operands.map(|t| resolve(t.clone()));
-    let flags = BIAS | precision | if relu { RELU } else { 0 };
-    let y = launch_conv(s, &x, &w, &b, &x, flags);
+fn forward(s: &ConvShape, tensors: [&Fused; 3], relu: bool, operands: Operands) -> Fused {
+    let [x, w, b] = tensors.map(|t| resolve(t.clone()));
+    let y = launch_conv(
+        s,
+        &x,
+        &w,
+        &b,
+        &x,
+        BIAS | if relu { RELU } else { 0 },
+        operands,
+    );
     f32_fused(&x.device, y, &[s.batch, s.c_out, s.h, s.w])
 }
 
@@ -179,20 +309,20 @@ struct ConvBackward;
 
 impl Backward<Cube, 3> for ConvBackward {
     /// Input and kernel nodes, the output when a ReLU followed the convolution, the shape, and
-    /// the operands' precision flag.
-    type State = (NodeId, NodeId, Option<Fused>, ConvShape, u32);
+    /// the operands.
+    type State = (NodeId, NodeId, Option<Fused>, ConvShape, Operands);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
         let [node_x, node_w, node_b] = ops.parents;
         let dy = resolve(grads.consume::<Cube>(&ops.node));
-        let (xs, ws, relu_out, s, precision) = ops.state;
+        let (xs, ws, relu_out, s, operands) = ops.state;
         // The ReLU's gradient: dy counts where the output is positive (PyTorch: zero at 0).
         let gate = relu_out.map(resolve);
         let x = resolve(ckpt.retrieve_node_output::<Fused>(xs));
         let w = resolve(ckpt.retrieve_node_output::<Fused>(ws));
         let device = x.device.clone();
         if let Some(node) = node_x {
-            let flags = MIRRORED | precision | if gate.is_some() { GATE } else { 0 };
+            let flags = MIRRORED | if gate.is_some() { GATE } else { 0 };
             let dx = launch_conv(
                 &s.swapped(),
                 &dy,
@@ -200,6 +330,7 @@ impl Backward<Cube, 3> for ConvBackward {
                 &w,
                 gate.as_ref().unwrap_or(&dy),
                 flags,
+                operands,
             );
             grads.register::<Cube>(
                 node.id,
@@ -207,7 +338,7 @@ impl Backward<Cube, 3> for ConvBackward {
             );
         }
         if node_w.is_some() || node_b.is_some() {
-            let (dw, db) = launch_weight_grad(&s, &x, &dy, gate.as_ref(), precision != 0);
+            let (dw, db) = launch_weight_grad(&s, &x, &dy, gate.as_ref(), operands);
             if let Some(node) = node_w {
                 grads.register::<Cube>(node.id, f32_fused(&device, dw, &[s.c_out, s.c_in, 3, 3]));
             }
@@ -227,12 +358,14 @@ fn launch_conv(
     bias: &CubeTensor,
     gate: &CubeTensor,
     flags: u32,
+    operands: Operands,
 ) -> Handle {
     let y = x.client.empty(s.n() * s.c_out * 4);
     let [b, ci, co, h, wd] = s.dims();
+    let flags = flags | if operands.f16() { F16_OPERANDS } else { 0 };
     launch(
         &x.client,
-        (FORWARD, "conv3x3_forward"),
+        operands.kernels()[0],
         grid(s.n().div_ceil(TILE), s.c_out.div_ceil(TILE), 1),
         &[&x.handle, &w.handle, &bias.handle, &y, &gate.handle],
         &[b, ci, co, h, wd, flags],
@@ -242,13 +375,13 @@ fn launch_conv(
 
 /// shaders/conv3x3_weight_grad.wgsl and shaders/sum_slices.wgsl: the weight gradient
 /// `[c_out, c_in, 3, 3]` and the bias gradient `[c_out]` for input `x` and output gradient
-/// `dy`, gated by `gate > 0` when given, the operands rounded to f16 with `f16_operands`.
+/// `dy`, gated by `gate > 0` when given, multiplied as `operands` says.
 fn launch_weight_grad(
     s: &ConvShape,
     x: &CubeTensor,
     dy: &CubeTensor,
     gate: Option<&CubeTensor>,
-    f16_operands: bool,
+    operands: Operands,
 ) -> (Handle, Handle) {
     let client = &x.client;
     let (slice, slices) = s.slices();
@@ -257,7 +390,7 @@ fn launch_weight_grad(
     let [b, ci, co, h, wd] = s.dims();
     launch(
         &x.client,
-        (WEIGHT_GRAD, "conv3x3_weight_grad"),
+        operands.kernels()[1],
         grid((k + 1).div_ceil(TILE), s.c_out.div_ceil(TILE), slices),
         &[&x.handle, &dy.handle, &gate.unwrap_or(dy).handle, &part],
         &[
@@ -267,7 +400,7 @@ fn launch_weight_grad(
             h,
             wd,
             slice as u32,
-            u32::from(gate.is_some()) | (u32::from(f16_operands) << 1),
+            u32::from(gate.is_some()) | (u32::from(operands.f16()) << 1),
         ],
     );
     let dw = client.empty(s.c_out * k * 4);
@@ -309,6 +442,31 @@ mod tests {
             assert!(slice * slices >= s.n());
             assert!(slice / STEP <= 16_384, "{slice}");
         }
+    }
+
+    #[test]
+    fn cooperative_tiles_cover_the_output_tile_on_each_adapter() {
+        let coop = CoopTile::choose;
+        // lavapipe (Mesa 26): 8x8x8 only, subgroups of 8: 32 subgroups for 64 matrices.
+        let lavapipe = coop(&[8], true, 8, 65_536);
+        assert_eq!(lavapipe.map(|t| (t.size, t.per_subgroup)), Some((8, 2)));
+        // NVIDIA: 16 preferred; 8 subgroups of 32 for 16 matrices. AMD GCN: 4 of 64.
+        assert_eq!(
+            coop(&[8, 16], true, 32, 49_152).map(|t| t.per_subgroup),
+            Some(2)
+        );
+        assert_eq!(
+            coop(&[16], true, 64, 65_536).map(|t| t.per_subgroup),
+            Some(4)
+        );
+        // 22 KiB of workgroup memory hold the scratch block for products of 8, not of 16.
+        assert_eq!(coop(&[8, 16], true, 32, 22_528).map(|t| t.size), Some(8));
+        // One subgroup of 128 for 64 matrices of 8 would need 32 accumulators each.
+        assert_eq!(coop(&[8], true, 128, 65_536), None);
+        // No subgroup ids, too little workgroup memory, or no size WGSL names.
+        assert_eq!(coop(&[16], false, 32, 49_152), None);
+        assert_eq!(coop(&[16], true, 32, 16_384), None);
+        assert_eq!(coop(&[32], true, 32, 49_152), None);
     }
 
     #[test]

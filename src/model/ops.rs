@@ -9,7 +9,8 @@ use burn::tensor::module::{conv_transpose2d, conv2d, max_pool2d};
 use burn::tensor::ops::{ConvOptions, ConvTransposeOptions, MaxPoolOptions};
 use burn::tensor::{Tensor, TensorData};
 
-use super::{cpu, gpu_conv};
+use super::cpu;
+use super::gpu_conv::{self, CoopTile, Operands};
 
 /// Which 3×3 convolution kernels the model uses on a wgpu adapter.
 #[derive(
@@ -59,6 +60,10 @@ pub struct DeviceCaps {
     /// accumulate f16 operands in f16; on the CPU, its own kernels, as the GPU check's
     /// reference).
     pub f16_operands: bool,
+    /// The adapter's cooperative matrices as ctseg's kernels use them (`None`: none, or not on
+    /// a wgpu adapter). Mixed precision's convolutions run on them where present; f32 never
+    /// does (Vulkan's cooperative matrices have no f32 operands).
+    pub coop: Option<CoopTile>,
 }
 
 impl DeviceCaps {
@@ -70,6 +75,17 @@ impl DeviceCaps {
     pub fn conv_chunk(&self) -> Option<usize> {
         self.shader_loop_cap
             .map(|cap| ((cap / 9) / 1024 * 1024).max(1024))
+    }
+
+    /// How a k×k convolution's products are computed on this device: mixed precision rounds
+    /// the 3×3 convolutions' operands to f16 (the 1×1 output layer stays f32), on the adapter's
+    /// cooperative matrices where it has them.
+    pub fn conv_operands(&self, k: usize) -> Operands {
+        match (self.f16_operands && k == 3, self.coop) {
+            (false, _) => Operands::F32,
+            (true, None) => Operands::F16,
+            (true, Some(tile)) => Operands::Coop(tile),
+        }
     }
 }
 
@@ -85,15 +101,15 @@ pub fn conv(
     apply_relu: bool,
     caps: &DeviceCaps,
 ) -> Tensor<4> {
-    // Mixed precision rounds the 3×3 convolutions' operands (ctseg's GPU kernels cover
-    // those); the 1×1 output layer stays f32 on every device.
     let [_, _, k, _] = weight.dims();
-    let f16 = caps.f16_operands && k == 3;
+    let operands = caps.conv_operands(k);
+    let f16 = operands != Operands::F32;
     if let Some(y) = cpu::conv::conv2d_same(&x, &weight, &bias, apply_relu, f16) {
         return y;
     }
+    // ctseg's GPU kernels cover f16 operands (burn's would accumulate them in f16).
     if (caps.gpu_conv == GpuConv::Wgsl || f16)
-        && let Some(y) = gpu_conv::conv3x3(&x, &weight, &bias, apply_relu, f16)
+        && let Some(y) = gpu_conv::conv3x3(&x, &weight, &bias, apply_relu, operands)
     {
         return y;
     }

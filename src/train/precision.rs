@@ -19,8 +19,8 @@ pub enum Precision {
     F32,
     /// The 3×3 convolutions' operands in f16, accumulated in f32; master weights, BN, loss and
     /// optimiser state in f32; dynamic loss scaling ([`super::scaler`]). Every backend computes
-    /// these numerics (the CPU's kernels round operands too: they are the GPU's reference), none
-    /// yet with f16 storage or tensor cores.
+    /// these numerics (the CPU's kernels round operands too: they are the GPU's reference); on
+    /// an adapter with cooperative matrices, the products run on them (tensor cores).
     Mixed,
 }
 
@@ -59,17 +59,25 @@ pub fn apply(precision: Precision, mut backend: Backend) -> Backend {
     backend.precision = match precision {
         Precision::F32 => PrecisionUsed::default(),
         Precision::Mixed => {
-            let kernels = match backend.kind {
-                BackendKind::Gpu => "ctseg's WGSL kernels",
-                BackendKind::Cpu => "the CPU's convolution kernels",
+            let kernels = match (backend.kind, backend.caps.coop) {
+                (BackendKind::Gpu, Some(tile)) => {
+                    format!("ctseg's WGSL kernels on {}", tile.describe())
+                }
+                (BackendKind::Gpu, None) => "ctseg's WGSL kernels (no cooperative matrices)".into(),
+                (BackendKind::Cpu, _) => "the CPU's convolution kernels".into(),
             };
             backend.description.push_str(&format!(
                 " in mixed precision (3x3 convolutions with f16 operands on {kernels})"
             ));
+            let speed = if backend.caps.coop.is_some() {
+                "the operands are converted to f16 as they are staged (tensors stay f32 in memory)"
+            } else {
+                "without cooperative matrices this has mixed precision's numerics, not its speed"
+            };
             PrecisionUsed {
                 precision,
                 note: format!(
-                    "3x3 convolution operands rounded to f16 and accumulated in f32 by {kernels}, dynamic loss scaling; buffers stay f32 and no tensor-core kernel exists yet, so this has mixed precision's numerics, not its speed (docs/gpu-notes.md)"
+                    "3x3 convolution operands rounded to f16 and accumulated in f32 by {kernels}, dynamic loss scaling; {speed} (docs/gpu-notes.md)"
                 ),
             }
         }
