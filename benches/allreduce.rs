@@ -36,6 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         threads: 0,
         adapter: None,
         gpu_conv: Default::default(),
+        cooperative_matrices: true,
     })?;
     let ad = be.device.clone().autodiff();
     let model = build_model(&cfg, &ad, be.caps);

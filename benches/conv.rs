@@ -80,6 +80,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         threads,
         adapter: None,
         gpu_conv: Default::default(),
+        cooperative_matrices: true,
     })?;
     // livermask at width 32 and 64, batch 4: the first level (240²) and the bottleneck (15²).
     let cases = [

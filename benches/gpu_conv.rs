@@ -17,6 +17,21 @@ use ctseg::tensor_util::to_f32;
 use ctseg::util::stats::spread;
 use ctseg::verify::rel_l2;
 
+/// The largest relative L2 difference between matching tensors of `a` and `b`; NaN if any is
+/// (a kernel that left values out must not print as agreeing).
+fn largest_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| rel_l2(y, x))
+        .fold(0.0, |m: f64, e| {
+            if e.is_nan() || m.is_nan() {
+                f64::NAN
+            } else {
+                m.max(e)
+            }
+        })
+}
+
 /// Median seconds of `f` over `reps` warm repetitions (one untimed first), and its last output.
 fn time(
     be: &Backend,
@@ -109,6 +124,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         threads: 0,
         adapter: None,
         gpu_conv: GpuConv::Burn,
+        cooperative_matrices: true,
     })?;
     println!("{}", be.description);
     let caps = |gpu_conv| DeviceCaps {
@@ -146,11 +162,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let o = operands(&be, train, &data, shape, co);
             let (t_burn, y_burn) = time(&be, reps, &|| run(caps(GpuConv::Burn), train, &o))?;
             let (t_own, y_own) = time(&be, reps, &|| run(caps(GpuConv::Wgsl), train, &o))?;
-            let err = y_burn
-                .iter()
-                .zip(&y_own)
-                .map(|(a, b)| rel_l2(b, a))
-                .fold(0.0f64, f64::max);
+            let err = largest_difference(&y_burn, &y_own);
             println!(
                 "{shape:?} -> {co} {what}: burn {t_burn:.4} s ({:.1} GFLOP/s) | ctseg {t_own:.4} s ({:.1}) | burn / ctseg {:.2}x | rel. L2 diff {err:.1e}",
                 flops / t_burn / 1e9,
@@ -166,11 +178,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             let (t_reg, y_reg) = time(&be, reps, &|| run(mixed(None), train, &o))?;
             let (t_coop, y_coop) = time(&be, reps, &|| run(mixed(Some(tile)), train, &o))?;
-            let err = y_reg
-                .iter()
-                .zip(&y_coop)
-                .map(|(a, b)| rel_l2(b, a))
-                .fold(0.0f64, f64::max);
+            let err = largest_difference(&y_reg, &y_coop);
             println!(
                 "{shape:?} -> {co} {what} mixed: registers {t_reg:.4} s ({:.1} GFLOP/s) | {} {t_coop:.4} s ({:.1}) | registers / cooperative {:.2}x | rel. L2 diff {err:.1e}",
                 flops / t_reg / 1e9,

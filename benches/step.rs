@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         threads: 0,
         adapter: None,
         gpu_conv: Default::default(),
+        cooperative_matrices: true,
     })?;
     let r = bench_step(
         &cfg,

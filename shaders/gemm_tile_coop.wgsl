@@ -1,6 +1,7 @@
 // gemm_tile.wgsl's tile product on cooperative matrices (tensor cores where the adapter has
 // them): the same interface, the staged values in f16 (mixed precision's operands: the kernels
-// round them to f16 first, so the conversion is exact) and f32 accumulation. The source starts
+// round them to f16 first, so the conversion is exact, but for f16 subnormals, below 6.1e-5,
+// which an adapter may flush to zero) and f32 accumulation. The source starts
 // with a header src/model/gpu_conv.rs writes for the adapter: `enable f16;
 // enable wgpu_cooperative_matrix;`, the aliases CoopA / CoopB / CoopC (CT x CT matrices, f16
 // A and B, f32 C) and the constants CT (8 or 16) and ACC (accumulators per subgroup).
@@ -10,7 +11,7 @@
 // largest subgroup, and tile_value gives NaN if the subgroups could not cover the tile).
 // Cooperative operations need control flow uniform across the workgroup, so no branch depends
 // on the subgroup: an accumulator beyond the last matrix repeats one and is stored to a
-// scratch block after the tile.
+// scratch block after the tile, which nothing reads.
 
 // [16][64], as in gemm_tile.wgsl: a_tile is the 64 x 16 A block column-major, b_tile the
 // 16 x 64 B block row-major.

@@ -45,6 +45,9 @@ pub struct DeviceRequest {
     pub adapter: Option<usize>,
     /// The 3×3 convolutions' kernels on a GPU.
     pub gpu_conv: GpuConv,
+    /// Whether mixed precision may run on the adapter's cooperative matrices (where it has
+    /// them); `false` keeps it on the register kernels.
+    pub cooperative_matrices: bool,
 }
 
 impl DeviceRequest {
@@ -123,7 +126,8 @@ impl AdapterCaps {
         let shader_f16 = f.contains(wgpu::Features::SHADER_F16);
         let coop = CoopTile::choose(
             &square_f16_to_f32,
-            shader_f16 && f.contains(wgpu::Features::SUBGROUP),
+            shader_f16,
+            f.contains(wgpu::Features::SUBGROUP),
             adapter.get_info().subgroup_max_size,
             adapter.limits().max_compute_workgroup_storage_size,
         );
@@ -139,7 +143,10 @@ impl AdapterCaps {
     pub fn paths(&self) -> String {
         let mixed = match self.coop {
             Some(t) => format!("f16 operands on {}, f32 accumulation", t.describe()),
-            None => "f16 operands, f32 accumulation in registers (no cooperative matrices)".into(),
+            None => {
+                "f16 operands, f32 accumulation in registers (no cooperative matrices they can use)"
+                    .into()
+            }
         };
         format!(
             "convolutions: burn's kernels (default) or --gpu-conv wgsl (ctseg's); --precision mixed: ctseg's kernels with {mixed}"
@@ -230,12 +237,18 @@ pub fn configure_kernel_cache() {
     let _ = CubeClRuntimeConfig::try_set(cfg);
 }
 
-/// The adapters the GPU backend would use: those of the first graphics API (Vulkan, then GL)
-/// that offers a hardware adapter, or failing that the first offering any (e.g. lavapipe).
+/// The adapters the GPU backend would use: those of the first graphics API (Vulkan, then GL;
+/// only those `WGPU_BACKEND` names, when set) that offers a hardware adapter, or failing that
+/// the first offering any (e.g. lavapipe).
 pub fn list_adapters() -> Vec<Adapter> {
     let mut software: Option<Vec<(wgpu::AdapterInfo, AdapterCaps)>> = None;
     let mut chosen: Option<Vec<(wgpu::AdapterInfo, AdapterCaps)>> = None;
+    // wgpu's own variable, e.g. WGPU_BACKEND=vulkan, narrows the graphics APIs searched.
+    let wanted = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
     for api in [wgpu::Backend::Vulkan, wgpu::Backend::Gl] {
+        if !wanted.contains(api.into()) {
+            continue;
+        }
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
             backends: api.into(),
             ..wgpu::InstanceDescriptor::new_without_display_handle()
@@ -427,7 +440,7 @@ pub fn open(req: &DeviceRequest) -> Result<Backend> {
                 shader_loop_cap: (!long_loops_work(&device)).then_some(LAVAPIPE_LOOP_CAP),
                 gpu_conv: req.gpu_conv,
                 f16_operands: false,
-                coop: chosen.caps.coop,
+                coop: chosen.caps.coop.filter(|_| req.cooperative_matrices),
             };
             let capped = match (caps.shader_loop_cap, caps.gpu_conv) {
                 (Some(_), GpuConv::Burn) => ", loop-capped: convolutions split into exact chunks",

@@ -29,7 +29,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::{DeviceCaps, Mode, UNetConfig, dice_loss};
+use crate::model::{DeviceCaps, Mode, UNetConfig, dice_loss, gpu_conv};
 use crate::tensor_util::to_f32;
 use crate::train::flat::{self, Select};
 
@@ -208,6 +208,17 @@ pub fn conv_difference(device: &Device, a: DeviceCaps, b: DeviceCaps) -> Result<
         ([2, 16, 12, 12], 70, false),
         ([1, 96, 6, 6], 80, true),
     ] {
+        // Both sides on ctseg's kernels, or two fallbacks could agree.
+        for caps in [a, b] {
+            let x = Tensor::<4>::zeros(shape, device);
+            let w = Tensor::<4>::zeros([c_out, shape[1], 3, 3], device);
+            let bias = Tensor::<1>::zeros([c_out], device);
+            if gpu_conv::conv3x3(&x, &w, &bias, relu, caps.conv_operands(3)).is_none() {
+                return Err(Error::Device(format!(
+                    "the convolution check needs ctseg's kernels on this device ({shape:?} -> {c_out})"
+                )));
+            }
+        }
         let ya = conv_and_grads(device, a, shape, c_out, relu, false)?;
         let yb = conv_and_grads(device, b, shape, c_out, relu, false)?;
         for (p, q) in ya.iter().zip(&yb) {
@@ -396,13 +407,29 @@ pub fn require_gpu_agrees(model: &UNetConfig, backend: &Backend) -> Result<Verdi
         ..backend.caps
     };
     if let Some(tile) = backend.caps.coop {
-        let diff = conv_difference(&backend.device, backend.caps, registers)?;
-        if diff > REORDERED {
-            return Err(Error::Device(format!(
-                "{}: its {} compute 3x3 convolutions on f16 operands differently from ctseg's register kernels on the same operands (relative error {diff:.1e}, accepted {REORDERED:.0e}: the same exact products summed in another order). Training there would silently go wrong: use --precision f32, another --adapter, or --skip-gpu-check if you know better.",
-                backend.description,
-                tile.describe()
-            )));
+        // A driver that cannot build the kernels panics in wgpu: an error that says what to do.
+        let diff =
+            std::panic::catch_unwind(|| conv_difference(&backend.device, backend.caps, registers))
+                .unwrap_or_else(|_| {
+                    Err(Error::Device(
+                        "the cooperative-matrix kernels failed on this adapter".into(),
+                    ))
+                });
+        let refuse = |why: String| {
+            Error::Device(format!(
+                "{}: {why}. Use --no-cooperative-matrices (mixed precision on ctseg's register kernels), --precision f32, another --adapter, or --skip-gpu-check if you know better.",
+                backend.description
+            ))
+        };
+        match diff {
+            Err(e) => return Err(refuse(e.to_string())),
+            Ok(d) if d > REORDERED => {
+                return Err(refuse(format!(
+                    "its {} compute 3x3 convolutions on f16 operands differently from ctseg's register kernels on the same operands (relative error {d:.1e}, accepted {REORDERED:.0e}: the same exact products summed in another order)",
+                    tile.describe()
+                )));
+            }
+            Ok(_) => {}
         }
     }
     // 3. The model with f16 operands against the CPU's, within that computation's noise.

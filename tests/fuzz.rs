@@ -700,6 +700,7 @@ fn checkpoint_state(dir: &Path) -> CheckpointState {
         threads: 1,
         adapter: None,
         gpu_conv: Default::default(),
+        cooperative_matrices: true,
     })
     .expect("cpu backend");
     CheckpointState {

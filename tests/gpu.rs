@@ -31,6 +31,7 @@ fn gpu() -> Option<Backend> {
         threads: 0,
         adapter: None,
         gpu_conv: Default::default(),
+        cooperative_matrices: true,
     };
     match backend::open(&req) {
         Ok(b) => Some(b),
@@ -698,8 +699,9 @@ fn cooperative_matrices_agree_with_the_register_kernels_to_summation_order() {
 /// convolution of operands rounded beforehand, forward and the three gradients.
 fn f16_products_equal_f32_products_of_rounded_operands(be: &Backend, mixed: DeviceCaps) {
     // A product of two f16 values is exact in f32, so the kernels on f16 operands must equal an
-    // f32 convolution of operands rounded to f16 beforehand (here: burn's on the CPU, rounding
-    // by ctseg::fp16, itself bit-exact with numpy's float16 in src/fp16.rs's tests), up to the
+    // f32 convolution of operands rounded to f16 beforehand (here: ctseg's CPU kernels, pinned
+    // to a float64 evaluation and to burn's conv2d in src/model/cpu/conv.rs; rounding by
+    // ctseg::fp16, itself bit-exact with numpy's float16 in src/fp16.rs's tests), up to the
     // f32 summation order, in the output and in all three gradients (whose operands include
     // the output gradient). And they must differ from the unrounded convolution by about f16's
     // relative precision (2^-11), or no rounding happened. Shapes: partial tiles, a tile's
@@ -803,6 +805,25 @@ fn mixed_precision_runs_every_3x3_convolution_on_cooperative_matrices() {
         + launches("backward", "conv3x3_forward")
         + launches("backward", "conv3x3_weight_grad");
     assert_eq!(registers, 0.0, "{p}");
+}
+
+#[test]
+fn no_cooperative_matrices_keeps_mixed_precision_in_registers() {
+    // The opt-out on an adapter that has them: every 3×3 convolution on the register kernels.
+    let args = tiny_profile_args(1, &["--precision", "mixed", "--no-cooperative-matrices"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let Some(out) = common::ctseg_with_cooperative_matrices(&args, coop_here()) else {
+        return;
+    };
+    let p = &only_profile(&common::ok(out));
+    let launches = |phase: &str, kernel: &str| launches(p, phase, kernel);
+    let convs = launches("forward", "conv3x3_forward");
+    assert!(convs >= 6.0, "{p}");
+    assert_eq!(launches("backward", "conv3x3_weight_grad"), convs, "{p}");
+    let coop = launches("forward", "conv3x3_forward_coop")
+        + launches("backward", "conv3x3_forward_coop")
+        + launches("backward", "conv3x3_weight_grad_coop");
+    assert_eq!(coop, 0.0, "{p}");
 }
 
 #[test]

@@ -621,6 +621,7 @@ fn exported_weights_reproduce_ctseg_in_pytorch() {
         threads: 1,
         adapter: None,
         gpu_conv: Default::default(),
+        cooperative_matrices: true,
     })
     .expect("cpu");
     let trained =
@@ -817,6 +818,7 @@ fn onnx_export_runs_in_onnxruntime_like_ctseg() {
         threads: 1,
         adapter: None,
         gpu_conv: Default::default(),
+        cooperative_matrices: true,
     })
     .expect("cpu");
     let trained =

@@ -63,6 +63,10 @@ pub struct BackendArgs {
     /// (docs/gpu-notes.md compares them).
     #[arg(long, value_enum, default_value = "burn")]
     pub gpu_conv: GpuConv,
+    /// Keep mixed precision's convolutions off the adapter's cooperative matrices (tensor
+    /// cores), on ctseg's register kernels (`ctseg adapters` says which an adapter gets).
+    #[arg(long)]
+    pub no_cooperative_matrices: bool,
     /// Skip the start-up check that the GPU computes the model's gradients like the CPU.
     #[arg(long)]
     pub skip_gpu_check: bool,
@@ -76,6 +80,7 @@ impl BackendArgs {
             threads: self.threads,
             adapter: self.adapter,
             gpu_conv: self.gpu_conv,
+            cooperative_matrices: !self.no_cooperative_matrices,
         }
     }
 }

@@ -112,16 +112,18 @@ impl CoopTile {
     }
 
     /// The configuration for an adapter offering square f16 × f16 → f32 products of the sizes
-    /// `f16_to_f32` (8 and 16 are those WGSL can name), subgroup operations (`subgroups`) with
-    /// at most `max_subgroup` invocations, and `workgroup_bytes` of workgroup memory: 16 where
-    /// offered (a quarter of the products of 8), else 8; `None` where nothing fits.
+    /// `f16_to_f32` (8 and 16 are those WGSL can name), f16 in shaders (`shader_f16`), subgroup
+    /// ids (`subgroups`) with at most `max_subgroup` invocations per subgroup, and
+    /// `workgroup_bytes` of workgroup memory: 16 where offered (a quarter of the products of
+    /// 8), else 8; `None` where anything is missing.
     pub fn choose(
         f16_to_f32: &[u32],
+        shader_f16: bool,
         subgroups: bool,
         max_subgroup: u32,
         workgroup_bytes: u32,
     ) -> Option<Self> {
-        if !subgroups || max_subgroup == 0 {
+        if !shader_f16 || !subgroups || max_subgroup == 0 {
             return None;
         }
         let size = [16, 8]
@@ -446,27 +448,25 @@ mod tests {
 
     #[test]
     fn cooperative_tiles_cover_the_output_tile_on_each_adapter() {
-        let coop = CoopTile::choose;
+        let coop = |sizes: &[u32], subgroup: u32, bytes: u32| {
+            CoopTile::choose(sizes, true, true, subgroup, bytes)
+        };
         // lavapipe (Mesa 26): 8x8x8 only, subgroups of 8: 32 subgroups for 64 matrices.
-        let lavapipe = coop(&[8], true, 8, 65_536);
+        let lavapipe = coop(&[8], 8, 65_536);
         assert_eq!(lavapipe.map(|t| (t.size, t.per_subgroup)), Some((8, 2)));
         // NVIDIA: 16 preferred; 8 subgroups of 32 for 16 matrices. AMD GCN: 4 of 64.
-        assert_eq!(
-            coop(&[8, 16], true, 32, 49_152).map(|t| t.per_subgroup),
-            Some(2)
-        );
-        assert_eq!(
-            coop(&[16], true, 64, 65_536).map(|t| t.per_subgroup),
-            Some(4)
-        );
+        assert_eq!(coop(&[8, 16], 32, 49_152).map(|t| t.per_subgroup), Some(2));
+        assert_eq!(coop(&[16], 64, 65_536).map(|t| t.per_subgroup), Some(4));
         // 22 KiB of workgroup memory hold the scratch block for products of 8, not of 16.
-        assert_eq!(coop(&[8, 16], true, 32, 22_528).map(|t| t.size), Some(8));
+        assert_eq!(coop(&[8, 16], 32, 22_528).map(|t| t.size), Some(8));
         // One subgroup of 128 for 64 matrices of 8 would need 32 accumulators each.
-        assert_eq!(coop(&[8], true, 128, 65_536), None);
-        // No subgroup ids, too little workgroup memory, or no size WGSL names.
-        assert_eq!(coop(&[16], false, 32, 49_152), None);
-        assert_eq!(coop(&[16], true, 32, 16_384), None);
-        assert_eq!(coop(&[32], true, 32, 49_152), None);
+        assert_eq!(coop(&[8], 128, 65_536), None);
+        // Too little workgroup memory, or no size WGSL names.
+        assert_eq!(coop(&[16], 32, 16_384), None);
+        assert_eq!(coop(&[32], 32, 49_152), None);
+        // No f16 in shaders, or no subgroup ids.
+        assert_eq!(CoopTile::choose(&[16], false, true, 32, 49_152), None);
+        assert_eq!(CoopTile::choose(&[16], true, false, 32, 49_152), None);
     }
 
     #[test]

@@ -60,9 +60,9 @@ pub struct DeviceCaps {
     /// accumulate f16 operands in f16; on the CPU, its own kernels, as the GPU check's
     /// reference).
     pub f16_operands: bool,
-    /// The adapter's cooperative matrices as ctseg's kernels use them (`None`: none, or not on
-    /// a wgpu adapter). Mixed precision's convolutions run on them where present; f32 never
-    /// does (Vulkan's cooperative matrices have no f32 operands).
+    /// The adapter's cooperative matrices as ctseg's kernels use them (`None`: none, switched
+    /// off, or not on a wgpu adapter). Mixed precision's convolutions run on them where
+    /// present; f32 never does (Vulkan has no TF32, and the kernels use f16 operands only).
     pub coop: Option<CoopTile>,
 }
 

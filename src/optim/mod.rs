@@ -462,6 +462,7 @@ mod tests {
             threads: 0,
             adapter: None,
             gpu_conv: Default::default(),
+            cooperative_matrices: true,
         }) {
             Ok(b) => b,
             Err(e) => {

@@ -63,7 +63,7 @@ pub fn apply(precision: Precision, mut backend: Backend) -> Backend {
                 (BackendKind::Gpu, Some(tile)) => {
                     format!("ctseg's WGSL kernels on {}", tile.describe())
                 }
-                (BackendKind::Gpu, None) => "ctseg's WGSL kernels (no cooperative matrices)".into(),
+                (BackendKind::Gpu, None) => "ctseg's WGSL kernels in registers".into(),
                 (BackendKind::Cpu, _) => "the CPU's convolution kernels".into(),
             };
             backend.description.push_str(&format!(

@@ -26,11 +26,18 @@ pub fn ctseg(args: &[&str]) -> Output {
 
 /// `ctseg ARGS` with extra environment variables.
 pub fn ctseg_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    ctseg_command(None, args, env)
+}
+
+/// `[wrapper] ctseg ARGS` on two threads with extra environment variables, under a 20-minute
+/// timeout.
+fn ctseg_command(wrapper: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new("timeout");
-    c.arg("1200")
-        .arg(bin())
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2");
+    c.arg("1200");
+    if let Some(w) = wrapper {
+        c.arg(w);
+    }
+    c.arg(bin()).args(args).env("RAYON_NUM_THREADS", "2");
     for (k, v) in env {
         c.env(k, v);
     }
@@ -268,12 +275,14 @@ pub fn cooperative_matrices_here(name: &str, here: bool) -> bool {
         return false;
     };
     let exe = std::env::current_exe().expect("the test binary's path");
+    // The re-run must not skip for want of an adapter: it fails instead.
     let out = Command::new("timeout")
         .arg("1200")
         .arg(dir.join("run"))
         .arg(exe)
         .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env("CTSEG_IN_COOP_LAVAPIPE", "1")
+        .env("CTSEG_REQUIRE_GPU", "1")
         .output()
         .expect("run the test binary on the cooperative-matrix lavapipe");
     let log = text(&out);
@@ -290,23 +299,18 @@ pub fn cooperative_matrices_here(name: &str, here: bool) -> bool {
 /// scripts/lavapipe_coop.sh's; `None` (skipped) where neither exists and GPU tests are not
 /// required.
 pub fn ctseg_with_cooperative_matrices(args: &[&str], here: bool) -> Option<Output> {
-    let mut c = Command::new("timeout");
-    c.arg("1200");
-    if !here {
-        match coop_lavapipe() {
-            Some(dir) => {
-                c.arg(dir.join("run"));
-            }
-            None => {
-                assert!(
-                    !gpu_required(),
-                    "an adapter with cooperative matrices is needed: run scripts/test (it prepares one with scripts/lavapipe_coop.sh)"
-                );
-                eprintln!("skipped: no adapter with cooperative matrices");
-                return None;
-            }
+    if here {
+        return Some(ctseg(args));
+    }
+    match coop_lavapipe() {
+        Some(dir) => Some(ctseg_command(Some(&dir.join("run")), args, &[])),
+        None => {
+            assert!(
+                !gpu_required(),
+                "an adapter with cooperative matrices is needed: run scripts/test (it prepares one with scripts/lavapipe_coop.sh)"
+            );
+            eprintln!("skipped: no adapter with cooperative matrices");
+            None
         }
     }
-    c.arg(bin()).args(args).env("RAYON_NUM_THREADS", "2");
-    Some(c.output().expect("run ctseg"))
 }

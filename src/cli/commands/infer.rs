@@ -195,6 +195,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
         threads: 0,
         adapter: None,
         gpu_conv: Default::default(),
+        cooperative_matrices: true,
     })?;
     let steps = trained.ck.meta.step;
     let model = trained.model(&be, &be.device.clone().autodiff())?;
