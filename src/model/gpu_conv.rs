@@ -470,6 +470,38 @@ mod tests {
     }
 
     #[test]
+    fn convolution_kernels_compile_to_spirv_for_every_cooperative_shape() {
+        // What wgpu does with a kernel on a Vulkan adapter (naga: parse, validate with the
+        // adapter's capabilities, write SPIR-V), for the register kernels and for each
+        // cooperative-matrix configuration CoopTile::choose can return, so the 16x16 shapes
+        // (NVIDIA's) are compiled here too, not only lavapipe's 8x8.
+        use naga::valid::{Capabilities, ValidationFlags, Validator};
+        let caps = Capabilities::SHADER_FLOAT16
+            | Capabilities::SUBGROUP
+            | Capabilities::COOPERATIVE_MATRIX;
+        let mut sources = vec![FORWARD, WEIGHT_GRAD, SUM_SLICES];
+        for (size, per_subgroup) in [(8, 2), (8, 16), (16, 1), (16, 2), (16, 4)] {
+            sources.extend(CoopTile { size, per_subgroup }.sources());
+        }
+        for source in sources {
+            let name = source.lines().find(|l| l.starts_with("alias CoopC"));
+            let module = naga::front::wgsl::parse_str(source)
+                .unwrap_or_else(|e| panic!("{name:?}: {}", e.emit_to_string(source)));
+            let info = Validator::new(ValidationFlags::all(), caps)
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{name:?}: {}", e.emit_to_string(source)));
+            let spv = naga::back::spv::write_vec(
+                &module,
+                &info,
+                &naga::back::spv::Options::default(),
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{name:?}: {e}"));
+            assert!(spv.len() > 100, "{name:?}");
+        }
+    }
+
+    #[test]
     fn shapes_the_kernels_do_not_cover_are_refused() {
         assert!(ConvShape::of([1, 2, 8, 8], [3, 2, 1, 1], [3]).is_none());
         assert!(ConvShape::of([1, 2, 8, 8], [3, 4, 3, 3], [3]).is_none());
