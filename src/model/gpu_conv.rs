@@ -222,6 +222,13 @@ impl ConvShape {
     }
 }
 
+/// Whether [`conv3x3`] runs ctseg's kernels for f32 input `[batch, c_in, h, w]` = `shape` and
+/// `c_out` outputs on `device`, decided without computing anything.
+pub fn covers(device: &burn::tensor::Device, shape: [usize; 4], c_out: usize) -> bool {
+    cube_device(device).is_some()
+        && ConvShape::of(shape, [c_out, shape[1], 3, 3], [c_out]).is_some()
+}
+
 /// `act(conv3x3_same(x, weight) + bias)` with ctseg's kernels, or `None` where they do not
 /// apply: tensors not f32 on a wgpu device (with or without autodiff, all alike), a kernel other
 /// than 3×3, or shapes beyond the dispatch grid or 32-bit indexing. Under autodiff the
@@ -263,46 +270,33 @@ pub fn conv3x3(
             OpsKind::Tracked(mut prep) => {
                 let xs = prep.checkpoint(&x);
                 let ws = prep.checkpoint(&w);
-                let ops = operands;
-                let y = forward(&s, [x.primitive(), w.primitive(), b.primitive()], relu, ops);
-                prep.finish((xs, ws, relu.then(|| y.clone()), s, ops), y)
+                let tensors = [x.primitive(), w.primitive(), b.primitive()];
+                let y = forward(&s, tensors.map(|t| resolve(t.clone())), relu, operands);
+                prep.finish((xs, ws, relu.then(|| y.clone()), s, operands), y)
             }
             OpsKind::UnTracked(prep) => {
                 let tensors = [x.primitive(), w.primitive(), b.primitive()];
-                prep.finish(forward(&s, tensors, relu, operands))
+                prep.finish(forward(
+                    &s,
+                    tensors.map(|t| resolve(t.clone())),
+                    relu,
+                    operands,
+                ))
             }
         };
         return Some(Tensor::from_primitive::<Autodiff<Cube>>(out));
     }
-    let (x, w, b) = (f32_buffer(x)?, f32_buffer(weight)?, f32_buffer(bias)?);
-    let y = launch_conv(
-        &s,
-        &x,
-        &w,
-        &b,
-        &x,
-        BIAS | if relu { RELU } else { 0 },
-        operands,
-    );
-    Some(Tensor::from_primitive::<Cube>(f32_fused(
-        &x.device,
-        y,
-        &[s.batch, s.c_out, s.h, s.w],
+    let tensors = [f32_buffer(x)?, f32_buffer(weight)?, f32_buffer(bias)?];
+    Some(Tensor::from_primitive::<Cube>(forward(
+        &s, tensors, relu, operands,
     )))
 }
 
-/// The forward on fused primitives `[x, weight, bias]` (the autodiff path).
-fn forward(s: &ConvShape, tensors: [&Fused; 3], relu: bool, operands: Operands) -> Fused {
-    let [x, w, b] = tensors.map(|t| resolve(t.clone()));
-    let y = launch_conv(
-        s,
-        &x,
-        &w,
-        &b,
-        &x,
-        BIAS | if relu { RELU } else { 0 },
-        operands,
-    );
+/// The forward on contiguous f32 buffers `[x, weight, bias]`, as a fused primitive.
+fn forward(s: &ConvShape, tensors: [CubeTensor; 3], relu: bool, operands: Operands) -> Fused {
+    let [x, w, b] = tensors;
+    let flags = BIAS | if relu { RELU } else { 0 };
+    let y = launch_conv(s, &x, &w, &b, &x, flags, operands);
     f32_fused(&x.device, y, &[s.batch, s.c_out, s.h, s.w])
 }
 
