@@ -9,8 +9,8 @@
 # one convolution's forward and forward + backward on both; and a short GPU training run.
 # Expects: .devbin/ctseg and .devbin/gpu-tests (x86-64 builds from the build machine without
 # the mpi feature, possibly xz-compressed: `cargo build --release`, and the binary that
-# `cargo test --release --test gpu --no-run` names) and .devbin/gpu-conv-bench (the binary that
-# `cargo bench --bench gpu_conv --no-run` names), .gl/*.deb (Vulkan loader, see the device
+# `cargo test --release --test gpu --no-run` names) and .devbin/gpu-kernels-bench (the binary that
+# `cargo bench --bench gpu_kernels --no-run` names), .gl/*.deb (Vulkan loader, see the device
 # tool's notes), python3 with torch.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -32,7 +32,7 @@ if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
 fi
 export XDG_RUNTIME_DIR=$(mktemp -d)
 for b in .devbin/*.xz; do [ -f "$b" ] && xz -d -k -f "$b"; done
-chmod +x .devbin/ctseg .devbin/gpu-tests .devbin/gpu-conv-bench
+chmod +x .devbin/ctseg .devbin/gpu-tests .devbin/gpu-kernels-bench
 # The test binary's own ctseg path is the build machine's; its binary tests run the carried one.
 export CTSEG_BIN="$PWD/.devbin/ctseg"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/log.txt"
@@ -42,7 +42,7 @@ log "gpu parity tests"
 # GPU_TESTS: optional test-name filters (all tests by default); the per-tensor tables are kept.
 t=$(budget 180 "gpu parity tests") && CTSEG_REQUIRE_GPU=1 timeout "$t" ./.devbin/gpu-tests --test-threads 1 --nocapture ${GPU_TESTS:-} 2>&1 | grep -vE "XDG|^$" | tee -a "$OUT/log.txt"
 log "3x3 convolution, forward and forward+backward: burn's kernels against ctseg's WGSL kernels (and, with cooperative matrices, mixed precision in registers against on them)"
-t=$(budget 120 "convolution bench") && CTSEG_BENCH_REPS=10 timeout "$t" ./.devbin/gpu-conv-bench 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
+t=$(budget 120 "convolution bench") && CTSEG_BENCH_REPS=10 timeout "$t" ./.devbin/gpu-kernels-bench 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
 # Width/batch pairs: issue 12's target rows (batch 30 is the study's batch).
 for wb in ${SHAPES:-64x4 64x30 32x4}; do
   w=${wb%x*}; b=${wb#*x}

@@ -116,6 +116,84 @@ fn batch_norm_statistics_match_cpu_at_realistic_shape() {
     assert!(rel_err(&yc, &yg) < 1e-5, "normalised output differs");
 }
 
+/// Training-mode batch normalisation + spatial dropout of `x` `[b, c, h, w]` (channel ch's
+/// values around 3·(ch mod 11), spread 5) on `device` with every fifth plane dropped: the output, the
+/// mean, the biased variance, and the gradients of x, γ and β under `sum(y · r)`. On the CPU
+/// device through ctseg's CPU kernel (`model::cpu::norm`, pinned there to burn's autodiff of
+/// the tensor-operation formula); on a wgpu device through ctseg's kernels
+/// (`model::gpu_norm`), which must cover the shape.
+fn norm_and_grads(device: &Device, shape: [usize; 4]) -> [Vec<f32>; 6] {
+    use ctseg::model::{cpu, gpu_norm};
+    let [b, c, h, w] = shape;
+    let mut rng = Rng::new(5);
+    let x: Vec<f32> = (0..b * c * h * w)
+        .map(|i| (3.0 * (((i / (h * w)) % c) % 11) as f64 + 5.0 * rng.normal()) as f32)
+        .collect();
+    let r: Vec<f32> = (0..x.len()).map(|_| rng.normal() as f32).collect();
+    let mask: Vec<f32> = (0..b * c)
+        .map(|p| if p % 5 == 0 { 0.0 } else { 1.25 })
+        .collect();
+    let ad = device.clone().autodiff();
+    let x = Tensor::<4>::from_data(TensorData::new(x, shape), &ad).require_grad();
+    let param = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v, [c]), &ad).require_grad();
+    let gamma = param((0..c).map(|i| 0.5 + (i % 7) as f32 / 7.0).collect());
+    let beta = param((0..c).map(|i| (i % 5) as f32 / 10.0 - 0.2).collect());
+    let (y, mean, var) = if *device == Device::flex() {
+        cpu::norm::batch_norm_train(&x, &gamma, &beta, 1e-3, Some(mask))
+    } else {
+        gpu_norm::batch_norm_train(&x, &gamma, &beta, 1e-3, Some(&mask))
+    }
+    .expect("ctseg's kernels cover the shape");
+    let r = Tensor::<4>::from_data(TensorData::new(r, shape), &ad);
+    let grads = (y.clone() * r).sum().backward();
+    let v1 = |t: Option<Tensor<1>>| to_f32(t.expect("gradient")).expect("values");
+    [
+        to_f32(y.without_autodiff()).expect("y"),
+        to_f32(mean).expect("mean"),
+        to_f32(var).expect("var"),
+        to_f32(x.grad(&grads).expect("dx")).expect("dx"),
+        v1(gamma.grad(&grads)),
+        v1(beta.grad(&grads)),
+    ]
+}
+
+#[test]
+fn own_batch_norm_and_its_gradients_match_the_cpu() {
+    let Some(be) = gpu() else { return };
+    // Shapes: one slice with a partial workgroup; ten slices, the last one partial; livermask's
+    // first level at batch 4 (230,400 values per channel, 32 slices: the shape at which burn's
+    // fused batch_norm_train failed on lavapipe); a deep level with more channels than a
+    // workgroup has invocations.
+    for shape in [
+        [3, 5, 9, 11],
+        [4, 3, 100, 100],
+        [4, 32, 240, 240],
+        [2, 300, 6, 6],
+    ] {
+        let cpu = norm_and_grads(&Device::flex(), shape);
+        let gpu = norm_and_grads(&be.device, shape);
+        for (name, c, g) in [
+            "output",
+            "mean",
+            "variance",
+            "input grad",
+            "γ grad",
+            "β grad",
+        ]
+        .iter()
+        .zip(&cpu)
+        .zip(&gpu)
+        .map(|((n, c), g)| (n, c, g))
+        {
+            // The CPU sums in float64, the GPU in f32 trees of slices; the largest difference
+            // measured on lavapipe (Mesa 22 and 26) was 3.0e-7 (livermask's shape, γ grad).
+            let err = rel_err(c, g);
+            eprintln!("{shape:?}: {name} relative error {err:.1e}");
+            assert!(err < 2e-6, "{shape:?}: {name} relative error {err:e}");
+        }
+    }
+}
+
 fn grads_of(
     be_device: &Device,
     caps: DeviceCaps,
@@ -461,6 +539,33 @@ fn step_profile_attributes_every_kernel_launch_to_a_phase_and_times_it() {
     for r in phases {
         assert!(f(&r["kernel_s"]) <= f(&r["wall_s"]) * 1.05 + 1e-4, "{r}");
     }
+}
+
+#[test]
+fn batch_norm_runs_on_own_kernels_in_the_training_step() {
+    if gpu().is_none() {
+        return;
+    }
+    // Every batch normalisation of the trainer's step is ctseg's three launches forward and
+    // three backward (model::gpu_norm), on every adapter (its loops are short), in place of
+    // about 50 launches of tensor operations each.
+    // (ctseg's convolutions too, whose launches are one per layer on every adapter.)
+    let p = &tiny_gpu_profile(1, &["--gpu-conv", "wgsl"]);
+    let launches = |phase: &str, kernel: &str| launches(p, phase, kernel);
+    let norms = launches("forward", "batch_norm_stats");
+    // Width 4, the built-in config's depth: a normalisation before every 3×3 convolution.
+    assert!(norms >= 6.0, "{p}");
+    assert_eq!(norms, launches("forward", "conv3x3_forward"), "{p}");
+    for (phase, kernel) in [
+        ("forward", "batch_norm_finish_forward"),
+        ("forward", "batch_norm_apply"),
+        ("backward", "batch_norm_grad_sums"),
+        ("backward", "batch_norm_finish_backward"),
+    ] {
+        assert_eq!(launches(phase, kernel), norms, "{kernel}: {p}");
+    }
+    // The first normalisation's input is the image: it needs no input gradient.
+    assert_eq!(launches("backward", "batch_norm_apply"), norms - 1.0, "{p}");
 }
 
 #[test]

@@ -6,6 +6,7 @@
 pub mod arch;
 pub mod cpu;
 pub mod gpu_conv;
+pub mod gpu_norm;
 pub mod layers;
 pub mod loss;
 pub mod ops;

@@ -1,7 +1,8 @@
 //! The model's operations, each deciding its implementation in this one place (as candle's
 //! `CustomOp` dispatches CPU/CUDA/Metal in one): the CPU kernels of [`super::cpu`] when the
-//! tensors are f32 on the flex device; otherwise burn's operations (the portable path, wgpu),
-//! split into exact pieces on adapters that cap shader loops. The layers call these
+//! tensors are f32 on the flex device; ctseg's WGSL kernels on a wgpu device where they apply
+//! ([`gpu_conv`], [`gpu_norm`]); otherwise burn's operations (the portable path), split into
+//! exact pieces on adapters that cap shader loops. The layers call these
 //! unconditionally; a backend's own kernels (GPU convolutions, f16 operands) plug in here.
 
 use burn::tensor::activation::relu;
@@ -11,6 +12,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::cpu;
 use super::gpu_conv::{self, CoopTile, Operands};
+use super::gpu_norm;
 
 /// Which 3×3 convolution kernels the model uses on a wgpu adapter.
 #[derive(
@@ -157,6 +159,9 @@ pub fn batch_norm_train(
     mask: Option<Vec<f32>>,
 ) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
     if let Some(fused) = cpu::norm::batch_norm_train(&x, &gamma, &beta, epsilon, mask.clone()) {
+        return fused;
+    }
+    if let Some(fused) = gpu_norm::batch_norm_train(&x, &gamma, &beta, epsilon, mask.as_deref()) {
         return fused;
     }
     let [b, c, _, _] = x.dims();

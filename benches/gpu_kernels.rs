@@ -1,18 +1,23 @@
-//! `cargo bench --bench gpu_conv`: one 3×3 convolution + ReLU of the livermask U-Net on the GPU
-//! adapter (lavapipe here; the H200 through scripts/gpu_device_check.sh), as the model calls it
-//! (`model::ops::conv`) with burn's kernels (`--gpu-conv burn`, split into row chunks on
-//! loop-capped adapters) and with ctseg's (`--gpu-conv wgsl`, `model::gpu_conv`): the forward
-//! alone, and forward + backward (input, weight and bias gradients) as in a training step.
-//! Median of warm repetitions with the device synchronised, GFLOP/s, the ratio burn / ctseg,
-//! and the agreement of the two (relative L2 difference of the output and of the gradients).
-//! On an adapter with cooperative matrices, a second line per case times mixed precision's
-//! convolution (f16 operands, f32 accumulation) in registers against on cooperative matrices.
+//! `cargo bench --bench gpu_kernels`: ctseg's own GPU kernels against burn's on the GPU adapter
+//! (lavapipe here; the H200 through scripts/gpu_device_check.sh), each as the model calls it:
+//! - one 3×3 convolution + ReLU of the livermask U-Net (`model::ops::conv`) with burn's kernels
+//!   (`--gpu-conv burn`, split into row chunks on loop-capped adapters) and with ctseg's
+//!   (`--gpu-conv wgsl`, `model::gpu_conv`); on an adapter with cooperative matrices, a second
+//!   line per case times mixed precision's convolution (f16 operands, f32 accumulation) in
+//!   registers against on cooperative matrices;
+//! - one training-mode batch normalisation + spatial dropout on the convolution's input: ctseg's
+//!   kernels (`model::gpu_norm`, what the model runs on a wgpu device) against the same function
+//!   written with burn's tensor operations (`model::ops::batch_norm_train_tensor_ops`).
+//!
+//! Each: the forward alone, and forward + backward as in a training step; the median of warm
+//! repetitions with the device synchronised, the ratio of the two, and their agreement (the
+//! largest relative L2 difference of the outputs and gradients).
 
 use std::time::Instant;
 
 use burn::tensor::{Tensor, TensorData};
 use ctseg::backend::{self, Backend, BackendKind, DeviceRequest};
-use ctseg::model::{DeviceCaps, GpuConv, ops};
+use ctseg::model::{DeviceCaps, GpuConv, gpu_norm, ops};
 use ctseg::tensor_util::to_f32;
 use ctseg::util::stats::spread;
 use ctseg::verify::rel_l2;
@@ -114,6 +119,77 @@ fn run(caps: DeviceCaps, train: bool, o: &Operands) -> Vec<Tensor<4>> {
         .collect()
 }
 
+/// Batch normalisation's ε in the model (Keras's default).
+const EPSILON: f64 = 1e-3;
+
+/// One batch normalisation's tensors: input, γ, β, the loss weights `r` and spatial-dropout
+/// multipliers (every fifth plane dropped, the rest scaled by 1/(1 − 0.2)).
+struct NormOperands {
+    x: Tensor<4>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    r: Tensor<4>,
+    mask: Vec<f32>,
+}
+
+fn norm_operands(
+    be: &Backend,
+    train: bool,
+    x: &[f32],
+    r: &[f32],
+    shape: [usize; 4],
+) -> NormOperands {
+    let device = if train {
+        be.device.clone().autodiff()
+    } else {
+        be.device.clone()
+    };
+    let c = shape[1];
+    let param = |v: Vec<f32>| {
+        let t = Tensor::<1>::from_data(TensorData::new(v, [c]), &device);
+        if train { t.require_grad() } else { t }
+    };
+    let x = Tensor::from_data(TensorData::new(x.to_vec(), shape), &device);
+    NormOperands {
+        x: if train { x.require_grad() } else { x },
+        gamma: param((0..c).map(|i| 0.5 + (i % 7) as f32 / 7.0).collect()),
+        beta: param((0..c).map(|i| (i % 5) as f32 / 10.0 - 0.2).collect()),
+        r: Tensor::from_data(TensorData::new(r.to_vec(), shape), &device),
+        mask: (0..shape[0] * c)
+            .map(|p| if p % 5 == 0 { 0.0 } else { 1.25 })
+            .collect(),
+    }
+}
+
+/// The normalised output, or with `train` the gradients of x, γ and β under `sum(y · r)`;
+/// on ctseg's kernels (`fused`) or written with tensor operations.
+fn run_norm(fused: bool, train: bool, o: &NormOperands) -> Vec<Tensor<4>> {
+    let [b, c, _, _] = o.x.dims();
+    let y = if fused {
+        gpu_norm::batch_norm_train(&o.x, &o.gamma, &o.beta, EPSILON, Some(&o.mask))
+            .expect("ctseg's batch-normalisation kernels cover this shape")
+            .0
+    } else {
+        let (y, _, _) =
+            ops::batch_norm_train_tensor_ops(o.x.clone(), o.gamma.clone(), o.beta.clone(), EPSILON);
+        let device = o.x.device();
+        y * Tensor::<4>::from_data(TensorData::new(o.mask.clone(), [b, c, 1, 1]), &device)
+    };
+    if !train {
+        return vec![y];
+    }
+    let grads = (y * o.r.clone()).sum().backward();
+    let per_channel = |t: Option<Tensor<1>>| t.map(|t| t.reshape([1, c, 1, 1]));
+    [
+        o.x.grad(&grads),
+        per_channel(o.gamma.grad(&grads)),
+        per_channel(o.beta.grad(&grads)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let reps: usize = std::env::var("CTSEG_BENCH_REPS")
         .ok()
@@ -185,6 +261,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 tile.describe(),
                 flops / t_coop / 1e9,
                 t_reg / t_coop,
+            );
+        }
+        // Batch normalisation of the convolution's input, as the block before it does.
+        let r: Vec<f32> = (0..n)
+            .map(|i| ((i * 31) % 17) as f32 / 17.0 - 0.5)
+            .collect();
+        for (train, what) in [(false, "forward"), (true, "fwd+bwd")] {
+            let o = norm_operands(&be, train, &data.0, &r, shape);
+            let (t_ops, y_ops) = time(&be, reps, &|| run_norm(false, train, &o))?;
+            let (t_own, y_own) = time(&be, reps, &|| run_norm(true, train, &o))?;
+            let err = largest_difference(&y_ops, &y_own);
+            println!(
+                "{shape:?} batch norm + dropout {what}: tensor operations {t_ops:.4} s | ctseg {t_own:.4} s | tensor operations / ctseg {:.2}x | rel. L2 diff {err:.1e}",
+                t_ops / t_own,
             );
         }
     }
