@@ -6,7 +6,8 @@
 # same steps on ctseg's own 3×3 convolution kernels (--gpu-conv wgsl, profile-wgsl-w*-b*.json)
 # and at 64x30 in mixed precision (profile-mixed-w64-b30.json; on cooperative matrices where
 # `ctseg adapters` lists them, which the cooperative-matrix parity tests then check in-process);
-# one convolution's forward and forward + backward on both; and a short GPU training run.
+# one convolution's and one batch normalisation's forward and forward + backward on both
+# kernels; and a short GPU training run.
 # Expects: .devbin/ctseg and .devbin/gpu-tests (x86-64 builds from the build machine without
 # the mpi feature, possibly xz-compressed: `cargo build --release`, and the binary that
 # `cargo test --release --test gpu --no-run` names) and .devbin/gpu-kernels-bench (the binary that
@@ -41,8 +42,8 @@ log adapters
 log "gpu parity tests"
 # GPU_TESTS: optional test-name filters (all tests by default); the per-tensor tables are kept.
 t=$(budget 180 "gpu parity tests") && CTSEG_REQUIRE_GPU=1 timeout "$t" ./.devbin/gpu-tests --test-threads 1 --nocapture ${GPU_TESTS:-} 2>&1 | grep -vE "XDG|^$" | tee -a "$OUT/log.txt"
-log "3x3 convolution, forward and forward+backward: burn's kernels against ctseg's WGSL kernels (and, with cooperative matrices, mixed precision in registers against on them)"
-t=$(budget 120 "convolution bench") && CTSEG_BENCH_REPS=10 timeout "$t" ./.devbin/gpu-kernels-bench 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
+log "3x3 convolution, forward and forward+backward: burn's kernels against ctseg's WGSL kernels (and, with cooperative matrices, mixed precision in registers against on them); batch normalisation: tensor operations against ctseg's kernels"
+t=$(budget 120 "kernel bench") && CTSEG_BENCH_REPS=10 timeout "$t" ./.devbin/gpu-kernels-bench 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
 # Width/batch pairs: issue 12's target rows (batch 30 is the study's batch).
 for wb in ${SHAPES:-64x4 64x30 32x4}; do
   w=${wb%x*}; b=${wb#*x}

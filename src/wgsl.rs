@@ -1,6 +1,7 @@
 //! Hand-written WGSL kernels (`shaders/`) on burn's wgpu device: the kernel wrapper cubecl
 //! launches, the tensors' buffers in and out of burn's fusion layer. Used by the fp16 gradient
-//! compression ([`crate::fp16`]) and the 3×3 convolution ([`crate::model::gpu_conv`]).
+//! compression ([`crate::fp16`]), the 3×3 convolution ([`crate::model::gpu_conv`]) and batch
+//! normalisation ([`crate::model::gpu_norm`]).
 
 use burn::tensor::{DType, Device, Shape, Tensor};
 use burn_cubecl::cubecl::ir::{UIntKind, metadata::Info};

@@ -182,7 +182,8 @@ pub fn channel_mean(x: Tensor<4>) -> Tensor<4> {
 }
 
 /// The batch-statistics normalisation written with tensor operations (the portable path; on
-/// the CPU [`cpu::norm`] computes the same in one fused operation and is tested against this):
+/// the CPU [`cpu::norm`] and on a wgpu device [`gpu_norm`] compute the same in one fused
+/// operation each, the first tested against this, the second against the first):
 /// the output, and the per-channel mean and biased variance as `[c]` tensors without autodiff.
 ///
 /// burn's fused `batch_norm` returned wrong statistics on wgpu/lavapipe at realistic shapes, and
