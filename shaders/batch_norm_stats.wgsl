@@ -1,7 +1,8 @@
 // Batch normalisation's forward statistics, per slice (shared code: batch_norm_reduce.wgsl):
-//   part[ch, s] = (sum of x, sum of (x - m)^2) over slice s of channel ch, m the slice's own
-// mean (two passes over the slice, so a large mean costs no precision); the slices are
-// combined in batch_norm_finish_forward.wgsl. One workgroup per (slice, channel).
+//   part[ch, s] = (m - x0, sum of (x - m)^2) over slice s of channel ch, m the slice's mean and
+// x0 the channel's first value; the slices are combined in batch_norm_finish_forward.wgsl.
+// Two passes over the slice, the first summing deviations from x0: a mean large against the
+// spread costs no precision. One workgroup per (slice, channel).
 //
 // Bindings (f32, contiguous NCHW): x, part ([c, slices, 2]), info = [batch, c, hw, slice,
 // slices].
@@ -23,12 +24,13 @@ fn main(
     let ch = wg.y;
     let begin = s * slice;
     let end = min(begin + slice, info[0] * hw);
+    let x0 = x[ch * hw];
     var a = 0.0;
     for (var i = begin + lid; i < end; i += 256u) {
-        a += x[value_index(i, ch, c, hw)];
+        a += x[value_index(i, ch, c, hw)] - x0;
     }
-    let sum = workgroup_sum2(lid, a, 0.0).x;
-    let m = sum / f32(end - begin);
+    let dm = workgroup_sum2(lid, a, 0.0).x / f32(end - begin);
+    let m = x0 + dm;
     var q = 0.0;
     for (var i = begin + lid; i < end; i += 256u) {
         let d = x[value_index(i, ch, c, hw)] - m;
@@ -36,7 +38,7 @@ fn main(
     }
     let m2 = workgroup_sum2(lid, q, 0.0).x;
     if (lid == 0u) {
-        part[(ch * slices + s) * 2u] = sum;
+        part[(ch * slices + s) * 2u] = dm;
         part[(ch * slices + s) * 2u + 1u] = m2;
     }
 }

@@ -159,6 +159,7 @@ pub fn batch_norm_train(
             f32_fused(&cube, out.mean, &[s.c]),
             f32_fused(&cube, out.var, &[s.c]),
         );
+        let coef = f32_fused(&cube, out.coef, &[s.c, COEFS]);
         let y = match NormBackward
             .prepare::<NoCheckpointing>(nodes)
             .compute_bound()
@@ -170,7 +171,7 @@ pub fn batch_norm_train(
                 let state = NormState {
                     x: xs,
                     gamma: gs,
-                    mean: mean.clone(),
+                    coef,
                     var: var.clone(),
                     mult,
                     shape: s,
@@ -196,11 +197,13 @@ pub fn batch_norm_train(
     ))
 }
 
-/// The forward's buffers: output, per-channel mean and biased variance.
+/// The forward's buffers: output, per-channel mean and biased variance, and the coefficients
+/// of shaders/batch_norm_finish_forward.wgsl (which the backward reads the mean from).
 struct ForwardOut {
     y: Handle,
     mean: Handle,
     var: Handle,
+    coef: Handle,
 }
 
 /// The forward on contiguous f32 buffers `[x, gamma, beta]` and the optional multipliers.
@@ -229,18 +232,27 @@ fn forward(
         client,
         FINISH_FORWARD,
         (c.div_ceil(WORKGROUP), 1, 1),
-        &[&part, &gamma.handle, &beta.handle, &mean, &var, &coef],
+        &[
+            &part,
+            &x.handle,
+            &gamma.handle,
+            &beta.handle,
+            &mean,
+            &var,
+            &coef,
+        ],
         &[
             c,
             s.slices as u32,
             s.slice as u32,
             s.per_channel() as u32,
             (eps as f32).to_bits(),
+            hw,
         ],
     );
     // 3. The elementwise pass.
     let y = apply(s, x, x, mult, &coef);
-    ForwardOut { y, mean, var }
+    ForwardOut { y, mean, var, coef }
 }
 
 /// shaders/batch_norm_apply.wgsl: `mult·(a·(u − ou) + b) + e·(v − ov) + d` per value.
@@ -282,7 +294,8 @@ fn apply(
 struct NormState {
     x: NodeId,
     gamma: NodeId,
-    mean: Fused,
+    /// The forward's coefficients (its centre and the mean's deviation from it).
+    coef: Fused,
     var: Fused,
     mult: Option<Fused>,
     shape: NormShape,
@@ -303,7 +316,7 @@ impl Backward<Cube, 3> for NormBackward {
         let s = st.shape;
         let x = resolve(ckpt.retrieve_node_output::<Fused>(st.x));
         let gamma = resolve(ckpt.retrieve_node_output::<Fused>(st.gamma));
-        let (mean, var) = (resolve(st.mean), resolve(st.var));
+        let (fwd, var) = (resolve(st.coef), resolve(st.var));
         let mult = st.mult.map(resolve);
         let client = &x.client;
         let device = x.device.clone();
@@ -317,8 +330,8 @@ impl Backward<Cube, 3> for NormBackward {
             &[
                 &x.handle,
                 &dy.handle,
-                mult.as_ref().map_or(&mean.handle, |m| &m.handle),
-                &mean.handle,
+                mult.as_ref().map_or(&fwd.handle, |m| &m.handle),
+                &fwd.handle,
                 &part,
             ],
             &[
@@ -341,7 +354,7 @@ impl Backward<Cube, 3> for NormBackward {
             &[
                 &part,
                 &gamma.handle,
-                &mean.handle,
+                &fwd.handle,
                 &var.handle,
                 &coef,
                 &dgamma,
