@@ -66,8 +66,10 @@ pub struct NormShape {
     pub batch: usize,
     /// Channels.
     pub c: usize,
-    /// Pixels per plane.
-    pub hw: usize,
+    /// Rows.
+    pub h: usize,
+    /// Columns.
+    pub w: usize,
     /// Values per slice of a channel's `batch·hw`.
     pub slice: usize,
     /// Slices per channel.
@@ -96,23 +98,40 @@ impl NormShape {
         (slices <= MAX_GROUPS).then_some(Self {
             batch,
             c,
-            hw,
+            h,
+            w,
             slice,
             slices,
         })
     }
 
+    fn dims(&self) -> [usize; 4] {
+        [self.batch, self.c, self.h, self.w]
+    }
+
+    fn hw(&self) -> usize {
+        self.h * self.w
+    }
+
     fn values(&self) -> usize {
-        self.batch * self.c * self.hw
+        self.batch * self.c * self.hw()
     }
 
     fn per_channel(&self) -> usize {
-        self.batch * self.hw
+        self.batch * self.hw()
     }
 
-    fn dims(&self) -> [usize; 4] {
-        // Only the plane size matters to the kernels; h·w is restored by the caller's dims.
-        [self.batch, self.c, self.hw, 1]
+    /// The reductions' grid, (slices, channels), and the start of their info,
+    /// `[batch, c, hw, slice, slices]` (shaders/batch_norm_reduce.wgsl's users).
+    fn reduction(&self) -> ((u32, u32, u32), [u32; 5]) {
+        let [b, c, hw, slice, slices] =
+            [self.batch, self.c, self.hw(), self.slice, self.slices].map(|v| v as u32);
+        ((slices, c, 1), [b, c, hw, slice, slices])
+    }
+
+    /// The per-channel kernels' grid: one invocation per channel.
+    fn per_channel_grid(&self) -> (u32, u32, u32) {
+        ((self.c as u32).div_ceil(WORKGROUP), 1, 1)
     }
 }
 
@@ -142,7 +161,7 @@ pub fn batch_norm_train(
     let cube = cube_device(&x.device())?;
     let mult = mask.map(|m| {
         let bytes: Vec<u8> = m.iter().flat_map(|v| v.to_le_bytes()).collect();
-        f32_fused(&cube, cube.client().create_from_slice(&bytes), &[m.len()])
+        cube.client().create_from_slice(&bytes)
     });
     let stat = |h: Handle| Tensor::<1>::from_primitive::<Cube>(f32_fused(&cube, h, &[s.c]));
     let ad = (
@@ -153,13 +172,8 @@ pub fn batch_norm_train(
     if let (Ok(x), Ok(g), Ok(b)) = ad {
         let nodes = [x.node(), g.node(), b.node()];
         let tensors = [x.primitive(), g.primitive(), b.primitive()].map(|t| resolve(t.clone()));
-        let out = forward(&s, &tensors, mult.clone().map(resolve).as_ref(), eps);
+        let out = forward(&s, &tensors, mult.as_ref(), eps);
         let y = f32_fused(&cube, out.y, &dims);
-        let (mean, var) = (
-            f32_fused(&cube, out.mean, &[s.c]),
-            f32_fused(&cube, out.var, &[s.c]),
-        );
-        let coef = f32_fused(&cube, out.coef, &[s.c, COEFS]);
         let y = match NormBackward
             .prepare::<NoCheckpointing>(nodes)
             .compute_bound()
@@ -171,11 +185,10 @@ pub fn batch_norm_train(
                 let state = NormState {
                     x: xs,
                     gamma: gs,
-                    coef,
-                    var: var.clone(),
+                    coef: out.coef,
+                    var: out.var.clone(),
                     mult,
                     shape: s,
-                    dims,
                     eps,
                 };
                 prep.finish(state, y)
@@ -184,12 +197,12 @@ pub fn batch_norm_train(
         };
         return Some((
             Tensor::from_primitive::<Autodiff<Cube>>(y),
-            Tensor::from_primitive::<Cube>(mean),
-            Tensor::from_primitive::<Cube>(var),
+            stat(out.mean),
+            stat(out.var),
         ));
     }
     let tensors = [f32_buffer(x)?, f32_buffer(gamma)?, f32_buffer(beta)?];
-    let out = forward(&s, &tensors, mult.map(resolve).as_ref(), eps);
+    let out = forward(&s, &tensors, mult.as_ref(), eps);
     Some((
         Tensor::from_primitive::<Cube>(f32_fused(&cube, out.y, &dims)),
         stat(out.mean),
@@ -210,20 +223,14 @@ struct ForwardOut {
 fn forward(
     s: &NormShape,
     [x, gamma, beta]: &[CubeTensor; 3],
-    mult: Option<&CubeTensor>,
+    mult: Option<&Handle>,
     eps: f64,
 ) -> ForwardOut {
     let client = &x.client;
-    let [b, c, hw, _] = s.dims().map(|d| d as u32);
-    // 1. Each slice's sum and squared deviations.
+    // 1. Each slice's mean (less the channel's first value) and squared deviations.
     let part = client.empty(s.c * s.slices * 2 * 4);
-    launch(
-        client,
-        STATS,
-        (s.slices as u32, c, 1),
-        &[&x.handle, &part],
-        &[b, c, hw, s.slice as u32, s.slices as u32],
-    );
+    let (grid, info) = s.reduction();
+    launch(client, STATS, grid, &[&x.handle, &part], &info);
     // 2. The slices combined: statistics and coefficients.
     let mean = client.empty(s.c * 4);
     let var = client.empty(s.c * 4);
@@ -231,7 +238,7 @@ fn forward(
     launch(
         client,
         FINISH_FORWARD,
-        (c.div_ceil(WORKGROUP), 1, 1),
+        s.per_channel_grid(),
         &[
             &part,
             &x.handle,
@@ -242,12 +249,12 @@ fn forward(
             &coef,
         ],
         &[
-            c,
+            s.c as u32,
             s.slices as u32,
             s.slice as u32,
             s.per_channel() as u32,
             (eps as f32).to_bits(),
-            hw,
+            s.hw() as u32,
         ],
     );
     // 3. The elementwise pass.
@@ -260,7 +267,7 @@ fn apply(
     s: &NormShape,
     u: &CubeTensor,
     v: &CubeTensor,
-    mult: Option<&CubeTensor>,
+    mult: Option<&Handle>,
     coef: &Handle,
 ) -> Handle {
     let client = &u.client;
@@ -271,17 +278,11 @@ fn apply(
         client,
         APPLY,
         (gx, gy, 1),
-        &[
-            &u.handle,
-            &v.handle,
-            mult.map_or(coef, |m| &m.handle),
-            coef,
-            &out,
-        ],
+        &[&u.handle, &v.handle, mult.unwrap_or(coef), coef, &out],
         &[
             s.values() as u32,
             s.c as u32,
-            s.hw as u32,
+            s.hw() as u32,
             u32::from(mult.is_some()),
             gx,
         ],
@@ -289,17 +290,19 @@ fn apply(
     out
 }
 
-/// What the backward keeps of the forward.
+/// What the backward keeps of the forward: the checkpointed input and γ, and buffers of
+/// ctseg's kernels (held as handles, so no operation reuses them in place).
 #[derive(Clone, Debug)]
 struct NormState {
     x: NodeId,
     gamma: NodeId,
     /// The forward's coefficients (its centre and the mean's deviation from it).
-    coef: Fused,
-    var: Fused,
-    mult: Option<Fused>,
+    coef: Handle,
+    /// The biased variance.
+    var: Handle,
+    /// The dropout's per-plane multipliers.
+    mult: Option<Handle>,
     shape: NormShape,
-    dims: [usize; 4],
     eps: f64,
 }
 
@@ -316,32 +319,18 @@ impl Backward<Cube, 3> for NormBackward {
         let s = st.shape;
         let x = resolve(ckpt.retrieve_node_output::<Fused>(st.x));
         let gamma = resolve(ckpt.retrieve_node_output::<Fused>(st.gamma));
-        let (fwd, var) = (resolve(st.coef), resolve(st.var));
-        let mult = st.mult.map(resolve);
+        let (fwd, mult) = (&st.coef, st.mult.as_ref());
         let client = &x.client;
         let device = x.device.clone();
-        let [b, c, hw, _] = s.dims().map(|d| d as u32);
-        // 1. Each slice's Σ g and Σ g·(x − μ).
+        // 1. Each slice's Σ g and Σ g·(x − x₀).
         let part = client.empty(s.c * s.slices * 2 * 4);
+        let (grid, [b, c, hw, slice, slices]) = s.reduction();
         launch(
             client,
             GRAD_SUMS,
-            (s.slices as u32, c, 1),
-            &[
-                &x.handle,
-                &dy.handle,
-                mult.as_ref().map_or(&fwd.handle, |m| &m.handle),
-                &fwd.handle,
-                &part,
-            ],
-            &[
-                b,
-                c,
-                hw,
-                s.slice as u32,
-                s.slices as u32,
-                u32::from(mult.is_some()),
-            ],
+            grid,
+            &[&x.handle, &dy.handle, mult.unwrap_or(fwd), fwd, &part],
+            &[b, c, hw, slice, slices, u32::from(mult.is_some())],
         );
         // 2. The parameter gradients and the input gradient's coefficients.
         let coef = client.empty(s.c * COEFS * 4);
@@ -350,16 +339,8 @@ impl Backward<Cube, 3> for NormBackward {
         launch(
             client,
             FINISH_BACKWARD,
-            (c.div_ceil(WORKGROUP), 1, 1),
-            &[
-                &part,
-                &gamma.handle,
-                &fwd.handle,
-                &var.handle,
-                &coef,
-                &dgamma,
-                &dbeta,
-            ],
+            s.per_channel_grid(),
+            &[&part, &gamma.handle, fwd, &st.var, &coef, &dgamma, &dbeta],
             &[
                 c,
                 s.slices as u32,
@@ -369,8 +350,8 @@ impl Backward<Cube, 3> for NormBackward {
         );
         // 3. The input gradient.
         if let Some(node) = node_x {
-            let dx = apply(&s, &dy, &x, mult.as_ref(), &coef);
-            grads.register::<Cube>(node.id, f32_fused(&device, dx, &st.dims));
+            let dx = apply(&s, &dy, &x, mult, &coef);
+            grads.register::<Cube>(node.id, f32_fused(&device, dx, &s.dims()));
         }
         if let Some(node) = node_g {
             grads.register::<Cube>(node.id, f32_fused(&device, dgamma, &[s.c]));
