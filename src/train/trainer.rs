@@ -79,6 +79,12 @@ pub fn train(cfg: &RunConfig, opts: TrainOptions, comm: &dyn Communicator) -> Re
         Start::Resume(ck) => Some(ck.as_ref()),
         _ => None,
     };
+    // A resumed run that another job is using is refused before anything is decided about it
+    // (rank 0 holds the lock from here; a fresh directory is only created, and locked, in 3).
+    let held = match (resume, comm.rank() == 0) {
+        (Some(_), true) => Some(RunLock::acquire(&opts.run_dir)?),
+        _ => None,
+    };
     let data_dir = data_dir_of(opts.data_dir.as_deref(), resume);
     let plan = Plan::new(cfg, data_dir.as_deref(), opts.host_threads, comm)?;
     if let Some(ck) = resume {
@@ -91,7 +97,7 @@ pub fn train(cfg: &RunConfig, opts: TrainOptions, comm: &dyn Communicator) -> Re
     agree_across_ranks(cfg, &plan.provenance, comm)?;
     // 3. The run directory (rank 0): refuse a run it would overwrite, lock, write the config.
     let run = RunDir::new(&opts.run_dir);
-    let _lock = prepare_run_dir(cfg, &opts, &run, comm.rank() == 0)?;
+    let _lock = prepare_run_dir(cfg, &opts, &run, comm.rank() == 0, held)?;
     // 4. Model and optimiser, fresh or restored, then rank 0's copy on every rank.
     let ad = opts.backend.device.clone().autodiff();
     let fresh = TrainState::fresh(cfg, &ad, opts.backend.caps);
@@ -194,21 +200,25 @@ pub fn agree_across_ranks(
     Ok(())
 }
 
-/// Rank 0 readies the run directory and locks it: a fresh run refuses a directory that holds a
-/// run (unless it overwrites it), a resumed run drops the metrics its checkpoint does not
-/// cover. Other ranks only read the directory.
+/// Rank 0 readies the run directory and locks it (or keeps the lock it `held` already): a
+/// fresh run refuses a directory that holds a run (unless it overwrites it), a resumed run drops
+/// the metrics its checkpoint does not cover. Other ranks only read the directory.
 fn prepare_run_dir(
     cfg: &RunConfig,
     opts: &TrainOptions,
     run: &RunDir,
     rank0: bool,
+    held: Option<RunLock>,
 ) -> Result<Option<RunLock>> {
     if !rank0 {
         return Ok(None);
     }
     let root = run.root();
     std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
-    let lock = RunLock::acquire(root)?;
+    let lock = match held {
+        Some(lock) => lock,
+        None => RunLock::acquire(root)?,
+    };
     match &opts.start {
         Start::Fresh if run.holds_run() => {
             return Err(Error::Argument(format!(
