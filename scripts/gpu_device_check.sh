@@ -7,7 +7,9 @@
 # and at 64x30 in mixed precision (profile-mixed-w64-b30.json; on cooperative matrices where
 # `ctseg adapters` lists them, which the cooperative-matrix parity tests then check in-process);
 # one convolution's and one batch normalisation's forward and forward + backward on both
-# kernels; and a short GPU training run.
+# kernels; and a short GPU training run. With .devbin/ctseg-spirv (`cargo build --release
+# --features spirv`, copied away before the default build overwrites it), the SPIR-V route at
+# 64x30 in mixed precision and f32 (profile-spirv-{mixed,f32}-w64-b30.json), after the tests.
 # Expects: .devbin/ctseg and .devbin/gpu-tests (x86-64 builds from the build machine without
 # the mpi feature, possibly xz-compressed: `cargo build --release`, and the binary that
 # `cargo test --release --test gpu --no-run` names) and .devbin/gpu-kernels-bench (the binary that
@@ -42,6 +44,21 @@ log adapters
 log "gpu parity tests"
 # GPU_TESTS: optional test-name filters (all tests by default); the per-tensor tables are kept.
 t=$(budget 180 "gpu parity tests") && CTSEG_REQUIRE_GPU=1 timeout "$t" ./.devbin/gpu-tests --test-threads 1 --nocapture ${GPU_TESTS:-} 2>&1 | grep -vE "XDG|^$" | tee -a "$OUT/log.txt"
+# The SPIR-V route (issue 12 item 4), when .devbin/ctseg-spirv was carried: mixed precision on
+# cubek's cooperative-matrix convolutions with its start-up check (which compares them with the
+# CPU on f16 operands), and f32 on burn's kernels compiled to SPIR-V.
+if [ -f .devbin/ctseg-spirv ]; then
+  chmod +x .devbin/ctseg-spirv
+  log "spirv build: adapters"
+  ./.devbin/ctseg-spirv adapters 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
+  for p in mixed f32; do
+    log "spirv build: bench step width 64 batch 30 240x240 in $p (mixed: cubek's cooperative-matrix convolutions, start-up check included), then its profile"
+    skip=(); [ "$p" = f32 ] && skip=(--skip-gpu-check)
+    t=$(budget 150 "spirv bench step 64x30 $p") && timeout "$t" ./.devbin/ctseg-spirv bench step --config configs/livermask.toml --backend gpu \
+      --precision $p "${skip[@]}" --width 64 --batch-size 30 --warmup "${WARMUP:-3}" --steps "${STEPS:-10}" --profile "${PROFILE_STEPS:-3}" \
+      --profile-top 12 --profile-json "$OUT/profile-spirv-$p-w64-b30.json" 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
+  done
+fi
 log "3x3 convolution, forward and forward+backward: burn's kernels against ctseg's WGSL kernels (and, with cooperative matrices, mixed precision in registers against on them); batch normalisation: tensor operations against ctseg's kernels"
 t=$(budget 120 "kernel bench") && CTSEG_BENCH_REPS=10 timeout "$t" ./.devbin/gpu-kernels-bench 2>&1 | grep -v XDG | tee -a "$OUT/log.txt"
 # Width/batch pairs: issue 12's target rows (batch 30 is the study's batch).

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::model::gpu_conv::CoopTile;
 use crate::model::{DeviceCaps, GpuConv};
 use crate::train::precision::PrecisionUsed;
+use crate::wgsl::Compiler;
 
 /// Which backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -151,6 +152,12 @@ impl AdapterCaps {
         format!(
             "convolutions: burn's kernels (default) or --gpu-conv wgsl (ctseg's); --precision mixed: ctseg's kernels with {mixed}"
         )
+    }
+
+    /// [`Self::paths`] in a `spirv` build on a Vulkan adapter, where cubecl compiles every
+    /// kernel to SPIR-V.
+    pub fn spirv_paths() -> &'static str {
+        "this build (feature `spirv`) compiles its kernels to SPIR-V: convolutions are burn's (--gpu-conv wgsl is refused); --precision mixed: cubek's implicit-GEMM kernels with f16 operands on the cooperative matrices cubecl finds, f32 accumulation (f32 throughout where it finds none)"
     }
 
     /// One line for `ctseg adapters`.
@@ -325,7 +332,11 @@ pub fn describe_adapters(adapters: &[Adapter]) -> String {
             a.backend,
             a.driver,
             a.caps.describe(),
-            a.caps.paths()
+            if crate::wgsl::SPIRV_BUILD && a.backend == "Vulkan" {
+                AdapterCaps::spirv_paths().to_string()
+            } else {
+                a.caps.paths()
+            }
         );
     }
     s
@@ -436,21 +447,38 @@ pub fn open(req: &DeviceRequest) -> Result<Backend> {
                     )));
                 }
             }
+            // ctseg's WGSL kernels (its convolutions, its cooperative-matrix tiles) load only
+            // where cubecl compiles kernels to WGSL.
+            let spirv = crate::wgsl::compiler(&device) == Compiler::SpirV;
+            if spirv && req.gpu_conv == GpuConv::Wgsl {
+                return Err(Error::Argument(format!(
+                    "--gpu-conv wgsl: adapter [{}] {}: this build (feature `spirv`) compiles kernels to SPIR-V, where ctseg's WGSL kernels cannot load; use --gpu-conv burn, or a build without `spirv`",
+                    chosen.index, chosen.name
+                )));
+            }
             let caps = DeviceCaps {
                 shader_loop_cap: (!long_loops_work(&device)).then_some(LAVAPIPE_LOOP_CAP),
                 gpu_conv: req.gpu_conv,
                 f16_operands: false,
-                coop: chosen.caps.coop.filter(|_| req.cooperative_matrices),
+                coop: chosen
+                    .caps
+                    .coop
+                    .filter(|_| req.cooperative_matrices && !spirv),
             };
             let capped = match (caps.shader_loop_cap, caps.gpu_conv) {
                 (Some(_), GpuConv::Burn) => ", loop-capped: convolutions split into exact chunks",
                 (Some(_), GpuConv::Wgsl) => ", loop-capped",
                 (None, _) => "",
             };
+            let compiled = if spirv {
+                ", kernels compiled to SPIR-V by cubecl"
+            } else {
+                ""
+            };
             Ok(Backend {
                 device,
                 description: format!(
-                    "gpu (burn wgpu, adapter [{}] {}, {}, {}{capped}; {})",
+                    "gpu (burn wgpu, adapter [{}] {}, {}, {}{compiled}{capped}; {})",
                     chosen.index,
                     chosen.name,
                     chosen.device_type,

@@ -1,18 +1,27 @@
 //! Whether a flat f32 tensor holds only finite values (mixed precision's overflow check),
 //! decided on the bits: on a wgpu device by `shaders/non_finite.wgsl` (one word read back; WGSL
-//! may assume floats are finite, so a float test there could miss an Inf), elsewhere on the host.
+//! may assume floats are finite, so a float test there could miss an Inf); where kernels are
+//! compiled to SPIR-V, by burn's `is_finite` (cubecl's SPIR-V declares no fast-math modes, so
+//! the test is exact); elsewhere on the host.
 
 use burn::tensor::Tensor;
 
 use crate::error::{Error, Result};
 use crate::tensor_util::data_to_f32;
-use crate::wgsl::{f32_buffer, gpu_err, grid_1d, launch, shader, u32_bytes};
+use crate::wgsl::{Compiler, compiler, f32_buffer, gpu_err, grid_1d, launch, shader, u32_bytes};
 
 const NON_FINITE: &str = shader!("non_finite.wgsl");
 
 /// Whether every value of `t` is finite (neither Inf nor NaN).
 pub fn all_finite(t: Tensor<1>) -> Result<bool> {
     let n = t.shape().num_elements();
+    if compiler(&t.device()) == Compiler::SpirV {
+        let all = t.is_finite().all().int();
+        let one = all
+            .try_into_scalar::<i64>()
+            .map_err(|e| gpu_err("finiteness check", e))?;
+        return Ok(one == 1);
+    }
     let Some(buf) = f32_buffer(&t) else {
         return Ok(data_to_f32(t.into_data())?.iter().all(|v| v.is_finite()));
     };

@@ -23,6 +23,12 @@
 //!    against itself), up to 67 % on the 2-element tensors of the width-2 copy, where f32's
 //!    noise is ~1e-4. Step 2 makes the cooperative matrices' own order one more such
 //!    difference, so they are checked there, tightly, and not here.
+//!
+//! Where kernels are compiled to SPIR-V (no WGSL kernels; mixed precision runs on cubek's
+//! cooperative-matrix convolutions, [`crate::model::cmma_conv`]), step 1 checks burn's f32
+//! kernels, step 2 cubek's convolutions against the CPU's on the same f16 operands
+//! ([`cmma_difference`]: the same exact products summed in another f32 order, [`REORDERED`]),
+//! and step 3 is as above.
 
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -32,6 +38,7 @@ use crate::error::{Error, Result};
 use crate::model::{DeviceCaps, Mode, UNetConfig, dice_loss, gpu_conv};
 use crate::tensor_util::to_f32;
 use crate::train::flat::{self, Select};
+use crate::wgsl::{Compiler, compiler};
 
 /// Accepted relative L2 error of one parameter tensor's gradient (GPU vs CPU) where f32
 /// rounding is harmless. Exact adapters measured ≤ 3e-4 on well-conditioned models.
@@ -198,16 +205,19 @@ pub fn conv_and_grads(
     ])
 }
 
-/// The largest relative L2 difference, over a few layer shapes (partial tiles, one input
-/// channel, more channels than a tile) and the output and three gradients, between the 3×3
+/// The convolutions the kernel checks compare: input shape, outputs, ReLU. Partial tiles, one
+/// input channel, more channels than a tile.
+const CHECKED_SHAPES: [([usize; 4], usize, bool); 3] = [
+    ([2, 1, 20, 20], 2, true),
+    ([2, 16, 12, 12], 70, false),
+    ([1, 96, 6, 6], 80, true),
+];
+
+/// The largest relative L2 difference, over [`CHECKED_SHAPES`] and the output and three gradients, between the 3×3
 /// convolutions of `a` and of `b` on `device`: the same operands, the same f16 rounding.
 pub fn conv_difference(device: &Device, a: DeviceCaps, b: DeviceCaps) -> Result<f64> {
     let mut worst: f64 = 0.0;
-    for (shape, c_out, relu) in [
-        ([2, 1, 20, 20], 2, true),
-        ([2, 16, 12, 12], 70, false),
-        ([1, 96, 6, 6], 80, true),
-    ] {
+    for (shape, c_out, relu) in CHECKED_SHAPES {
         // On ctseg's kernels, or two fallbacks could agree.
         let ours = |c: DeviceCaps| {
             c.gpu_conv == crate::model::GpuConv::Wgsl
@@ -221,6 +231,38 @@ pub fn conv_difference(device: &Device, a: DeviceCaps, b: DeviceCaps) -> Result<
         let ya = conv_and_grads(device, a, shape, c_out, relu, false)?;
         let yb = conv_and_grads(device, b, shape, c_out, relu, false)?;
         for (p, q) in ya.iter().zip(&yb) {
+            let e = rel_l2(p, q);
+            worst = if e.is_nan() {
+                f64::INFINITY
+            } else {
+                worst.max(e)
+            };
+        }
+    }
+    Ok(worst)
+}
+
+/// The largest relative L2 difference, over [`conv_difference`]'s layer shapes and the output
+/// and three gradients, between the 3×3 convolutions on `device` with `caps` (mixed precision,
+/// kernels compiled to SPIR-V: cubek's on cooperative matrices) and the CPU's, on operands
+/// already rounded to f16: both sum the same exact products in f32. An error if cubek declined
+/// any of them (they would not have been checked).
+pub fn cmma_difference(device: &Device, caps: DeviceCaps) -> Result<f64> {
+    let cpu = DeviceCaps {
+        f16_operands: true,
+        ..DeviceCaps::default()
+    };
+    let mut worst: f64 = 0.0;
+    for (shape, c_out, relu) in CHECKED_SHAPES {
+        let declined = crate::model::cmma_conv::declined();
+        let gpu = conv_and_grads(device, caps, shape, c_out, relu, true)?;
+        if crate::model::cmma_conv::declined() != declined {
+            return Err(Error::Device(format!(
+                "cubek's cooperative-matrix convolutions declined the shape {shape:?} -> {c_out}"
+            )));
+        }
+        let reference = conv_and_grads(&Device::flex(), cpu, shape, c_out, relu, true)?;
+        for (p, q) in reference.iter().zip(&gpu) {
             let e = rel_l2(p, q);
             worst = if e.is_nan() {
                 f64::INFINITY
@@ -393,6 +435,9 @@ pub fn require_gpu_agrees(model: &UNetConfig, backend: &Backend) -> Result<Verdi
     if !backend.caps.f16_operands {
         return agree(model, backend, backend.caps);
     }
+    if compiler(&backend.device) == Compiler::SpirV {
+        return require_cmma_agrees(model, backend);
+    }
     // 1. The kernels mixed precision runs on (ctseg's), with f16 rounding off: f32's limits.
     let f32_caps = DeviceCaps {
         f16_operands: false,
@@ -433,6 +478,40 @@ pub fn require_gpu_agrees(model: &UNetConfig, backend: &Backend) -> Result<Verdi
     }
     // 3. The model with f16 operands against the CPU's, within that computation's noise.
     agree(model, backend, registers)
+}
+
+/// [`require_gpu_agrees`] in mixed precision where kernels are compiled to SPIR-V.
+fn require_cmma_agrees(model: &UNetConfig, backend: &Backend) -> Result<Verdict> {
+    // 1. burn's kernels in f32, at f32's limits.
+    let f32_caps = DeviceCaps {
+        f16_operands: false,
+        ..backend.caps
+    };
+    agree(model, backend, f32_caps)?;
+    // 2. cubek's cooperative-matrix convolutions against the CPU's on the same f16 operands.
+    let diff = std::panic::catch_unwind(|| cmma_difference(&backend.device, backend.caps))
+        .unwrap_or_else(|_| {
+            Err(Error::Device(
+                "cubek's cooperative-matrix convolutions failed on this adapter".into(),
+            ))
+        });
+    let refuse = |why: String| {
+        Error::Device(format!(
+            "{}: {why}. Use --precision f32, another --adapter, or --skip-gpu-check if you know better.",
+            backend.description
+        ))
+    };
+    match diff {
+        Err(e) => return Err(refuse(e.to_string())),
+        Ok(d) if d > REORDERED => {
+            return Err(refuse(format!(
+                "cubek's cooperative-matrix kernels compute 3x3 convolutions on f16 operands differently from the CPU on the same operands (relative error {d:.1e}, accepted {REORDERED:.0e}: the same exact products summed in another order)"
+            )));
+        }
+        Ok(_) => {}
+    }
+    // 3. The model with f16 operands against the CPU's, within that computation's noise.
+    agree(model, backend, backend.caps)
 }
 
 fn agree(model: &UNetConfig, backend: &Backend, caps: DeviceCaps) -> Result<Verdict> {

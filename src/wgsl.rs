@@ -75,8 +75,15 @@ impl CubeKernel for WgslKernel {
     }
 }
 
-/// The wgpu device under `device` (with or without autodiff), `None` for other devices.
+/// The wgpu device under `device` (with or without autodiff) where ctseg's WGSL kernels can
+/// load, `None` for other devices and for a wgpu device whose kernels cubecl compiles to SPIR-V
+/// (it refuses precompiled WGSL there): every caller then takes its portable path.
 pub(crate) fn cube_device(device: &Device) -> Option<burn_cubecl::CubeDevice> {
+    any_cube_device(device).filter(|d| compiler_of(d) == Compiler::Wgsl)
+}
+
+/// The wgpu device under `device` (with or without autodiff), whatever its kernel compiler.
+pub(crate) fn any_cube_device(device: &Device) -> Option<burn_cubecl::CubeDevice> {
     let device = device.clone().without_autodiff();
     #[allow(unreachable_patterns)]
     match device.as_dispatch() {
@@ -85,12 +92,42 @@ pub(crate) fn cube_device(device: &Device) -> Option<burn_cubecl::CubeDevice> {
     }
 }
 
+/// What cubecl compiles a wgpu device's kernels to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compiler {
+    /// WGSL, which wgpu translates for the driver (every build; ctseg's kernels load here).
+    #[default]
+    Wgsl,
+    /// SPIR-V from cubecl's own compiler (a `spirv` build on a Vulkan adapter): cooperative
+    /// matrices for cubecl's kernels, no precompiled WGSL.
+    SpirV,
+}
+
+/// Whether this binary was built with the `spirv` feature (Vulkan adapters compile to SPIR-V).
+pub const SPIRV_BUILD: bool = cfg!(feature = "spirv");
+
+fn compiler_of(cube: &burn_cubecl::CubeDevice) -> Compiler {
+    // cubecl-wgpu names the runtime `wgpu<spirv>` when it compiles to SPIR-V.
+    if cube.client().name().contains("spirv") {
+        Compiler::SpirV
+    } else {
+        Compiler::Wgsl
+    }
+}
+
+/// The kernel compiler of `device` (WGSL for devices that are not wgpu's: nothing to choose).
+pub fn compiler(device: &Device) -> Compiler {
+    any_cube_device(device).map_or(Compiler::Wgsl, |d| compiler_of(&d))
+}
+
 /// burn's tensor primitive on the wgpu device without autodiff (the fusion layer's).
 pub(crate) type Fused = <Cube as burn::backend::BackendTypes>::FloatTensorPrimitive;
 
 /// The contiguous f32 buffer behind a tensor on the wgpu device without autodiff (queued
-/// operations that produce it run first); `None` for any other tensor.
+/// operations that produce it run first), for ctseg's WGSL kernels; `None` for any other tensor
+/// and where those kernels cannot load ([`cube_device`]).
 pub(crate) fn f32_buffer<const D: usize>(t: &Tensor<D>) -> Option<CubeTensor> {
+    cube_device(&t.device())?;
     let fused = t.clone().try_into_primitive::<Cube>().ok()?;
     (fused.dtype == DType::F32).then(|| resolve(fused))
 }

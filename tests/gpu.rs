@@ -11,6 +11,9 @@
 //! Without a Vulkan/GL adapter the tests print why and pass, unless `CI=true` or
 //! `CTSEG_REQUIRE_GPU=1` (`.ci/run` and `scripts/test` set them), in which case a missing adapter
 //! fails them.
+//!
+//! A `spirv` build has no WGSL kernels: tests/spirv.rs covers it instead.
+#![cfg(not(feature = "spirv"))]
 
 mod common;
 

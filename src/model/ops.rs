@@ -1,15 +1,17 @@
 //! The model's operations, each deciding its implementation in this one place (as candle's
 //! `CustomOp` dispatches CPU/CUDA/Metal in one): the CPU kernels of [`super::cpu`] when the
 //! tensors are f32 on the flex device; ctseg's WGSL kernels on a wgpu device where they apply
-//! ([`gpu_conv`], [`gpu_norm`]); otherwise burn's operations (the portable path), split into
-//! exact pieces on adapters that cap shader loops. The layers call these
-//! unconditionally; a backend's own kernels (GPU convolutions, f16 operands) plug in here.
+//! ([`gpu_conv`], [`gpu_norm`]); in mixed precision where kernels are compiled to SPIR-V,
+//! cubek's cooperative-matrix convolutions ([`cmma_conv`]); otherwise burn's operations (the
+//! portable path), split into exact pieces on adapters that cap shader loops. The layers call
+//! these unconditionally; a backend's own kernels (GPU convolutions, f16 operands) plug in here.
 
 use burn::tensor::activation::relu;
 use burn::tensor::module::{conv_transpose2d, conv2d, max_pool2d};
 use burn::tensor::ops::{ConvOptions, ConvTransposeOptions, MaxPoolOptions};
 use burn::tensor::{Tensor, TensorData};
 
+use super::cmma_conv;
 use super::cpu;
 use super::gpu_conv::{self, CoopTile, Operands};
 use super::gpu_norm;
@@ -59,8 +61,8 @@ pub struct DeviceCaps {
     pub gpu_conv: GpuConv,
     /// Mixed precision: the 3×3 convolutions' operands rounded to f16, accumulated in f32 (on
     /// a wgpu adapter, through ctseg's kernels whatever `gpu_conv` says: burn's would
-    /// accumulate f16 operands in f16; on the CPU, its own kernels, as the GPU check's
-    /// reference).
+    /// accumulate f16 operands in f16; where kernels are compiled to SPIR-V, cubek's
+    /// ([`cmma_conv`]); on the CPU, its own kernels, as the GPU check's reference).
     pub f16_operands: bool,
     /// The adapter's cooperative matrices as ctseg's kernels use them (`None`: none, switched
     /// off, or not on a wgpu adapter). Mixed precision's convolutions run on them where
@@ -114,6 +116,13 @@ pub fn conv(
         && let Some(y) = gpu_conv::conv3x3(&x, &weight, &bias, apply_relu, operands)
     {
         return y;
+    }
+    // Where kernels are compiled to SPIR-V (no WGSL kernels there), cubek's on cooperative
+    // matrices.
+    if f16 && let Some(y) = cmma_conv::conv3x3(&x, &weight) {
+        let [_, c_out, _, _] = y.dims();
+        let y = y + bias.reshape([1, c_out, 1, 1]);
+        return if apply_relu { relu(y) } else { y };
     }
     let pad = k / 2;
     let y = chunked_rows(x, caps.conv_chunk(), pad, |x, pad_h| {

@@ -6,6 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, BackendKind};
+use crate::model::cmma_conv;
+use crate::wgsl::{self, Compiler};
 
 #[cfg(doc)]
 use crate::model::DeviceCaps;
@@ -53,13 +55,38 @@ impl Default for PrecisionUsed {
 }
 
 /// `backend`, computing in `precision` from now on: its capabilities say so to the model's
-/// operations, its `precision` and description to the log and summary.
+/// operations, its `precision` and description to the log and summary. Where kernels are
+/// compiled to SPIR-V and cubecl finds no f16 cooperative matrices, mixed precision has no
+/// kernels to run on: the run computes in f32 and its note says why.
 pub fn apply(precision: Precision, mut backend: Backend) -> Backend {
+    let spirv = wgsl::compiler(&backend.device) == Compiler::SpirV;
+    let shapes = cmma_conv::f16_shapes(&backend.device);
+    if precision == Precision::Mixed && spirv && shapes.is_empty() {
+        backend.caps.f16_operands = false;
+        backend.precision = PrecisionUsed {
+            precision: Precision::F32,
+            note: "f32 throughout: mixed precision was asked, but where kernels are compiled to SPIR-V it runs only on cooperative matrices, and cubecl found none for f16 x f16 -> f32 on this adapter (docs/gpu-notes.md)".into(),
+        };
+        backend
+            .description
+            .push_str(" in f32 (no f16 cooperative matrices for mixed precision)");
+        return backend;
+    }
     backend.caps.f16_operands = precision == Precision::Mixed;
     backend.precision = match precision {
         Precision::F32 => PrecisionUsed::default(),
         Precision::Mixed => {
             let kernels = match (backend.kind, backend.caps.coop) {
+                (BackendKind::Gpu, _) if spirv => {
+                    let sizes: Vec<String> = shapes
+                        .iter()
+                        .map(|[m, n, k]| format!("{m}x{n}x{k}"))
+                        .collect();
+                    format!(
+                        "cubek's implicit-GEMM kernels on cooperative matrices {} (SPIR-V)",
+                        sizes.join(", ")
+                    )
+                }
                 (BackendKind::Gpu, Some(tile)) => {
                     format!("ctseg's WGSL kernels on {}", tile.describe())
                 }
@@ -69,7 +96,9 @@ pub fn apply(precision: Precision, mut backend: Backend) -> Backend {
             backend.description.push_str(&format!(
                 " in mixed precision (3x3 convolutions with f16 operands on {kernels})"
             ));
-            let speed = if backend.caps.coop.is_some() {
+            let speed = if spirv {
+                "the operands are copied to f16, channels last, before each convolution"
+            } else if backend.caps.coop.is_some() {
                 "the operands are converted to f16 as they are staged (tensors stay f32 in memory)"
             } else {
                 "without cooperative matrices this has mixed precision's numerics, not its speed"

@@ -1,0 +1,183 @@
+//! The `spirv` build (`cargo test --release --features spirv --test spirv`): cubecl compiles
+//! every kernel to SPIR-V, ctseg's WGSL kernels stand aside, and mixed precision's 3×3
+//! convolutions run on cubek's cooperative-matrix kernels (src/model/cmma_conv.rs).
+//!
+//! Every test needs an adapter whose driver lists f16 × f16 → f32 cooperative matrices. Where
+//! this process's adapter lists none (Debian's Mesa 22 lavapipe, which moreover crashes
+//! building cubecl's SPIR-V pipelines), each test runs again on scripts/lavapipe_coop.sh's Mesa
+//! 26 lavapipe ([`common::cooperative_matrices_here`]); without that lavapipe they fail where
+//! GPU tests are required (CI, `CTSEG_REQUIRE_GPU=1`) and are skipped elsewhere. The tests that
+//! run `ctseg` itself run it there the same way.
+#![cfg(feature = "spirv")]
+
+mod common;
+
+use burn::tensor::{Tensor, TensorData};
+use ctseg::backend::{self, Backend, BackendKind, DeviceRequest};
+use ctseg::model::cmma_conv;
+use ctseg::train::precision::{self, Precision};
+use ctseg::verify;
+use ctseg::wgsl::{Compiler, compiler};
+
+/// Whether this process's first adapter lists f16 × f16 → f32 cooperative matrices, read from
+/// the driver's list without building a pipeline (Mesa 22's lavapipe crashes building cubecl's).
+fn matrices_here() -> bool {
+    backend::list_adapters().first().is_some_and(|a| {
+        a.backend == "Vulkan"
+            && a.caps
+                .cooperative_matrix
+                .iter()
+                .any(|m| m.contains("F16->F32"))
+    })
+}
+
+/// The GPU backend in mixed precision for test `name`, on this process's adapter if it has
+/// cooperative matrices; otherwise the test runs again on the Mesa 26 lavapipe and this is
+/// `None`.
+fn mixed_gpu(name: &str) -> Option<Backend> {
+    if !common::cooperative_matrices_here(name, matrices_here()) {
+        return None;
+    }
+    let req = DeviceRequest {
+        kind: BackendKind::Gpu,
+        threads: 0,
+        adapter: None,
+        gpu_conv: Default::default(),
+        cooperative_matrices: true,
+    };
+    let be = backend::open(&req).expect("the adapter with cooperative matrices opens");
+    Some(precision::apply(Precision::Mixed, be))
+}
+
+#[test]
+fn kernels_compile_to_spirv_and_find_f16_cooperative_matrices() {
+    let Some(be) = mixed_gpu("kernels_compile_to_spirv_and_find_f16_cooperative_matrices") else {
+        return;
+    };
+    assert_eq!(compiler(&be.device), Compiler::SpirV, "{}", be.description);
+    assert!(
+        !cmma_conv::f16_shapes(&be.device).is_empty(),
+        "{}",
+        be.description
+    );
+    // ctseg's WGSL kernels cannot load: none of them is chosen.
+    assert!(be.caps.coop.is_none(), "{:?}", be.caps);
+    assert!(be.caps.f16_operands);
+    assert!(
+        be.description.contains("kernels compiled to SPIR-V")
+            && be.description.contains("cubek's implicit-GEMM kernels"),
+        "{}",
+        be.description
+    );
+}
+
+#[test]
+fn cooperative_matrix_convolutions_match_the_cpu_on_f16_operands() {
+    let Some(be) = mixed_gpu("cooperative_matrix_convolutions_match_the_cpu_on_f16_operands")
+    else {
+        return;
+    };
+    // The output and the three gradients at three layer shapes, on operands already rounded to
+    // f16: cubek and the CPU's kernels sum the same exact products in f32, in another order.
+    // cmma_difference errors if cubek declined any of them (burn's kernels would have run).
+    let d = verify::cmma_difference(&be.device, be.caps).expect("compare");
+    assert!(d <= verify::REORDERED, "relative L2 difference {d:e}");
+    assert_eq!(cmma_conv::declined(), 0);
+}
+
+#[test]
+fn the_overflow_check_sees_inf_and_nan_on_spirv() {
+    let Some(be) = mixed_gpu("the_overflow_check_sees_inf_and_nan_on_spirv") else {
+        return;
+    };
+    // burn's is_finite where kernels are compiled to SPIR-V; the host's f32::is_finite is the
+    // reference. Finite extremes (the largest f32, the smallest subnormal, -0) must pass.
+    let finite = [0.0f32, -0.0, 1.0, f32::MAX, -f32::MAX, 1e-45];
+    let check = |v: Vec<f32>| {
+        let n = v.len();
+        let t = Tensor::<1>::from_data(TensorData::new(v, [n]), &be.device);
+        ctseg::finite::all_finite(t).expect("check")
+    };
+    assert!(check(finite.repeat(1000)));
+    for (k, bad) in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN]
+        .into_iter()
+        .enumerate()
+    {
+        let mut v = finite.repeat(10_000);
+        let at = (k * 31_337 + 5) % v.len();
+        v[at] = bad;
+        assert!(!check(v), "{bad} not found");
+    }
+}
+
+#[test]
+fn adapters_say_this_build_compiles_to_spirv() {
+    let Some(out) = common::ctseg_with_cooperative_matrices(&["adapters"], matrices_here()) else {
+        return;
+    };
+    let out = common::ok(out);
+    assert!(
+        out.contains("this build (feature `spirv`) compiles its kernels to SPIR-V"),
+        "{out}"
+    );
+}
+
+#[test]
+fn wgsl_convolutions_are_refused_on_spirv() {
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    let args = [
+        "train",
+        "--config",
+        common::TINY,
+        "--backend",
+        "gpu",
+        "--gpu-conv",
+        "wgsl",
+        "--max-steps",
+        "1",
+        "--out",
+        common::s(&run),
+    ];
+    let Some(out) = common::ctseg_with_cooperative_matrices(&args, matrices_here()) else {
+        return;
+    };
+    common::fails_with(out, 2, &["--gpu-conv wgsl", "SPIR-V"]);
+    assert!(!run.exists(), "a refused run leaves no directory");
+}
+
+#[test]
+fn mixed_precision_training_on_spirv_passes_its_check_and_names_cubek() {
+    // Three steps in mixed precision: the start-up check (src/verify.rs: burn's f32 kernels,
+    // cubek's convolutions against the CPU's, the model with f16 operands) passes, and the log
+    // and summary say what the convolutions ran on.
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    let args = [
+        "train",
+        "--config",
+        common::TINY,
+        "--backend",
+        "gpu",
+        "--precision",
+        "mixed",
+        "--max-steps",
+        "3",
+        "--out",
+        common::s(&run),
+    ];
+    let Some(out) = common::ctseg_with_cooperative_matrices(&args, matrices_here()) else {
+        return;
+    };
+    let out = common::ok(out);
+    assert!(out.contains("cubek's implicit-GEMM kernels"), "{out}");
+    let sm = common::summary(&run);
+    assert_eq!(sm.precision, "mixed");
+    assert!(
+        sm.precision_note
+            .contains("cubek's implicit-GEMM kernels on cooperative matrices"),
+        "{}",
+        sm.precision_note
+    );
+    assert_eq!(sm.skipped_steps, 0);
+}
