@@ -230,16 +230,19 @@ pub fn conv_difference(device: &Device, a: DeviceCaps, b: DeviceCaps) -> Result<
         }
         let ya = conv_and_grads(device, a, shape, c_out, relu, false)?;
         let yb = conv_and_grads(device, b, shape, c_out, relu, false)?;
-        for (p, q) in ya.iter().zip(&yb) {
-            let e = rel_l2(p, q);
-            worst = if e.is_nan() {
-                f64::INFINITY
-            } else {
-                worst.max(e)
-            };
-        }
+        worst = worst.max(largest_difference(&ya, &yb));
     }
     Ok(worst)
+}
+
+/// The largest relative L2 difference between the output and gradients `a` and `b` of one
+/// convolution ([`conv_and_grads`]); infinite if any is NaN.
+fn largest_difference(a: &[Vec<f32>; 4], b: &[Vec<f32>; 4]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(p, q)| rel_l2(p, q))
+        .map(|e| if e.is_nan() { f64::INFINITY } else { e })
+        .fold(0.0, f64::max)
 }
 
 /// The largest relative L2 difference, over [`conv_difference`]'s layer shapes and the output
@@ -262,14 +265,7 @@ pub fn cmma_difference(device: &Device, caps: DeviceCaps) -> Result<f64> {
             )));
         }
         let reference = conv_and_grads(&Device::flex(), cpu, shape, c_out, relu, true)?;
-        for (p, q) in reference.iter().zip(&gpu) {
-            let e = rel_l2(p, q);
-            worst = if e.is_nan() {
-                f64::INFINITY
-            } else {
-                worst.max(e)
-            };
-        }
+        worst = worst.max(largest_difference(&reference, &gpu));
     }
     Ok(worst)
 }
@@ -451,30 +447,13 @@ pub fn require_gpu_agrees(model: &UNetConfig, backend: &Backend) -> Result<Verdi
         ..backend.caps
     };
     if let Some(tile) = backend.caps.coop {
-        // A driver that cannot build the kernels panics in wgpu: an error that says what to do.
-        let diff =
-            std::panic::catch_unwind(|| conv_difference(&backend.device, backend.caps, registers))
-                .unwrap_or_else(|_| {
-                    Err(Error::Device(
-                        "the cooperative-matrix kernels failed on this adapter".into(),
-                    ))
-                });
-        let refuse = |why: String| {
-            Error::Device(format!(
-                "{}: {why}. Use --no-cooperative-matrices (mixed precision on ctseg's register kernels), --precision f32, another --adapter, or --skip-gpu-check if you know better.",
-                backend.description
-            ))
-        };
-        match diff {
-            Err(e) => return Err(refuse(e.to_string())),
-            Ok(d) if d > REORDERED => {
-                return Err(refuse(format!(
-                    "its {} compute 3x3 convolutions on f16 operands differently from ctseg's register kernels on the same operands (relative error {d:.1e}, accepted {REORDERED:.0e}: the same exact products summed in another order)",
-                    tile.describe()
-                )));
-            }
-            Ok(_) => {}
-        }
+        require_reordered(
+            backend,
+            || conv_difference(&backend.device, backend.caps, registers),
+            &format!("its {}", tile.describe()),
+            "ctseg's register kernels",
+            "--no-cooperative-matrices (mixed precision on ctseg's register kernels), ",
+        )?;
     }
     // 3. The model with f16 operands against the CPU's, within that computation's noise.
     agree(model, backend, registers)
@@ -489,29 +468,43 @@ fn require_cmma_agrees(model: &UNetConfig, backend: &Backend) -> Result<Verdict>
     };
     agree(model, backend, f32_caps)?;
     // 2. cubek's cooperative-matrix convolutions against the CPU's on the same f16 operands.
-    let diff = std::panic::catch_unwind(|| cmma_difference(&backend.device, backend.caps))
-        .unwrap_or_else(|_| {
-            Err(Error::Device(
-                "cubek's cooperative-matrix convolutions failed on this adapter".into(),
-            ))
-        });
+    require_reordered(
+        backend,
+        || cmma_difference(&backend.device, backend.caps),
+        "cubek's cooperative-matrix convolutions",
+        "the CPU",
+        "",
+    )?;
+    // 3. The model with f16 operands against the CPU's, within that computation's noise.
+    agree(model, backend, backend.caps)
+}
+
+/// Step 2 of the mixed-precision check: `difference`, a comparison of the run's convolution
+/// kernels (`kernels`) with `reference` on the same f16 operands, must find only another f32
+/// summation order ([`REORDERED`]). A driver that cannot build the kernels panics in wgpu: that
+/// too becomes an error that says what to do (`advice`, then the choices every refusal offers).
+fn require_reordered(
+    backend: &Backend,
+    difference: impl FnOnce() -> Result<f64> + std::panic::UnwindSafe,
+    kernels: &str,
+    reference: &str,
+    advice: &str,
+) -> Result<()> {
+    let diff = std::panic::catch_unwind(difference)
+        .unwrap_or_else(|_| Err(Error::Device(format!("{kernels} failed on this adapter"))));
     let refuse = |why: String| {
         Error::Device(format!(
-            "{}: {why}. Use --precision f32, another --adapter, or --skip-gpu-check if you know better.",
+            "{}: {why}. Use {advice}--precision f32, another --adapter, or --skip-gpu-check if you know better.",
             backend.description
         ))
     };
     match diff {
-        Err(e) => return Err(refuse(e.to_string())),
-        Ok(d) if d > REORDERED => {
-            return Err(refuse(format!(
-                "cubek's cooperative-matrix kernels compute 3x3 convolutions on f16 operands differently from the CPU on the same operands (relative error {d:.1e}, accepted {REORDERED:.0e}: the same exact products summed in another order)"
-            )));
-        }
-        Ok(_) => {}
+        Err(e) => Err(refuse(e.to_string())),
+        Ok(d) if d > REORDERED => Err(refuse(format!(
+            "{kernels} compute 3x3 convolutions on f16 operands differently from {reference} on the same operands (relative error {d:.1e}, accepted {REORDERED:.0e}: the same exact products summed in another order)"
+        ))),
+        Ok(_) => Ok(()),
     }
-    // 3. The model with f16 operands against the CPU's, within that computation's noise.
-    agree(model, backend, backend.caps)
 }
 
 fn agree(model: &UNetConfig, backend: &Backend, caps: DeviceCaps) -> Result<Verdict> {

@@ -19,7 +19,7 @@ mod common;
 
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
-use ctseg::backend::{self, Backend, BackendKind, DeviceRequest};
+use ctseg::backend::{self, Backend};
 use ctseg::model::gpu_conv::Operands;
 use ctseg::model::layers::BatchNorm;
 use ctseg::model::{DeviceCaps, GpuConv, Mode, Norm, UNetConfig, Upsampling, dice_loss};
@@ -29,14 +29,7 @@ use ctseg::train::flat::{self, Select};
 use ctseg::verify;
 
 fn gpu() -> Option<Backend> {
-    let req = DeviceRequest {
-        kind: BackendKind::Gpu,
-        threads: 0,
-        adapter: None,
-        gpu_conv: Default::default(),
-        cooperative_matrices: true,
-    };
-    match backend::open(&req) {
+    match backend::open(&common::gpu_request()) {
         Ok(b) => Some(b),
         Err(e) => {
             // In CI (`.ci/run` sets CI=true, `scripts/test` CTSEG_REQUIRE_GPU=1) a GPU test runs
@@ -1153,31 +1146,6 @@ fn unet_in_mixed_precision_matches_the_cpus_at_240(be: &Backend, mixed: DeviceCa
 #[test]
 fn the_overflow_check_finds_every_inf_and_nan_on_the_device() {
     let Some(be) = gpu() else { return };
-    // Decided on the bits by shaders/non_finite.wgsl; the host's f32::is_finite is the
-    // reference. Finite extremes (the largest f32, the smallest subnormal, -0) must pass.
-    let finite = [
-        0.0f32,
-        -0.0,
-        1.0,
-        f32::MAX,
-        -f32::MAX,
-        f32::MIN_POSITIVE,
-        1e-45,
-    ];
-    let check = |v: Vec<f32>| {
-        let n = v.len();
-        let t = Tensor::<1>::from_data(TensorData::new(v, [n]), &be.device);
-        ctseg::finite::all_finite(t).expect("check")
-    };
-    assert!(check(finite.repeat(1000)));
-    for (k, bad) in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN]
-        .into_iter()
-        .enumerate()
-    {
-        // One bad value among 70,000, at a different place each time (other workgroups).
-        let mut v = finite.repeat(10_000);
-        let at = (k * 31_337 + 5) % v.len();
-        v[at] = bad;
-        assert!(!check(v), "{bad} not found");
-    }
+    // Decided on the bits by shaders/non_finite.wgsl.
+    common::assert_overflow_check_is_exact(&be.device);
 }

@@ -12,8 +12,7 @@
 
 mod common;
 
-use burn::tensor::{Tensor, TensorData};
-use ctseg::backend::{self, Backend, BackendKind, DeviceRequest};
+use ctseg::backend::{self, Backend};
 use ctseg::model::cmma_conv;
 use ctseg::train::precision::{self, Precision};
 use ctseg::verify;
@@ -38,15 +37,17 @@ fn mixed_gpu(name: &str) -> Option<Backend> {
     if !common::cooperative_matrices_here(name, matrices_here()) {
         return None;
     }
-    let req = DeviceRequest {
-        kind: BackendKind::Gpu,
-        threads: 0,
-        adapter: None,
-        gpu_conv: Default::default(),
-        cooperative_matrices: true,
-    };
-    let be = backend::open(&req).expect("the adapter with cooperative matrices opens");
+    let be =
+        backend::open(&common::gpu_request()).expect("the adapter with cooperative matrices opens");
     Some(precision::apply(Precision::Mixed, be))
+}
+
+/// `ctseg train` of the tiny config on the GPU into `run`, with `extra` flags.
+fn tiny_gpu_run<'a>(run: &'a std::path::Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["train", "--config", common::TINY, "--backend", "gpu"];
+    args.extend_from_slice(extra);
+    args.extend(["--out", common::s(run)]);
+    args
 }
 
 #[test]
@@ -91,24 +92,8 @@ fn the_overflow_check_sees_inf_and_nan_on_spirv() {
     let Some(be) = mixed_gpu("the_overflow_check_sees_inf_and_nan_on_spirv") else {
         return;
     };
-    // burn's is_finite where kernels are compiled to SPIR-V; the host's f32::is_finite is the
-    // reference. Finite extremes (the largest f32, the smallest subnormal, -0) must pass.
-    let finite = [0.0f32, -0.0, 1.0, f32::MAX, -f32::MAX, 1e-45];
-    let check = |v: Vec<f32>| {
-        let n = v.len();
-        let t = Tensor::<1>::from_data(TensorData::new(v, [n]), &be.device);
-        ctseg::finite::all_finite(t).expect("check")
-    };
-    assert!(check(finite.repeat(1000)));
-    for (k, bad) in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN]
-        .into_iter()
-        .enumerate()
-    {
-        let mut v = finite.repeat(10_000);
-        let at = (k * 31_337 + 5) % v.len();
-        v[at] = bad;
-        assert!(!check(v), "{bad} not found");
-    }
+    // burn's is_finite where kernels are compiled to SPIR-V.
+    common::assert_overflow_check_is_exact(&be.device);
 }
 
 #[test]
@@ -127,19 +112,7 @@ fn adapters_say_this_build_compiles_to_spirv() {
 fn wgsl_convolutions_are_refused_on_spirv() {
     let d = tempfile::tempdir().expect("tmp");
     let run = d.path().join("run");
-    let args = [
-        "train",
-        "--config",
-        common::TINY,
-        "--backend",
-        "gpu",
-        "--gpu-conv",
-        "wgsl",
-        "--max-steps",
-        "1",
-        "--out",
-        common::s(&run),
-    ];
+    let args = tiny_gpu_run(&run, &["--gpu-conv", "wgsl", "--max-steps", "1"]);
     let Some(out) = common::ctseg_with_cooperative_matrices(&args, matrices_here()) else {
         return;
     };
@@ -154,19 +127,7 @@ fn mixed_precision_training_on_spirv_passes_its_check_and_names_cubek() {
     // and summary say what the convolutions ran on.
     let d = tempfile::tempdir().expect("tmp");
     let run = d.path().join("run");
-    let args = [
-        "train",
-        "--config",
-        common::TINY,
-        "--backend",
-        "gpu",
-        "--precision",
-        "mixed",
-        "--max-steps",
-        "3",
-        "--out",
-        common::s(&run),
-    ];
+    let args = tiny_gpu_run(&run, &["--precision", "mixed", "--max-steps", "3"]);
     let Some(out) = common::ctseg_with_cooperative_matrices(&args, matrices_here()) else {
         return;
     };

@@ -314,3 +314,47 @@ pub fn ctseg_with_cooperative_matrices(args: &[&str], here: bool) -> Option<Outp
         }
     }
 }
+
+/// Checks mixed precision's overflow check (`ctseg::finite::all_finite`) on `device` against the
+/// host's `f32::is_finite`: finite extremes (the largest f32, the smallest normal and subnormal,
+/// -0) pass, and one Inf, -Inf or NaN among 70,000 values, at a different place each time
+/// (other workgroups), is found.
+pub fn assert_overflow_check_is_exact(device: &burn::tensor::Device) {
+    use burn::tensor::{Tensor, TensorData};
+    let finite = [
+        0.0f32,
+        -0.0,
+        1.0,
+        f32::MAX,
+        -f32::MAX,
+        f32::MIN_POSITIVE,
+        1e-45,
+    ];
+    let check = |v: Vec<f32>| {
+        let n = v.len();
+        let t = Tensor::<1>::from_data(TensorData::new(v, [n]), device);
+        ctseg::finite::all_finite(t).expect("check")
+    };
+    assert!(check(finite.repeat(1000)));
+    for (k, bad) in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN]
+        .into_iter()
+        .enumerate()
+    {
+        let mut v = finite.repeat(10_000);
+        let at = (k * 31_337 + 5) % v.len();
+        v[at] = bad;
+        assert!(!check(v), "{bad} not found");
+    }
+}
+
+/// What `--backend gpu` asks for by default: the first hardware adapter (else a software one),
+/// burn's convolutions, cooperative matrices allowed.
+pub fn gpu_request() -> ctseg::backend::DeviceRequest {
+    ctseg::backend::DeviceRequest {
+        kind: ctseg::backend::BackendKind::Gpu,
+        threads: 0,
+        adapter: None,
+        gpu_conv: Default::default(),
+        cooperative_matrices: true,
+    }
+}
