@@ -213,8 +213,9 @@ const CHECKED_SHAPES: [([usize; 4], usize, bool); 3] = [
     ([1, 96, 6, 6], 80, true),
 ];
 
-/// The largest relative L2 difference, over [`CHECKED_SHAPES`] and the output and three gradients, between the 3×3
-/// convolutions of `a` and of `b` on `device`: the same operands, the same f16 rounding.
+/// The largest relative L2 difference, over [`CHECKED_SHAPES`] and the output and three
+/// gradients, between the 3×3 convolutions of `a` and of `b` on `device`: the same operands, the
+/// same f16 rounding.
 pub fn conv_difference(device: &Device, a: DeviceCaps, b: DeviceCaps) -> Result<f64> {
     let mut worst: f64 = 0.0;
     for (shape, c_out, relu) in CHECKED_SHAPES {
@@ -245,8 +246,8 @@ fn largest_difference(a: &[Vec<f32>; 4], b: &[Vec<f32>; 4]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// The largest relative L2 difference, over [`conv_difference`]'s layer shapes and the output
-/// and three gradients, between the 3×3 convolutions on `device` with `caps` (mixed precision,
+/// The largest relative L2 difference, over [`CHECKED_SHAPES`] and the output and three
+/// gradients, between the 3×3 convolutions on `device` with `caps` (mixed precision,
 /// kernels compiled to SPIR-V: cubek's on cooperative matrices) and the CPU's, on operands
 /// already rounded to f16: both sum the same exact products in f32. An error if cubek declined
 /// any of them (they would not have been checked).

@@ -106,9 +106,11 @@ pub enum Compiler {
 /// Whether this binary was built with the `spirv` feature (Vulkan adapters compile to SPIR-V).
 pub const SPIRV_BUILD: bool = cfg!(feature = "spirv");
 
-fn compiler_of(cube: &burn_cubecl::CubeDevice) -> Compiler {
+/// `cube`'s kernel compiler. Without the `spirv` feature it is WGSL, decided without asking
+/// cubecl (every WGSL kernel launch passes here).
+pub(crate) fn compiler_of(cube: &burn_cubecl::CubeDevice) -> Compiler {
     // cubecl-wgpu names the runtime `wgpu<spirv>` when it compiles to SPIR-V.
-    if cube.client().name().contains("spirv") {
+    if SPIRV_BUILD && cube.client().name().contains("spirv") {
         Compiler::SpirV
     } else {
         Compiler::Wgsl

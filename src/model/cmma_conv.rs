@@ -39,7 +39,7 @@ use cubek::convolution::{
 use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
 use cubek::std::InputBinding;
 
-use crate::wgsl::{Compiler, Fused, any_cube_device, compiler, f32_fused, resolve};
+use crate::wgsl::{Compiler, Fused, any_cube_device, compiler, compiler_of, f32_fused, resolve};
 
 /// Convolutions or gradients cubek declined since the process started.
 static DECLINED: AtomicUsize = AtomicUsize::new(0);
@@ -54,12 +54,9 @@ pub fn declined() -> usize {
 /// where kernels are not compiled to SPIR-V, or the driver lists none): what the convolutions
 /// here run on.
 pub fn f16_shapes(device: &burn::tensor::Device) -> Vec<[u32; 3]> {
-    let Some(cube) = any_cube_device(device) else {
+    let Some(cube) = any_cube_device(device).filter(|c| compiler_of(c) == Compiler::SpirV) else {
         return Vec::new();
     };
-    if compiler(device) != Compiler::SpirV {
-        return Vec::new();
-    }
     let (f16, f32) = (
         ElemType::Float(FloatKind::F16),
         ElemType::Float(FloatKind::F32),
@@ -156,46 +153,47 @@ impl Backward<Cube, 2> for CmmaBackward {
         let [b, h, wd, c_in] = dims(&x16);
         let [c_out, ..] = dims(&w16);
         if let Some(node) = node_x {
-            let dx = match gemm(Product::InputGrad, &dy16, &w16, [b, h, wd, c_in]) {
-                Ok(dx) => nchw_fused(permute_nhwc_to_nchw(dx)),
-                Err(_) => {
-                    DECLINED.fetch_add(1, Ordering::Relaxed);
+            let dx = or_direct(
+                gemm(Product::InputGrad, &dy16, &w16, [b, h, wd, c_in]),
+                || {
                     let shape = Shape::from(vec![b, c_in, h, wd]);
-                    let dx = conv_data_backward(
-                        widened(&dy16),
-                        widened(&w16),
-                        shape,
-                        options(),
-                        ConvStrategy::Direct,
-                    );
-                    nchw_fused(dx.unwrap_or_else(|e| {
-                        panic!("3x3 convolution input gradient: burn's direct kernel failed: {e:?}")
-                    }))
-                }
-            };
+                    conv_data_backward(widened(&dy16), widened(&w16), shape, options(), DIRECT)
+                },
+                "input",
+            );
             grads.register::<Cube>(node.id, dx);
         }
         if let Some(node) = node_w {
-            let dw = match gemm(Product::WeightGrad, &x16, &dy16, [c_out, 3, 3, c_in]) {
-                Ok(dw) => nchw_fused(permute_nhwc_to_nchw(dw)),
-                Err(_) => {
-                    DECLINED.fetch_add(1, Ordering::Relaxed);
+            let dw = or_direct(
+                gemm(Product::WeightGrad, &x16, &dy16, [c_out, 3, 3, c_in]),
+                || {
                     let shape = Shape::from(vec![c_out, c_in, 3, 3]);
-                    let dw = conv_weight_backward(
-                        widened(&x16),
-                        widened(&dy16),
-                        shape,
-                        options(),
-                        ConvStrategy::Direct,
-                    );
-                    nchw_fused(dw.unwrap_or_else(|e| {
-                        panic!(
-                            "3x3 convolution weight gradient: burn's direct kernel failed: {e:?}"
-                        )
-                    }))
-                }
-            };
+                    conv_weight_backward(widened(&x16), widened(&dy16), shape, options(), DIRECT)
+                },
+                "weight",
+            );
             grads.register::<Cube>(node.id, dw);
+        }
+    }
+}
+
+/// burn's fallback for a gradient cubek declines.
+const DIRECT: ConvStrategy = ConvStrategy::Direct;
+
+/// A gradient from cubek (channels last), or where it declined, from burn's `direct` kernels
+/// (NCHW), counted in [`declined`]; as an NCHW fused primitive. `which` names the gradient.
+fn or_direct(
+    cubek: Result<CubeTensor, ConvSetupError>,
+    direct: impl FnOnce() -> Result<CubeTensor, ConvSetupError>,
+    which: &str,
+) -> Fused {
+    match cubek {
+        Ok(g) => nchw_fused(permute_nhwc_to_nchw(g)),
+        Err(_) => {
+            DECLINED.fetch_add(1, Ordering::Relaxed);
+            nchw_fused(direct().unwrap_or_else(|e| {
+                panic!("3x3 convolution {which} gradient: burn's direct kernel failed: {e:?}")
+            }))
         }
     }
 }

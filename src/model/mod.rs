@@ -1,7 +1,8 @@
 //! The model: livermask's U-Net, its one architecture description, its layers, the operations
 //! facade that picks each operation's implementation for the device, the CPU kernels, the GPU
 //! kernels (3×3 convolution, batch normalisation; cubek's cooperative-matrix convolutions on
-//! SPIR-V), the Dice loss and metrics, and the layer summary. Imports burn, and for the CPU kernels burn's autodiff and flex crates and gemm.
+//! SPIR-V), the Dice loss and metrics, and the layer summary. Imports burn, and for the CPU
+//! kernels burn's autodiff and flex crates and gemm.
 
 pub mod arch;
 pub mod cmma_conv;
