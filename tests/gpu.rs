@@ -1149,3 +1149,10 @@ fn the_overflow_check_finds_every_inf_and_nan_on_the_device() {
     // Decided on the bits by shaders/non_finite.wgsl.
     common::assert_overflow_check_is_exact(&be.device);
 }
+
+#[test]
+fn the_unscale_matches_the_host_and_sees_every_overflow_on_the_device() {
+    let Some(be) = gpu() else { return };
+    // One launch of shaders/unscale_check.wgsl per tensor, one flag for all of them.
+    common::assert_unscale_is_exact(&be.device);
+}

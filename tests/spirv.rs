@@ -97,6 +97,16 @@ fn the_overflow_check_sees_inf_and_nan_on_spirv() {
 }
 
 #[test]
+fn the_unscale_matches_the_host_and_sees_every_overflow_on_spirv() {
+    let Some(be) = mixed_gpu("the_unscale_matches_the_host_and_sees_every_overflow_on_spirv")
+    else {
+        return;
+    };
+    // One concatenation, scaled and checked by burn's is_finite, split again.
+    common::assert_unscale_is_exact(&be.device);
+}
+
+#[test]
 fn adapters_say_this_build_compiles_to_spirv() {
     let Some(out) = common::ctseg_with_cooperative_matrices(&["adapters"], matrices_here()) else {
         return;

@@ -197,11 +197,37 @@ pub fn unflatten_grads_tensor(flat: Tensor<1>, slots: &[Slot]) -> Result<Gradien
             "gradient buffer has {n} values, the model has {total}"
         )));
     }
-    let mut grads = GradientsParams::new();
     let mut o = 0;
-    for s in slots {
-        let part = flat.clone().slice(o..o + s.len);
+    let parts = slots.iter().map(|s| {
         o += s.len;
+        flat.clone().slice(o - s.len..o)
+    });
+    grads_from_parts(parts.collect(), slots)
+}
+
+/// The gradients of the trainable parameters, each flattened, in visit order (on the device).
+pub fn grad_parts<M: Module>(module: &M, grads: &GradientsParams) -> Result<Vec<Tensor<1>>> {
+    gather_grads(module, grads, None)
+}
+
+/// Gradients from one flat tensor per slot (as [`grad_parts`] gives them).
+pub fn grads_from_parts(parts: Vec<Tensor<1>>, slots: &[Slot]) -> Result<GradientsParams> {
+    if parts.len() != slots.len() {
+        return Err(Error::Invalid(format!(
+            "{} gradient tensors for {} parameters",
+            parts.len(),
+            slots.len()
+        )));
+    }
+    let mut grads = GradientsParams::new();
+    for (part, s) in parts.into_iter().zip(slots) {
+        let n = part.shape().num_elements();
+        if n != s.len {
+            return Err(Error::Invalid(format!(
+                "a gradient of {n} values for a parameter of {}",
+                s.len
+            )));
+        }
         match s.shape.len() {
             1 => grads.register::<1>(s.id, part.reshape([s.shape[0]])),
             2 => grads.register::<2>(s.id, part.reshape([s.shape[0], s.shape[1]])),

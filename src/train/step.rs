@@ -267,19 +267,13 @@ impl<'a> Stepper<'a> {
         scale: f64,
         step: u64,
     ) -> Result<(GradientsParams, bool)> {
-        let flat = flat::flatten_grads_range_device(model, &grads, 0..self.slots.len())?
-            .ok_or_else(|| Error::Invalid("a model without trainable parameters".into()))?;
-        let flat = flat.mul_scalar(1.0 / scale);
+        let (parts, finite) = crate::finite::unscale(flat::grad_parts(model, &grads)?, scale)?;
         // The tests' overflow fault: this rank's gradients of step `step + 1` count as not
         // finite (the test-hooks feature only).
         let injected = crate::faults::fires("overflow", self.comm.rank(), step + 1);
-        let finite = crate::finite::all_finite(flat.clone())? && !injected;
-        let mut bad = [if finite { 0.0 } else { 1.0 }];
+        let mut bad = [if finite && !injected { 0.0 } else { 1.0 }];
         self.comm.allreduce_sum_f64(&mut bad)?;
-        Ok((
-            flat::unflatten_grads_tensor(flat, &self.slots)?,
-            bad[0] == 0.0,
-        ))
+        Ok((flat::grads_from_parts(parts, &self.slots)?, bad[0] == 0.0))
     }
 
     /// The mean of the micro-batches' gradients (summed on the host in micro-batch order, then

@@ -347,6 +347,90 @@ pub fn assert_overflow_check_is_exact(device: &burn::tensor::Device) {
     }
 }
 
+/// Checks mixed precision's unscale (`ctseg::finite::unscale`) on `device` against the host:
+/// every value of four tensors (1 to 70,000 values, so several workgroups) equals the host's f32
+/// product by 1/scale, a subnormal result also when flushed to zero (adapters may flush); the
+/// tensors keep their lengths; and the one flag they share is raised by an Inf, -Inf or NaN in
+/// the first or the last tensor, and by a finite value that a scale below 1 takes past f32's
+/// range, and by nothing else.
+pub fn assert_unscale_is_exact(device: &burn::tensor::Device) {
+    use burn::tensor::{Tensor, TensorData};
+    let lens = [3usize, 70_000, 1, 257];
+    let values = |k: usize, n: usize| -> Vec<f32> {
+        let extremes = [
+            1.0f32,
+            -0.0,
+            f32::MAX,
+            -3.5e-3,
+            f32::MIN_POSITIVE,
+            1e-45,
+            6.0e4,
+        ];
+        (0..n)
+            .map(|i| extremes[(i + k) % extremes.len()] * (1.0 - (i % 1000) as f32 * 1e-4))
+            .collect()
+    };
+    let run = |parts: Vec<Vec<f32>>, scale: f64| {
+        let tensors = parts
+            .into_iter()
+            .map(|v| {
+                let n = v.len();
+                Tensor::<1>::from_data(TensorData::new(v, [n]), device)
+            })
+            .collect();
+        let (out, finite) = ctseg::finite::unscale(tensors, scale).expect("unscale");
+        let out: Vec<Vec<f32>> = out
+            .into_iter()
+            .map(|t| t.into_data().to_vec::<f32>().expect("f32"))
+            .collect();
+        (out, finite)
+    };
+    let parts: Vec<Vec<f32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| values(k, n))
+        .collect();
+    let scale = 65_536.0;
+    let (out, finite) = run(parts.clone(), scale);
+    assert!(finite, "finite gradients flagged");
+    for (k, (got, want)) in out.iter().zip(&parts).enumerate() {
+        assert_eq!(got.len(), want.len(), "tensor {k}'s length");
+        for (i, (&g, &v)) in got.iter().zip(want).enumerate() {
+            let w = v * (1.0 / scale) as f32;
+            let flushed = w.abs() < f32::MIN_POSITIVE && g == 0.0;
+            assert!(
+                g.to_bits() == w.to_bits() || flushed,
+                "tensor {k}, value {i}: {v:e} / {scale} gave {g:e}, the host {w:e}"
+            );
+        }
+    }
+    for (k, bad) in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN]
+        .into_iter()
+        .enumerate()
+    {
+        for at in [0, lens.len() - 1, 1] {
+            let mut p = parts.clone();
+            let i = (k * 31_337 + 5) % p[at].len();
+            p[at][i] = bad;
+            assert!(!run(p, scale).1, "{bad} in tensor {at} not found");
+        }
+    }
+    // 2.0e38 is finite; divided by a scale of 0.5 it is not.
+    let mut p: Vec<Vec<f32>> = parts
+        .iter()
+        .map(|v| v.iter().map(|x| x.clamp(-1.0, 1.0)).collect())
+        .collect();
+    assert!(
+        run(p.clone(), 0.5).1,
+        "values within range after unscaling flagged"
+    );
+    p[1][40_000] = 2.0e38;
+    assert!(
+        !run(p, 0.5).1,
+        "an overflow by the unscaling itself not found"
+    );
+}
+
 /// What `--backend gpu` asks for by default: the first hardware adapter (else a software one),
 /// burn's convolutions, cooperative matrices allowed.
 pub fn gpu_request() -> ctseg::backend::DeviceRequest {
