@@ -238,7 +238,7 @@ pub fn conv_difference(device: &Device, a: DeviceCaps, b: DeviceCaps) -> Result<
 
 /// The largest relative L2 difference between the output and gradients `a` and `b` of one
 /// convolution ([`conv_and_grads`]); infinite if any is NaN.
-fn largest_difference(a: &[Vec<f32>; 4], b: &[Vec<f32>; 4]) -> f64 {
+pub fn largest_difference(a: &[Vec<f32>; 4], b: &[Vec<f32>; 4]) -> f64 {
     a.iter()
         .zip(b)
         .map(|(p, q)| rel_l2(p, q))

@@ -87,6 +87,66 @@ fn cooperative_matrix_convolutions_match_the_cpu_on_f16_operands() {
     assert_eq!(cmma_conv::declined(), 0);
 }
 
+/// A convolution's output and three gradients on `be`'s GPU and on the CPU with `cpu_caps`, on
+/// the same operands (rounded to f16 with `rounded`), and how many convolutions or gradients
+/// cubek declined meanwhile.
+#[cfg(feature = "test-hooks")]
+fn declined_and_difference(
+    be: &Backend,
+    cpu_caps: ctseg::model::DeviceCaps,
+    rounded: bool,
+) -> (usize, f64) {
+    let (shape, c_out, relu) = ([2, 16, 12, 12], 70, true);
+    let before = cmma_conv::declined();
+    let gpu = verify::conv_and_grads(&be.device, be.caps, shape, c_out, relu, rounded)
+        .expect("GPU convolution");
+    let declined = cmma_conv::declined() - before;
+    let flex = burn::tensor::Device::flex();
+    let cpu = verify::conv_and_grads(&flex, cpu_caps, shape, c_out, relu, rounded).expect("CPU");
+    (declined, verify::largest_difference(&cpu, &gpu))
+}
+
+#[cfg(feature = "test-hooks")]
+#[test]
+fn declined_gradients_run_on_burn_with_the_same_f16_operands() {
+    let Some(be) = mixed_gpu("declined_gradients_run_on_burn_with_the_same_f16_operands") else {
+        return;
+    };
+    // cubek's forward, then both gradients declined: burn's direct kernels on the f16 values
+    // widened to f32, the same exact products the CPU's mixed kernels sum, in another order.
+    cmma_conv::force_declines(false, true);
+    let cpu = ctseg::model::DeviceCaps {
+        f16_operands: true,
+        ..Default::default()
+    };
+    let (declined, d) = declined_and_difference(&be, cpu, true);
+    eprintln!("declined gradients against the CPU's: largest relative L2 difference {d:.2e}");
+    assert_eq!(declined, 2, "the input and weight gradients are counted");
+    assert!(d <= verify::REORDERED, "relative L2 difference {d:e}");
+    // The start-up check refuses a run whose convolutions cubek declined: they went unchecked.
+    let refused = verify::cmma_difference(&be.device, be.caps).expect_err("declines refused");
+    assert!(refused.to_string().contains("declined"), "{refused}");
+}
+
+#[cfg(feature = "test-hooks")]
+#[test]
+fn a_declined_forward_runs_the_whole_convolution_in_f32_on_burn() {
+    let Some(be) = mixed_gpu("a_declined_forward_runs_the_whole_convolution_in_f32_on_burn") else {
+        return;
+    };
+    // No cubek operation is recorded, so its gradients come from burn's f32 convolution too:
+    // the CPU's f32 results on unrounded operands, up to another f32 summation order (within
+    // REORDERED, as cubek's are).
+    cmma_conv::force_declines(true, false);
+    let (declined, d) = declined_and_difference(&be, Default::default(), false);
+    eprintln!("declined forward against the CPU's f32: largest relative L2 difference {d:.2e}");
+    assert_eq!(
+        declined, 1,
+        "one forward counted, no gradient asked of cubek"
+    );
+    assert!(d <= verify::REORDERED, "relative L2 difference {d:e}");
+}
+
 #[test]
 fn the_overflow_check_sees_inf_and_nan_on_spirv() {
     let Some(be) = mixed_gpu("the_overflow_check_sees_inf_and_nan_on_spirv") else {

@@ -218,6 +218,9 @@ fn gemm(
     b: &CubeTensor,
     out: [usize; 4],
 ) -> Result<CubeTensor, ConvSetupError> {
+    if forced_decline(product) {
+        return Err(ConvSetupError::Unknown);
+    }
     let client = a.client.clone();
     let result = empty_device_dtype(
         client.clone(),
@@ -263,6 +266,38 @@ fn gemm(
     };
     launch_ref::<2>(&strategy, &client, inputs, args, elems)?;
     Ok(result)
+}
+
+// The tests' forced declines (`test-hooks` builds only): cubek declines nothing on the adapters
+// here, and the fallbacks must still be tested. Per thread, so parallel tests do not meet.
+#[cfg(feature = "test-hooks")]
+thread_local! {
+    static FORCED: std::cell::Cell<(bool, bool)> = const { std::cell::Cell::new((false, false)) };
+}
+
+/// Makes this thread's convolutions decline as cubek does for a shape it cannot cover: the
+/// forward (`forward`: the whole convolution then runs on burn's f32 kernels) and/or the two
+/// gradients (`gradients`: burn's direct kernels on the widened f16 values). `test-hooks`
+/// builds only.
+#[cfg(feature = "test-hooks")]
+pub fn force_declines(forward: bool, gradients: bool) {
+    FORCED.with(|f| f.set((forward, gradients)));
+}
+
+#[cfg(feature = "test-hooks")]
+fn forced_decline(product: Product) -> bool {
+    let (forward, gradients) = FORCED.with(std::cell::Cell::get);
+    if matches!(product, Product::Forward) {
+        forward
+    } else {
+        gradients
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+fn forced_decline(_: Product) -> bool {
+    false
 }
 
 /// A 'same' 3×3 convolution's options for burn's fallback kernels.
