@@ -883,6 +883,30 @@ fn own_convolutions_replace_burns_in_the_training_step() {
 }
 
 #[test]
+fn mixed_precision_unscales_each_gradient_tensor_in_one_launch() {
+    if gpu().is_none() {
+        return;
+    }
+    // The unscale and overflow check of a mixed step on ctseg's kernels: one launch of
+    // shaders/unscale_check.wgsl per gradient tensor and one word read back, no concatenation
+    // to build and split (about two launches per tensor) and no separate check.
+    let p = &tiny_gpu_profile(1, &["--precision", "mixed", "--skip-gpu-check"]);
+    let mut model = ctseg::config::RunConfig::load(None)
+        .expect("built-in config")
+        .model;
+    model.width = 4; // as tiny_profile_args
+    let trained = model.init(1, &Device::flex().autodiff());
+    let tensors = flat::layout(&trained, Select::Trainable).len();
+    assert!(tensors >= 20, "{tensors}");
+    assert_eq!(
+        launches(p, "optimiser", "unscale_check"),
+        tensors as f64,
+        "{p}"
+    );
+    assert_eq!(launches(p, "optimiser", "non_finite"), 0.0, "{p}");
+}
+
+#[test]
 fn mixed_precision_runs_every_3x3_convolution_on_cooperative_matrices() {
     // The trainer's step in mixed precision on an adapter with cooperative matrices: every 3×3
     // convolution, forward and both gradients, on the cooperative-matrix kernels, none left on
