@@ -128,7 +128,7 @@ mod tests {
         assert!(finite);
         let out: Vec<Vec<f32>> = out
             .into_iter()
-            .map(|t| t.to_data().to_vec().expect("f32"))
+            .map(|t| crate::tensor_util::to_f32(t).expect("f32"))
             .collect();
         assert_eq!(out, vec![vec![1.0, -0.5], vec![0.25]]);
         let (_, finite) = unscale(vec![t(&[1.0]), t(&[f32::NAN])], 4.0).expect("unscale");

@@ -381,7 +381,7 @@ pub fn assert_unscale_is_exact(device: &burn::tensor::Device) {
         let (out, finite) = ctseg::finite::unscale(tensors, scale).expect("unscale");
         let out: Vec<Vec<f32>> = out
             .into_iter()
-            .map(|t| t.into_data().to_vec::<f32>().expect("f32"))
+            .map(|t| ctseg::tensor_util::to_f32(t).expect("f32"))
             .collect();
         (out, finite)
     };
