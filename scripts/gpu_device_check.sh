@@ -20,12 +20,10 @@
 # STAGES overrides the list. Every stage's timeout is cut to what is left of DEADLINE seconds,
 # a stage with under 20 s left is skipped, and the skipped ones are written to
 # $OUT/stages-left.txt: a second run with STAGES="$(cat stages-left.txt)" measures the rest.
-# Expects: .devbin/ctseg and .devbin/gpu-tests (x86-64 builds from the build machine without
-# the mpi feature, possibly xz-compressed: `cargo build --release`, and the binary that
-# `cargo test --release --test gpu --no-run` names), .devbin/gpu-kernels-bench (the binary that
-# `cargo bench --bench gpu_kernels --no-run` names), optionally .devbin/ctseg-spirv (`cargo build
-# --release --features spirv`, copied away before the default build overwrites it), .gl/*.deb
-# (Vulkan loader, see the device tool's notes), python3 with torch.
+# Expects what scripts/device_prepare.sh builds on the build machine and the device tool
+# carries: .devbin/ctseg, .devbin/gpu-tests and .devbin/gpu-kernels-bench (the default build
+# without mpi, its GPU tests and kernel bench), optionally .devbin/ctseg-spirv (`--features
+# spirv`), each possibly xz-compressed; .gl/*.deb (the Vulkan loader); python3 with torch.
 # For a trial on lavapipe: SIZE (default 240) and PEER_DEVICE (default cuda) shrink the work.
 set -u
 OUT=${OUT:-/tmp/out}
