@@ -18,8 +18,9 @@
 #   kernels             one convolution's and one batch normalisation's forward and forward +
 #                       backward, burn's kernels against ctseg's.
 # STAGES overrides the list. Every stage's timeout is cut to what is left of DEADLINE seconds,
-# a stage with under 20 s left is skipped, and the skipped ones are written to
-# $OUT/stages-left.txt: a second run with STAGES="$(cat stages-left.txt)" measures the rest.
+# a stage with under 20 s left (or whose binary was not carried) is skipped, and the skipped
+# ones are written to $OUT/stages-left.txt: a second run with STAGES="$(cat stages-left.txt)"
+# measures the rest.
 # Expects what scripts/device_prepare.sh builds on the build machine and the device tool
 # carries: .devbin/ctseg, .devbin/gpu-tests and .devbin/gpu-kernels-bench (the default build
 # without mpi, its GPU tests and kernel bench), optionally .devbin/ctseg-spirv (`--features
@@ -44,6 +45,17 @@ budget() {
 skipped() {
   log "skipped (deadline): $1"
   left+=("$1")
+}
+# Whether binary $1 of stage $stage was carried (and unpacked); if not, the stage is noted for
+# a second run that carries it.
+carried() {
+  if [ -f "$1" ]; then
+    chmod +x "$1"
+    return 0
+  fi
+  log "$stage: $1 was not carried"
+  left+=("$stage")
+  return 1
 }
 # `timeout $1` of the remaining command, its output kept in the log; a timeout or a failure is
 # logged under stage $stage's name.
@@ -99,11 +111,7 @@ run_stage() {
   spirv-*)
     local p=${stage#spirv-}
     p=${p%%-*}
-    if [ ! -f .devbin/ctseg-spirv ]; then
-      log "$stage: no .devbin/ctseg-spirv carried"
-      return 0
-    fi
-    chmod +x .devbin/ctseg-spirv
+    carried .devbin/ctseg-spirv || return 0
     log "$stage: the spirv build's adapters, then bench step width $w batch $b in $p (mixed: cubek's cooperative-matrix convolutions, start-up check included), then its profile"
     timed 60 ./.devbin/ctseg-spirv adapters
     local skip=()
@@ -119,12 +127,14 @@ run_stage() {
     ;;
   parity)
     log "gpu parity tests"
+    carried .devbin/gpu-tests || return 0
     t=$(budget 180) || { skipped "$stage"; return 0; }
     # The per-tensor tables are kept.
     CTSEG_REQUIRE_GPU=1 timed "$t" ./.devbin/gpu-tests --test-threads 1 --nocapture ${GPU_TESTS:-}
     ;;
   kernels)
     log "3x3 convolution, forward and forward+backward: burn's kernels against ctseg's WGSL kernels (and, with cooperative matrices, mixed precision in registers against on them); batch normalisation: tensor operations against ctseg's kernels"
+    carried .devbin/gpu-kernels-bench || return 0
     t=$(budget 120) || { skipped "$stage"; return 0; }
     CTSEG_BENCH_REPS=${BENCH_REPS:-10} timed "$t" ./.devbin/gpu-kernels-bench
     ;;
@@ -142,7 +152,7 @@ if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
 fi
 export XDG_RUNTIME_DIR=$(mktemp -d)
 for x in .devbin/*.xz; do [ -f "$x" ] && xz -d -k -f "$x"; done
-chmod +x .devbin/ctseg .devbin/gpu-tests .devbin/gpu-kernels-bench
+chmod +x .devbin/ctseg
 # The test binary's own ctseg path is the build machine's; its binary tests run the carried one.
 export CTSEG_BIN="$PWD/.devbin/ctseg"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$OUT/log.txt"
