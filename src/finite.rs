@@ -14,7 +14,6 @@ use crate::wgsl::{
     u32_bytes,
 };
 
-const NON_FINITE: &str = shader!("non_finite.wgsl");
 const UNSCALE_CHECK: &str = shader!("unscale_check.wgsl");
 
 /// `parts` multiplied by `1 / scale`, and whether every value of them is finite, before and
@@ -63,9 +62,11 @@ pub fn unscale(parts: Vec<Tensor<1>>, scale: f64) -> Result<(Vec<Tensor<1>>, boo
     Ok((out, bytes.get(..4) == Some(&[0, 0, 0, 0][..])))
 }
 
-/// Whether every value of `t` is finite (neither Inf nor NaN).
+/// Whether every value of `t` is finite (neither Inf nor NaN): where kernels are compiled to
+/// SPIR-V by burn's `is_finite` (cubecl's SPIR-V declares no fast-math modes, so the test is
+/// exact), elsewhere on the host. (On a device where ctseg's WGSL kernels load, [`unscale`]
+/// checks in its own pass.)
 pub fn all_finite(t: Tensor<1>) -> Result<bool> {
-    let n = t.shape().num_elements();
     if compiler(&t.device()) == Compiler::SpirV {
         let all = t.is_finite().all().int();
         let one = all
@@ -73,28 +74,7 @@ pub fn all_finite(t: Tensor<1>) -> Result<bool> {
             .map_err(|e| gpu_err("finiteness check", e))?;
         return Ok(one == 1);
     }
-    let Some(buf) = f32_buffer(&t) else {
-        return Ok(data_to_f32(t.into_data())?.iter().all(|v| v.is_finite()));
-    };
-    if n == 0 {
-        return Ok(true);
-    }
-    let too_many = || Error::Invalid(format!("finiteness check: {n} values exceed the grid"));
-    let (gx, gy) = grid_1d(n).ok_or_else(too_many)?;
-    let n = u32::try_from(n).map_err(|_| too_many())?;
-    let client = &buf.client;
-    let flag = client.create_from_slice(&u32_bytes(&[0]));
-    launch(
-        client,
-        (NON_FINITE, "non_finite"),
-        (gx, gy, 1),
-        &[&buf.handle, &flag],
-        &[n, gx],
-    );
-    let bytes = client
-        .read_one(flag)
-        .map_err(|e| gpu_err("finiteness check", e))?;
-    Ok(bytes.get(..4) == Some(&[0, 0, 0, 0][..]))
+    Ok(data_to_f32(t.into_data())?.iter().all(|v| v.is_finite()))
 }
 
 #[cfg(test)]

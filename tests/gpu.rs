@@ -888,8 +888,8 @@ fn mixed_precision_unscales_each_gradient_tensor_in_one_launch() {
         return;
     }
     // The unscale and overflow check of a mixed step on ctseg's kernels: one launch of
-    // shaders/unscale_check.wgsl per gradient tensor and one word read back, no concatenation
-    // to build and split (about two launches per tensor) and no separate check.
+    // shaders/unscale_check.wgsl per gradient tensor and one word read back, and no
+    // concatenation (a launch per tensor to build) for a separate check.
     let p = &tiny_gpu_profile(1, &["--precision", "mixed", "--skip-gpu-check"]);
     let mut model = ctseg::config::RunConfig::load(None)
         .expect("built-in config")
@@ -903,7 +903,7 @@ fn mixed_precision_unscales_each_gradient_tensor_in_one_launch() {
         tensors as f64,
         "{p}"
     );
-    assert_eq!(launches(p, "optimiser", "non_finite"), 0.0, "{p}");
+    assert_eq!(launches(p, "optimiser", "SliceAssignKernel"), 0.0, "{p}");
 }
 
 #[test]
@@ -1165,13 +1165,6 @@ fn unet_in_mixed_precision_matches_the_cpus_at_240(be: &Backend, mixed: DeviceCa
     let against_f32 = verify::verdict(l32, lg, &g32, &gg, &g32t);
     eprintln!("mixed GPU against f32 CPU:\n{}", against_f32.table());
     assert!(!against_f32.passes(), "{}", against_f32.table());
-}
-
-#[test]
-fn the_overflow_check_finds_every_inf_and_nan_on_the_device() {
-    let Some(be) = gpu() else { return };
-    // Decided on the bits by shaders/non_finite.wgsl.
-    common::assert_overflow_check_is_exact(&be.device);
 }
 
 #[test]
