@@ -28,7 +28,7 @@ pack() {
 }
 # The executable that `cargo $*` builds for its one test or bench target.
 executable() {
-  cargo "$@" --no-run --message-format=json 2>/dev/null | python3 -c '
+  cargo "$@" --no-run --message-format=json | python3 -c '
 import json, sys
 paths = [m["executable"] for m in map(json.loads, sys.stdin)
          if m.get("reason") == "compiler-artifact" and m.get("executable")]

@@ -251,20 +251,15 @@ pub fn unflatten_grads(flat: &[f32], slots: &[Slot], device: &Device) -> Result<
             flat.len()
         )));
     }
-    let mut grads = GradientsParams::new();
     let mut o = 0;
-    for s in slots {
-        let data = TensorData::new(flat[o..o + s.len].to_vec(), s.shape.clone());
+    let parts = slots.iter().map(|s| {
         o += s.len;
-        match s.shape.len() {
-            1 => grads.register::<1>(s.id, Tensor::from_data(data, device)),
-            2 => grads.register::<2>(s.id, Tensor::from_data(data, device)),
-            3 => grads.register::<3>(s.id, Tensor::from_data(data, device)),
-            4 => grads.register::<4>(s.id, Tensor::from_data(data, device)),
-            r => return Err(Error::Invalid(format!("unsupported parameter rank {r}"))),
-        }
-    }
-    Ok(grads)
+        Tensor::<1>::from_data(
+            TensorData::new(flat[o - s.len..o].to_vec(), [s.len]),
+            device,
+        )
+    });
+    grads_from_parts(parts.collect(), slots)
 }
 
 struct Scatter<'a> {
