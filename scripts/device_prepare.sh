@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
 # Builds, on this (build) machine, what scripts/gpu_device_check.sh runs on the device machine:
-# .devbin/ctseg-spirv.xz (`--features spirv`), .devbin/ctseg.xz, .devbin/gpu-tests.xz and
-# .devbin/gpu-kernels-bench.xz (the default build's binary, GPU tests and kernel bench),
-# stripped and xz-compressed, and .gl/*.deb (the Vulkan loader the device machine lacks; the
-# device tool's notes say why). Both directories stay out of git (.git/info/exclude), so they
-# travel only when a `run` names them in `carry`.
+# .devbin/ctseg-spirv.xz (`--features spirv`), .devbin/ctseg.xz and .devbin/gpu-tests.xz (the
+# default build's binary, with `bench kernels`, and its GPU tests), stripped and
+# xz-compressed, and .gl/*.deb (the Vulkan loader the device machine lacks; the device tool's
+# notes say why). Both directories stay out of git (.git/info/exclude), so they travel only
+# when a `run` names them in `carry`.
 #
-# The device tool carries at most 64 MiB in all, and the four binaries come to more, so the
-# script ends by printing which to carry in the first run (the binaries of the device script's
-# first stages, .gl included) and which in a second one (the rest: what a first run unpacked
-# stays on a still-warm machine).
+# The device tool carries at most 64 MiB in all: the script ends by printing the carry and its
+# size, and what to leave for a second run if it is over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ctseg-target}"
@@ -40,12 +38,11 @@ say "cargo build --release --features spirv"
 cargo build --release --features spirv
 pack ctseg-spirv "$release/ctseg"
 
-# 2. The default build (no mpi: the device machine has no MPI), its GPU tests and kernel bench.
+# 2. The default build (no mpi: the device machine has no MPI) and its GPU tests.
 say "cargo build --release"
 cargo build --release
 pack ctseg "$release/ctseg"
 pack gpu-tests "$(executable test --release --test gpu)"
-pack gpu-kernels-bench "$(executable bench --bench gpu_kernels)"
 
 # 3. The Vulkan loader's packages for the device machine (amd64, Debian's).
 if ! ls .gl/libvulkan1_*.deb >/dev/null 2>&1; then
@@ -59,11 +56,9 @@ fi
 
 # 4. What to carry.
 mib() { du -cm "$@" | tail -1 | cut -f1; }
-first=(.gl .devbin/ctseg.xz .devbin/ctseg-spirv.xz .devbin/gpu-tests.xz)
-second=(.devbin/gpu-kernels-bench.xz)
+carry=(.gl .devbin/ctseg.xz .devbin/ctseg-spirv.xz .devbin/gpu-tests.xz)
 ls -l .devbin/*.xz .gl/*.deb >&2
-say "first run: carry ${first[*]} ($(mib "${first[@]}") MiB)"
-say "second run: carry ${second[*]} ($(mib "${second[@]}") MiB)"
-if [ "$(mib "${first[@]}")" -ge 64 ]; then
-  say "the first run's carry is over 64 MiB: move .devbin/gpu-tests.xz to the second run"
+say "carry ${carry[*]} ($(mib "${carry[@]}") MiB)"
+if [ "$(mib "${carry[@]}")" -ge 64 ]; then
+  say "that is over 64 MiB: carry .devbin/gpu-tests.xz in a second run (STAGES=parity)"
 fi

@@ -15,15 +15,16 @@
 #                       portable f32 path; profile-wgsl-…);
 #   quick               the quick config trained on the GPU (start-up time in its summary);
 #   parity              the GPU parity tests on the NVIDIA driver (GPU_TESTS: name filters);
-#   kernels             one convolution's and one batch normalisation's forward and forward +
-#                       backward, burn's kernels against ctseg's.
+#   kernels             `ctseg bench kernels`: one convolution's and one batch normalisation's
+#                       forward and forward + backward per livermask layer, burn's kernels
+#                       against ctseg's (kernels.jsonl; BENCH_REPS, BENCH_CASES: the first N).
 # STAGES overrides the list. Every stage's timeout is cut to what is left of DEADLINE seconds,
 # a stage with under 20 s left (or whose binary was not carried) is skipped, and the skipped
 # ones are written to $OUT/stages-left.txt: a second run with STAGES="$(cat stages-left.txt)"
 # measures the rest.
 # Expects what scripts/device_prepare.sh builds on the build machine and the device tool
-# carries: .devbin/ctseg, .devbin/gpu-tests and .devbin/gpu-kernels-bench (the default build
-# without mpi, its GPU tests and kernel bench), optionally .devbin/ctseg-spirv (`--features
+# carries: .devbin/ctseg and .devbin/gpu-tests (the default build without mpi and its GPU
+# tests), optionally .devbin/ctseg-spirv (`--features
 # spirv`), each possibly xz-compressed; .gl/*.deb (the Vulkan loader); python3 with torch.
 # For a trial on lavapipe: SIZE (default 240) and PEER_DEVICE (default cuda) shrink the work.
 set -u
@@ -32,7 +33,7 @@ mkdir -p "$OUT"
 log() { echo "== $*" | tee -a "$OUT/log.txt"; }
 DEADLINE=${DEADLINE:-450}
 STAGES=${STAGES:-adapters step-f32-64x30 step-mixed-64x30 spirv-mixed-64x30 step-f32-64x4 \
-step-f32-32x4 step-wgsl-64x30 quick parity spirv-f32-64x30 kernels step-wgsl-64x4 step-wgsl-32x4}
+step-f32-32x4 step-wgsl-64x30 kernels quick parity spirv-f32-64x30 step-wgsl-64x4 step-wgsl-32x4}
 SIZE=${SIZE:-240}
 PEER_DEVICE=${PEER_DEVICE:-cuda}
 left=()
@@ -134,9 +135,10 @@ run_stage() {
     ;;
   kernels)
     log "3x3 convolution, forward and forward+backward: burn's kernels against ctseg's WGSL kernels (and, with cooperative matrices, mixed precision in registers against on them); batch normalisation: tensor operations against ctseg's kernels"
-    carried .devbin/gpu-kernels-bench || return 0
     t=$(budget 120) || { skipped "$stage"; return 0; }
-    CTSEG_BENCH_REPS=${BENCH_REPS:-10} timed "$t" ./.devbin/gpu-kernels-bench
+    # One JSON line per comparison, in the log and in kernels.jsonl.
+    timed "$t" ./.devbin/ctseg bench kernels --json --reps "${BENCH_REPS:-10}" \
+      ${BENCH_CASES:+--first "$BENCH_CASES"} | grep '^{' >"$OUT/kernels.jsonl"
     ;;
   *)
     log "unknown stage $stage"

@@ -1173,3 +1173,67 @@ fn the_unscale_matches_the_host_and_sees_every_overflow_on_the_device() {
     // One launch of shaders/unscale_check.wgsl per tensor, one flag for all of them.
     common::assert_unscale_is_exact(&be.device);
 }
+
+#[test]
+fn bench_kernels_times_every_path_of_a_layer_and_the_paths_agree() {
+    // `ctseg bench kernels` on one small layer (3 → 7 channels, partial tiles in every
+    // direction) on an adapter with cooperative matrices: f32 convolution on burn's kernels
+    // against ctseg's, mixed precision's in registers against on the matrices, and batch
+    // normalisation by tensor operations against ctseg's kernels, each forward and forward +
+    // backward. Each pair computes the same formula in another order (mixed precision on the
+    // same f16 operands), so they agree within verify::REORDERED.
+    let args = [
+        "bench",
+        "kernels",
+        "--case",
+        "2,3,12,10,7",
+        "--reps",
+        "1",
+        "--json",
+    ];
+    let Some(out) = common::ctseg_with_cooperative_matrices(&args, coop_here()) else {
+        return;
+    };
+    let rows = common::bench_lines(&common::ok(out), "kernels");
+    let found: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["op"].as_str().unwrap_or("?").into(),
+                r["pass"].as_str().unwrap_or("?").into(),
+            )
+        })
+        .collect();
+    let mut expected = Vec::new();
+    for op in ["conv3x3+relu", "conv3x3+relu mixed", "batch_norm+dropout"] {
+        for pass in ["forward", "fwd+bwd"] {
+            expected.push((op.to_string(), pass.to_string()));
+        }
+    }
+    let mut sorted = found.clone();
+    sorted.sort();
+    expected.sort();
+    assert_eq!(sorted, expected, "{rows:?}");
+    for r in &rows {
+        assert_eq!(r["case"]["shape"], serde_json::json!([2, 3, 12, 10]), "{r}");
+        assert_eq!(r["case"]["c_out"], 7, "{r}");
+        let diff = r["rel_l2"].as_f64().expect("a finite difference");
+        assert!(diff <= verify::REORDERED, "{r}");
+        for t in ["baseline_s", "candidate_s", "speedup"] {
+            assert!(r[t].as_f64().is_some_and(|v| v > 0.0), "{t}: {r}");
+        }
+    }
+    let mixed = rows.iter().find(|r| r["op"] == "conv3x3+relu mixed");
+    let candidate = mixed
+        .map(|r| r["candidate"].to_string())
+        .unwrap_or_default();
+    assert!(candidate.contains("cooperative matrices"), "{candidate}");
+    // 2 × 2·12·10·7·3·9 per forward, three times that forward + backward.
+    let conv = |pass: &str| {
+        rows.iter()
+            .find(|r| r["op"] == "conv3x3+relu" && r["pass"] == pass)
+            .and_then(|r| r["flop"].as_f64())
+    };
+    assert_eq!(conv("forward"), Some(90_720.0));
+    assert_eq!(conv("fwd+bwd"), Some(272_160.0));
+}

@@ -191,6 +191,16 @@ fn wgsl_convolutions_are_refused_on_spirv() {
 }
 
 #[test]
+fn the_kernel_bench_is_refused_on_spirv() {
+    // It compares ctseg's WGSL kernels, which cannot load where kernels compile to SPIR-V.
+    let args = ["bench", "kernels", "--case", "1,2,8,8", "--reps", "1"];
+    let Some(out) = common::ctseg_with_cooperative_matrices(&args, matrices_here()) else {
+        return;
+    };
+    common::fails_with(out, 2, &["bench kernels", "SPIR-V", "default build"]);
+}
+
+#[test]
 fn mixed_precision_training_on_spirv_passes_its_check_and_names_cubek() {
     // Three steps in mixed precision: the start-up check (src/verify.rs: burn's f32 kernels,
     // cubek's convolutions against the CPU's, the model with f16 operands) passes, and the log

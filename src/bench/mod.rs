@@ -1,8 +1,9 @@
 //! Benchmarks. Here `ctseg bench step` (the time of one training step: forward, loss, backward,
 //! optimiser step) over warm steps, with its spread, images/s, achieved GFLOP/s and peak memory;
 //! optionally the PyTorch peer run with the same shapes in the same invocation, reported as a
-//! ratio; and `bench allreduce`. The step's phase and kernel profile is in [`profile`]. Rank-count series are in [`scaling`], the performance model in [`model`].
+//! ratio; and `bench allreduce`. The step's phase and kernel profile is in [`profile`]. Rank-count series are in [`scaling`], the performance model in [`model`], ctseg's GPU kernels against burn's in [`kernels`].
 
+pub mod kernels;
 pub mod model;
 pub mod profile;
 pub mod scaling;

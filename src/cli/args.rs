@@ -396,6 +396,9 @@ pub enum BenchCommand {
     Scaling(Box<BenchScalingArgs>),
     /// Predict step time, epoch time, speedup and time-to-target for 1 … 1024 ranks.
     Model(Box<BenchModelArgs>),
+    /// ctseg's GPU kernels against burn's, one layer at a time: 3×3 convolution (f32, and mixed
+    /// precision on cooperative matrices where the adapter has them) and batch normalisation.
+    Kernels(BenchKernelsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -440,6 +443,27 @@ pub struct BenchStepArgs {
     /// Also write the profile as JSON to this file.
     #[arg(long, value_name = "FILE", requires = "profile")]
     pub profile_json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchKernelsArgs {
+    /// GPU adapter index (see `ctseg adapters`).
+    #[arg(long)]
+    pub adapter: Option<usize>,
+    /// Timed repetitions of each path (after one untimed).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Layers as B,C,H,W (a convolution C → C) or B,C,H,W,CO; repeatable. Default: livermask's
+    /// (width 32 at 240², 120² and its bottleneck's input, width 64 at 240², batch 4, and at the
+    /// study's batch 30).
+    #[arg(long = "case", value_name = "B,C,H,W[,CO]")]
+    pub cases: Vec<ctseg::bench::kernels::KernelCase>,
+    /// Only the first N default layers.
+    #[arg(long, conflicts_with = "cases")]
+    pub first: Option<usize>,
+    /// Print JSON lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -30,6 +30,7 @@ pub fn run() -> anyhow::Result<u8> {
         Command::Bench(BenchCommand::Allreduce(a)) => commands::bench::allreduce(a).map(|()| 0),
         Command::Bench(BenchCommand::Scaling(a)) => commands::bench::scaling(*a).map(|()| 0),
         Command::Bench(BenchCommand::Model(a)) => commands::bench::model(*a).map(|()| 0),
+        Command::Bench(BenchCommand::Kernels(a)) => commands::bench::kernels(a).map(|()| 0),
         Command::Report(a) => commands::report::report(a).map(|()| 0),
         Command::Adapters => commands::report::adapters().map(|()| 0),
     }

@@ -1,4 +1,4 @@
-//! `ctseg bench step|allreduce|scaling|model`.
+//! `ctseg bench step|allreduce|scaling|model|kernels`.
 
 use anyhow::{Context, Result};
 
@@ -7,7 +7,8 @@ use ctseg::error::Error;
 
 use super::{open_backend, with_comm};
 use crate::cli::args::{
-    BenchAllreduceArgs, BenchModelArgs, BenchScalingArgs, BenchStepArgs, OverrideArgs, load_config,
+    BenchAllreduceArgs, BenchKernelsArgs, BenchModelArgs, BenchScalingArgs, BenchStepArgs,
+    OverrideArgs, load_config,
 };
 
 /// `ctseg bench step`: the trainer's step, timed (collective under mpirun).
@@ -105,6 +106,49 @@ fn print_peer(r: &bench::StepBench, p: &bench::PeerResult, json: bool) -> Result
         "ratio ctseg f32 / pytorch {}: step time {ratio:.2}x (peak RSS {rss_ratio:.2}x)",
         p.precision
     );
+    Ok(())
+}
+
+/// `ctseg bench kernels`: ctseg's GPU kernels against burn's, a row printed as each is measured.
+pub fn kernels(a: BenchKernelsArgs) -> Result<()> {
+    use ctseg::backend::{BackendKind, DeviceRequest};
+    use ctseg::bench::kernels::{self, KernelBenchOptions, LIVERMASK_CASES};
+    // 1. The adapter, with burn's convolutions and cooperative matrices where it has them (each
+    // comparison sets the path it times).
+    let be = ctseg::backend::open(&DeviceRequest {
+        kind: BackendKind::Gpu,
+        threads: 0,
+        adapter: a.adapter,
+        gpu_conv: ctseg::model::GpuConv::Burn,
+        cooperative_matrices: true,
+    })?;
+    let cases = if a.cases.is_empty() {
+        LIVERMASK_CASES[..a
+            .first
+            .unwrap_or(LIVERMASK_CASES.len())
+            .min(LIVERMASK_CASES.len())]
+            .to_vec()
+    } else {
+        a.cases
+    };
+    let o = KernelBenchOptions {
+        reps: a.reps,
+        cases,
+    };
+    // 2. The comparisons, printed as they are measured.
+    if !a.json {
+        println!("{}", be.description);
+    }
+    kernels::bench_kernels(&be, &o, |row| {
+        if a.json {
+            match serde_json::to_string(row) {
+                Ok(line) => println!("{line}"),
+                Err(e) => eprintln!("bench kernels: {e}"),
+            }
+        } else {
+            println!("{}", row.render());
+        }
+    })?;
     Ok(())
 }
 

@@ -1,0 +1,493 @@
+//! `ctseg bench kernels`: ctseg's own GPU kernels against burn's on one adapter, one layer at a
+//! time and each as the model calls it, so that a user (and the device script,
+//! scripts/gpu_device_check.sh) sees which path is faster there:
+//! - one 3×3 convolution + ReLU ([`ops::conv`]) on burn's kernels (`--gpu-conv burn`, split into
+//!   row chunks on loop-capped adapters) against ctseg's (`--gpu-conv wgsl`,
+//!   [`crate::model::gpu_conv`]); on an adapter with cooperative matrices, also mixed
+//!   precision's convolution (f16 operands, f32 accumulation) in registers against on them;
+//! - one training-mode batch normalisation + spatial dropout: the tensor-operation formula
+//!   ([`ops::batch_norm_train_tensor_ops`]) against ctseg's kernels ([`gpu_norm`]).
+//!
+//! Each for the forward alone and forward + backward as in a training step: the median of warm
+//! repetitions with the device synchronised, the ratio of the two in the same invocation, and
+//! their agreement (the largest relative L2 difference of the outputs and gradients).
+
+use std::time::Instant;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::Serialize;
+
+use crate::backend::{Backend, BackendKind};
+use crate::error::{Error, Result};
+use crate::model::{DeviceCaps, GpuConv, gpu_norm, ops};
+use crate::tensor_util::to_f32;
+use crate::util::stats::spread;
+use crate::verify::rel_l2;
+use crate::wgsl::{self, Compiler};
+
+/// One layer: its input `[batch, c_in, h, w]` and the convolution's output channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct KernelCase {
+    /// `[batch, c_in, h, w]`.
+    pub shape: [usize; 4],
+    /// Output channels of the convolution.
+    pub c_out: usize,
+}
+
+impl std::str::FromStr for KernelCase {
+    type Err = String;
+
+    /// `B,C,H,W` (a convolution C → C) or `B,C,H,W,CO`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let v: Vec<usize> = s
+            .split(',')
+            .map(|p| p.trim().parse::<usize>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| format!("`{s}`: {e} (expected B,C,H,W or B,C,H,W,CO)"))?;
+        let (shape, c_out) = match v[..] {
+            [b, c, h, w] => ([b, c, h, w], c),
+            [b, c, h, w, co] => ([b, c, h, w], co),
+            _ => {
+                return Err(format!(
+                    "`{s}`: expected 4 or 5 sizes (B,C,H,W or B,C,H,W,CO)"
+                ));
+            }
+        };
+        if shape.contains(&0) || c_out == 0 {
+            return Err(format!("`{s}`: every size must be at least 1"));
+        }
+        Ok(Self { shape, c_out })
+    }
+}
+
+/// The livermask U-Net's layers the default run measures: width 32's first level and its third
+/// level, the bottleneck's input, and width 64's first level, at batch 4; width 64's first level
+/// at the study's batch 30.
+pub const LIVERMASK_CASES: [KernelCase; 5] = [
+    KernelCase {
+        shape: [4, 32, 240, 240],
+        c_out: 32,
+    },
+    KernelCase {
+        shape: [4, 64, 120, 120],
+        c_out: 64,
+    },
+    KernelCase {
+        shape: [4, 256, 30, 30],
+        c_out: 256,
+    },
+    KernelCase {
+        shape: [4, 64, 240, 240],
+        c_out: 64,
+    },
+    KernelCase {
+        shape: [30, 64, 240, 240],
+        c_out: 64,
+    },
+];
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct KernelBenchOptions {
+    /// Timed repetitions of each (after one untimed).
+    pub reps: usize,
+    /// The layers.
+    pub cases: Vec<KernelCase>,
+}
+
+/// One comparison (one JSON line with `--json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelRow {
+    /// `"kernels"`.
+    pub bench: &'static str,
+    /// `conv3x3+relu`, `conv3x3+relu mixed` or `batch_norm+dropout`.
+    pub op: &'static str,
+    /// The layer.
+    pub case: KernelCase,
+    /// `forward` or `fwd+bwd`.
+    pub pass: &'static str,
+    /// The path compared against (burn's kernels, or mixed precision's register kernels).
+    pub baseline: String,
+    /// Its median seconds.
+    pub baseline_s: f64,
+    /// ctseg's path.
+    pub candidate: String,
+    /// Its median seconds.
+    pub candidate_s: f64,
+    /// `baseline_s / candidate_s`: above 1, ctseg's path is faster.
+    pub speedup: f64,
+    /// Convolutions: the floating-point operations of the pass (2 per multiply-add; the
+    /// backward counted as twice the forward), for the rates below.
+    pub flop: Option<f64>,
+    /// The largest relative L2 difference between the two paths' outputs and gradients.
+    pub rel_l2: f64,
+}
+
+impl KernelRow {
+    /// One line of the table.
+    pub fn render(&self) -> String {
+        let rate = |s: f64| match self.flop {
+            Some(f) => format!(" ({:.1} GFLOP/s)", f / s / 1e9),
+            None => String::new(),
+        };
+        format!(
+            "{:?} -> {} {} {}: {} {:.4} s{} | {} {:.4} s{} | speedup {:.2}x | rel. L2 diff {:.1e}",
+            self.case.shape,
+            self.case.c_out,
+            self.op,
+            self.pass,
+            self.baseline,
+            self.baseline_s,
+            rate(self.baseline_s),
+            self.candidate,
+            self.candidate_s,
+            rate(self.candidate_s),
+            self.speedup,
+            self.rel_l2,
+        )
+    }
+}
+
+/// Batch normalisation's ε in the model (Keras's default).
+const EPSILON: f64 = 1e-3;
+
+/// Runs every comparison of `o` on `be` (a GPU whose kernels are WGSL: ctseg's cannot load
+/// where cubecl compiles to SPIR-V), calling `emit` with each row as it is measured.
+pub fn bench_kernels(
+    be: &Backend,
+    o: &KernelBenchOptions,
+    mut emit: impl FnMut(&KernelRow),
+) -> Result<Vec<KernelRow>> {
+    // 1. Only where ctseg's WGSL kernels run.
+    if be.kind != BackendKind::Gpu {
+        return Err(Error::Argument(
+            "bench kernels compares GPU kernels: use it with a GPU adapter (`ctseg adapters`)"
+                .into(),
+        ));
+    }
+    if wgsl::compiler(&be.device) == Compiler::SpirV {
+        return Err(Error::Argument(
+            "bench kernels: this `spirv` build compiles every kernel to SPIR-V, where ctseg's WGSL kernels cannot load; run it with the default build".into(),
+        ));
+    }
+    let mut rows = Vec::new();
+    let mut push = |row: KernelRow| {
+        emit(&row);
+        rows.push(row);
+    };
+    for case in &o.cases {
+        let data = CaseData::new(*case);
+        // 2. The convolution, f32 on burn's kernels against ctseg's, then mixed precision in
+        // registers against on cooperative matrices.
+        for (train, pass) in [(false, "forward"), (true, "fwd+bwd")] {
+            let flop = Some(data.forward_flop() * if train { 3.0 } else { 1.0 });
+            let operands = ConvOperands::new(&be.device, train, &data);
+            let path = |gpu_conv| DeviceCaps {
+                gpu_conv,
+                ..be.caps
+            };
+            let burn = time(be, o.reps, &|| operands.run(path(GpuConv::Burn)))?;
+            let own = time(be, o.reps, &|| operands.run(path(GpuConv::Wgsl)))?;
+            push(row(
+                "conv3x3+relu",
+                *case,
+                pass,
+                ("burn", burn),
+                ("ctseg wgsl", own),
+                flop,
+            ));
+            let Some(tile) = be.caps.coop else { continue };
+            let mixed = |coop| DeviceCaps {
+                gpu_conv: GpuConv::Wgsl,
+                f16_operands: true,
+                coop,
+                ..be.caps
+            };
+            let reg = time(be, o.reps, &|| operands.run(mixed(None)))?;
+            let coop = time(be, o.reps, &|| operands.run(mixed(Some(tile))))?;
+            let tile = tile.describe();
+            let cand = (tile.as_str(), coop);
+            push(row(
+                "conv3x3+relu mixed",
+                *case,
+                pass,
+                ("registers", reg),
+                cand,
+                flop,
+            ));
+        }
+        // 3. Batch normalisation of the convolution's input, as the block before it does.
+        for (train, pass) in [(false, "forward"), (true, "fwd+bwd")] {
+            let operands = NormOperands::new(&be.device, train, &data);
+            let formula = time(be, o.reps, &|| operands.run(false))?;
+            let own = time(be, o.reps, &|| operands.run(true))?;
+            let (base, cand) = (("tensor operations", formula), ("ctseg", own));
+            push(row("batch_norm+dropout", *case, pass, base, cand, None));
+        }
+    }
+    Ok(rows)
+}
+
+/// A path's median seconds and its last outputs.
+type Timed = (f64, Vec<Vec<f32>>);
+
+/// The row comparing `baseline` with `candidate`.
+fn row(
+    op: &'static str,
+    case: KernelCase,
+    pass: &'static str,
+    (baseline, (baseline_s, base_out)): (&str, Timed),
+    (candidate, (candidate_s, cand_out)): (&str, Timed),
+    flop: Option<f64>,
+) -> KernelRow {
+    KernelRow {
+        bench: "kernels",
+        op,
+        case,
+        pass,
+        baseline: baseline.into(),
+        baseline_s,
+        candidate: candidate.into(),
+        candidate_s,
+        speedup: baseline_s / candidate_s,
+        flop,
+        rel_l2: largest_difference(&base_out, &cand_out),
+    }
+}
+
+/// The largest relative L2 difference between matching tensors of `a` and `b`; NaN if any is,
+/// or if their counts differ (a path that left values out must not read as agreeing).
+fn largest_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    if a.len() != b.len() {
+        return f64::NAN;
+    }
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| rel_l2(y, x))
+        .fold(0.0, |m: f64, e| {
+            if e.is_nan() || m.is_nan() {
+                f64::NAN
+            } else {
+                m.max(e)
+            }
+        })
+}
+
+/// Median seconds of `f` over `reps` warm repetitions (one untimed first), and its last output.
+fn time(be: &Backend, reps: usize, f: &dyn Fn() -> Vec<Tensor<4>>) -> Result<Timed> {
+    let sync = || {
+        be.device
+            .sync()
+            .map_err(|e| Error::Device(format!("bench kernels: {e:?}")))
+    };
+    let mut times = Vec::new();
+    let mut out = Vec::new();
+    for i in 0..=reps.max(1) {
+        sync()?;
+        let t = Instant::now();
+        let ys = f();
+        sync()?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        out = ys;
+    }
+    let out = out.into_iter().map(to_f32).collect::<Result<_>>()?;
+    Ok((spread(&times).median, out))
+}
+
+/// A case's values on the host: input, kernel, and the loss weights of the convolution's
+/// output and of the normalisation's (`sum(y · r)` gives every output its own gradient).
+struct CaseData {
+    case: KernelCase,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    r_conv: Vec<f32>,
+    r_norm: Vec<f32>,
+}
+
+impl CaseData {
+    /// Fixed values in [-0.5, 0.5) (the kernel's in [-0.05, 0.05)), the same in every run.
+    fn new(case: KernelCase) -> Self {
+        let [b, c, h, w] = case.shape;
+        let pattern = |n: usize, step: usize, period: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * step) % period) as f32 / period as f32 - 0.5)
+                .collect()
+        };
+        let n = b * c * h * w;
+        Self {
+            case,
+            x: pattern(n, 7919, 97),
+            w: pattern(case.c_out * c * 9, 104_729, 89)
+                .into_iter()
+                .map(|v| v / 10.0)
+                .collect(),
+            r_conv: pattern(b * case.c_out * h * w, 31, 17),
+            r_norm: pattern(n, 31, 17),
+        }
+    }
+
+    /// 2 per multiply-add of the forward convolution.
+    fn forward_flop(&self) -> f64 {
+        let [b, c, h, w] = self.case.shape;
+        2.0 * (b * h * w * self.case.c_out * c * 9) as f64
+    }
+}
+
+/// `device`, or with `train` its autodiff device.
+fn on(device: &Device, train: bool) -> Device {
+    if train {
+        device.clone().autodiff()
+    } else {
+        device.clone()
+    }
+}
+
+/// With `train`, `t` tracked for gradients.
+fn tracked<const D: usize>(t: Tensor<D>, train: bool) -> Tensor<D> {
+    if train { t.require_grad() } else { t }
+}
+
+/// One convolution's tensors on the device (uploaded before any timing).
+struct ConvOperands {
+    x: Tensor<4>,
+    w: Tensor<4>,
+    b: Tensor<1>,
+    r: Tensor<4>,
+    train: bool,
+}
+
+impl ConvOperands {
+    fn new(device: &Device, train: bool, d: &CaseData) -> Self {
+        let device = on(device, train);
+        let [b, c, h, w] = d.case.shape;
+        let co = d.case.c_out;
+        let x = Tensor::from_data(TensorData::new(d.x.clone(), [b, c, h, w]), &device);
+        let k = Tensor::from_data(TensorData::new(d.w.clone(), [co, c, 3, 3]), &device);
+        Self {
+            x: tracked(x, train),
+            w: tracked(k, train),
+            b: tracked(Tensor::zeros([co], &device), train),
+            r: Tensor::from_data(TensorData::new(d.r_conv.clone(), [b, co, h, w]), &device),
+            train,
+        }
+    }
+
+    /// The output of the convolution + ReLU, or with `train` the input and weight gradients
+    /// under the loss `sum(y · r)`.
+    fn run(&self, caps: DeviceCaps) -> Vec<Tensor<4>> {
+        let y = ops::conv(self.x.clone(), self.w.clone(), self.b.clone(), true, &caps);
+        if !self.train {
+            return vec![y];
+        }
+        let grads = (y * self.r.clone()).sum().backward();
+        [self.x.grad(&grads), self.w.grad(&grads)]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
+/// One batch normalisation's tensors: input, γ, β, the loss weights and spatial-dropout
+/// multipliers (every fifth plane dropped, the rest scaled by 1/(1 − 0.2)).
+struct NormOperands {
+    x: Tensor<4>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    r: Tensor<4>,
+    mask: Vec<f32>,
+    train: bool,
+}
+
+impl NormOperands {
+    fn new(device: &Device, train: bool, d: &CaseData) -> Self {
+        let device = on(device, train);
+        let shape = d.case.shape;
+        let c = shape[1];
+        let param =
+            |v: Vec<f32>| tracked(Tensor::from_data(TensorData::new(v, [c]), &device), train);
+        let x = Tensor::from_data(TensorData::new(d.x.clone(), shape), &device);
+        Self {
+            x: tracked(x, train),
+            gamma: param((0..c).map(|i| 0.5 + (i % 7) as f32 / 7.0).collect()),
+            beta: param((0..c).map(|i| (i % 5) as f32 / 10.0 - 0.2).collect()),
+            r: Tensor::from_data(TensorData::new(d.r_norm.clone(), shape), &device),
+            mask: (0..shape[0] * c)
+                .map(|p| if p % 5 == 0 { 0.0 } else { 1.25 })
+                .collect(),
+            train,
+        }
+    }
+
+    /// The normalised output, or with `train` the gradients of x, γ and β under `sum(y · r)`;
+    /// on ctseg's kernels (`fused`) or written with tensor operations. An empty list where
+    /// ctseg's kernels do not cover the shape (the row's difference is then NaN).
+    fn run(&self, fused: bool) -> Vec<Tensor<4>> {
+        let [b, c, _, _] = self.x.dims();
+        let (x, g, be) = (&self.x, &self.gamma, &self.beta);
+        let y = if fused {
+            match gpu_norm::batch_norm_train(x, g, be, EPSILON, Some(&self.mask)) {
+                Some((y, _, _)) => y,
+                None => return Vec::new(),
+            }
+        } else {
+            let (y, _, _) =
+                ops::batch_norm_train_tensor_ops(x.clone(), g.clone(), be.clone(), EPSILON);
+            let mask = TensorData::new(self.mask.clone(), [b, c, 1, 1]);
+            y * Tensor::<4>::from_data(mask, &x.device())
+        };
+        if !self.train {
+            return vec![y];
+        }
+        let grads = (y * self.r.clone()).sum().backward();
+        let per_channel = |t: Option<Tensor<1>>| t.map(|t| t.reshape([1, c, 1, 1]));
+        [
+            x.grad(&grads),
+            per_channel(g.grad(&grads)),
+            per_channel(be.grad(&grads)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cases_parse_with_and_without_output_channels() {
+        let same: KernelCase = "4,32,240,240".parse().expect("four sizes");
+        assert_eq!(same.shape, [4, 32, 240, 240]);
+        assert_eq!(same.c_out, 32);
+        let other: KernelCase = "1, 3, 16, 16, 8".parse().expect("five sizes");
+        assert_eq!((other.shape, other.c_out), ([1, 3, 16, 16], 8));
+    }
+
+    #[test]
+    fn malformed_cases_are_refused_with_the_expected_form() {
+        for bad in [
+            "4,32,240",
+            "4,32,240,240,1,1",
+            "4,x,240,240",
+            "4,0,240,240",
+            "",
+        ] {
+            let e = bad.parse::<KernelCase>().expect_err(bad);
+            assert!(
+                e.contains("B,C,H,W") || e.contains("at least 1"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn paths_that_leave_values_out_do_not_agree() {
+        let a = vec![vec![1.0, 2.0]];
+        assert_eq!(largest_difference(&a, &a), 0.0);
+        assert!(largest_difference(&a, &[]).is_nan());
+        assert!(largest_difference(&a, &[vec![1.0, f32::NAN]]).is_nan());
+    }
+}
