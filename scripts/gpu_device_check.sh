@@ -17,7 +17,9 @@
 #   parity              the GPU parity tests on the NVIDIA driver (GPU_TESTS: name filters);
 #   kernels             `ctseg bench kernels`: one convolution's and one batch normalisation's
 #                       forward and forward + backward per livermask layer, burn's kernels
-#                       against ctseg's (kernels.jsonl; BENCH_REPS, BENCH_CASES: the first N).
+#                       against ctseg's (kernels.jsonl; BENCH_REPS, BENCH_CASES: the first N);
+#   kernels-spirv       the same with the `spirv` build: burn's f32 convolution against cubek's
+#                       on cooperative matrices, the other route's layer times (kernels-spirv.jsonl).
 # STAGES overrides the list. Every stage's timeout is cut to what is left of DEADLINE seconds,
 # a stage with under 20 s left (or whose binary was not carried) is skipped, and the skipped
 # ones are written to $OUT/stages-left.txt: a second run with STAGES="$(cat stages-left.txt)"
@@ -33,7 +35,7 @@ mkdir -p "$OUT"
 log() { echo "== $*" | tee -a "$OUT/log.txt"; }
 DEADLINE=${DEADLINE:-450}
 STAGES=${STAGES:-adapters step-f32-64x30 step-mixed-64x30 spirv-mixed-64x30 step-f32-64x4 \
-step-f32-32x4 step-wgsl-64x30 kernels quick parity spirv-f32-64x30 step-wgsl-64x4 step-wgsl-32x4}
+step-f32-32x4 step-wgsl-64x30 kernels kernels-spirv quick parity spirv-f32-64x30 step-wgsl-64x4 step-wgsl-32x4}
 SIZE=${SIZE:-240}
 PEER_DEVICE=${PEER_DEVICE:-cuda}
 left=()
@@ -133,12 +135,19 @@ run_stage() {
     # The per-tensor tables are kept.
     CTSEG_REQUIRE_GPU=1 timed "$t" ./.devbin/gpu-tests --test-threads 1 --nocapture ${GPU_TESTS:-}
     ;;
-  kernels)
-    log "3x3 convolution, forward and forward+backward: burn's kernels against ctseg's WGSL kernels (and, with cooperative matrices, mixed precision in registers against on them); batch normalisation: tensor operations against ctseg's kernels"
+  kernels | kernels-spirv)
+    local bin=./.devbin/ctseg
+    if [ "$stage" = kernels-spirv ]; then
+      bin=./.devbin/ctseg-spirv
+      carried "$bin" || return 0
+      log "$stage: per livermask layer, mixed precision's 3x3 convolution, burn's f32 kernels against cubek's on cooperative matrices (the spirv build), forward and forward+backward"
+    else
+      log "$stage: per livermask layer, 3x3 convolution, forward and forward+backward: burn's kernels against ctseg's WGSL kernels (and, with cooperative matrices, mixed precision in registers against on them); batch normalisation: tensor operations against ctseg's kernels"
+    fi
     t=$(budget 120) || { skipped "$stage"; return 0; }
-    # One JSON line per comparison, in the log and in kernels.jsonl.
-    timed "$t" ./.devbin/ctseg bench kernels --json --reps "${BENCH_REPS:-10}" \
-      ${BENCH_CASES:+--first "$BENCH_CASES"} | grep '^{' >"$OUT/kernels.jsonl"
+    # One JSON line per comparison, in the log and in $stage.jsonl.
+    timed "$t" "$bin" bench kernels --json --reps "${BENCH_REPS:-10}" \
+      ${BENCH_CASES:+--first "$BENCH_CASES"} | grep '^{' >"$OUT/$stage.jsonl"
     ;;
   *)
     log "unknown stage $stage"

@@ -8,6 +8,11 @@
 //! - one training-mode batch normalisation + spatial dropout: the tensor-operation formula
 //!   ([`ops::batch_norm_train_tensor_ops`]) against ctseg's kernels ([`gpu_norm`]).
 //!
+//! In a `spirv` build (kernels compiled to SPIR-V, where ctseg's WGSL kernels cannot load), the
+//! one comparison is mixed precision's convolution: burn's f32 kernels against cubek's on the
+//! driver's cooperative matrices ([`cmma_conv`]). Its time beside the default build's
+//! cooperative-matrix row, layer by layer, is the route decision of docs/gpu-notes.md.
+//!
 //! Each for the forward alone and forward + backward as in a training step: the median of warm
 //! repetitions with the device synchronised, the ratio of the two in the same invocation, and
 //! their agreement (the largest relative L2 difference of the outputs and gradients).
@@ -19,7 +24,7 @@ use serde::Serialize;
 
 use crate::backend::{Backend, BackendKind};
 use crate::error::{Error, Result};
-use crate::model::{DeviceCaps, GpuConv, gpu_norm, ops};
+use crate::model::{DeviceCaps, GpuConv, cmma_conv, gpu_norm, ops};
 use crate::tensor_util::to_f32;
 use crate::util::stats::spread;
 use crate::verify::rel_l2;
@@ -64,27 +69,19 @@ impl std::str::FromStr for KernelCase {
 /// level, the bottleneck's input, and width 64's first level, at batch 4; width 64's first level
 /// at the study's batch 30.
 pub const LIVERMASK_CASES: [KernelCase; 5] = [
-    KernelCase {
-        shape: [4, 32, 240, 240],
-        c_out: 32,
-    },
-    KernelCase {
-        shape: [4, 64, 120, 120],
-        c_out: 64,
-    },
-    KernelCase {
-        shape: [4, 256, 30, 30],
-        c_out: 256,
-    },
-    KernelCase {
-        shape: [4, 64, 240, 240],
-        c_out: 64,
-    },
-    KernelCase {
-        shape: [30, 64, 240, 240],
-        c_out: 64,
-    },
+    KernelCase::new([4, 32, 240, 240], 32),
+    KernelCase::new([4, 64, 120, 120], 64),
+    KernelCase::new([4, 256, 30, 30], 256),
+    KernelCase::new([4, 64, 240, 240], 64),
+    KernelCase::new([30, 64, 240, 240], 64),
 ];
+
+impl KernelCase {
+    /// The layer with input `shape` and `c_out` output channels.
+    pub const fn new(shape: [usize; 4], c_out: usize) -> Self {
+        Self { shape, c_out }
+    }
+}
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -119,7 +116,9 @@ pub struct KernelRow {
     /// Convolutions: the floating-point operations of the pass (2 per multiply-add; the
     /// backward counted as twice the forward), for the rates below.
     pub flop: Option<f64>,
-    /// The largest relative L2 difference between the two paths' outputs and gradients.
+    /// The largest relative L2 difference between the two paths' outputs and gradients: the
+    /// same sums in another order, but for burn's f32 against cubek's f16 operands (a `spirv`
+    /// build), where it is f16's rounding.
     pub rel_l2: f64,
 }
 
@@ -151,25 +150,45 @@ impl KernelRow {
 /// Batch normalisation's ε in the model (Keras's default).
 const EPSILON: f64 = 1e-3;
 
-/// Runs every comparison of `o` on `be` (a GPU whose kernels are WGSL: ctseg's cannot load
-/// where cubecl compiles to SPIR-V), calling `emit` with each row as it is measured.
-pub fn bench_kernels(
-    be: &Backend,
-    o: &KernelBenchOptions,
-    mut emit: impl FnMut(&KernelRow),
-) -> Result<Vec<KernelRow>> {
-    // 1. Only where ctseg's WGSL kernels run.
+/// Which comparisons a backend offers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Kernels compiled from WGSL: burn's against ctseg's, in f32 and mixed precision.
+    Wgsl,
+    /// Kernels compiled to SPIR-V (a `spirv` build): burn's f32 convolution against cubek's
+    /// on these f16 × f16 → f32 cooperative-matrix shapes.
+    SpirV(Vec<[u32; 3]>),
+}
+
+/// The comparisons `be` offers, or why it offers none: not a GPU, or a `spirv` build on an
+/// adapter without f16 cooperative matrices (burn's kernels only: nothing to compare).
+pub fn route(be: &Backend) -> Result<Route> {
     if be.kind != BackendKind::Gpu {
         return Err(Error::Argument(
             "bench kernels compares GPU kernels: use it with a GPU adapter (`ctseg adapters`)"
                 .into(),
         ));
     }
-    if wgsl::compiler(&be.device) == Compiler::SpirV {
+    if wgsl::compiler(&be.device) == Compiler::Wgsl {
+        return Ok(Route::Wgsl);
+    }
+    let shapes = cmma_conv::f16_shapes(&be.device);
+    if shapes.is_empty() {
         return Err(Error::Argument(
-            "bench kernels: this `spirv` build compiles every kernel to SPIR-V, where ctseg's WGSL kernels cannot load; run it with the default build".into(),
+            "bench kernels: in this `spirv` build every kernel is burn's (ctseg's WGSL kernels cannot load), and the adapter lists no f16 cooperative matrices for cubek: nothing to compare; run the default build".into(),
         ));
     }
+    Ok(Route::SpirV(shapes))
+}
+
+/// Runs every comparison of `o` on `be` ([`route`]), calling `emit` with each row as it is
+/// measured.
+pub fn bench_kernels(
+    be: &Backend,
+    o: &KernelBenchOptions,
+    mut emit: impl FnMut(&KernelRow),
+) -> Result<Vec<KernelRow>> {
+    let route = route(be)?;
     let mut rows = Vec::new();
     let mut push = |row: KernelRow| {
         emit(&row);
@@ -177,17 +196,52 @@ pub fn bench_kernels(
     };
     for case in &o.cases {
         let data = CaseData::new(*case);
-        // 2. The convolution, f32 on burn's kernels against ctseg's, then mixed precision in
-        // registers against on cooperative matrices.
+        // 1. The convolution: f32 on burn's kernels against ctseg's, then mixed precision in
+        // registers against on cooperative matrices; with SPIR-V, burn's f32 against cubek.
         for (train, pass) in [(false, "forward"), (true, "fwd+bwd")] {
             let flop = Some(data.forward_flop() * if train { 3.0 } else { 1.0 });
             let operands = ConvOperands::new(&be.device, train, &data);
-            let path = |gpu_conv| DeviceCaps {
+            let path = |gpu_conv, f16_operands, coop| DeviceCaps {
                 gpu_conv,
+                f16_operands,
+                coop,
                 ..be.caps
             };
-            let burn = time(be, o.reps, &|| operands.run(path(GpuConv::Burn)))?;
-            let own = time(be, o.reps, &|| operands.run(path(GpuConv::Wgsl)))?;
+            if let Route::SpirV(shapes) = &route {
+                let burn = time(be, o.reps, &|| {
+                    operands.run(path(GpuConv::Burn, false, None))
+                })?;
+                let declined = cmma_conv::declined();
+                let cubek = time(be, o.reps, &|| {
+                    operands.run(path(GpuConv::Burn, true, None))
+                })?;
+                if cmma_conv::declined() != declined {
+                    return Err(Error::Device(format!(
+                        "bench kernels: cubek declined the layer {case:?}, which then ran on burn's kernels"
+                    )));
+                }
+                let shapes: Vec<String> = shapes
+                    .iter()
+                    .map(|[m, n, k]| format!("{m}x{n}x{k}"))
+                    .collect();
+                let name = format!("cubek cooperative matrices {} f16->f32", shapes.join(", "));
+                let cand = (name.as_str(), cubek);
+                push(row(
+                    "conv3x3+relu mixed",
+                    *case,
+                    pass,
+                    ("burn f32", burn),
+                    cand,
+                    flop,
+                ));
+                continue;
+            }
+            let burn = time(be, o.reps, &|| {
+                operands.run(path(GpuConv::Burn, false, None))
+            })?;
+            let own = time(be, o.reps, &|| {
+                operands.run(path(GpuConv::Wgsl, false, None))
+            })?;
             push(row(
                 "conv3x3+relu",
                 *case,
@@ -197,14 +251,12 @@ pub fn bench_kernels(
                 flop,
             ));
             let Some(tile) = be.caps.coop else { continue };
-            let mixed = |coop| DeviceCaps {
-                gpu_conv: GpuConv::Wgsl,
-                f16_operands: true,
-                coop,
-                ..be.caps
-            };
-            let reg = time(be, o.reps, &|| operands.run(mixed(None)))?;
-            let coop = time(be, o.reps, &|| operands.run(mixed(Some(tile))))?;
+            let reg = time(be, o.reps, &|| {
+                operands.run(path(GpuConv::Wgsl, true, None))
+            })?;
+            let coop = time(be, o.reps, &|| {
+                operands.run(path(GpuConv::Wgsl, true, Some(tile)))
+            })?;
             let tile = tile.describe();
             let cand = (tile.as_str(), coop);
             push(row(
@@ -216,7 +268,10 @@ pub fn bench_kernels(
                 flop,
             ));
         }
-        // 3. Batch normalisation of the convolution's input, as the block before it does.
+        if route != Route::Wgsl {
+            continue;
+        }
+        // 2. Batch normalisation of the convolution's input, as the block before it does.
         for (train, pass) in [(false, "forward"), (true, "fwd+bwd")] {
             let operands = NormOperands::new(&be.device, train, &data);
             let formula = time(be, o.reps, &|| operands.run(false))?;

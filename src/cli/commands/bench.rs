@@ -136,6 +136,7 @@ pub fn kernels(a: BenchKernelsArgs) -> Result<()> {
         cases,
     };
     // 2. The comparisons, printed as they are measured.
+    kernels::route(&be)?;
     if !a.json {
         println!("{}", be.description);
     }
