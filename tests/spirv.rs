@@ -214,18 +214,19 @@ fn the_kernel_bench_compares_burns_f32_convolution_with_cubek() {
         assert_eq!(r["baseline"], "burn f32", "{r}");
         let candidate = r["candidate"].as_str().unwrap_or_default();
         assert!(candidate.starts_with("cubek cooperative matrices"), "{r}");
-        // f16's rounding, not an error (on operands already rounded to f16, cubek agrees with
-        // the CPU within verify::REORDERED: cooperative_matrix_convolutions_match_the_cpu_on_
-        // f16_operands). The output moves by the rounding of both operands (unit roundoff
-        // 2^-11 = 4.9e-4 each); the gradients can move by more, since an output near 0 can
-        // fall on the other side of the ReLU in one of the two (measured: 2.0e-4 and 1.3e-2).
+        // f16's rounding, not an error: PyTorch's conv2d in float64 on this bench's data, with
+        // both operands rounded to f16 against not, differs by 2.007e-4 in the output and by
+        // 1.304e-2 in the weight gradient, the larger of the two gradients'
+        // (tests/reference/f16_conv_rounding.py). cubek's own error on f16 operands is ~1e-7
+        // (cooperative_matrix_convolutions_match_the_cpu_on_f16_operands), so the bench must
+        // report that rounding to within 1 %.
         let diff = r["rel_l2"].as_f64().expect("a finite difference");
-        let limit = if r["pass"] == "forward" {
-            2.0 * 4.9e-4
+        let expected = if r["pass"] == "forward" {
+            2.007e-4
         } else {
-            0.1
+            1.304e-2
         };
-        assert!(diff > 0.0 && diff < limit, "{r}");
+        assert!((diff - expected).abs() < 0.01 * expected, "{r}");
     }
 }
 
