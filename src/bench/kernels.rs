@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use crate::backend::{Backend, BackendKind};
 use crate::error::{Error, Result};
+use crate::model::gpu_conv::CoopTile;
 use crate::model::{DeviceCaps, GpuConv, cmma_conv, gpu_norm, ops};
 use crate::tensor_util::to_f32;
 use crate::util::stats::spread;
@@ -196,91 +197,102 @@ pub fn bench_kernels(
     };
     for case in &o.cases {
         let data = CaseData::new(*case);
-        // 1. The convolution: f32 on burn's kernels against ctseg's, then mixed precision in
-        // registers against on cooperative matrices; with SPIR-V, burn's f32 against cubek.
         for (train, pass) in [(false, "forward"), (true, "fwd+bwd")] {
-            let flop = Some(data.forward_flop() * if train { 3.0 } else { 1.0 });
-            let operands = ConvOperands::new(&be.device, train, &data);
-            let path = |gpu_conv, f16_operands, coop| DeviceCaps {
-                gpu_conv,
-                f16_operands,
-                coop,
-                ..be.caps
+            // 1. The convolution, on the paths the route offers.
+            let conv = Conv {
+                be,
+                reps: o.reps,
+                operands: ConvOperands::new(&be.device, train, &data),
+                pass,
+                flop: data.forward_flop() * if train { 3.0 } else { 1.0 },
             };
-            if let Route::SpirV(shapes) = &route {
-                let burn = time(be, o.reps, &|| {
-                    operands.run(path(GpuConv::Burn, false, None))
-                })?;
-                let declined = cmma_conv::declined();
-                let cubek = time(be, o.reps, &|| {
-                    operands.run(path(GpuConv::Burn, true, None))
-                })?;
-                if cmma_conv::declined() != declined {
-                    return Err(Error::Device(format!(
-                        "bench kernels: cubek declined the layer {case:?}, which then ran on burn's kernels"
-                    )));
-                }
-                let shapes: Vec<String> = shapes
-                    .iter()
-                    .map(|[m, n, k]| format!("{m}x{n}x{k}"))
-                    .collect();
-                let name = format!("cubek cooperative matrices {} f16->f32", shapes.join(", "));
-                let cand = (name.as_str(), cubek);
-                push(row(
-                    "conv3x3+relu mixed",
-                    *case,
-                    pass,
-                    ("burn f32", burn),
-                    cand,
-                    flop,
-                ));
-                continue;
+            match &route {
+                Route::Wgsl => conv.wgsl_rows()?.into_iter().for_each(&mut push),
+                Route::SpirV(shapes) => push(conv.spirv_row(shapes)?),
             }
-            let burn = time(be, o.reps, &|| {
-                operands.run(path(GpuConv::Burn, false, None))
-            })?;
-            let own = time(be, o.reps, &|| {
-                operands.run(path(GpuConv::Wgsl, false, None))
-            })?;
-            push(row(
-                "conv3x3+relu",
-                *case,
-                pass,
-                ("burn", burn),
-                ("ctseg wgsl", own),
-                flop,
-            ));
-            let Some(tile) = be.caps.coop else { continue };
-            let reg = time(be, o.reps, &|| {
-                operands.run(path(GpuConv::Wgsl, true, None))
-            })?;
-            let coop = time(be, o.reps, &|| {
-                operands.run(path(GpuConv::Wgsl, true, Some(tile)))
-            })?;
-            let tile = tile.describe();
-            let cand = (tile.as_str(), coop);
-            push(row(
-                "conv3x3+relu mixed",
-                *case,
-                pass,
-                ("registers", reg),
-                cand,
-                flop,
-            ));
-        }
-        if route != Route::Wgsl {
-            continue;
-        }
-        // 2. Batch normalisation of the convolution's input, as the block before it does.
-        for (train, pass) in [(false, "forward"), (true, "fwd+bwd")] {
-            let operands = NormOperands::new(&be.device, train, &data);
-            let formula = time(be, o.reps, &|| operands.run(false))?;
-            let own = time(be, o.reps, &|| operands.run(true))?;
-            let (base, cand) = (("tensor operations", formula), ("ctseg", own));
-            push(row("batch_norm+dropout", *case, pass, base, cand, None));
+            // 2. Batch normalisation of the convolution's input, as the block before it does
+            // (ctseg's kernels only load where kernels are WGSL).
+            if route == Route::Wgsl {
+                let operands = NormOperands::new(&be.device, train, &data);
+                let formula = time(be, o.reps, &|| operands.run(false))?;
+                let own = time(be, o.reps, &|| operands.run(true))?;
+                let (base, cand) = (("tensor operations", formula), ("ctseg", own));
+                push(row("batch_norm+dropout", *case, pass, base, cand, None));
+            }
         }
     }
     Ok(rows)
+}
+
+/// One pass of one layer's convolution, timed on each path.
+struct Conv<'a> {
+    be: &'a Backend,
+    reps: usize,
+    operands: ConvOperands,
+    pass: &'static str,
+    flop: f64,
+}
+
+impl Conv<'_> {
+    /// The median seconds and outputs of the convolution with these choices of the device's
+    /// paths (the rest as the backend found them).
+    fn time(&self, gpu_conv: GpuConv, f16_operands: bool, coop: Option<CoopTile>) -> Result<Timed> {
+        let caps = DeviceCaps {
+            gpu_conv,
+            f16_operands,
+            coop,
+            ..self.be.caps
+        };
+        time(self.be, self.reps, &|| self.operands.run(caps))
+    }
+
+    /// The row comparing `baseline` with `candidate`.
+    fn row(
+        &self,
+        op: &'static str,
+        baseline: (&str, Timed),
+        candidate: (&str, Timed),
+    ) -> KernelRow {
+        let case = self.operands.case;
+        row(op, case, self.pass, baseline, candidate, Some(self.flop))
+    }
+
+    /// Kernels from WGSL: f32 on burn's kernels against ctseg's; with cooperative matrices,
+    /// mixed precision in registers against on them.
+    fn wgsl_rows(&self) -> Result<Vec<KernelRow>> {
+        let burn = self.time(GpuConv::Burn, false, None)?;
+        let own = self.time(GpuConv::Wgsl, false, None)?;
+        let mut rows = vec![self.row("conv3x3+relu", ("burn", burn), ("ctseg wgsl", own))];
+        if let Some(tile) = self.be.caps.coop {
+            let registers = self.time(GpuConv::Wgsl, true, None)?;
+            let coop = self.time(GpuConv::Wgsl, true, Some(tile))?;
+            let (base, cand) = (("registers", registers), (tile.describe(), coop));
+            let cand = (cand.0.as_str(), cand.1);
+            rows.push(self.row("conv3x3+relu mixed", base, cand));
+        }
+        Ok(rows)
+    }
+
+    /// Kernels compiled to SPIR-V: mixed precision's convolution, burn's f32 kernels against
+    /// cubek's on the cooperative-matrix `shapes`. A decline is an error: the candidate would
+    /// have timed burn's fallback.
+    fn spirv_row(&self, shapes: &[[u32; 3]]) -> Result<KernelRow> {
+        let burn = self.time(GpuConv::Burn, false, None)?;
+        let declined = cmma_conv::declined();
+        let cubek = self.time(GpuConv::Burn, true, None)?;
+        if cmma_conv::declined() != declined {
+            return Err(Error::Device(format!(
+                "bench kernels: cubek declined the layer {:?}, which then ran on burn's kernels",
+                self.operands.case
+            )));
+        }
+        let shapes: Vec<String> = shapes
+            .iter()
+            .map(|[m, n, k]| format!("{m}x{n}x{k}"))
+            .collect();
+        let name = format!("cubek cooperative matrices {} f16->f32", shapes.join(", "));
+        Ok(self.row("conv3x3+relu mixed", ("burn f32", burn), (&name, cubek)))
+    }
 }
 
 /// A path's median seconds and its last outputs.
@@ -406,6 +418,7 @@ fn tracked<const D: usize>(t: Tensor<D>, train: bool) -> Tensor<D> {
 
 /// One convolution's tensors on the device (uploaded before any timing).
 struct ConvOperands {
+    case: KernelCase,
     x: Tensor<4>,
     w: Tensor<4>,
     b: Tensor<1>,
@@ -421,6 +434,7 @@ impl ConvOperands {
         let x = Tensor::from_data(TensorData::new(d.x.clone(), [b, c, h, w]), &device);
         let k = Tensor::from_data(TensorData::new(d.w.clone(), [co, c, 3, 3]), &device);
         Self {
+            case: d.case,
             x: tracked(x, train),
             w: tracked(k, train),
             b: tracked(Tensor::zeros([co], &device), train),
