@@ -236,9 +236,13 @@ pub fn conv_difference(device: &Device, a: DeviceCaps, b: DeviceCaps) -> Result<
     Ok(worst)
 }
 
-/// The largest relative L2 difference between the output and gradients `a` and `b` of one
-/// convolution ([`conv_and_grads`]); infinite if any is NaN.
-pub fn largest_difference(a: &[Vec<f32>; 4], b: &[Vec<f32>; 4]) -> f64 {
+/// The largest relative L2 difference between matching tensors of `a` and `b` (the output and
+/// gradients of one convolution, [`conv_and_grads`]); infinite if any is NaN or if their
+/// counts differ (a path that left values out must not read as agreeing).
+pub fn largest_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
     a.iter()
         .zip(b)
         .map(|(p, q)| rel_l2(p, q))
@@ -541,6 +545,14 @@ fn agree(model: &UNetConfig, backend: &Backend, caps: DeviceCaps) -> Result<Verd
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_that_leave_values_out_do_not_agree() {
+        let a = vec![vec![1.0, 2.0]];
+        assert_eq!(largest_difference(&a, &a), 0.0);
+        assert!(largest_difference(&a, &[]).is_infinite());
+        assert!(largest_difference(&a, &[vec![1.0, f32::NAN]]).is_infinite());
+    }
 
     #[test]
     fn transpose_last2_swaps_the_last_axes() {

@@ -1182,19 +1182,9 @@ fn bench_kernels_times_every_path_of_a_layer_and_the_paths_agree() {
     // normalisation by tensor operations against ctseg's kernels, each forward and forward +
     // backward. Each pair computes the same formula in another order (mixed precision on the
     // same f16 operands), so they agree within verify::REORDERED.
-    let args = [
-        "bench",
-        "kernels",
-        "--case",
-        "2,3,12,10,7",
-        "--reps",
-        "1",
-        "--json",
-    ];
-    let Some(out) = common::ctseg_with_cooperative_matrices(&args, coop_here()) else {
+    let Some(rows) = common::small_layer_kernel_rows(coop_here()) else {
         return;
     };
-    let rows = common::bench_lines(&common::ok(out), "kernels");
     let found: Vec<(String, String)> = rows
         .iter()
         .map(|r| {

@@ -194,19 +194,9 @@ fn wgsl_convolutions_are_refused_on_spirv() {
 fn the_kernel_bench_compares_burns_f32_convolution_with_cubek() {
     // Here ctseg's WGSL kernels cannot load, so `bench kernels` has one comparison per pass:
     // burn's f32 convolution against cubek's on f16 operands (3 → 7 channels, partial tiles).
-    let args = [
-        "bench",
-        "kernels",
-        "--case",
-        "2,3,12,10,7",
-        "--reps",
-        "1",
-        "--json",
-    ];
-    let Some(out) = common::ctseg_with_cooperative_matrices(&args, matrices_here()) else {
+    let Some(rows) = common::small_layer_kernel_rows(matrices_here()) else {
         return;
     };
-    let rows = common::bench_lines(&common::ok(out), "kernels");
     let passes: Vec<&str> = rows.iter().filter_map(|r| r["pass"].as_str()).collect();
     assert_eq!(passes, ["forward", "fwd+bwd"], "{rows:?}");
     for r in &rows {

@@ -222,6 +222,23 @@ pub fn bench_lines(out: &str, kind: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The rows of `ctseg bench kernels --json --reps 1` on one small layer (2 images of 12 × 10,
+/// 3 → 7 channels: partial tiles in every direction), run on an adapter with cooperative
+/// matrices as [`ctseg_with_cooperative_matrices`] runs it; `None` where that skips.
+pub fn small_layer_kernel_rows(here: bool) -> Option<Vec<serde_json::Value>> {
+    let args = [
+        "bench",
+        "kernels",
+        "--case",
+        "2,3,12,10,7",
+        "--reps",
+        "1",
+        "--json",
+    ];
+    let out = ctseg_with_cooperative_matrices(&args, here)?;
+    Some(bench_lines(&ok(out), "kernels"))
+}
+
 /// The gunzipped `bytes` (a fixture's `.nii.gz`).
 pub fn gunzip(bytes: &[u8]) -> Vec<u8> {
     use std::io::Read;

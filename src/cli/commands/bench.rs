@@ -136,11 +136,11 @@ pub fn kernels(a: BenchKernelsArgs) -> Result<()> {
         cases,
     };
     // 2. The comparisons, printed as they are measured.
-    kernels::route(&be)?;
+    let route = kernels::route(&be)?;
     if !a.json {
         println!("{}", be.description);
     }
-    kernels::bench_kernels(&be, &o, |row| {
+    kernels::bench_kernels(&be, &route, &o, |row| {
         if a.json {
             match serde_json::to_string(row) {
                 Ok(line) => println!("{line}"),
