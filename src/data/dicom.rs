@@ -31,26 +31,26 @@ struct Slice {
     hu: Vec<f32>,
 }
 
-fn floats(
+/// The `N` numbers of a multi-valued decimal element, each finite.
+fn floats<const N: usize>(
     obj: &DefaultDicomObject,
     path: &Path,
     tag: Tag,
     name: &str,
-    n: usize,
-) -> Result<Vec<f64>> {
+) -> Result<[f64; N]> {
     let e = obj
         .element(tag)
-        .map_err(|_| Error::dataset(path, format!("no {name} {tag}; expected {n} numbers")))?;
+        .map_err(|_| Error::dataset(path, format!("no {name} {tag}; expected {N} numbers")))?;
     let v = e
         .to_multi_float64()
         .map_err(|err| Error::dataset(path, format!("{name} {tag}: {err}")))?;
-    if v.len() != n || v.iter().any(|x| !x.is_finite()) {
+    if v.len() != N || v.iter().any(|x| !x.is_finite()) {
         return Err(Error::dataset(
             path,
-            format!("{name} {tag} = {v:?}; expected {n} finite numbers"),
+            format!("{name} {tag} = {v:?}; expected {N} finite numbers"),
         ));
     }
-    Ok(v)
+    Ok(std::array::from_fn(|i| v[i]))
 }
 
 /// How deep sequences may nest in a slice (CT headers nest three or four levels); deeper
@@ -156,6 +156,160 @@ impl Walk<'_> {
     }
 }
 
+/// Why a walk refuses a file before the parser sees it.
+enum Corrupt {
+    /// The element at byte `at` states a value longer than the rest of the file.
+    TooLong {
+        at: usize,
+        tag: (u16, u16),
+        len: usize,
+    },
+    /// Sequences nest deeper than [`MAX_NESTING`] at byte `at`.
+    TooDeep { at: usize },
+}
+
+impl Corrupt {
+    fn error(self, path: &Path, file_len: usize) -> Error {
+        let message = match self {
+            Corrupt::TooLong { at, tag, len } => format!(
+                "element ({:04X},{:04X}) at byte {at} says its value is {len} bytes long, but the file has {} bytes after it: a truncated or corrupt file",
+                tag.0,
+                tag.1,
+                file_len.saturating_sub(at)
+            ),
+            Corrupt::TooDeep { at } => {
+                format!(
+                    "sequences nested more than {MAX_NESTING} deep at byte {at}: a corrupt file"
+                )
+            }
+        };
+        Error::dataset(path, message)
+    }
+}
+
+/// What the data set walk expects next inside an open element.
+#[derive(PartialEq)]
+enum Open {
+    Sequence,
+    Fragments,
+    Item,
+}
+
+impl Walk<'_> {
+    /// The file meta group (explicit VR little endian, as long as its group length says): the
+    /// data set's transfer syntax, or `None` where the file is left to the parser to judge.
+    fn meta_group(&mut self) -> std::result::Result<Option<Syntax>, Corrupt> {
+        let Some(h) = self.header(Syntax::ExplicitLe) else {
+            return Ok(None);
+        };
+        let Some(group_length) = (h.tag == (2, 0) && h.len == Some(4))
+            .then(|| self.u32(false))
+            .flatten()
+        else {
+            return Ok(None);
+        };
+        let mut syntax = Syntax::ExplicitLe;
+        let mut read = 0u32;
+        while read < group_length {
+            let at = self.pos;
+            let Some(h) = self.header(Syntax::ExplicitLe) else {
+                return Ok(None);
+            };
+            let Some(len) = h.len else { return Ok(None) };
+            if len > self.b.len() - self.pos {
+                return Err(Corrupt::TooLong {
+                    at,
+                    tag: h.tag,
+                    len,
+                });
+            }
+            if h.tag == (2, 0x10) {
+                let uid = String::from_utf8_lossy(&self.b[self.pos..self.pos + len]);
+                syntax = match uid.trim_end_matches(|c: char| c.is_whitespace() || c == '\0') {
+                    "1.2.840.10008.1.2" => Syntax::ImplicitLe,
+                    "1.2.840.10008.1.2.2" => Syntax::ExplicitBe,
+                    "1.2.840.10008.1.2.1.99" => return Ok(None), // deflated: not readable here
+                    _ => Syntax::ExplicitLe,
+                };
+            }
+            self.pos += len;
+            read = read.saturating_add((self.pos - at) as u32);
+        }
+        Ok(Some(syntax))
+    }
+
+    /// The data set in `syntax`, to the end of the file (where the parser stops too) or to what
+    /// the parser refuses anyway: a stack of open sequences (items expected) and items (elements
+    /// expected), each with its end where its length is defined.
+    fn data_set(&mut self, syntax: Syntax) -> std::result::Result<(), Corrupt> {
+        let mut stack: Vec<(Open, Option<usize>)> = Vec::new();
+        loop {
+            while stack
+                .last()
+                .is_some_and(|(_, end)| end.is_some_and(|e| self.pos >= e))
+            {
+                stack.pop();
+            }
+            if stack.len() > MAX_NESTING {
+                return Err(Corrupt::TooDeep { at: self.pos });
+            }
+            let at = self.pos;
+            let in_sequence = stack.last().is_some_and(|(o, _)| *o != Open::Item);
+            let Some(h) = self.header(syntax) else {
+                return Ok(());
+            };
+            let end = match h.len {
+                Some(len) if len > self.b.len() - self.pos => {
+                    return Err(Corrupt::TooLong {
+                        at,
+                        tag: h.tag,
+                        len,
+                    });
+                }
+                Some(len) => Some(self.pos + len),
+                None => None,
+            };
+            match (in_sequence, h.tag) {
+                (true, (0xfffe, 0xe000)) => {
+                    if stack.last().is_some_and(|(o, _)| *o == Open::Fragments) {
+                        let Some(end) = end else { return Ok(()) };
+                        self.pos = end; // a pixel data fragment
+                    } else {
+                        stack.push((Open::Item, end));
+                    }
+                }
+                (true, (0xfffe, 0xe0dd)) | (false, (0xfffe, 0xe00d)) => {
+                    stack.pop();
+                }
+                (true, _) => return Ok(()), // the parser refuses anything else here
+                (false, tag) => match (is_sequence(tag, h.vr), end) {
+                    (true, _) => stack.push((Open::Sequence, end)),
+                    (false, None) if tag == PIXEL_DATA => stack.push((Open::Fragments, None)),
+                    (false, None) => stack.push((Open::Sequence, None)),
+                    (false, Some(end)) => self.pos = end,
+                },
+            }
+        }
+    }
+}
+
+/// The Pixel Data element's tag.
+const PIXEL_DATA: (u16, u16) = (0x7fe0, 0x10);
+
+/// Whether an element holds a sequence: by its VR, or in implicit VR by the dictionary.
+fn is_sequence(tag: (u16, u16), vr: Option<[u8; 2]>) -> bool {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
+    match vr {
+        Some(vr) => &vr == b"SQ",
+        None => {
+            tag != PIXEL_DATA
+                && dicom_dictionary_std::StandardDataDictionary
+                    .by_tag(Tag(tag.0, tag.1))
+                    .is_some_and(|e| e.vr().relaxed() == dicom_core::VR::SQ)
+        }
+    }
+}
+
 /// Checks, before the DICOM parser sees `bytes` (read from `path`), that every element and item
 /// length in them fits in what is left of the file, and that sequences nest at most
 /// [`MAX_NESTING`] deep. The parser (dicom-object) reserves a buffer of each stated length (up
@@ -172,125 +326,20 @@ fn check_lengths(path: &Path, bytes: &[u8]) -> Result<()> {
     } else {
         return Ok(());
     };
-    let too_long = |offset: usize, tag: (u16, u16), len: usize| {
-        Error::dataset(
-            path,
-            format!(
-                "element ({:04X},{:04X}) at byte {offset} says its value is {len} bytes long, but the file has {} bytes after it: a truncated or corrupt file",
-                tag.0,
-                tag.1,
-                bytes.len().saturating_sub(offset)
-            ),
-        )
-    };
     let mut w = Walk {
         b: bytes,
         pos: start,
     };
-    // The file meta group: its length element first, then elements while it lasts.
-    let Some(h) = w.header(Syntax::ExplicitLe) else {
-        return Ok(());
+    let walked = match w.meta_group() {
+        Ok(Some(syntax)) => w.data_set(syntax),
+        Ok(None) => Ok(()),
+        Err(corrupt) => Err(corrupt),
     };
-    let Some(group_length) = (h.tag == (2, 0) && h.len == Some(4))
-        .then(|| w.u32(false))
-        .flatten()
-    else {
-        return Ok(());
-    };
-    let mut syntax = Syntax::ExplicitLe;
-    let mut read = 0u32;
-    while read < group_length {
-        let at = w.pos;
-        let Some(h) = w.header(Syntax::ExplicitLe) else {
-            return Ok(());
-        };
-        let Some(len) = h.len else { return Ok(()) };
-        if len > bytes.len() - w.pos {
-            return Err(too_long(at, h.tag, len));
-        }
-        if h.tag == (2, 0x10) {
-            let uid = String::from_utf8_lossy(&bytes[w.pos..w.pos + len]);
-            match uid.trim_end_matches(|c: char| c.is_whitespace() || c == '\0') {
-                "1.2.840.10008.1.2" => syntax = Syntax::ImplicitLe,
-                "1.2.840.10008.1.2.2" => syntax = Syntax::ExplicitBe,
-                "1.2.840.10008.1.2.1.99" => return Ok(()), // deflated: not readable here
-                _ => syntax = Syntax::ExplicitLe,
-            }
-        }
-        w.pos += len;
-        read = read.saturating_add((w.pos - at) as u32);
-    }
-    // The data set: a stack of open sequences (items expected) and items (elements expected),
-    // each with its end when its length is defined.
-    #[derive(PartialEq)]
-    enum Open {
-        Sequence,
-        Fragments,
-        Item,
-    }
-    let mut stack: Vec<(Open, Option<usize>)> = Vec::new();
-    loop {
-        while stack
-            .last()
-            .is_some_and(|(_, end)| end.is_some_and(|e| w.pos >= e))
-        {
-            stack.pop();
-        }
-        if stack.len() > MAX_NESTING {
-            return Err(Error::dataset(
-                path,
-                format!(
-                    "sequences nested more than {MAX_NESTING} deep at byte {}: a corrupt file",
-                    w.pos
-                ),
-            ));
-        }
-        let at = w.pos;
-        let in_sequence = stack.last().is_some_and(|(o, _)| *o != Open::Item);
-        let Some(h) = w.header(syntax) else {
-            return Ok(()); // the end of the file, where the parser stops too
-        };
-        let end = match h.len {
-            Some(len) if len > bytes.len() - w.pos => return Err(too_long(at, h.tag, len)),
-            Some(len) => Some(w.pos + len),
-            None => None,
-        };
-        match (in_sequence, h.tag) {
-            (true, (0xfffe, 0xe000)) => {
-                if stack.last().is_some_and(|(o, _)| *o == Open::Fragments) {
-                    let Some(end) = end else { return Ok(()) };
-                    w.pos = end; // a pixel data fragment
-                } else {
-                    stack.push((Open::Item, end));
-                }
-            }
-            (true, (0xfffe, 0xe0dd)) | (false, (0xfffe, 0xe00d)) => {
-                stack.pop();
-            }
-            (true, _) => return Ok(()), // the parser refuses anything else here
-            (false, tag) => {
-                let sequence = match h.vr {
-                    Some(vr) => &vr == b"SQ",
-                    None => {
-                        use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
-                        tag != (0x7fe0, 0x10)
-                            && dicom_dictionary_std::StandardDataDictionary
-                                .by_tag(Tag(tag.0, tag.1))
-                                .is_some_and(|e| e.vr().relaxed() == dicom_core::VR::SQ)
-                    }
-                };
-                match (sequence, end) {
-                    (true, _) => stack.push((Open::Sequence, end)),
-                    (false, None) if tag == (0x7fe0, 0x10) => stack.push((Open::Fragments, None)),
-                    (false, None) => stack.push((Open::Sequence, None)),
-                    (false, Some(end)) => w.pos = end,
-                }
-            }
-        }
-    }
+    walked.map_err(|corrupt| corrupt.error(path, bytes.len()))
 }
 
 fn read_slice(path: &Path) -> Result<Slice> {
+    // 1. The file, every stated length checked before the parser allocates it.
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     check_lengths(path, &bytes)?;
     let start = if bytes.get(128..132) == Some(b"DICM") {
@@ -302,6 +351,7 @@ fn read_slice(path: &Path) -> Result<Slice> {
         .read_preamble(dicom_object::file::ReadPreamble::Never)
         .from_reader(&bytes[start..])
         .map_err(|e| Error::dataset(path, format!("not a readable DICOM file: {e}")))?;
+    // 2. Its series, and a single frame.
     let series = obj
         .element(tags::SERIES_INSTANCE_UID)
         .ok()
@@ -319,31 +369,56 @@ fn read_slice(path: &Path) -> Result<Slice> {
             format!("NumberOfFrames = {frames}; expected single-frame CT slices"),
         ));
     }
-    let p = floats(
+    // 3. Where it lies.
+    let position = floats(
         &obj,
         path,
         tags::IMAGE_POSITION_PATIENT,
         "ImagePositionPatient",
-        3,
     )?;
-    let o = floats(
+    let orientation = floats(
         &obj,
         path,
         tags::IMAGE_ORIENTATION_PATIENT,
         "ImageOrientationPatient",
-        6,
     )?;
-    let s = floats(&obj, path, tags::PIXEL_SPACING, "PixelSpacing", 2)?;
-    if s.iter().any(|&v| v <= 0.0) {
+    let spacing: [f64; 2] = floats(&obj, path, tags::PIXEL_SPACING, "PixelSpacing")?;
+    if spacing.iter().any(|&v| v <= 0.0) {
         return Err(Error::dataset(
             path,
             format!(
-                "PixelSpacing {} = {s:?}; expected two positive numbers (mm)",
+                "PixelSpacing {} = {spacing:?}; expected two positive numbers (mm)",
                 tags::PIXEL_SPACING
             ),
         ));
     }
-    // Checked before decoding: the resizers and the affine need at least one pixel.
+    // 4. Its size, checked before decoding: the resizers and the affine need a pixel.
+    let (rows, cols) = dimensions(&obj, path)?;
+    let thickness = obj
+        .element(tags::SLICE_THICKNESS)
+        .ok()
+        .and_then(|e| e.to_float64().ok())
+        .filter(|t| t.is_finite() && *t > 0.0);
+    // 5. The pixel module's numbers, checked before decoding: the decoder asserts on some of
+    // them (BitsStored of 0 or above 32) instead of returning an error.
+    check_pixel_module(&obj, path)?;
+    // 6. The pixels, in HU.
+    let hu = decode_hu(&obj, path, rows, cols)?;
+    Ok(Slice {
+        path: path.to_path_buf(),
+        series,
+        position,
+        orientation,
+        spacing,
+        rows,
+        cols,
+        thickness,
+        hu,
+    })
+}
+
+/// Rows and Columns, each at least 1.
+fn dimensions(obj: &DefaultDicomObject, path: &Path) -> Result<(usize, usize)> {
     let dimension = |tag: Tag, name: &str| {
         obj.element(tag)
             .ok()
@@ -367,31 +442,28 @@ fn read_slice(path: &Path) -> Result<Slice> {
             ),
         ));
     }
-    let thickness = obj
-        .element(tags::SLICE_THICKNESS)
-        .ok()
-        .and_then(|e| e.to_float64().ok())
-        .filter(|t| t.is_finite() && *t > 0.0);
-    // The pixel module's numbers, checked before decoding: the decoder asserts on some of
-    // them (BitsStored of 0 or above 32) instead of returning an error.
+    Ok((rows as usize, cols as usize))
+}
+
+/// SamplesPerPixel, BitsAllocated, BitsStored, HighBit and PixelRepresentation within what a
+/// grey-level CT image can have.
+fn check_pixel_module(obj: &DefaultDicomObject, path: &Path) -> Result<()> {
     let number = |tag: Tag| obj.element(tag).ok().and_then(|e| e.to_int::<i64>().ok());
-    let samples = number(tags::SAMPLES_PER_PIXEL);
-    let allocated = number(tags::BITS_ALLOCATED);
-    let stored = number(tags::BITS_STORED);
-    let high = number(tags::HIGH_BIT);
-    let representation = number(tags::PIXEL_REPRESENTATION);
-    let pixel_error = |name: &str, tag: Tag, v: i64, expected: &str| {
-        Error::dataset(path, format!("{name} {tag} = {v}; expected {expected}"))
+    let refuse = |name: &str, tag: Tag, v: i64, expected: &str| {
+        Err(Error::dataset(
+            path,
+            format!("{name} {tag} = {v}; expected {expected}"),
+        ))
     };
-    if let Some(v) = samples.filter(|&v| v != 1) {
-        return Err(pixel_error(
+    if let Some(v) = number(tags::SAMPLES_PER_PIXEL).filter(|&v| v != 1) {
+        return refuse(
             "SamplesPerPixel",
             tags::SAMPLES_PER_PIXEL,
             v,
             "1 (grey-level CT)",
-        ));
+        );
     }
-    let Some(allocated) = allocated else {
+    let Some(allocated) = number(tags::BITS_ALLOCATED) else {
         return Err(Error::dataset(
             path,
             format!(
@@ -401,37 +473,35 @@ fn read_slice(path: &Path) -> Result<Slice> {
         ));
     };
     if ![8, 16, 32].contains(&allocated) {
-        return Err(pixel_error(
+        return refuse(
             "BitsAllocated",
             tags::BITS_ALLOCATED,
             allocated,
             "8, 16 or 32",
-        ));
+        );
     }
-    if let Some(v) = stored.filter(|&v| !(1..=allocated).contains(&v)) {
-        return Err(pixel_error(
-            "BitsStored",
-            tags::BITS_STORED,
-            v,
-            &format!("1 to BitsAllocated ({allocated})"),
-        ));
+    if let Some(v) = number(tags::BITS_STORED).filter(|&v| !(1..=allocated).contains(&v)) {
+        let expected = format!("1 to BitsAllocated ({allocated})");
+        return refuse("BitsStored", tags::BITS_STORED, v, &expected);
     }
-    if let Some(v) = high.filter(|&v| !(0..allocated).contains(&v)) {
-        return Err(pixel_error(
-            "HighBit",
-            tags::HIGH_BIT,
-            v,
-            &format!("0 to BitsAllocated - 1 ({})", allocated - 1),
-        ));
+    if let Some(v) = number(tags::HIGH_BIT).filter(|&v| !(0..allocated).contains(&v)) {
+        let expected = format!("0 to BitsAllocated - 1 ({})", allocated - 1);
+        return refuse("HighBit", tags::HIGH_BIT, v, &expected);
     }
-    if let Some(v) = representation.filter(|&v| v != 0 && v != 1) {
-        return Err(pixel_error(
+    if let Some(v) = number(tags::PIXEL_REPRESENTATION).filter(|&v| v != 0 && v != 1) {
+        return refuse(
             "PixelRepresentation",
             tags::PIXEL_REPRESENTATION,
             v,
             "0 (unsigned) or 1 (signed)",
-        ));
+        );
     }
+    Ok(())
+}
+
+/// The decoded pixels with the modality LUT applied (RescaleSlope · stored +
+/// RescaleIntercept = HU): `rows` × `cols` finite values.
+fn decode_hu(obj: &DefaultDicomObject, path: &Path, rows: usize, cols: usize) -> Result<Vec<f32>> {
     let decoded = obj
         .decode_pixel_data()
         .map_err(|e| Error::dataset(path, format!("pixel data: {e}")))?;
@@ -444,18 +514,16 @@ fn read_slice(path: &Path) -> Result<Slice> {
             ),
         ));
     }
-    if (decoded.rows(), decoded.columns()) != (rows, cols) {
+    let decoded_size = (decoded.rows() as usize, decoded.columns() as usize);
+    if decoded_size != (rows, cols) {
         return Err(Error::dataset(
             path,
             format!(
                 "the pixel data decodes to {}x{} pixels, Rows x Columns say {rows}x{cols}",
-                decoded.rows(),
-                decoded.columns()
+                decoded_size.0, decoded_size.1
             ),
         ));
     }
-    let (rows, cols) = (rows as usize, cols as usize);
-    // Modality LUT applied: RescaleSlope · stored + RescaleIntercept = HU.
     let hu: Vec<f32> = decoded
         .to_vec()
         .map_err(|e| Error::dataset(path, format!("pixel data: {e}")))?;
@@ -476,17 +544,7 @@ fn read_slice(path: &Path) -> Result<Slice> {
             ),
         ));
     }
-    Ok(Slice {
-        path: path.to_path_buf(),
-        series,
-        position: [p[0], p[1], p[2]],
-        orientation: [o[0], o[1], o[2], o[3], o[4], o[5]],
-        spacing: [s[0], s[1]],
-        rows,
-        cols,
-        thickness,
-        hu,
-    })
+    Ok(hu)
 }
 
 fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
@@ -507,6 +565,38 @@ fn sub(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
 
 /// Reads the DICOM series in `dir` (every regular file but `DICOMDIR` and hidden files).
 pub fn read_series(dir: &Path) -> Result<Volume> {
+    // 1. Every slice, read and checked on its own.
+    let mut slices = series_files(dir)?
+        .iter()
+        .map(|f| read_slice(f))
+        .collect::<Result<Vec<_>>>()?;
+    // 2. One series, one image size, one orientation and pixel spacing; the first file's.
+    check_alike(&slices, dir)?;
+    let grid = Grid::of(&slices[0])?;
+    // 3. The slices in order along the normal, untilted, evenly spaced, none missing.
+    slices.sort_by(|a, b| dot(a.position, grid.normal).total_cmp(&dot(b.position, grid.normal)));
+    check_untilted(&slices, &grid)?;
+    let spacing_z = slice_spacing(&slices, &grid)?;
+    // 4. The voxel-to-world affine; oblique slice planes (orientation off the axes) are refused.
+    let affine = grid.ras_affine(slices[0].position, spacing_z);
+    nifti::orientation(dir, &affine)?;
+    // 5. The volume, slice after slice.
+    let mut data = Vec::with_capacity(grid.rows * grid.cols * slices.len());
+    for s in &slices {
+        data.extend_from_slice(&s.hu);
+    }
+    Ok(Volume {
+        path: dir.to_path_buf(),
+        dims: [grid.cols, grid.rows, slices.len()],
+        spacing: [grid.pixel_spacing[1], grid.pixel_spacing[0], spacing_z],
+        affine,
+        data,
+        datatype: 16,
+    })
+}
+
+/// The series' files in name order: every regular file but `DICOMDIR` and hidden ones.
+fn series_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .flatten()
@@ -523,10 +613,12 @@ pub fn read_series(dir: &Path) -> Result<Volume> {
     if files.is_empty() {
         return Err(Error::dataset(dir, "no DICOM files in this folder"));
     }
-    let mut slices = files
-        .iter()
-        .map(|f| read_slice(f))
-        .collect::<Result<Vec<_>>>()?;
+    Ok(files)
+}
+
+/// Every slice of the same series as the first, with its image size, orientation and pixel
+/// spacing.
+fn check_alike(slices: &[Slice], dir: &Path) -> Result<()> {
     let first = &slices[0];
     for s in &slices[1..] {
         if s.series != first.series {
@@ -577,35 +669,78 @@ pub fn read_series(dir: &Path) -> Result<Volume> {
             ));
         }
     }
-    let (o, thickness, pixel_spacing, rows, cols) = (
-        first.orientation,
-        first.thickness,
-        first.spacing,
-        first.rows,
-        first.cols,
-    );
-    let row_cos = [o[0], o[1], o[2]];
-    let col_cos = [o[3], o[4], o[5]];
-    let unit = |v: [f64; 3]| (dot(v, v).sqrt() - 1.0).abs() <= 1e-2;
-    if !unit(row_cos) || !unit(col_cos) || dot(row_cos, col_cos).abs() > 1e-2 {
-        return Err(Error::dataset(
-            &first.path,
-            format!(
-                "ImageOrientationPatient {} = {o:?}; expected two orthogonal unit vectors (the row and column directions)",
-                tags::IMAGE_ORIENTATION_PATIENT
-            ),
-        ));
+    Ok(())
+}
+
+/// The in-plane geometry of a series, as its first file states it.
+struct Grid {
+    /// Direction cosines of a row (along the columns) and of a column (along the rows), LPS.
+    row_cos: [f64; 3],
+    col_cos: [f64; 3],
+    /// Their unit cross product: the direction the slices are stacked in.
+    normal: [f64; 3],
+    /// PixelSpacing: between rows, then between columns (mm).
+    pixel_spacing: [f64; 2],
+    thickness: Option<f64>,
+    rows: usize,
+    cols: usize,
+}
+
+impl Grid {
+    fn of(first: &Slice) -> Result<Grid> {
+        let o = first.orientation;
+        let row_cos = [o[0], o[1], o[2]];
+        let col_cos = [o[3], o[4], o[5]];
+        let unit = |v: [f64; 3]| (dot(v, v).sqrt() - 1.0).abs() <= 1e-2;
+        if !unit(row_cos) || !unit(col_cos) || dot(row_cos, col_cos).abs() > 1e-2 {
+            return Err(Error::dataset(
+                &first.path,
+                format!(
+                    "ImageOrientationPatient {} = {o:?}; expected two orthogonal unit vectors (the row and column directions)",
+                    tags::IMAGE_ORIENTATION_PATIENT
+                ),
+            ));
+        }
+        let normal = cross(row_cos, col_cos);
+        Ok(Grid {
+            row_cos,
+            col_cos,
+            normal: normal.map(|v| v / dot(normal, normal).sqrt()),
+            pixel_spacing: first.spacing,
+            thickness: first.thickness,
+            rows: first.rows,
+            cols: first.cols,
+        })
     }
-    let normal = cross(row_cos, col_cos);
-    let normal = normal.map(|v| v / dot(normal, normal).sqrt());
-    slices.sort_by(|a, b| dot(a.position, normal).total_cmp(&dot(b.position, normal)));
-    // Gantry tilt: the slices are planes along the normal, but their origins drift across it.
-    let tilt_limit = TILT_TOLERANCE_PX * pixel_spacing[0].min(pixel_spacing[1]);
+
+    /// The voxel-to-world affine of a volume whose first slice lies at `origin` (LPS) and whose
+    /// slices are `spacing_z` apart, in NIfTI's RAS: DICOM's x and y negated.
+    fn ras_affine(&self, origin: [f64; 3], spacing_z: f64) -> [[f64; 4]; 3] {
+        let (dr, dc) = (self.pixel_spacing[0], self.pixel_spacing[1]);
+        let lps_cols = [
+            self.row_cos.map(|v| v * dc),
+            self.col_cos.map(|v| v * dr),
+            self.normal.map(|v| v * spacing_z),
+        ];
+        let mut affine = [[0.0; 4]; 3];
+        for (r, sign) in [-1.0, -1.0, 1.0].iter().enumerate() {
+            for (c, col) in lps_cols.iter().enumerate() {
+                affine[r][c] = sign * col[r];
+            }
+            affine[r][3] = sign * origin[r];
+        }
+        affine
+    }
+}
+
+/// Gantry tilt: the slices are planes along the normal, but their origins drift across it.
+fn check_untilted(slices: &[Slice], grid: &Grid) -> Result<()> {
+    let tilt_limit = TILT_TOLERANCE_PX * grid.pixel_spacing[0].min(grid.pixel_spacing[1]);
     let start = slices[0].position;
     for s in &slices[1..] {
         let d = sub(s.position, start);
-        let along = dot(d, normal);
-        let off = sub(d, normal.map(|v| v * along));
+        let along = dot(d, grid.normal);
+        let off = sub(d, grid.normal.map(|v| v * along));
         let across = dot(off, off).sqrt();
         if across > tilt_limit {
             return Err(Error::dataset(
@@ -620,68 +755,47 @@ pub fn read_series(dir: &Path) -> Result<Volume> {
             ));
         }
     }
-    let along: Vec<f64> = slices.iter().map(|s| dot(s.position, normal)).collect();
+    Ok(())
+}
+
+/// The distance between slices along the normal (SliceThickness, else 1 mm, for one slice):
+/// duplicated slices, missing slices and uneven spacing are refused.
+fn slice_spacing(slices: &[Slice], grid: &Grid) -> Result<f64> {
+    let along: Vec<f64> = slices
+        .iter()
+        .map(|s| dot(s.position, grid.normal))
+        .collect();
     let gaps: Vec<f64> = along.windows(2).map(|w| w[1] - w[0]).collect();
-    let spacing_z = if gaps.is_empty() {
-        thickness.unwrap_or(1.0)
-    } else {
-        let mut sorted = gaps.clone();
-        sorted.sort_by(f64::total_cmp);
-        let median = sorted[sorted.len() / 2];
-        for (k, &g) in gaps.iter().enumerate() {
-            if g < 1e-3 {
-                return Err(Error::dataset(
-                    &slices[k + 1].path,
-                    format!(
-                        "same ImagePositionPatient as {}: a duplicated slice",
-                        slices[k].path.display()
-                    ),
-                ));
-            }
-            if (g - median).abs() > 0.1 * median {
-                let what = if g > 1.5 * median {
-                    format!("{:.0} slice(s) missing", (g / median).round() - 1.0)
-                } else {
-                    "uneven slice spacing".to_string()
-                };
-                return Err(Error::dataset(
-                    &slices[k + 1].path,
-                    format!(
-                        "{g:.3} mm from {} along the slice normal, the series spacing is {median:.3} mm: {what}",
-                        slices[k].path.display()
-                    ),
-                ));
-            }
-        }
-        (along[along.len() - 1] - along[0]) / gaps.len() as f64
-    };
-    // DICOM patient coordinates are LPS; NIfTI's world is RAS: negate x and y.
-    let (dr, dc) = (pixel_spacing[0], pixel_spacing[1]);
-    let lps_cols = [
-        row_cos.map(|v| v * dc),
-        col_cos.map(|v| v * dr),
-        normal.map(|v| v * spacing_z),
-    ];
-    let origin = slices[0].position;
-    let mut affine = [[0.0; 4]; 3];
-    for (r, sign) in [-1.0, -1.0, 1.0].iter().enumerate() {
-        for (c, col) in lps_cols.iter().enumerate() {
-            affine[r][c] = sign * col[r];
-        }
-        affine[r][3] = sign * origin[r];
+    if gaps.is_empty() {
+        return Ok(grid.thickness.unwrap_or(1.0));
     }
-    // Oblique slice planes (ImageOrientationPatient off the axes) are refused here.
-    nifti::orientation(dir, &affine)?;
-    let mut data = Vec::with_capacity(rows * cols * slices.len());
-    for s in &slices {
-        data.extend_from_slice(&s.hu);
+    let mut sorted = gaps.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    for (k, &g) in gaps.iter().enumerate() {
+        if g < 1e-3 {
+            return Err(Error::dataset(
+                &slices[k + 1].path,
+                format!(
+                    "same ImagePositionPatient as {}: a duplicated slice",
+                    slices[k].path.display()
+                ),
+            ));
+        }
+        if (g - median).abs() > 0.1 * median {
+            let what = if g > 1.5 * median {
+                format!("{:.0} slice(s) missing", (g / median).round() - 1.0)
+            } else {
+                "uneven slice spacing".to_string()
+            };
+            return Err(Error::dataset(
+                &slices[k + 1].path,
+                format!(
+                    "{g:.3} mm from {} along the slice normal, the series spacing is {median:.3} mm: {what}",
+                    slices[k].path.display()
+                ),
+            ));
+        }
     }
-    Ok(Volume {
-        path: dir.to_path_buf(),
-        dims: [cols, rows, slices.len()],
-        spacing: [dc, dr, spacing_z],
-        affine,
-        data,
-        datatype: 16,
-    })
+    Ok((along[along.len() - 1] - along[0]) / gaps.len() as f64)
 }
