@@ -500,44 +500,90 @@ pub fn augment_slice(
     rng: &mut Rng,
     out: SliceOut,
 ) -> Applied {
-    let SliceRef { image, label, size } = input;
-    let SliceOut {
-        image: out_image,
-        label: out_label,
-    } = out;
-    let px = size * size;
-    assert_eq!(image.len(), px, "augment_slice: image is not size²");
-    assert_eq!(label.len(), px, "augment_slice: label is not size²");
-    assert_eq!(out_image.len(), px, "augment_slice: out_image is not size²");
-    assert_eq!(out_label.len(), px, "augment_slice: out_label is not size²");
-
-    let mut seeds = [0u64; SLOTS];
-    for s in seeds.iter_mut() {
-        *s = rng.next_u64();
-    }
-    let sub = |slot: Slot| Rng::new(seeds[slot as usize]);
+    let px = input.size * input.size;
+    assert_eq!(input.image.len(), px, "augment_slice: image is not size²");
+    assert_eq!(input.label.len(), px, "augment_slice: label is not size²");
+    assert_eq!(out.image.len(), px, "augment_slice: out_image is not size²");
+    assert_eq!(out.label.len(), px, "augment_slice: out_label is not size²");
+    // 1. One seed per transform from the caller's generator, always all of them, so that
+    //    enabling one transform does not change what another draws.
+    let seeds = Seeds::draw(rng);
     let mut applied = Applied::default();
     let mut scratch = Scratch::default();
+    // 2. The spatial transforms' parameters (and the elastic displacement field).
+    let field = spatial_parameters(cfg, &seeds, input.size, &mut applied, &mut scratch);
+    // 3. All of them as one sampling map.
+    resample(
+        input,
+        &applied,
+        field.as_ref(),
+        units.air,
+        out.image,
+        out.label,
+    );
+    // 4. The intensity transforms, image only.
+    intensity(
+        out.image,
+        input.size,
+        cfg,
+        units,
+        &seeds,
+        &mut applied,
+        &mut scratch,
+    );
+    applied
+}
 
-    // ---- spatial parameters --------------------------------------------------------------
-    let mut r = sub(Slot::Rotation);
+/// Each transform's seed, drawn in [`Slot`] order.
+struct Seeds([u64; SLOTS]);
+
+impl Seeds {
+    fn draw(rng: &mut Rng) -> Self {
+        let mut seeds = [0u64; SLOTS];
+        for s in seeds.iter_mut() {
+            *s = rng.next_u64();
+        }
+        Seeds(seeds)
+    }
+
+    /// The generator of one transform.
+    fn rng(&self, slot: Slot) -> Rng {
+        Rng::new(self.0[slot as usize])
+    }
+}
+
+/// An elastic displacement field: x and y offsets in pixels, one per output pixel.
+type Field = (Vec<f32>, Vec<f32>);
+
+/// Draws which spatial transforms fire and their parameters into `applied`; returns the elastic
+/// displacement field when it fires.
+fn spatial_parameters(
+    cfg: &AugmentConfig,
+    seeds: &Seeds,
+    size: usize,
+    applied: &mut Applied,
+    scratch: &mut Scratch,
+) -> Option<Field> {
+    let mut r = seeds.rng(Slot::Rotation);
     if r.bernoulli(cfg.rotation_prob) {
         applied.rotation_deg = Some(r.range(cfg.rotation_deg[0], cfg.rotation_deg[1]));
     }
-    let mut r = sub(Slot::Scale);
+    let mut r = seeds.rng(Slot::Scale);
     if r.bernoulli(cfg.scale_prob) {
         applied.scale = Some(two_sided(&mut r, cfg.scale));
     }
-    let mut field: Option<(Vec<f32>, Vec<f32>)> = None;
-    let mut r = sub(Slot::Elastic);
+    let mut field = None;
+    let mut r = seeds.rng(Slot::Elastic);
     if r.bernoulli(cfg.elastic_prob) {
         let alpha = r.range(cfg.elastic_alpha[0], cfg.elastic_alpha[1]);
         let sigma = r.range(cfg.elastic_sigma[0], cfg.elastic_sigma[1]);
         applied.elastic = Some((alpha, sigma));
         let kernel = gaussian_kernel(sigma);
         let mut one_field = |r: &mut Rng| {
-            let mut f: Vec<f32> = (0..px).map(|_| (2.0 * r.uniform() - 1.0) as f32).collect();
-            smooth(&mut f, size, &kernel, Edge::Zero, &mut scratch);
+            let mut f: Vec<f32> = (0..size * size)
+                .map(|_| (2.0 * r.uniform() - 1.0) as f32)
+                .collect();
+            smooth(&mut f, size, &kernel, Edge::Zero, scratch);
             let a = alpha as f32;
             f.iter_mut().for_each(|v| *v *= a);
             f
@@ -546,13 +592,29 @@ pub fn augment_slice(
         let fy = one_field(&mut r);
         field = Some((fx, fy));
     }
-    applied.mirror_lr = sub(Slot::MirrorLr).bernoulli(cfg.mirror_lr_prob);
-    applied.mirror_ap = sub(Slot::MirrorAp).bernoulli(cfg.mirror_ap_prob);
+    applied.mirror_lr = seeds.rng(Slot::MirrorLr).bernoulli(cfg.mirror_lr_prob);
+    applied.mirror_ap = seeds.rng(Slot::MirrorAp).bernoulli(cfg.mirror_ap_prob);
+    field
+}
 
-    // ---- spatial: one sampling map --------------------------------------------------------
+/// Writes `input` resampled through every spatial transform in `applied` (one sampling map:
+/// mirror, elastic offset, then rotation and scale about the centre) into the outputs; image
+/// pixels sampled from outside the slice are `air`.
+fn resample(
+    input: SliceRef,
+    applied: &Applied,
+    field: Option<&Field>,
+    air: f32,
+    out_image: &mut [f32],
+    out_label: &mut [u8],
+) {
+    let SliceRef { image, label, size } = input;
     let only_mirrored =
         applied.rotation_deg.is_none() && applied.scale.is_none() && field.is_none();
-    if applied.spatial() && only_mirrored {
+    if !applied.spatial() {
+        out_image.copy_from_slice(image);
+        out_label.copy_from_slice(label);
+    } else if only_mirrored {
         // The map below pulls every pixel back to exactly its mirror image, a pixel centre,
         // where the bilinear and nearest samples are that pixel: the same as this index flip.
         for y in 0..size {
@@ -563,7 +625,7 @@ pub fn augment_slice(
                 out_label[y * size + x] = label[sy * size + sx];
             }
         }
-    } else if applied.spatial() {
+    } else {
         let (sin, cos) = applied.rotation_deg.map_or((0.0, 1.0), sin_cos_deg);
         let s = applied.scale.unwrap_or(1.0);
         let (a11, a12, a21, a22) = (cos / s, -sin / s, sin / s, cos / s);
@@ -576,23 +638,30 @@ pub fn augment_slice(
                 let i = y * size + x;
                 let mut qx = mx * (x as f64 - c);
                 let mut qy = dy;
-                if let Some((fx, fy)) = &field {
+                if let Some((fx, fy)) = field {
                     qx += fx[i] as f64;
                     qy += fy[i] as f64;
                 }
                 let sx = c + (a11 * qx + a12 * qy);
                 let sy = c + (a21 * qx + a22 * qy);
-                (out_image[i], out_label[i]) = sample(image, label, size, sx, sy, units.air);
+                (out_image[i], out_label[i]) = sample(image, label, size, sx, sy, air);
             }
         }
-    } else {
-        out_image.copy_from_slice(image);
-        out_label.copy_from_slice(label);
     }
+}
 
-    // ---- intensity, image only ------------------------------------------------------------
-    let img = out_image;
-    let mut r = sub(Slot::Noise);
+/// The intensity transforms on the image, each drawing whether it fires and its parameter into
+/// `applied`: noise, blur, brightness, contrast, inverted gamma, gamma.
+fn intensity(
+    img: &mut [f32],
+    size: usize,
+    cfg: &AugmentConfig,
+    units: &InputScale,
+    seeds: &Seeds,
+    applied: &mut Applied,
+    scratch: &mut Scratch,
+) {
+    let mut r = seeds.rng(Slot::Noise);
     if r.bernoulli(cfg.noise_prob) {
         let variance = r.range(cfg.noise_variance[0], cfg.noise_variance[1]);
         let std_hu = variance.sqrt();
@@ -606,19 +675,13 @@ pub fn augment_slice(
             }
         }
     }
-    let mut r = sub(Slot::Blur);
+    let mut r = seeds.rng(Slot::Blur);
     if r.bernoulli(cfg.blur_prob) {
         let sigma = r.range(cfg.blur_sigma[0], cfg.blur_sigma[1]);
         applied.blur_sigma = Some(sigma);
-        smooth(
-            img,
-            size,
-            &gaussian_kernel(sigma),
-            Edge::Reflect,
-            &mut scratch,
-        );
+        smooth(img, size, &gaussian_kernel(sigma), Edge::Reflect, scratch);
     }
-    let mut r = sub(Slot::Brightness);
+    let mut r = seeds.rng(Slot::Brightness);
     if r.bernoulli(cfg.brightness_prob) {
         let m = r.range(cfg.brightness[0], cfg.brightness[1]);
         applied.brightness = Some(m);
@@ -626,7 +689,7 @@ pub fn augment_slice(
         img.iter_mut()
             .for_each(|v| *v = (w + (*v as f64 - w) * m) as f32);
     }
-    let mut r = sub(Slot::Contrast);
+    let mut r = seeds.rng(Slot::Contrast);
     if r.bernoulli(cfg.contrast_prob) {
         let f = two_sided(&mut r, cfg.contrast);
         applied.contrast = Some(f);
@@ -634,19 +697,18 @@ pub fn augment_slice(
         img.iter_mut()
             .for_each(|v| *v = ((*v as f64 - st.mean) * f + st.mean).clamp(st.min, st.max) as f32);
     }
-    let mut r = sub(Slot::GammaInverted);
+    let mut r = seeds.rng(Slot::GammaInverted);
     if r.bernoulli(cfg.gamma_inverted_prob) {
         let g = two_sided(&mut r, cfg.gamma);
         applied.gamma_inverted = Some(g);
         gamma(img, g, true, cfg.gamma_retain_stats);
     }
-    let mut r = sub(Slot::Gamma);
+    let mut r = seeds.rng(Slot::Gamma);
     if r.bernoulli(cfg.gamma_prob) {
         let g = two_sided(&mut r, cfg.gamma);
         applied.gamma = Some(g);
         gamma(img, g, false, cfg.gamma_retain_stats);
     }
-    applied
 }
 
 /// A factor drawn as batchgenerators draws scale, contrast and gamma: when the range straddles
