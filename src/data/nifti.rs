@@ -107,24 +107,109 @@ struct Header {
 }
 
 fn parse_header(path: &Path, h: &[u8; 348]) -> Result<Header> {
+    // 1. What kind of file: NIfTI-1, single file, and its byte order.
+    let big_endian = byte_order(path, h)?;
+    check_magic(path, h)?;
+    let f = Fields { h, big_endian };
+    // 2. The grid: a 3-D volume within MAX_VOXELS, of a known datatype.
+    let (ndim, dims) = volume_dims(path, &f)?;
+    let datatype = f.i16_at(70);
+    let element = datatype_size(path, datatype)?;
+    // Each dim is at most i16::MAX, so the product fits in u64; checked all the same.
+    let voxels = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .filter(|&v| v <= MAX_VOXELS)
+        .ok_or_else(|| {
+            err(
+                path,
+                format!(
+                    "header field dim = {:?}: {} voxels, more than the {MAX_VOXELS} ctseg reads (crop or resample the volume first)",
+                    &f.dim()[1..=ndim],
+                    dims.iter().map(|&d| d as f64).product::<f64>()
+                ),
+            )
+        })?;
+    // 3. Where the data starts.
+    let vox_offset = f.f32_at(108);
+    if !(vox_offset >= 348.0 && vox_offset.is_finite()) {
+        return Err(err(
+            path,
+            format!("header field vox_offset = {vox_offset}; expected at least 348"),
+        ));
+    }
+    // 4. The rest as stored: voxel sizes, scaling and the two orientations.
+    Ok(Header {
+        big_endian,
+        ndim,
+        dims,
+        data_bytes: voxels * element as u64,
+        datatype,
+        pixdim: std::array::from_fn(|k| f.f32_at(76 + 4 * k)),
+        // Finite and at least 348: the cast truncates a fraction and saturates beyond u64.
+        vox_offset: vox_offset as u64,
+        vox_offset_field: vox_offset,
+        slope: f.f32_at(112),
+        inter: f.f32_at(116),
+        qform_code: f.i16_at(252),
+        sform_code: f.i16_at(254),
+        quatern: [f.f32_at(256), f.f32_at(260), f.f32_at(264)],
+        qoffset: [f.f32_at(268), f.f32_at(272), f.f32_at(276)],
+        srow: std::array::from_fn(|r| std::array::from_fn(|c| f.f32_at(280 + 16 * r + 4 * c))),
+    })
+}
+
+/// A NIfTI-1 header's fields in its byte order.
+struct Fields<'a> {
+    h: &'a [u8; 348],
+    big_endian: bool,
+}
+
+impl Fields<'_> {
+    fn i16_at(&self, o: usize) -> i16 {
+        let b = [self.h[o], self.h[o + 1]];
+        if self.big_endian {
+            i16::from_be_bytes(b)
+        } else {
+            i16::from_le_bytes(b)
+        }
+    }
+
+    fn f32_at(&self, o: usize) -> f32 {
+        let b = [self.h[o], self.h[o + 1], self.h[o + 2], self.h[o + 3]];
+        if self.big_endian {
+            f32::from_be_bytes(b)
+        } else {
+            f32::from_le_bytes(b)
+        }
+    }
+
+    /// The `dim` field: dim[0] dimensions, then their sizes.
+    fn dim(&self) -> [i16; 8] {
+        std::array::from_fn(|k| self.i16_at(40 + 2 * k))
+    }
+}
+
+/// The header's byte order, from sizeof_hdr (348 in one of them).
+fn byte_order(path: &Path, h: &[u8; 348]) -> Result<bool> {
     let le = i32::from_le_bytes([h[0], h[1], h[2], h[3]]);
     let be = i32::from_be_bytes([h[0], h[1], h[2], h[3]]);
-    let big_endian = match (le, be) {
-        (348, _) => false,
-        (_, 348) => true,
-        _ if le == 540 || be == 540 => {
-            return Err(err(
-                path,
-                "header field sizeof_hdr = 540: a NIfTI-2 file; only NIfTI-1 is supported",
-            ));
-        }
-        _ => {
-            return Err(err(
-                path,
-                format!("header field sizeof_hdr = {le}; expected 348 (not a NIfTI-1 file?)"),
-            ));
-        }
-    };
+    match (le, be) {
+        (348, _) => Ok(false),
+        (_, 348) => Ok(true),
+        _ if le == 540 || be == 540 => Err(err(
+            path,
+            "header field sizeof_hdr = 540: a NIfTI-2 file; only NIfTI-1 is supported",
+        )),
+        _ => Err(err(
+            path,
+            format!("header field sizeof_hdr = {le}; expected 348 (not a NIfTI-1 file?)"),
+        )),
+    }
+}
+
+/// The magic of a single-file NIfTI-1 ("n+1").
+fn check_magic(path: &Path, h: &[u8; 348]) -> Result<()> {
     let magic = &h[344..348];
     if magic != b"n+1\0" && magic != b"ni1\0" {
         return Err(err(
@@ -141,26 +226,13 @@ fn parse_header(path: &Path, h: &[u8; 348]) -> Result<Header> {
             "header field magic = \"ni1\": a header/image pair (.hdr/.img); convert it to a single .nii",
         ));
     }
-    let i16_at = |o: usize| {
-        let b = [h[o], h[o + 1]];
-        if big_endian {
-            i16::from_be_bytes(b)
-        } else {
-            i16::from_le_bytes(b)
-        }
-    };
-    let f32_at = |o: usize| {
-        let b = [h[o], h[o + 1], h[o + 2], h[o + 3]];
-        if big_endian {
-            f32::from_be_bytes(b)
-        } else {
-            f32::from_le_bytes(b)
-        }
-    };
-    let mut dim = [0i16; 8];
-    for (k, d) in dim.iter_mut().enumerate() {
-        *d = i16_at(40 + 2 * k);
-    }
+    Ok(())
+}
+
+/// dim[0] and the volume's three sizes: 1 to 7 dimensions, each at least 1, none past the
+/// third larger than 1 (one time point).
+fn volume_dims(path: &Path, f: &Fields) -> Result<(usize, [usize; 3])> {
+    let dim = f.dim();
     let ndim = dim[0];
     if !(1..=7).contains(&ndim) {
         return Err(err(
@@ -168,7 +240,8 @@ fn parse_header(path: &Path, h: &[u8; 348]) -> Result<Header> {
             format!("header field dim[0] = {ndim}; expected 1 to 7"),
         ));
     }
-    for (k, &d) in dim.iter().enumerate().take(ndim as usize + 1).skip(1) {
+    let ndim = ndim as usize;
+    for (k, &d) in dim.iter().enumerate().take(ndim + 1).skip(1) {
         if d < 1 {
             return Err(err(
                 path,
@@ -176,77 +249,17 @@ fn parse_header(path: &Path, h: &[u8; 348]) -> Result<Header> {
             ));
         }
     }
-    let extra: Vec<i16> = (4..=ndim as usize).map(|k| dim[k]).collect();
-    if extra.iter().any(|&d| d > 1) {
+    if dim[4..=ndim.max(3)].iter().any(|&d| d > 1) {
         return Err(err(
             path,
             format!(
                 "a {ndim}-D volume (header field dim = {:?}); expected a 3-D volume (one time point)",
-                &dim[1..=ndim as usize]
+                &dim[1..=ndim]
             ),
         ));
     }
-    let size = |k: usize| {
-        if k <= ndim as usize {
-            dim[k] as usize
-        } else {
-            1
-        }
-    };
-    let dims = [size(1), size(2), size(3)];
-    let datatype = i16_at(70);
-    let element = datatype_size(path, datatype)?;
-    // Each dim is at most i16::MAX, so the product fits in u64; checked all the same.
-    let voxels = dims
-        .iter()
-        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
-        .filter(|&v| v <= MAX_VOXELS)
-        .ok_or_else(|| {
-            err(
-                path,
-                format!(
-                    "header field dim = {:?}: {} voxels, more than the {MAX_VOXELS} ctseg reads (crop or resample the volume first)",
-                    &dim[1..=ndim as usize],
-                    dims.iter().map(|&d| d as f64).product::<f64>()
-                ),
-            )
-        })?;
-    let data_bytes = voxels * element as u64;
-    let mut pixdim = [0f32; 8];
-    for (k, p) in pixdim.iter_mut().enumerate() {
-        *p = f32_at(76 + 4 * k);
-    }
-    let vox_offset = f32_at(108);
-    if !(vox_offset >= 348.0 && vox_offset.is_finite()) {
-        return Err(err(
-            path,
-            format!("header field vox_offset = {vox_offset}; expected at least 348"),
-        ));
-    }
-    let mut srow = [[0f32; 4]; 3];
-    for (r, row) in srow.iter_mut().enumerate() {
-        for (c, v) in row.iter_mut().enumerate() {
-            *v = f32_at(280 + 16 * r + 4 * c);
-        }
-    }
-    Ok(Header {
-        big_endian,
-        ndim: ndim as usize,
-        dims,
-        data_bytes,
-        datatype,
-        pixdim,
-        // Finite and at least 348: the cast truncates a fraction and saturates beyond u64.
-        vox_offset: vox_offset as u64,
-        vox_offset_field: vox_offset,
-        slope: f32_at(112),
-        inter: f32_at(116),
-        qform_code: i16_at(252),
-        sform_code: i16_at(254),
-        quatern: [f32_at(256), f32_at(260), f32_at(264)],
-        qoffset: [f32_at(268), f32_at(272), f32_at(276)],
-        srow,
-    })
+    let size = |k: usize| if k <= ndim { dim[k] as usize } else { 1 };
+    Ok((ndim, [size(1), size(2), size(3)]))
 }
 
 /// Voxel sizes as nibabel reads them: its header checks on loading set a pixdim[1..=3] of 0 to 1
