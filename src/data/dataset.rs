@@ -368,77 +368,10 @@ impl Dataset {
 
     /// Reads a dataset directory, verifying every shard's checksum and the manifest's counts.
     pub fn open(dir: &Path) -> Result<Self> {
+        // 1. The manifest, checked before it names anything to read.
         let mpath = dir.join(MANIFEST);
-        let text = fs::read_to_string(&mpath).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::dataset(
-                    &mpath,
-                    format!(
-                        "not found: {} is not a ctseg dataset (make one with `ctseg phantom` or `ctseg prepare`)",
-                        dir.display()
-                    ),
-                )
-            } else {
-                Error::io(&mpath, e)
-            }
-        })?;
-        let m: Manifest = serde_json::from_str(&text)
-            .map_err(|e| Error::dataset(&mpath, format!("invalid manifest: {e}")))?;
-        if m.format != "ctseg-dataset" || m.version != 1 {
-            return Err(Error::dataset(
-                &mpath,
-                format!(
-                    "format {:?} version {}, expected \"ctseg-dataset\" version 1",
-                    m.format, m.version
-                ),
-            ));
-        }
-        if m.height != m.width {
-            return Err(Error::dataset(
-                &mpath,
-                format!("slices must be square, got {}x{}", m.height, m.width),
-            ));
-        }
-        // The manifest is untrusted too: it names its shards (plain file names in the dataset
-        // directory, each once, so that a small manifest cannot make it read one shard over
-        // and over) and its folds (below the number of volumes, as `prepare` assigns them).
-        let mut seen = std::collections::BTreeSet::new();
-        for entry in &m.shards {
-            let plain = Path::new(&entry.file)
-                .file_name()
-                .is_some_and(|n| n == std::ffi::OsStr::new(&entry.file));
-            if !plain || !seen.insert(entry.file.as_str()) {
-                return Err(Error::dataset(
-                    &mpath,
-                    format!(
-                        "shard {:?} is {}; expected each shard once, as a file name in {}",
-                        entry.file,
-                        if plain {
-                            "listed twice"
-                        } else {
-                            "not a plain file name"
-                        },
-                        dir.display()
-                    ),
-                ));
-            }
-        }
-        if let Some(v) = m
-            .volumes
-            .iter()
-            .find(|v| v.fold.is_some_and(|f| f >= m.volumes.len()))
-        {
-            return Err(Error::dataset(
-                &mpath,
-                format!(
-                    "volume {} is in fold {:?}, but there are {} volumes (folds 0..{})",
-                    v.id,
-                    v.fold,
-                    m.volumes.len(),
-                    m.volumes.len()
-                ),
-            ));
-        }
+        let (m, text) = read_manifest(&mpath, dir)?;
+        m.check(&mpath, dir)?;
         let mut ds = Self {
             origin: dir.display().to_string(),
             fingerprint: format!("{:016x}", crate::util::fnv1a(text.bytes())),
@@ -456,39 +389,11 @@ impl Dataset {
             positions: Default::default(),
             resize: m.resize,
         };
+        // 2. Every shard, as the manifest describes it.
         for entry in &m.shards {
-            let path = dir.join(&entry.file);
-            let shard = ShardData::read(&path)?;
-            if shard.height != m.height || shard.width != m.width {
-                return Err(Error::dataset(
-                    &path,
-                    format!(
-                        "slices are {}x{}, the manifest says {}x{}",
-                        shard.height, shard.width, m.height, m.width
-                    ),
-                ));
-            }
-            if shard.len() != entry.slices {
-                return Err(Error::dataset(
-                    &path,
-                    format!(
-                        "holds {} slices, the manifest says {}",
-                        shard.len(),
-                        entry.slices
-                    ),
-                ));
-            }
-            if let Some(bad) = shard.labels.iter().find(|&&l| l > 2) {
-                return Err(Error::dataset(
-                    &path,
-                    format!("label value {bad} outside {{0, 1, 2}}"),
-                ));
-            }
-            ds.images.extend_from_slice(&shard.images);
-            ds.labels.extend_from_slice(&shard.labels);
-            ds.volume_ids.extend_from_slice(&shard.volume_ids);
-            ds.slice_indices.extend_from_slice(&shard.slice_indices);
+            ds.append_shard(&dir.join(&entry.file), entry, &m)?;
         }
+        // 3. The totals.
         if ds.len() != m.slices {
             return Err(Error::dataset(
                 &mpath,
@@ -499,6 +404,42 @@ impl Dataset {
             return Err(Error::dataset(&mpath, "the dataset holds no slices"));
         }
         Ok(ds)
+    }
+
+    /// Reads the shard at `path` (checksummed) and appends its slices, after checking them
+    /// against the manifest `m` and its `entry`.
+    fn append_shard(&mut self, path: &Path, entry: &ShardEntry, m: &Manifest) -> Result<()> {
+        let shard = ShardData::read(path)?;
+        if shard.height != m.height || shard.width != m.width {
+            return Err(Error::dataset(
+                path,
+                format!(
+                    "slices are {}x{}, the manifest says {}x{}",
+                    shard.height, shard.width, m.height, m.width
+                ),
+            ));
+        }
+        if shard.len() != entry.slices {
+            return Err(Error::dataset(
+                path,
+                format!(
+                    "holds {} slices, the manifest says {}",
+                    shard.len(),
+                    entry.slices
+                ),
+            ));
+        }
+        if let Some(bad) = shard.labels.iter().find(|&&l| l > 2) {
+            return Err(Error::dataset(
+                path,
+                format!("label value {bad} outside {{0, 1, 2}}"),
+            ));
+        }
+        self.images.extend_from_slice(&shard.images);
+        self.labels.extend_from_slice(&shard.labels);
+        self.volume_ids.extend_from_slice(&shard.volume_ids);
+        self.slice_indices.extend_from_slice(&shard.slice_indices);
+        Ok(())
     }
 
     /// Writes shards of at most `per_shard` slices and the manifest into `dir`, atomically: all
@@ -648,6 +589,86 @@ impl Dataset {
             }
         }
         Ok((train, valid))
+    }
+}
+
+/// The manifest at `mpath` of the dataset `dir`, and its text (the dataset's fingerprint).
+fn read_manifest(mpath: &Path, dir: &Path) -> Result<(Manifest, String)> {
+    let text = fs::read_to_string(mpath).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::dataset(
+                mpath,
+                format!(
+                    "not found: {} is not a ctseg dataset (make one with `ctseg phantom` or `ctseg prepare`)",
+                    dir.display()
+                ),
+            )
+        } else {
+            Error::io(mpath, e)
+        }
+    })?;
+    let m: Manifest = serde_json::from_str(&text)
+        .map_err(|e| Error::dataset(mpath, format!("invalid manifest: {e}")))?;
+    Ok((m, text))
+}
+
+impl Manifest {
+    /// The manifest is untrusted too: its format, square slices, the shards it names (plain
+    /// file names in the dataset directory, each once, so that a small manifest cannot make it
+    /// read one shard over and over) and its folds (below the number of volumes, as `prepare`
+    /// assigns them).
+    fn check(&self, mpath: &Path, dir: &Path) -> Result<()> {
+        if self.format != "ctseg-dataset" || self.version != 1 {
+            return Err(Error::dataset(
+                mpath,
+                format!(
+                    "format {:?} version {}, expected \"ctseg-dataset\" version 1",
+                    self.format, self.version
+                ),
+            ));
+        }
+        if self.height != self.width {
+            return Err(Error::dataset(
+                mpath,
+                format!("slices must be square, got {}x{}", self.height, self.width),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for entry in &self.shards {
+            let plain = Path::new(&entry.file)
+                .file_name()
+                .is_some_and(|n| n == std::ffi::OsStr::new(&entry.file));
+            if !plain || !seen.insert(entry.file.as_str()) {
+                return Err(Error::dataset(
+                    mpath,
+                    format!(
+                        "shard {:?} is {}; expected each shard once, as a file name in {}",
+                        entry.file,
+                        if plain {
+                            "listed twice"
+                        } else {
+                            "not a plain file name"
+                        },
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+        let volumes = self.volumes.len();
+        if let Some(v) = self
+            .volumes
+            .iter()
+            .find(|v| v.fold.is_some_and(|f| f >= volumes))
+        {
+            return Err(Error::dataset(
+                mpath,
+                format!(
+                    "volume {} is in fold {:?}, but there are {volumes} volumes (folds 0..{volumes})",
+                    v.id, v.fold
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 

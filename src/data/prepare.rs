@@ -427,86 +427,23 @@ fn prepare_into(
     dir: &Path,
     start: Instant,
 ) -> Result<(Manifest, PrepareSummary)> {
-    let s = opts.size;
+    // 1. Every pair's liver slices into the shards; volumes without liver are skipped.
     let mut sink = ShardSink {
         dir,
-        size: s,
+        size: opts.size,
         per_shard: opts.per_shard,
-        current: ShardData::new(s, s),
+        current: ShardData::new(opts.size, opts.size),
         shards: Vec::new(),
     };
     let mut volumes = Vec::new();
     let mut skipped = Vec::new();
     for (k, pair) in pairs.iter().enumerate() {
-        let t = Instant::now();
-        let image = read_volume(&pair.image)?;
-        let label = nifti::read(&pair.label)?;
-        check_same_grid(&image, &label)?;
-        let lab = label_values(&label)?;
-        // Labels go to the canonical layout whole (to find the liver's z-range); the image
-        // only slice by slice, for the slices kept.
-        let (axes, n3) = nifti::canonical_axes(&image)?;
-        let (cols, rows, nz) = (n3[0], n3[1], n3[2]);
-        let mut cl = Vec::with_capacity(lab.len());
-        for z in 0..nz {
-            cl.extend(nifti::canonical_slice(&lab, label.dims, axes, z));
-        }
-        drop(lab);
-        drop(label);
-        let px = rows * cols;
-        let vname = pair
-            .image
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let Some((lo, hi)) = liver_range(&cl, px, nz, opts.margin) else {
-            if !opts.quiet {
-                eprintln!(
-                    "[{}/{}] {vname}: no liver in {}, skipped",
-                    k + 1,
-                    pairs.len(),
-                    pair.label.display()
-                );
-            }
-            skipped.push(vname);
-            continue;
-        };
+        let progress = format!("[{}/{}]", k + 1, pairs.len());
         let id = volumes.len() as u32;
-        let mut counts = [0u64; 3];
-        for z in lo..=hi {
-            let img_slice = nifti::canonical_slice(&image.data, image.dims, axes, z);
-            let img = &img_slice[..];
-            let lb = &cl[z * px..(z + 1) * px];
-            let img_r = resize_image(img, rows, cols, s, opts.resize);
-            let lab_r = resize_slice(lb, rows, cols, s, None);
-            for &l in &lab_r {
-                counts[l as usize] += 1;
-            }
-            let hu: Vec<i16> = img_r.into_iter().map(hu_i16).collect();
-            sink.push(id, (z - lo) as u32, &hu, &lab_r)?;
+        match prepare_volume(opts, pair, id, &mut sink, &progress)? {
+            Prepared::Kept(entry) => volumes.push(entry),
+            Prepared::NoLiver(name) => skipped.push(name),
         }
-        let n = hi - lo + 1;
-        if !opts.quiet {
-            eprintln!(
-                "[{}/{}] {vname}: {}x{}x{} voxels ({:.2}x{:.2}x{:.2} mm) -> {n} slices (z {lo}..={hi}) at {s}x{s}, {:.1} s",
-                k + 1,
-                pairs.len(),
-                image.dims[0],
-                image.dims[1],
-                image.dims[2],
-                image.spacing[0],
-                image.spacing[1],
-                image.spacing[2],
-                t.elapsed().as_secs_f64()
-            );
-        }
-        volumes.push(VolumeEntry {
-            id,
-            name: vname,
-            slices: n,
-            label_counts: counts,
-            fold: None,
-        });
     }
     sink.flush()?;
     if volumes.is_empty() {
@@ -515,32 +452,22 @@ fn prepare_into(
             "no volume has any liver voxel (label 1 or 2); nothing to train on",
         ));
     }
-    if opts.folds > 1 {
-        if opts.folds > volumes.len() {
-            return Err(Error::Argument(format!(
-                "prepare: --folds {} but only {} volumes with liver",
-                opts.folds,
-                volumes.len()
-            )));
-        }
-        let mut order: Vec<usize> = (0..volumes.len()).collect();
-        Rng::new(opts.seed).shuffle(&mut order);
-        for (pos, &v) in order.iter().enumerate() {
-            volumes[v].fold = Some(pos % opts.folds);
-        }
-    }
+    // 2. Folds by patient, when asked for.
+    assign_folds(opts, &mut volumes)?;
+    // 3. The manifest.
     let slices = volumes.iter().map(|v| v.slices).sum();
     let manifest = Manifest {
         format: "ctseg-dataset".into(),
         version: 1,
-        height: s,
-        width: s,
+        height: opts.size,
+        width: opts.size,
         slices,
         shards: sink.shards,
         volumes,
         source: format!(
-            "prepare {} (size {s}, margin {}, resize {:?}, folds {})",
+            "prepare {} (size {}, margin {}, resize {:?}, folds {})",
             opts.input.display(),
+            opts.size,
             opts.margin,
             opts.resize,
             opts.folds
@@ -558,6 +485,110 @@ fn prepare_into(
         seconds: start.elapsed().as_secs_f64(),
     };
     Ok((manifest, summary))
+}
+
+/// What became of one image/label pair.
+enum Prepared {
+    /// Its liver slices are in the shards.
+    Kept(VolumeEntry),
+    /// The volume (its name) has no liver: skipped, not an error.
+    NoLiver(String),
+}
+
+/// Reads one image/label pair and pushes its liver slices (with `opts.margin` slices each side),
+/// in the canonical layout and resized, into `sink` as volume `id`.
+fn prepare_volume(
+    opts: &PrepareOptions,
+    pair: &Pair,
+    id: u32,
+    sink: &mut ShardSink,
+    progress: &str,
+) -> Result<Prepared> {
+    let t = Instant::now();
+    let s = opts.size;
+    // 1. Both files, on one grid, with valid labels.
+    let image = read_volume(&pair.image)?;
+    let label = nifti::read(&pair.label)?;
+    check_same_grid(&image, &label)?;
+    let lab = label_values(&label)?;
+    // 2. The labels in the canonical layout whole (to find the liver's z-range); the image
+    //    only slice by slice, for the slices kept.
+    let (axes, n3) = nifti::canonical_axes(&image)?;
+    let (cols, rows, nz) = (n3[0], n3[1], n3[2]);
+    let mut cl = Vec::with_capacity(lab.len());
+    for z in 0..nz {
+        cl.extend(nifti::canonical_slice(&lab, label.dims, axes, z));
+    }
+    drop(lab);
+    drop(label);
+    let px = rows * cols;
+    let name = pair
+        .image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let Some((lo, hi)) = liver_range(&cl, px, nz, opts.margin) else {
+        if !opts.quiet {
+            eprintln!(
+                "{progress} {name}: no liver in {}, skipped",
+                pair.label.display()
+            );
+        }
+        return Ok(Prepared::NoLiver(name));
+    };
+    // 3. The kept slices, resized, into the shards.
+    let mut counts = [0u64; 3];
+    for z in lo..=hi {
+        let img = nifti::canonical_slice(&image.data, image.dims, axes, z);
+        let img_r = resize_image(&img, rows, cols, s, opts.resize);
+        let lab_r = resize_slice(&cl[z * px..(z + 1) * px], rows, cols, s, None);
+        for &l in &lab_r {
+            counts[l as usize] += 1;
+        }
+        let hu: Vec<i16> = img_r.into_iter().map(hu_i16).collect();
+        sink.push(id, (z - lo) as u32, &hu, &lab_r)?;
+    }
+    let n = hi - lo + 1;
+    if !opts.quiet {
+        eprintln!(
+            "{progress} {name}: {}x{}x{} voxels ({:.2}x{:.2}x{:.2} mm) -> {n} slices (z {lo}..={hi}) at {s}x{s}, {:.1} s",
+            image.dims[0],
+            image.dims[1],
+            image.dims[2],
+            image.spacing[0],
+            image.spacing[1],
+            image.spacing[2],
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(Prepared::Kept(VolumeEntry {
+        id,
+        name,
+        slices: n,
+        label_counts: counts,
+        fold: None,
+    }))
+}
+
+/// With `--folds K` (K > 1), puts the volumes into K folds by a shuffle of `opts.seed`, so that
+/// cross-validation splits by patient.
+fn assign_folds(opts: &PrepareOptions, volumes: &mut [VolumeEntry]) -> Result<()> {
+    if opts.folds <= 1 {
+        return Ok(());
+    }
+    if opts.folds > volumes.len() {
+        return Err(Error::Argument(format!(
+            "prepare: --folds {} but only {} volumes with liver",
+            opts.folds,
+            volumes.len()
+        )));
+    }
+    let mut order: Vec<usize> = (0..volumes.len()).collect();
+    Rng::new(opts.seed).shuffle(&mut order);
+    for (pos, &v) in order.iter().enumerate() {
+        volumes[v].fold = Some(pos % opts.folds);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
