@@ -379,6 +379,23 @@ impl Ranged for TickAxis {
     }
 }
 
+/// A polyline in log₂ coordinates.
+type Line = Vec<(f64, f64)>;
+
+/// Fig. 2's content in log₂ coordinates (see [`SpeedupFigure::geometry`]).
+struct SpeedupGeometry {
+    x: (f64, f64),
+    y: (f64, f64),
+    /// One ideal (linear) line per distinct base rank count.
+    ideal: Vec<Line>,
+    /// Per series: the median speedup per rank count.
+    medians: Vec<Line>,
+    /// Per series: every run.
+    markers: Vec<Line>,
+    /// Per GPU run: a horizontal line.
+    gpu_lines: Vec<Line>,
+}
+
 impl SpeedupFigure<'_> {
     /// The label of a GPU run's line.
     fn gpu_label(&self, g: &super::tables::GpuRef) -> String {
@@ -395,10 +412,10 @@ impl SpeedupFigure<'_> {
             s.base_ranks
         )
     }
-}
 
-impl Figure for SpeedupFigure<'_> {
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult<(), DB> {
+    /// What the figure draws, in log₂ coordinates: ideal lines, each series' medians and runs,
+    /// the GPU lines; and the ranges that hold them.
+    fn geometry(&self) -> SpeedupGeometry {
         let sp = self.data;
         let ranks: Vec<f64> = sp
             .series
@@ -415,19 +432,17 @@ impl Figure for SpeedupFigure<'_> {
         };
         let x_lo = rmin.log2() - 0.35;
         let x_hi = (rmax.log2() + 0.35).max(x_lo + 1.0);
-
-        // Everything drawn, in log₂ coordinates: ideal lines, series, GPU lines.
         let mut bases: Vec<u64> = sp.series.iter().map(|s| s.base_ranks).collect();
         bases.sort_unstable();
         bases.dedup();
-        let ideal: Vec<Vec<(f64, f64)>> = bases
+        let ideal: Vec<Line> = bases
             .iter()
             .map(|&b| {
                 let r0 = (b as f64).log2();
                 vec![(x_lo, x_lo - r0), (x_hi, x_hi - r0)]
             })
             .collect();
-        let medians: Vec<Vec<(f64, f64)>> = sp
+        let medians: Vec<Line> = sp
             .series
             .iter()
             .map(|s| {
@@ -437,7 +452,7 @@ impl Figure for SpeedupFigure<'_> {
                     .collect()
             })
             .collect();
-        let markers: Vec<Vec<(f64, f64)>> = sp
+        let markers: Vec<Line> = sp
             .series
             .iter()
             .map(|s| {
@@ -447,13 +462,13 @@ impl Figure for SpeedupFigure<'_> {
                     .collect()
             })
             .collect();
-        let gpu_lines: Vec<Vec<(f64, f64)>> = sp
+        let gpu_lines: Vec<Line> = sp
             .gpu
             .iter()
             .map(|g| vec![(x_lo, g.speedup.log2()), (x_hi, g.speedup.log2())])
             .collect();
 
-        // y range: the data and the ideal line over the data's ranks.
+        // The y range: the data, and the ideal lines over the data's ranks.
         let mut ys: Vec<f64> = Vec::new();
         for (s, m) in sp.series.iter().zip(&markers) {
             let r0 = (s.base_ranks as f64).log2();
@@ -467,14 +482,57 @@ impl Figure for SpeedupFigure<'_> {
             Some((a, b)) => (a - 0.35, (b + 0.35).max(a + 1.0)),
             None => (-1.0, 1.0),
         };
+        SpeedupGeometry {
+            x: (x_lo, x_hi),
+            y: (y_lo, y_hi),
+            ideal,
+            medians,
+            markers,
+            gpu_lines,
+        }
+    }
 
+    /// The y axis' description: what the speedups are relative to.
+    fn y_desc(&self) -> String {
+        let sp = self.data;
+        if sp.series.is_empty() || sp.all_base_one() {
+            "speedup in throughput (images/s) over the 1-rank CPU run (×, log scale)".to_string()
+        } else if sp
+            .series
+            .iter()
+            .all(|s| s.base_ranks == sp.series[0].base_ranks)
+        {
+            format!(
+                "speedup in images/s over the {}-rank CPU run (no 1-rank run; ×, log scale)",
+                sp.series[0].base_ranks
+            )
+        } else {
+            "speedup in images/s over each series' smallest-rank CPU run (no 1-rank run; ×, log)"
+                .to_string()
+        }
+    }
+}
+
+impl Figure for SpeedupFigure<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult<(), DB> {
+        let sp = self.data;
+        // 1. Everything drawn, in log₂ coordinates, and the ranges that hold it.
+        let SpeedupGeometry {
+            x: (x_lo, x_hi),
+            y: (y_lo, y_hi),
+            ideal,
+            medians,
+            markers,
+            gpu_lines,
+        } = self.geometry();
+        // 2. The legend where it hides the least, the axes.
         let mut labels = Vec::new();
         if !sp.series.is_empty() {
             labels.push("ideal (linear in ranks)".to_string());
         }
         labels.extend(sp.series.iter().map(|s| s.name()));
         labels.extend(sp.gpu.iter().map(|g| self.gpu_label(g)));
-        let lines: Vec<Vec<(f64, f64)>> = ideal
+        let lines: Vec<Line> = ideal
             .iter()
             .chain(&medians)
             .chain(&markers)
@@ -494,22 +552,7 @@ impl Figure for SpeedupFigure<'_> {
                 SeriesLabelPosition::UpperRight,
             ],
         )?;
-
-        let y_desc = if sp.series.is_empty() || sp.all_base_one() {
-            "speedup in throughput (images/s) over the 1-rank CPU run (×, log scale)".to_string()
-        } else if sp
-            .series
-            .iter()
-            .all(|s| s.base_ranks == sp.series[0].base_ranks)
-        {
-            format!(
-                "speedup in images/s over the {}-rank CPU run (no 1-rank run; ×, log scale)",
-                sp.series[0].base_ranks
-            )
-        } else {
-            "speedup in images/s over each series' smallest-rank CPU run (no 1-rank run; ×, log)"
-                .to_string()
-        };
+        let y_desc = self.y_desc();
         let mut chart = chart_builder(&area).build_cartesian_2d(
             TickAxis {
                 lo: x_lo,
@@ -533,6 +576,7 @@ impl Figure for SpeedupFigure<'_> {
             .bold_line_style(GRID)
             .draw()?;
 
+        // 3. With no CPU series, why the plot is empty.
         if sp.series.is_empty() {
             let msg = if sp.gpu.is_empty() {
                 "no run with a known epoch time and rank count"
@@ -546,7 +590,7 @@ impl Figure for SpeedupFigure<'_> {
             )))?;
         }
 
-        // Ideal linear speedup, one dashed line per distinct base rank count.
+        // 4. Ideal linear speedup, one dashed line per distinct base rank count.
         for (k, pts) in ideal.into_iter().enumerate() {
             let style = REFERENCE.stroke_width(2);
             let anno = chart.draw_series(DashedLineSeries::new(pts, 10, 8, style))?;
@@ -557,7 +601,7 @@ impl Figure for SpeedupFigure<'_> {
             }
         }
 
-        // CPU series: the median speedup per rank count as a line labelled with its values,
+        // 5. CPU series: the median speedup per rank count as a line labelled with its values,
         // every run as a marker.
         for (i, s) in sp.series.iter().enumerate() {
             let c = colour(i);
@@ -580,7 +624,7 @@ impl Figure for SpeedupFigure<'_> {
             }))?;
         }
 
-        // GPU runs: horizontal reference lines, named at their right end.
+        // 6. GPU runs: horizontal reference lines, named at their right end.
         for (j, (g, pts)) in sp.gpu.iter().zip(gpu_lines).enumerate() {
             let c = colour(sp.series.len() + j);
             let y = pts[0].1;
@@ -601,6 +645,7 @@ impl Figure for SpeedupFigure<'_> {
                     ),
             ))?;
         }
+        // 7. The legend.
         draw_legend(&mut chart, legend_pos)
     }
 }
