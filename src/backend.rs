@@ -394,101 +394,108 @@ pub fn init_cpu_threads(threads: usize) -> usize {
 /// Opens the backend of `req`: `threads` sizes the CPU pool (0: all cores); `adapter` picks a
 /// GPU adapter by index (`None`: the first hardware adapter, else the first software one).
 pub fn open(req: &DeviceRequest) -> Result<Backend> {
-    let (kind, threads, adapter) = (req.kind, req.threads, req.adapter);
-    match kind {
-        BackendKind::Cpu => {
-            let n = init_cpu_threads(threads);
-            Ok(Backend {
-                device: Device::flex(),
-                description: format!(
-                    "cpu (burn flex, {n} thread{})",
-                    if n == 1 { "" } else { "s" }
-                ),
-                kind,
-                caps: DeviceCaps::default(),
-                precision: PrecisionUsed::default(),
-            })
-        }
-        BackendKind::Gpu => {
-            configure_kernel_cache();
-            let adapters = list_adapters();
-            if adapters.is_empty() {
-                return Err(Error::Device(format!(
-                    "--backend gpu: no graphics adapter found (Vulkan and OpenGL were asked).\n{GPU_HELP}"
-                )));
-            }
-            let chosen = match adapter {
-                Some(i) => adapters.get(i).ok_or_else(|| {
-                    Error::Argument(format!(
-                        "--adapter {i}: there are {} adapter(s):\n{}",
-                        adapters.len(),
-                        describe_adapters(&adapters)
-                    ))
-                })?,
-                None => adapters
-                    .iter()
-                    .find(|a| a.device_type != "CPU (software)")
-                    .unwrap_or(&adapters[0]),
-            };
-            let device = Device::wgpu(chosen.kind.clone());
-            // Bring the device up now, so that a broken driver fails here with the list.
-            let probe = std::panic::catch_unwind(|| {
-                let t = burn::tensor::Tensor::<1>::from_floats([1.0, 2.0], &device);
-                t.sum().into_data()
-            });
-            match probe {
-                Ok(d) if d.try_to_vec::<f32>().ok() == Some(vec![3.0]) => {}
-                _ => {
-                    return Err(Error::Device(format!(
-                        "--backend gpu: adapter [{}] {} could not run a test kernel. Adapters found:\n{}{GPU_HELP}",
-                        chosen.index,
-                        chosen.name,
-                        describe_adapters(&adapters)
-                    )));
-                }
-            }
-            // ctseg's WGSL kernels (its convolutions, its cooperative-matrix tiles) load only
-            // where cubecl compiles kernels to WGSL.
-            let spirv = crate::wgsl::compiler(&device) == Compiler::SpirV;
-            if spirv && req.gpu_conv == GpuConv::Wgsl {
-                return Err(Error::Argument(format!(
-                    "--gpu-conv wgsl: adapter [{}] {}: this build (feature `spirv`) compiles kernels to SPIR-V, where ctseg's WGSL kernels cannot load; use --gpu-conv burn, or a build without `spirv`",
-                    chosen.index, chosen.name
-                )));
-            }
-            let caps = DeviceCaps {
-                shader_loop_cap: (!long_loops_work(&device)).then_some(LAVAPIPE_LOOP_CAP),
-                gpu_conv: req.gpu_conv,
-                f16_operands: false,
-                coop: chosen
-                    .caps
-                    .coop
-                    .filter(|_| req.cooperative_matrices && !spirv),
-            };
-            let capped = match (caps.shader_loop_cap, caps.gpu_conv) {
-                (Some(_), GpuConv::Burn) => ", loop-capped: convolutions split into exact chunks",
-                (Some(_), GpuConv::Wgsl) => ", loop-capped",
-                (None, _) => "",
-            };
-            let compiled = if spirv {
-                ", kernels compiled to SPIR-V by cubecl"
-            } else {
-                ""
-            };
-            Ok(Backend {
-                device,
-                description: format!(
-                    "gpu (burn wgpu, adapter [{}] {}, {}, {}{compiled}{capped}; {})",
-                    chosen.index,
-                    chosen.name,
-                    chosen.device_type,
-                    chosen.backend,
-                    caps.gpu_conv.describe()
-                ),
-                kind,
-                caps,
-                precision: PrecisionUsed::default(),
-            })
-        }
+    match req.kind {
+        BackendKind::Cpu => Ok(open_cpu(req.threads)),
+        BackendKind::Gpu => open_gpu(req),
+    }
+}
+
+fn open_cpu(threads: usize) -> Backend {
+    let n = init_cpu_threads(threads);
+    Backend {
+        device: Device::flex(),
+        description: format!(
+            "cpu (burn flex, {n} thread{})",
+            if n == 1 { "" } else { "s" }
+        ),
+        kind: BackendKind::Cpu,
+        caps: DeviceCaps::default(),
+        precision: PrecisionUsed::default(),
+    }
+}
+
+fn open_gpu(req: &DeviceRequest) -> Result<Backend> {
+    // 1. The adapter: the one asked for, else the first hardware one, else a software one.
+    configure_kernel_cache();
+    let adapters = list_adapters();
+    let chosen = choose_adapter(&adapters, req.adapter)?;
+    // 2. The device, brought up now, so that a broken driver fails here with the list.
+    let device = Device::wgpu(chosen.kind.clone());
+    let probe = std::panic::catch_unwind(|| {
+        let t = burn::tensor::Tensor::<1>::from_floats([1.0, 2.0], &device);
+        t.sum().into_data()
+    });
+    if !matches!(probe, Ok(d) if d.try_to_vec::<f32>().ok() == Some(vec![3.0])) {
+        return Err(Error::Device(format!(
+            "--backend gpu: adapter [{}] {} could not run a test kernel. Adapters found:\n{}{GPU_HELP}",
+            chosen.index,
+            chosen.name,
+            describe_adapters(&adapters)
+        )));
+    }
+    // 3. Which kernel paths it gets. ctseg's WGSL kernels (its convolutions, its
+    //    cooperative-matrix tiles) load only where cubecl compiles kernels to WGSL.
+    let spirv = crate::wgsl::compiler(&device) == Compiler::SpirV;
+    if spirv && req.gpu_conv == GpuConv::Wgsl {
+        return Err(Error::Argument(format!(
+            "--gpu-conv wgsl: adapter [{}] {}: this build (feature `spirv`) compiles kernels to SPIR-V, where ctseg's WGSL kernels cannot load; use --gpu-conv burn, or a build without `spirv`",
+            chosen.index, chosen.name
+        )));
+    }
+    let caps = DeviceCaps {
+        shader_loop_cap: (!long_loops_work(&device)).then_some(LAVAPIPE_LOOP_CAP),
+        gpu_conv: req.gpu_conv,
+        f16_operands: false,
+        coop: chosen
+            .caps
+            .coop
+            .filter(|_| req.cooperative_matrices && !spirv),
+    };
+    // 4. Its description for the log and the summary.
+    let capped = match (caps.shader_loop_cap, caps.gpu_conv) {
+        (Some(_), GpuConv::Burn) => ", loop-capped: convolutions split into exact chunks",
+        (Some(_), GpuConv::Wgsl) => ", loop-capped",
+        (None, _) => "",
+    };
+    let compiled = if spirv {
+        ", kernels compiled to SPIR-V by cubecl"
+    } else {
+        ""
+    };
+    Ok(Backend {
+        description: format!(
+            "gpu (burn wgpu, adapter [{}] {}, {}, {}{compiled}{capped}; {})",
+            chosen.index,
+            chosen.name,
+            chosen.device_type,
+            chosen.backend,
+            caps.gpu_conv.describe()
+        ),
+        device,
+        kind: BackendKind::Gpu,
+        caps,
+        precision: PrecisionUsed::default(),
+    })
+}
+
+/// Adapter `index` of `adapters`, or without one the first hardware adapter, else the first.
+fn choose_adapter(adapters: &[Adapter], index: Option<usize>) -> Result<&Adapter> {
+    let Some(first) = adapters.first() else {
+        return Err(Error::Device(format!(
+            "--backend gpu: no graphics adapter found (Vulkan and OpenGL were asked).\n{GPU_HELP}"
+        )));
+    };
+    match index {
+        Some(i) => adapters.get(i).ok_or_else(|| {
+            Error::Argument(format!(
+                "--adapter {i}: there are {} adapter(s):\n{}",
+                adapters.len(),
+                describe_adapters(adapters)
+            ))
+        }),
+        None => Ok(adapters
+            .iter()
+            .find(|a| a.device_type != "CPU (software)")
+            .unwrap_or(first)),
     }
 }
