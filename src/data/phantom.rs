@@ -309,13 +309,7 @@ struct Cut<'p> {
     wall: Blob,
     /// The wall inset by the muscle: the abdominal cavity.
     cavity: Blob,
-    vertebra: Blob,
-    canal: Blob,
-    posterior: Blob,
-    /// Psoas and erector spinae, left and right.
-    back_muscles: [Blob; 4],
-    aorta: Blob,
-    ivc: Blob,
+    spine: Spine,
     /// Present from mid-height down.
     kidneys: Option<[Blob; 2]>,
     /// Present in the upper part.
@@ -326,6 +320,84 @@ struct Cut<'p> {
     bowel: Vec<(Blob, bool)>,
     bowel_hu: f64,
     ribs: Vec<Blob>,
+}
+
+/// The vertebra with its canal and posterior arch, the back muscles, and the great vessels in
+/// front of the spine, placed from the vertebra's centre (cx, cy).
+struct Spine {
+    cx: f64,
+    cy: f64,
+    vertebra: Blob,
+    canal: Blob,
+    posterior: Blob,
+    /// Psoas and erector spinae, left and right.
+    back_muscles: [Blob; 4],
+    aorta: Blob,
+    ivc: Blob,
+}
+
+impl Spine {
+    fn new(p: &Patient, nf: f64, mm: f64) -> Self {
+        let cx = (0.5 + p.spine_dx) * nf;
+        let cy = 0.72 * nf;
+        let vert_r = 17.0 / mm;
+        let at = |dx_mm: f64, dy_mm: f64, a_mm: f64, b_mm: f64, rot: f64| {
+            Blob::new(cx + dx_mm / mm, cy + dy_mm / mm, a_mm / mm, b_mm / mm, rot)
+        };
+        Spine {
+            cx,
+            cy,
+            vertebra: Blob::new(cx, cy, vert_r, vert_r * 0.9, 0.0),
+            canal: Blob::new(cx, cy + vert_r * 1.45, 6.5 / mm, 5.5 / mm, 0.0),
+            posterior: Blob::new(cx, cy + vert_r * 1.55, 13.0 / mm, 9.0 / mm, 0.0),
+            back_muscles: [
+                at(-30.0, 3.0, 16.0, 22.0, 0.3),
+                at(30.0, 3.0, 16.0, 22.0, -0.3),
+                at(-30.0, 40.0, 22.0, 16.0, 0.0),
+                at(30.0, 40.0, 22.0, 16.0, 0.0),
+            ],
+            aorta: Blob::new(
+                cx + 12.0 / mm,
+                cy - vert_r - 13.0 / mm,
+                11.0 / mm,
+                11.0 / mm,
+                0.0,
+            ),
+            ivc: Blob::new(
+                cx - 22.0 / mm,
+                cy - vert_r - 14.0 / mm,
+                13.0 / mm,
+                9.0 / mm,
+                0.0,
+            ),
+        }
+    }
+
+    /// The value at (px, py) after the back muscles and the bone are painted over `v` (the
+    /// great vessels lie in the cavity and are painted with it).
+    fn paint(&self, p: &Patient, px: f64, py: f64, mut v: f64) -> f64 {
+        if self.back_muscles.iter().any(|m| m.inside(px, py)) {
+            v = p.muscle_hu;
+        }
+        if self.posterior.inside(px, py) {
+            v = if self.posterior.level(px, py) > 0.8 {
+                p.rim_hu
+            } else {
+                p.bone_hu
+            };
+        }
+        if self.canal.inside(px, py) {
+            v = 15.0;
+        }
+        if self.vertebra.inside(px, py) {
+            v = if self.vertebra.level(px, py) > 0.85 {
+                p.rim_hu
+            } else {
+                p.bone_hu
+            };
+        }
+        v
+    }
 }
 
 /// A copy of `blob` with both semi-axes shortened by `d_px`.
@@ -372,47 +444,13 @@ impl<'p> Cut<'p> {
         let cavity = inset(&wall, p.muscle_mm / mm);
 
         // 2. Spine, back muscles and great vessels, placed from the spine.
-        let spine_cx = (0.5 + p.spine_dx) * nf;
-        let spine_cy = 0.72 * nf;
-        let vert_r = 17.0 / mm;
-        let at = |dx_mm: f64, dy_mm: f64, a_mm: f64, b_mm: f64, rot: f64| {
-            Blob::new(
-                spine_cx + dx_mm / mm,
-                spine_cy + dy_mm / mm,
-                a_mm / mm,
-                b_mm / mm,
-                rot,
-            )
-        };
-        let vertebra = Blob::new(spine_cx, spine_cy, vert_r, vert_r * 0.9, 0.0);
-        let canal = Blob::new(spine_cx, spine_cy + vert_r * 1.45, 6.5 / mm, 5.5 / mm, 0.0);
-        let posterior = Blob::new(spine_cx, spine_cy + vert_r * 1.55, 13.0 / mm, 9.0 / mm, 0.0);
-        let back_muscles = [
-            at(-30.0, 3.0, 16.0, 22.0, 0.3),
-            at(30.0, 3.0, 16.0, 22.0, -0.3),
-            at(-30.0, 40.0, 22.0, 16.0, 0.0),
-            at(30.0, 40.0, 22.0, 16.0, 0.0),
-        ];
-        let aorta = Blob::new(
-            spine_cx + 12.0 / mm,
-            spine_cy - vert_r - 13.0 / mm,
-            11.0 / mm,
-            11.0 / mm,
-            0.0,
-        );
-        let ivc = Blob::new(
-            spine_cx - 22.0 / mm,
-            spine_cy - vert_r - 14.0 / mm,
-            13.0 / mm,
-            9.0 / mm,
-            0.0,
-        );
+        let spine = Spine::new(p, nf, mm);
 
         // 3. Organs whose cross-section depends on z.
         let kidneys = (z > 0.45).then(|| {
             let k = (1.0 - ((z - 0.75) / 0.32).powi(2)).max(0.0).sqrt();
             let kidney = |dx_mm: f64, rot: f64| {
-                let (cx, cy) = (spine_cx + dx_mm / mm, spine_cy - 8.0 / mm);
+                let (cx, cy) = (spine.cx + dx_mm / mm, spine.cy - 8.0 / mm);
                 Blob::new(cx, cy, 28.0 / mm * k, 38.0 / mm * k, rot)
             };
             [kidney(-70.0, 0.5), kidney(70.0, -0.5)]
@@ -472,12 +510,7 @@ impl<'p> Cut<'p> {
             body,
             wall,
             cavity,
-            vertebra,
-            canal,
-            posterior,
-            back_muscles,
-            aorta,
-            ivc,
+            spine,
             kidneys,
             spleen,
             liver,
@@ -649,27 +682,7 @@ impl<'p> Cut<'p> {
                 v = if l > 0.6 { p.rim_hu * 0.7 } else { p.bone_hu };
             }
         }
-        if self.back_muscles.iter().any(|m| m.inside(px, py)) {
-            v = p.muscle_hu;
-        }
-        if self.posterior.inside(px, py) {
-            v = if self.posterior.level(px, py) > 0.8 {
-                p.rim_hu
-            } else {
-                p.bone_hu
-            };
-        }
-        if self.canal.inside(px, py) {
-            v = 15.0;
-        }
-        if self.vertebra.inside(px, py) {
-            v = if self.vertebra.level(px, py) > 0.85 {
-                p.rim_hu
-            } else {
-                p.bone_hu
-            };
-        }
-        (v, label)
+        (self.spine.paint(p, px, py, v), label)
     }
 
     /// The value and label at a pixel inside the abdominal cavity.
@@ -699,10 +712,10 @@ impl<'p> Cut<'p> {
         if self.spleen.as_ref().is_some_and(|s| s.inside(px, py)) {
             v = p.spleen_hu;
         }
-        if self.ivc.inside(px, py) {
+        if self.spine.ivc.inside(px, py) {
             v = p.aorta_hu - 40.0;
         }
-        if self.aorta.inside(px, py) {
+        if self.spine.aorta.inside(px, py) {
             v = p.aorta_hu;
         }
         let Some(liver) = &self.liver else {
