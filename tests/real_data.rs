@@ -427,60 +427,67 @@ fn written_masks_open_with_the_input_grid() {
     }
 }
 
-/// The three commands of the README's real-CT section: prepare → train → predict / evaluate.
-#[test]
-fn predict_and_evaluate_a_trained_model() {
-    let d = tempfile::tempdir().expect("tmp");
-    let lits = lits_folder(d.path(), 2);
-    let bin = env!("CARGO_BIN_EXE_ctseg");
-    let run_ok = |args: &[&std::ffi::OsStr]| {
-        let o = Command::new(bin).args(args).output().expect("run");
-        let text =
-            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{args:?}: {text}");
-        text
-    };
-    let os = |s: &str| std::ffi::OsString::from(s);
-    let ds = d.path().join("ds");
-    run_ok(&[
-        &os("prepare"),
-        &os("--input"),
-        lits.as_os_str(),
-        &os("--out"),
-        ds.as_os_str(),
-        &os("--size"),
-        &os("32"),
-        &os("--quiet"),
-    ]);
-    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny.toml");
-    let run = d.path().join("run");
-    run_ok(&[
-        &os("train"),
-        &os("--config"),
-        config.as_os_str(),
-        &os("--data"),
-        ds.as_os_str(),
-        &os("--size"),
-        &os("32"),
-        &os("--max-steps"),
-        &os("30"),
-        &os("--quiet"),
-        &os("--out"),
-        run.as_os_str(),
-    ]);
+/// A model as the README's real-CT section makes one: two copies of the real (CT, liver) pair
+/// prepared at 32², then 30 training steps. Trained once for the tests below, in cargo's
+/// temporary folder for integration tests (replaced on every run).
+struct LitsModel {
+    lits: PathBuf,
+    run: PathBuf,
+    root: PathBuf,
+}
 
-    // predict: a mask on the input's grid, labels in {0, 1, 2}.
+fn lits_model() -> &'static LitsModel {
+    static MODEL: std::sync::OnceLock<LitsModel> = std::sync::OnceLock::new();
+    MODEL.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("real_data-lits-model");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("mkdir");
+        let lits = lits_folder(&root, 2);
+        let ds = root.join("ds");
+        common::ok(common::ctseg(&[
+            "prepare",
+            "--input",
+            common::s(&lits),
+            "--out",
+            common::s(&ds),
+            "--size",
+            "32",
+            "--quiet",
+        ]));
+        let run = root.join("run");
+        common::ok(common::ctseg(&[
+            "train",
+            "--config",
+            common::TINY,
+            "--data",
+            common::s(&ds),
+            "--size",
+            "32",
+            "--max-steps",
+            "30",
+            "--quiet",
+            "--out",
+            common::s(&run),
+        ]));
+        LitsModel { lits, run, root }
+    })
+}
+
+#[test]
+fn predict_writes_a_label_mask_on_the_inputs_grid() {
+    let model = lits_model();
+    let d = tempfile::tempdir().expect("tmp");
     let mask = d.path().join("mask.nii.gz");
-    let text = run_ok(&[
-        &os("predict"),
-        &os("--checkpoint"),
-        run.as_os_str(),
-        &os("--input"),
-        ct().as_os_str(),
-        &os("--output"),
-        mask.as_os_str(),
-        &os("--largest-component"),
-    ]);
+    let text = common::ok(common::ctseg(&[
+        "predict",
+        "--checkpoint",
+        common::s(&model.run),
+        "--input",
+        common::s(&ct()),
+        "--output",
+        common::s(&mask),
+        "--largest-component",
+    ]));
     assert!(text.contains("liver"), "{text}");
     let input = nifti::read(&ct()).expect("ct");
     let m = nifti::read(&mask).expect("mask");
@@ -491,7 +498,7 @@ fn predict_and_evaluate_a_trained_model() {
         }
     }
     assert!(m.data.iter().all(|&v| v == 0.0 || v == 1.0 || v == 2.0));
-    // nibabel, when present, sees the input's shape and affine too.
+    // nibabel sees the input's shape and affine too.
     let script = format!(
         "import nibabel as nib, numpy as np\n\
          a = nib.load({m:?}); b = nib.load({c:?})\n\
@@ -510,30 +517,43 @@ fn predict_and_evaluate_a_trained_model() {
     ) {
         assert!(out.contains("nibabel ok"), "{out}");
     }
-    // A bad output name is refused before any work.
-    let o = Command::new(bin)
-        .args(["predict", "--checkpoint"])
-        .arg(&run)
-        .arg("--input")
-        .arg(ct())
-        .args(["--output", "mask.png"])
-        .output()
-        .expect("run");
-    assert_eq!(o.status.code(), Some(2), "bad input exit code");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("mask.png"));
+}
 
-    // evaluate: per-case and global Dice, and the masks it scored.
+#[test]
+fn predict_refuses_an_output_that_is_not_nifti_before_any_work() {
+    let model = lits_model();
+    let mask = model.root.join("mask.png");
+    common::fails_with(
+        common::ctseg(&[
+            "predict",
+            "--checkpoint",
+            common::s(&model.run),
+            "--input",
+            common::s(&ct()),
+            "--output",
+            common::s(&mask),
+        ]),
+        2,
+        &["mask.png"],
+    );
+    assert!(!mask.exists());
+}
+
+#[test]
+fn evaluate_scores_every_case_and_its_dice_matches_a_recount_of_the_saved_mask() {
+    let model = lits_model();
+    let d = tempfile::tempdir().expect("tmp");
     let eval_dir = d.path().join("eval");
-    let text = run_ok(&[
-        &os("evaluate"),
-        &os("--checkpoint"),
-        run.as_os_str(),
-        &os("--input"),
-        lits.as_os_str(),
-        &os("--out"),
-        eval_dir.as_os_str(),
-        &os("--save-masks"),
-    ]);
+    let text = common::ok(common::ctseg(&[
+        "evaluate",
+        "--checkpoint",
+        common::s(&model.run),
+        "--input",
+        common::s(&model.lits),
+        "--out",
+        common::s(&eval_dir),
+        "--save-masks",
+    ]));
     assert!(text.contains("2 cases: global Dice liver"), "{text}");
     let v: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(eval_dir.join("evaluation.json")).expect("json"),
@@ -542,7 +562,6 @@ fn predict_and_evaluate_a_trained_model() {
     assert_eq!(v["cases"].as_array().map(Vec::len), Some(2));
     let dice = v["cases"][0]["dice_liver"].as_f64().expect("dice");
     assert!(v["global"]["dice_liver"].as_f64().is_some());
-    // No tumour in truth; the tumour Dice is 1 unless the model predicted some.
     let csv = std::fs::read_to_string(eval_dir.join("evaluation.csv")).expect("csv");
     assert_eq!(csv.lines().count(), 3, "{csv}");
     assert!(csv.starts_with("case,dice_liver,dice_tumour,"));
