@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 
@@ -81,8 +81,27 @@ fn bad_configs_are_named_errors() {
     );
 }
 
+/// A phantom dataset in `dir/data`: 24 slices of 32² from 6 volumes, in 3 shards.
+fn phantom_dataset(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    ok(ctseg(&[
+        "phantom",
+        "--count",
+        "24",
+        "--size",
+        "32",
+        "--slices-per-volume",
+        "4",
+        "--out",
+        s(&data),
+        "--shard-slices",
+        "10",
+    ]));
+    data
+}
+
 #[test]
-fn phantom_dataset_trains_and_corruption_is_caught() {
+fn phantom_writes_a_dataset_in_shards_and_a_preview() {
     let d = tempfile::tempdir().expect("tmp");
     let data = d.path().join("data");
     let png = d.path().join("grid.png");
@@ -95,11 +114,11 @@ fn phantom_dataset_trains_and_corruption_is_caught() {
         "--slices-per-volume",
         "4",
         "--out",
-        data.to_str().unwrap_or(""),
+        s(&data),
         "--shard-slices",
         "10",
         "--preview",
-        png.to_str().unwrap_or(""),
+        s(&png),
     ]));
     assert!(
         t.contains("wrote 24 slices of 32x32 from 6 phantom volumes in 3 shard(s)"),
@@ -111,17 +130,21 @@ fn phantom_dataset_trains_and_corruption_is_caught() {
     )
     .expect("json");
     assert_eq!(m["volumes"].as_array().map(Vec::len), Some(6));
+}
 
-    // Train on it.
+#[test]
+fn training_on_a_phantom_dataset_writes_a_run_directory() {
+    let d = tempfile::tempdir().expect("tmp");
+    let data = phantom_dataset(d.path());
     let run = d.path().join("run");
     ok(ctseg(&[
         "train",
         "--config",
         TINY,
         "--data",
-        data.to_str().unwrap_or(""),
+        s(&data),
         "--out",
-        run.to_str().unwrap_or(""),
+        s(&run),
         "--epochs",
         "1",
         "--quiet",
@@ -134,8 +157,12 @@ fn phantom_dataset_trains_and_corruption_is_caught() {
     ] {
         assert!(run.join(f).exists(), "{f} missing");
     }
+}
 
-    // Wrong size for the model.
+#[test]
+fn a_dataset_of_another_size_than_the_model_is_refused() {
+    let d = tempfile::tempdir().expect("tmp");
+    let data = phantom_dataset(d.path());
     fails_with(
         ctseg(&[
             "train",
@@ -144,68 +171,73 @@ fn phantom_dataset_trains_and_corruption_is_caught() {
             "--size",
             "64",
             "--data",
-            data.to_str().unwrap_or(""),
+            s(&data),
         ]),
         2,
         &["32x32", "model.input_size is 64"],
     );
+}
 
-    // Refuses to overwrite a dataset.
+#[test]
+fn phantom_refuses_to_write_over_a_dataset() {
+    let d = tempfile::tempdir().expect("tmp");
+    let data = phantom_dataset(d.path());
+    let manifest = std::fs::read(data.join("dataset.json")).expect("manifest");
     fails_with(
-        ctseg(&[
-            "phantom",
-            "--count",
-            "4",
-            "--size",
-            "32",
-            "--out",
-            data.to_str().unwrap_or(""),
-        ]),
+        ctseg(&["phantom", "--count", "4", "--size", "32", "--out", s(&data)]),
         2,
         &["already exists"],
     );
+    assert_eq!(
+        std::fs::read(data.join("dataset.json")).expect("manifest"),
+        manifest
+    );
+}
 
-    // Flip one byte of a shard: the error names the file and the checksum.
+#[test]
+fn a_flipped_byte_in_a_shard_is_caught_by_its_checksum() {
+    let d = tempfile::tempdir().expect("tmp");
+    let data = phantom_dataset(d.path());
     let shard = data.join("shard-00001.ctshard");
     let mut bytes = std::fs::read(&shard).expect("shard");
     bytes[100] ^= 0x40;
     std::fs::write(&shard, bytes).expect("write");
+    let run = d.path().join("run");
     fails_with(
         ctseg(&[
             "train",
             "--config",
             TINY,
             "--data",
-            data.to_str().unwrap_or(""),
+            s(&data),
             "--out",
-            d.path().join("r2").to_str().unwrap_or(""),
+            s(&run),
         ]),
         2,
         &["shard-00001.ctshard", "checksum mismatch"],
     );
-    // Truncate it: the size is checked against the header.
+    assert!(!run.exists(), "a refused run left {}", run.display());
+}
+
+#[test]
+fn a_truncated_shard_is_refused_by_its_header() {
+    let d = tempfile::tempdir().expect("tmp");
+    let data = phantom_dataset(d.path());
+    let shard = data.join("shard-00001.ctshard");
     let bytes = std::fs::read(&shard).expect("shard");
     std::fs::write(&shard, &bytes[..bytes.len() / 2]).expect("write");
     fails_with(
-        ctseg(&[
-            "train",
-            "--config",
-            TINY,
-            "--data",
-            data.to_str().unwrap_or(""),
-        ]),
+        ctseg(&["train", "--config", TINY, "--data", s(&data)]),
         2,
         &["shard-00001.ctshard", "truncated or corrupt"],
     );
-    // Not a dataset at all.
+}
+
+#[test]
+fn a_folder_without_a_manifest_is_not_a_dataset() {
+    let d = tempfile::tempdir().expect("tmp");
     fails_with(
-        ctseg(&[
-            "train",
-            "--config",
-            TINY,
-            "--data",
-            d.path().to_str().unwrap_or(""),
-        ]),
+        ctseg(&["train", "--config", TINY, "--data", s(d.path())]),
         2,
         &["dataset.json", "not found"],
     );
