@@ -81,10 +81,11 @@ fn bad_configs_are_named_errors() {
     );
 }
 
-/// A phantom dataset in `dir/data`: 24 slices of 32² from 6 volumes, in 3 shards.
-fn phantom_dataset(dir: &Path) -> PathBuf {
+/// A phantom dataset in `dir/data`: 24 slices of 32² from 6 volumes, in 3 shards (`extra`:
+/// more `phantom` arguments); and what the command printed.
+fn phantom_dataset_with(dir: &Path, extra: &[&str]) -> (PathBuf, String) {
     let data = dir.join("data");
-    ok(ctseg(&[
+    let mut args = vec![
         "phantom",
         "--count",
         "24",
@@ -96,30 +97,21 @@ fn phantom_dataset(dir: &Path) -> PathBuf {
         s(&data),
         "--shard-slices",
         "10",
-    ]));
-    data
+    ];
+    args.extend_from_slice(extra);
+    let printed = ok(ctseg(&args));
+    (data, printed)
+}
+
+fn phantom_dataset(dir: &Path) -> PathBuf {
+    phantom_dataset_with(dir, &[]).0
 }
 
 #[test]
 fn phantom_writes_a_dataset_in_shards_and_a_preview() {
     let d = tempfile::tempdir().expect("tmp");
-    let data = d.path().join("data");
     let png = d.path().join("grid.png");
-    let t = ok(ctseg(&[
-        "phantom",
-        "--count",
-        "24",
-        "--size",
-        "32",
-        "--slices-per-volume",
-        "4",
-        "--out",
-        s(&data),
-        "--shard-slices",
-        "10",
-        "--preview",
-        s(&png),
-    ]));
+    let (data, t) = phantom_dataset_with(d.path(), &["--preview", s(&png)]);
     assert!(
         t.contains("wrote 24 slices of 32x32 from 6 phantom volumes in 3 shard(s)"),
         "{t}"
