@@ -229,22 +229,13 @@ fn a_killed_rank_ends_the_job_promptly() {
     let cfg = config(d.path(), "long.toml", |t| {
         t.replace("epochs = 3", "epochs = 200")
     });
-    let mut c = Command::new("timeout");
-    c.args([
-        "120",
-        "mpirun",
-        "-np",
-        "2",
-        "--oversubscribe",
-        "--bind-to",
-        "none",
-    ])
-    .arg(env!("CARGO_BIN_EXE_ctseg"))
-    .args(["train", "--config", s(&cfg), "--out", s(&run), "--quiet"])
-    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::piped());
+    let session = MpiSession::new();
+    let mut c = mpirun_command(&session, Some(120));
+    c.args(["-np", "2"])
+        .arg(env!("CARGO_BIN_EXE_ctseg"))
+        .args(["train", "--config", s(&cfg), "--out", s(&run), "--quiet"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
     let mut child = c.spawn().expect("spawn mpirun");
     // Wait until training runs, then kill one rank (a ctseg process whose parent is not us).
     let metrics = run.join("metrics.jsonl");
@@ -344,8 +335,10 @@ fn training_across_two_emulated_hosts() {
     }
     let d = tempfile::tempdir().expect("tmp");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/emulate_hosts.sh");
+    let session = MpiSession::new();
     let launch = |run: &Path| {
-        Command::new("timeout")
+        session
+            .apply(&mut Command::new("timeout"))
             .args([
                 "180",
                 script,
@@ -599,9 +592,9 @@ fn scaling_series_model_and_report_from_the_command_line() {
     let out = d.path().join("series");
     let launcher =
         "timeout 120 mpirun -np {n} --oversubscribe --bind-to none --mca btl self,vader,tcp";
-    let t = ok(Command::new(env!("CARGO_BIN_EXE_ctseg"))
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    let session = MpiSession::new();
+    let t = ok(session
+        .apply(&mut Command::new(env!("CARGO_BIN_EXE_ctseg")))
         .args([
             "bench",
             "scaling",
@@ -786,22 +779,11 @@ fn ranks_given_different_datasets_stop_before_training() {
         .map(String::from)
         .to_vec()
     };
-    let o = Command::new("timeout")
-        .arg("120")
-        .arg("mpirun")
-        .args([
-            "--oversubscribe",
-            "--bind-to",
-            "none",
-            "--mca",
-            "btl",
-            "self,vader,tcp",
-        ])
+    let session = MpiSession::new();
+    let o = mpirun_command(&session, Some(120))
         .args(rank(&a))
         .arg(":")
         .args(rank(&b))
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .output()
         .expect("mpirun");
     let t = ends_promptly(&o, "rank 1 differs from rank 0");
@@ -826,21 +808,11 @@ fn usr1_to_mpirun_stops_every_rank_at_one_step_and_resume_continues_it() {
         600,
     )));
     // Started directly (not under `timeout`, which would have to pass the signal on).
-    let mut job = Command::new("mpirun")
-        .args([
-            "-np",
-            "2",
-            "--oversubscribe",
-            "--bind-to",
-            "none",
-            "--mca",
-            "btl",
-            "self,vader,tcp",
-        ])
+    let session = MpiSession::new();
+    let mut job = mpirun_command(&session, None)
+        .args(["-np", "2"])
         .arg(bin())
         .args(["train", "--config", s(&cfg), "--out", s(&part), "--quiet"])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -44,13 +44,50 @@ fn ctseg_command(wrapper: Option<&Path>, args: &[&str], env: &[(&str, &str)]) ->
     c.output().expect("run ctseg")
 }
 
-/// `mpirun -np NP ctseg ARGS` (oversubscribed, TCP and shared memory, as root if need be),
-/// killed after `timeout_s` so that a hang fails the test instead of the CI run.
-pub fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)], timeout_s: u64) -> Output {
-    let mut c = Command::new("timeout");
-    c.arg(timeout_s.to_string())
-        .arg("mpirun")
-        .args(["-np", &np.to_string()]);
+/// A private Open MPI session folder for one job. Open MPI 4 keeps every job's session directory
+/// in one per-user folder (/tmp/ompi.HOST.UID) and the job that empties it removes it, so a job
+/// starting at that moment fails in orte_init ("A call to mkdir was unable to create the desired
+/// directory"): that is how two tests of one binary, launching mpirun in parallel, failed CI.
+pub struct MpiSession(tempfile::TempDir);
+
+impl MpiSession {
+    pub fn new() -> Self {
+        Self(
+            tempfile::Builder::new()
+                .prefix("ctseg-ompi")
+                .tempdir()
+                .expect("tmp"),
+        )
+    }
+
+    /// Points every mpirun that `c` starts (itself, or through a script or `ctseg bench
+    /// scaling`) at this folder, and lets it run as root if need be.
+    pub fn apply<'c>(&self, c: &'c mut Command) -> &'c mut Command {
+        c.env("OMPI_MCA_orte_tmpdir_base", self.0.path())
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+    }
+}
+
+impl Default for MpiSession {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `mpirun` (oversubscribed, unbound, TCP and shared memory) in `session`, before its `-np` or
+/// program arguments; under `timeout` when given one, so that a hang fails the test instead of
+/// the CI run.
+pub fn mpirun_command(session: &MpiSession, timeout_s: Option<u64>) -> Command {
+    let mut c = match timeout_s {
+        Some(t) => {
+            let mut c = Command::new("timeout");
+            c.arg(t.to_string()).arg("mpirun");
+            c
+        }
+        None => Command::new("mpirun"),
+    };
     c.args([
         "--oversubscribe",
         "--bind-to",
@@ -59,10 +96,15 @@ pub fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)], timeout_s: u64) ->
         "btl",
         "self,vader,tcp",
     ]);
-    c.arg(bin()).args(args);
-    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
-    c.env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    session.apply(&mut c);
+    c
+}
+
+/// `mpirun -np NP ctseg ARGS` in a session of its own, killed after `timeout_s`.
+pub fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)], timeout_s: u64) -> Output {
+    let session = MpiSession::new();
+    let mut c = mpirun_command(&session, Some(timeout_s));
+    c.args(["-np", &np.to_string()]).arg(bin()).args(args);
     for (k, v) in env {
         c.env(k, v);
     }
