@@ -50,6 +50,13 @@ fn main(
     let m0 = wg.y * TM;
     let tx = lid % 16u;
     let ty = lid / 16u;
+    // The invocation's column of the staged image tile is the same in all its loads (nn = lid %
+    // TN, as 256 is a multiple of TN), so its pixel's image, row and column are divided out once
+    // here: runtime-divisor divisions in the loop cost more than the tile's products.
+    let col = n0 + lid % TN;
+    let i = (col % hw) / w;
+    let j = col % w;
+    let x_image = (col / hw) * c_in * hw;
     begin_tile(lanes);
 
     for (var k0 = 0u; k0 < k_total; k0 += TK) {
@@ -77,21 +84,16 @@ fn main(
         // Image columns: tile element e = kk * TN + nn holds col[k0 + kk, n0 + nn].
         for (var l = 0u; l < 4u; l++) {
             let e = lid + l * 256u;
-            let kk = e / TN;
-            let nn = e % TN;
-            let k = k0 + kk;
-            let n = n0 + nn;
+            let k = k0 + e / TN;
             var v = 0.0;
-            if (k < k_total && n < n_total) {
+            if (k < k_total && col < n_total) {
                 let c = k / 9u;
                 let r = k % 9u;
-                let b = n / hw;
-                let p = n % hw;
                 // Unsigned arithmetic: row i + u - 1 is valid when i + u >= 1 and i + u <= h.
-                let iy = p / w + r / 3u;
-                let ix = p % w + r % 3u;
+                let iy = i + r / 3u;
+                let ix = j + r % 3u;
                 if (iy >= 1u && iy <= h && ix >= 1u && ix <= w) {
-                    let at = ((b * c_in + c) * h + (iy - 1u)) * w + (ix - 1u);
+                    let at = x_image + (c * h + (iy - 1u)) * w + (ix - 1u);
                     v = x[at];
                     if ((flags & 4u) != 0u && !(gate[at] > 0.0)) {
                         v = 0.0;

@@ -51,18 +51,24 @@ fn main(
     let n_end = min(n_begin + slice, n_total);
     let tx = lid % 16u;
     let ty = lid / 16u;
+    // The invocation's column of each staged step is the same in all its loads (nn = lid % TN,
+    // as 256 is a multiple of TN) and advances by TN columns a step, so its pixel (image b, row
+    // i, column j) is divided out once here and then carried: runtime-divisor divisions in the
+    // loop cost more than the tile's products.
+    let nn = lid % TN;
+    var b = (n_begin + nn) / hw;
+    var i = ((n_begin + nn) % hw) / w;
+    var j = (n_begin + nn) % w;
     begin_tile(lanes);
 
     for (var n0 = n_begin; n0 < n_end; n0 += TN) {
+        let n = n0 + nn;
+        let p = i * w + j;
         // Tile element e: column nn = e % 16 (consecutive invocations read consecutive
         // pixels), row e / 16.
         for (var l = 0u; l < 4u; l++) {
             let e = lid + l * 256u;
-            let nn = e % TN;
             let row = e / TN;
-            let n = n0 + nn;
-            let b = n / hw;
-            let p = n % hw;
             let m = m0 + row;
             var a = 0.0;
             if (n < n_end && m < c_out) {
@@ -85,8 +91,8 @@ fn main(
                     let c = k / 9u;
                     let r = k % 9u;
                     // Unsigned arithmetic: row i + u - 1 is valid when i + u >= 1 and i + u <= h.
-                    let iy = p / w + r / 3u;
-                    let ix = p % w + r % 3u;
+                    let iy = i + r / 3u;
+                    let ix = j + r % 3u;
                     if (iy >= 1u && iy <= h && ix >= 1u && ix <= w) {
                         v = x[((b * c_in + c) * h + (iy - 1u)) * w + (ix - 1u)];
                         if (f16) {
@@ -100,6 +106,16 @@ fn main(
         workgroupBarrier();
         accumulate_tile(lanes);
         workgroupBarrier();
+        // The next step's pixel, TN columns on (TN / w + 1 rows at most, so a few iterations).
+        j += TN;
+        while (j >= w) {
+            j -= w;
+            i += 1u;
+        }
+        while (i >= h) {
+            i -= h;
+            b += 1u;
+        }
     }
     end_tile(lanes);
 

@@ -705,7 +705,9 @@ fn own_3x3_convolution_gradients_match_the_cpu() {
     // against a float64 evaluation of the definition and against burn's conv2d in
     // src/model/cpu/conv.rs). Shapes: partial tiles in
     // every direction, one input channel, a weight-gradient reduction cut into many slices
-    // (57,600 columns), a deep layer with few pixels and more channels than a tile.
+    // (57,600 columns), a deep layer with few pixels and more channels than a tile, and images
+    // smaller than one staged step of 16 columns (which then spans several images and, at
+    // width 1, 16 rows).
     for (shape, c_out, relu) in [
         ([2, 3, 17, 19], 5, false),
         ([2, 3, 17, 19], 5, true),
@@ -713,6 +715,8 @@ fn own_3x3_convolution_gradients_match_the_cpu() {
         ([2, 16, 24, 24], 70, true),
         ([4, 8, 120, 120], 16, true),
         ([2, 96, 6, 6], 80, false),
+        ([5, 4, 3, 2], 7, true),
+        ([3, 2, 7, 1], 3, false),
     ] {
         let cpu = conv_and_grads(
             &Device::flex(),
