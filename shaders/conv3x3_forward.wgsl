@@ -4,9 +4,10 @@
 // The same kernel computes a convolution's input gradient: the convolution of the output
 // gradient (x here), zeroed where a gate (the forward's ReLU output) is not positive, by the
 // kernel with its channel axes swapped and taps mirrored (read in place: flag 8).
-// M = c_out rows, N = batch*h*w columns, K = c_in*9. Each workgroup computes a 64 x 64 tile of
-// y; each of its 256 invocations a 4 x 4 block in registers (gemm_tile.wgsl), or its subgroups
-// cooperative matrices (gemm_tile_coop.wgsl). K is walked 16 at a time through workgroup
+// M = c_out rows, N = batch*h*w columns, K = c_in*9. Each workgroup computes a TM x TN tile of
+// y (the header's TILE_ROWS x TILE_COLS, 4,096 values); each of its 256 invocations a 4 x 4
+// block in registers (gemm_tile.wgsl), or its subgroups cooperative matrices
+// (gemm_tile_coop.wgsl). K is walked 16 at a time through workgroup
 // memory, so no loop runs longer than K/16 iterations (adapters that cap shader loops, such as
 // lavapipe at 65,535, are safe up to c_in = 116,000).
 //
@@ -14,7 +15,7 @@
 // c_in, c_out, h, w, flags]; flags: 1 ReLU, 2 add the bias, 4 gate x by gate > 0, 8 w is
 // [c_in, c_out, 3, 3] and read swapped and mirrored, 16 both operands rounded to f16 (mixed
 // precision's numerics: f16 operands, f32 accumulation; round_f16 is shaders/f16.wgsl's; always
-// set with cooperative matrices). Workgroups: x * y grid over (N/64) * (M/64) tiles, the M tile
+// set with cooperative matrices). Workgroups: x * y grid over (N/TN) * (M/TM) tiles, the M tile
 // index in the second dimension.
 
 @group(0) @binding(0) var<storage, read_write> x: array<f32>;
@@ -24,8 +25,8 @@
 @group(0) @binding(4) var<storage, read_write> gate: array<f32>;
 @group(0) @binding(5) var<storage, read_write> info: array<u32>;
 
-const TM: u32 = 64u;
-const TN: u32 = 64u;
+const TM: u32 = TILE_ROWS;
+const TN: u32 = TILE_COLS;
 const TK: u32 = 16u;
 
 // a_tile[kk * TM + mm] = w[m0 + mm, k0 + kk], b_tile[kk * TN + nn] = col[k0 + kk, n0 + nn]
@@ -48,8 +49,8 @@ fn main(
     let k_total = c_in * 9u;
     let n0 = wg.x * TN;
     let m0 = wg.y * TM;
-    let tx = lid % 16u;
-    let ty = lid / 16u;
+    let tx = lid % LANES_X;
+    let ty = lid / LANES_X;
     // The invocation's column of the staged image tile is the same in all its loads (nn = lid %
     // TN, as 256 is a multiple of TN), so its pixel's image, row and column are divided out once
     // here: runtime-divisor divisions in the loop cost more than the tile's products.
@@ -61,7 +62,7 @@ fn main(
 
     for (var k0 = 0u; k0 < k_total; k0 += TK) {
         // Weights: tile element e = kk * TM + mm holds w[m0 + mm, k0 + kk].
-        for (var l = 0u; l < 4u; l++) {
+        for (var l = 0u; l < TM / 16u; l++) {
             let e = lid + l * 256u;
             let kk = e / TM;
             let mm = e % TM;
@@ -82,7 +83,7 @@ fn main(
             a_tile[e] = stage(v);
         }
         // Image columns: tile element e = kk * TN + nn holds col[k0 + kk, n0 + nn].
-        for (var l = 0u; l < 4u; l++) {
+        for (var l = 0u; l < TN / 16u; l++) {
             let e = lid + l * 256u;
             let k = k0 + e / TN;
             var v = 0.0;

@@ -4,7 +4,8 @@
 //   extra row col[c_in*9, n] = 1, so column k = c_in*9 of the result is the bias gradient.
 // M = c_out rows, K = c_in*9 + 1 columns, the reduction over N = batch*h*w columns of dy is cut
 // into slices of `slice` columns (a multiple of 16), one slice per workgroup z index; the
-// caller sums the slices. Each workgroup computes a 64 x 64 tile of one slice's M x K result,
+// caller sums the slices. Each workgroup computes a TM x TK tile of one slice's M x K result
+// (the header's TILE_ROWS x TILE_COLS, 4,096 values),
 // each of its 256 invocations a 4 x 4 block in registers (gemm_tile.wgsl), or its subgroups
 // cooperative matrices (gemm_tile_coop.wgsl); N is walked 16 at a time through workgroup
 // memory, so no loop runs longer than slice/16 iterations.
@@ -20,8 +21,8 @@
 @group(0) @binding(3) var<storage, read_write> part: array<f32>;
 @group(0) @binding(4) var<storage, read_write> info: array<u32>;
 
-const TM: u32 = 64u;
-const TK: u32 = 64u;
+const TM: u32 = TILE_ROWS;
+const TK: u32 = TILE_COLS;
 const TN: u32 = 16u;
 
 // a_tile[nn * TM + mm] = dy[m0 + mm, n], b_tile[nn * TK + kk] = col[k0 + kk, n] for the staged
@@ -49,8 +50,8 @@ fn main(
     let m0 = wg.y * TM;
     let n_begin = wg.z * slice;
     let n_end = min(n_begin + slice, n_total);
-    let tx = lid % 16u;
-    let ty = lid / 16u;
+    let tx = lid % LANES_X;
+    let ty = lid / LANES_X;
     // The invocation's column of each staged step is the same in all its loads (nn = lid % TN,
     // as 256 is a multiple of TN) and advances by TN columns a step, so its pixel (image b, row
     // i, column j) is divided out once here and then carried: runtime-divisor divisions in the
@@ -65,10 +66,9 @@ fn main(
         let n = n0 + nn;
         let p = i * w + j;
         // Tile element e: column nn = e % 16 (consecutive invocations read consecutive
-        // pixels), row e / 16.
-        for (var l = 0u; l < 4u; l++) {
-            let e = lid + l * 256u;
-            let row = e / TN;
+        // pixels), row e / 16; dy's TM rows, then the image columns' TK rows.
+        for (var l = 0u; l < TM / 16u; l++) {
+            let row = (lid + l * 256u) / TN;
             let m = m0 + row;
             var a = 0.0;
             if (n < n_end && m < c_out) {
@@ -82,6 +82,9 @@ fn main(
                 }
             }
             a_tile[nn * TM + row] = stage(a);
+        }
+        for (var l = 0u; l < TK / 16u; l++) {
+            let row = (lid + l * 256u) / TN;
             let k = k0 + row;
             var v = 0.0;
             if (n < n_end && k < k_total) {

@@ -6,19 +6,19 @@
 // enable wgpu_cooperative_matrix;`, the aliases CoopA / CoopB / CoopC (CT x CT matrices, f16
 // A and B, f32 C) and the constants CT (8 or 16) and ACC (accumulators per subgroup).
 //
-// The 64 x 64 tile is cut into (64 / CT)^2 matrices of CT x CT; subgroup g accumulates
-// matrices g, g + num_subgroups, ... (ACC at most; the caller sizes ACC for the adapter's
+// The TILE_ROWS x TILE_COLS tile (4,096 values) is cut into MATRICES matrices of CT x CT;
+// subgroup g accumulates matrices g, g + num_subgroups, ... (ACC at most; the caller sizes ACC for the adapter's
 // largest subgroup, and tile_value gives NaN if the subgroups could not cover the tile).
 // Cooperative operations need control flow uniform across the workgroup, so no branch depends
 // on the subgroup: an accumulator beyond the last matrix repeats one and is stored to a
 // scratch block after the tile, which nothing reads.
 
-// [16][64], as in gemm_tile.wgsl: a_tile is the 64 x 16 A block column-major, b_tile the
-// 16 x 64 B block row-major.
-var<workgroup> a_tile: array<f16, 1024>;
-var<workgroup> b_tile: array<f16, 1024>;
-// The finished 64 x 64 tile, row-major, for the kernel's epilogue; then the scratch block.
-var<workgroup> c_tile: array<f32, 4096u + 64u * CT>;
+// As in gemm_tile.wgsl: a_tile is the TILE_ROWS x 16 A block column-major, b_tile the
+// 16 x TILE_COLS B block row-major.
+var<workgroup> a_tile: array<f16, 16u * TILE_ROWS>;
+var<workgroup> b_tile: array<f16, 16u * TILE_COLS>;
+// The finished tile, row-major, for the kernel's epilogue; then the scratch block (CT rows).
+var<workgroup> c_tile: array<f32, 4096u + CT * TILE_COLS>;
 var<private> acc: array<CoopC, ACC>;
 
 struct Lanes {
@@ -37,19 +37,25 @@ fn begin_tile(lanes: Lanes) {
     }
 }
 
-// Accumulator i's matrix: its index among the tile's (64 / CT)^2 (a repeat past the last).
+// Matrices per row of the tile, and in all.
+const PER_ROW: u32 = TILE_COLS / CT;
+const MATRICES: u32 = (TILE_ROWS / CT) * PER_ROW;
+// Invocations per row of 4 x 4 blocks in tile_value, as in gemm_tile.wgsl.
+const LANES_X: u32 = TILE_COLS / 4u;
+
+// Accumulator i's matrix: its index among the tile's MATRICES (a repeat past the last).
 fn matrix(lanes: Lanes, i: u32) -> u32 {
-    return (lanes.sg + i * lanes.nsg) % ((64u / CT) * (64u / CT));
+    return (lanes.sg + i * lanes.nsg) % MATRICES;
 }
 
 fn accumulate_tile(lanes: Lanes) {
     for (var i = 0u; i < ACC; i++) {
         let t = matrix(lanes, i);
-        let row = (t / (64u / CT)) * CT;
-        let col = (t % (64u / CT)) * CT;
+        let row = (t / PER_ROW) * CT;
+        let col = (t % PER_ROW) * CT;
         for (var s = 0u; s < 16u; s += CT) {
-            let a = coopLoad<CoopA>(&a_tile[s * 64u + row], 64u);
-            let b = coopLoadT<CoopB>(&b_tile[s * 64u + col], 64u);
+            let a = coopLoad<CoopA>(&a_tile[s * TILE_ROWS + row], TILE_ROWS);
+            let b = coopLoadT<CoopB>(&b_tile[s * TILE_COLS + col], TILE_COLS);
             acc[i] = coopMultiplyAdd(a, b, acc[i]);
         }
     }
@@ -58,16 +64,16 @@ fn accumulate_tile(lanes: Lanes) {
 fn end_tile(lanes: Lanes) {
     for (var i = 0u; i < ACC; i++) {
         let t = matrix(lanes, i);
-        let first = lanes.sg + i * lanes.nsg < (64u / CT) * (64u / CT);
-        let at = select(4096u, (t / (64u / CT)) * CT * 64u + (t % (64u / CT)) * CT, first);
-        coopStoreT(acc[i], &c_tile[at], 64u);
+        let first = lanes.sg + i * lanes.nsg < MATRICES;
+        let at = select(4096u, (t / PER_ROW) * CT * TILE_COLS + (t % PER_ROW) * CT, first);
+        coopStoreT(acc[i], &c_tile[at], TILE_COLS);
     }
     workgroupBarrier();
 }
 
 fn tile_value(lanes: Lanes, r: u32, q: u32) -> f32 {
-    let v = c_tile[((lanes.lid / 16u) * 4u + r) * 64u + (lanes.lid % 16u) * 4u + q];
+    let v = c_tile[((lanes.lid / LANES_X) * 4u + r) * TILE_COLS + (lanes.lid % LANES_X) * 4u + q];
     // More matrices than the subgroups hold: never silently leave part of the tile out.
-    let covered = lanes.nsg * ACC >= (64u / CT) * (64u / CT);
+    let covered = lanes.nsg * ACC >= MATRICES;
     return select(bitcast<f32>(0x7fc00000u), v, covered);
 }

@@ -705,9 +705,10 @@ fn own_3x3_convolution_gradients_match_the_cpu() {
     // against a float64 evaluation of the definition and against burn's conv2d in
     // src/model/cpu/conv.rs). Shapes: partial tiles in
     // every direction, one input channel, a weight-gradient reduction cut into many slices
-    // (57,600 columns), a deep layer with few pixels and more channels than a tile, and images
+    // (57,600 columns), a deep layer with few pixels and more channels than a tile, images
     // smaller than one staged step of 16 columns (which then spans several images and, at
-    // width 1, 16 rows).
+    // width 1, 16 rows), and a full 32-row tile (the input gradient's 32 channels) beside a
+    // 64-row one with one row used past 32 (33 output channels).
     for (shape, c_out, relu) in [
         ([2, 3, 17, 19], 5, false),
         ([2, 3, 17, 19], 5, true),
@@ -717,6 +718,7 @@ fn own_3x3_convolution_gradients_match_the_cpu() {
         ([2, 96, 6, 6], 80, false),
         ([5, 4, 3, 2], 7, true),
         ([3, 2, 7, 1], 3, false),
+        ([2, 32, 9, 11], 33, true),
     ] {
         let cpu = conv_and_grads(
             &Device::flex(),

@@ -36,14 +36,16 @@ use crate::wgsl::{
     Fused, MAX_GROUPS, WORKGROUP, cube_device, f32_buffer, f32_fused, launch, resolve, shader,
 };
 
+/// The GEMM kernels, after the header [`Tile::header`] writes (and, on cooperative matrices,
+/// [`CoopTile::header`] before it).
 const FORWARD: &str = shader!("gemm_tile.wgsl", "conv3x3_forward.wgsl");
 const WEIGHT_GRAD: &str = shader!("gemm_tile.wgsl", "conv3x3_weight_grad.wgsl");
-/// The same kernels on cooperative matrices, after the header [`CoopTile::header`] writes.
 const FORWARD_COOP: &str = shader!("gemm_tile_coop.wgsl", "conv3x3_forward.wgsl");
 const WEIGHT_GRAD_COOP: &str = shader!("gemm_tile_coop.wgsl", "conv3x3_weight_grad.wgsl");
 const SUM_SLICES: &str = shader!("sum_slices.wgsl");
-/// The output tile of one workgroup in both GEMM kernels, rows and columns, as the shaders
-/// declare; and their K (forward) or N (weight gradient) step.
+/// The values of one workgroup's output tile in both GEMM kernels (256 invocations' 4×4
+/// blocks), its tallest shape's side, and the kernels' K (forward) or N (weight gradient) step.
+const TILE_VALUES: usize = 4096;
 const TILE: usize = 64;
 const STEP: usize = 16;
 /// The weight-gradient kernel's slices: enough workgroups to fill a large GPU.
@@ -78,44 +80,112 @@ impl Operands {
         self != Operands::F32
     }
 
-    /// The forward and weight-gradient kernels (source, profile name).
-    fn kernels(self) -> [(&'static str, &'static str); 2] {
-        match self {
-            Operands::F32 | Operands::F16 => [
-                (FORWARD, "conv3x3_forward"),
-                (WEIGHT_GRAD, "conv3x3_weight_grad"),
-            ],
-            Operands::Coop(t) => {
-                let [f, w] = t.sources();
-                [(f, "conv3x3_forward_coop"), (w, "conv3x3_weight_grad_coop")]
-            }
+    /// The tile for a GEMM of `m` rows with these operands.
+    fn tile(self, m: usize) -> Tile {
+        let shortest = match self {
+            Operands::Coop(t) => t.shortest,
+            Operands::F32 | Operands::F16 => Tile::SHORT,
+        };
+        Tile::for_rows(m, shortest)
+    }
+
+    /// The forward and weight-gradient kernels with output `tile` (source, profile name).
+    fn kernels(self, tile: Tile) -> [(&'static str, &'static str); 2] {
+        let coop = match self {
+            Operands::Coop(t) => Some(t),
+            Operands::F32 | Operands::F16 => None,
+        };
+        let [f, w] = sources(coop, tile);
+        match coop {
+            None => [(f, "conv3x3_forward"), (w, "conv3x3_weight_grad")],
+            Some(_) => [(f, "conv3x3_forward_coop"), (w, "conv3x3_weight_grad_coop")],
         }
     }
 }
 
+/// A workgroup's output tile in both GEMM kernels: `rows` × 4,096 / `rows` values. The GEMM's
+/// rows are the convolution's output channels (its input channels for the input gradient), so
+/// a layer of 32 channels (livermask's first level at width 32) would leave half of a 64-row
+/// tile empty: such GEMMs get a 32 × 128 tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tile {
+    rows: usize,
+}
+
+impl Tile {
+    const SHORT: usize = 32;
+    const SHAPES: [Tile; 2] = [Tile { rows: Self::SHORT }, Tile { rows: TILE }];
+
+    /// The shortest tile that holds `m` rows, or is at least `shortest` rows.
+    fn for_rows(m: usize, shortest: usize) -> Self {
+        let rows = if m <= Self::SHORT { Self::SHORT } else { TILE };
+        Self {
+            rows: rows.max(shortest),
+        }
+    }
+
+    fn cols(self) -> usize {
+        TILE_VALUES / self.rows
+    }
+
+    /// The WGSL constants the GEMM kernels read (shaders/gemm_tile.wgsl).
+    fn header(self) -> String {
+        format!(
+            "const TILE_ROWS: u32 = {}u;\nconst TILE_COLS: u32 = {}u;\n",
+            self.rows,
+            self.cols()
+        )
+    }
+}
+
+/// The forward and weight-gradient sources for `tile`, on `coop`'s cooperative matrices or in
+/// registers, written once per process and configuration (kernels are launched by
+/// `&'static str`).
+fn sources(coop: Option<CoopTile>, tile: Tile) -> [&'static str; 2] {
+    type Known = Vec<((Option<CoopTile>, Tile), [&'static str; 2])>;
+    static SOURCES: Mutex<Known> = Mutex::new(Vec::new());
+    let mut known = SOURCES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, s)) = known.iter().find(|(k, _)| *k == (coop, tile)) {
+        return *s;
+    }
+    let header = coop.map_or(String::new(), CoopTile::header) + &tile.header();
+    let leak = |body: &str| -> &'static str { Box::leak((header.clone() + body).into()) };
+    let s = match coop {
+        None => [leak(FORWARD), leak(WEIGHT_GRAD)],
+        Some(_) => [leak(FORWARD_COOP), leak(WEIGHT_GRAD_COOP)],
+    };
+    known.push(((coop, tile), s));
+    s
+}
+
 /// The cooperative-matrix products the kernels use on an adapter (shaders/gemm_tile_coop.wgsl):
 /// `size`×`size`×`size` with f16 operands and f32 accumulators, `per_subgroup` accumulators in
-/// each subgroup (enough for the adapter's largest subgroups to cover a 64×64 tile).
+/// each subgroup (enough for the adapter's largest subgroups to cover an output tile), on tiles
+/// of at least `shortest` rows (those whose workgroup memory the adapter has).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CoopTile {
     /// The matrices' side: 8 or 16.
     pub size: u32,
     /// Accumulators per subgroup.
     pub per_subgroup: u32,
+    /// The shortest output tile (32 or 64 rows) that fits the adapter's workgroup memory.
+    pub shortest: usize,
 }
 
 impl CoopTile {
-    /// Workgroup memory the cooperative kernels declare for products of `size`: the f16 A and B
-    /// tiles (2 KiB each), the f32 result tile (16 KiB) and a scratch block of 64×`size` f32.
-    fn workgroup_bytes(size: u32) -> u32 {
-        4096 + (4096 + 64 * size) * 4
+    /// Workgroup memory the cooperative kernels declare for products of `size` on `tile`: the
+    /// f16 A and B blocks (16 rows and columns of the tile), the f32 result tile (16 KiB) and a
+    /// scratch block of `size` of its rows.
+    fn workgroup_bytes(size: u32, tile: Tile) -> u32 {
+        let (rows, cols) = (tile.rows as u32, tile.cols() as u32);
+        16 * (rows + cols) * 2 + (TILE_VALUES as u32 + size * cols) * 4
     }
 
     /// The configuration for an adapter offering square f16 × f16 → f32 products of the sizes
     /// `f16_to_f32` (8 and 16 are those WGSL can name), f16 in shaders (`shader_f16`), subgroup
     /// ids (`subgroups`) with at most `max_subgroup` invocations per subgroup, and
     /// `workgroup_bytes` of workgroup memory: 16 where offered (a quarter of the products of
-    /// 8), else 8; `None` where anything is missing.
+    /// 8) and a 64-row tile fits, else 8; `None` where anything is missing.
     pub fn choose(
         f16_to_f32: &[u32],
         shader_f16: bool,
@@ -126,14 +196,20 @@ impl CoopTile {
         if !shader_f16 || !subgroups || max_subgroup == 0 {
             return None;
         }
+        let fits = |size: u32, tile: Tile| Self::workgroup_bytes(size, tile) <= workgroup_bytes;
         let size = [16, 8]
             .into_iter()
-            .find(|s| f16_to_f32.contains(s) && Self::workgroup_bytes(*s) <= workgroup_bytes)?;
-        let matrices = (TILE as u32 / size).pow(2);
+            .find(|s| f16_to_f32.contains(s) && fits(*s, Tile { rows: TILE }))?;
+        let shortest = Tile::SHAPES.into_iter().find(|t| fits(size, *t))?.rows;
+        let matrices = TILE_VALUES as u32 / size.pow(2);
         let fewest_subgroups = (WORKGROUP / max_subgroup.min(WORKGROUP)).max(1);
         let per_subgroup = matrices.div_ceil(fewest_subgroups);
         // More accumulators than this would spill registers on any GPU.
-        (per_subgroup <= 16).then_some(Self { size, per_subgroup })
+        (per_subgroup <= 16).then_some(Self {
+            size,
+            per_subgroup,
+            shortest,
+        })
     }
 
     /// How logs and `ctseg adapters` name it.
@@ -150,20 +226,6 @@ impl CoopTile {
              alias CoopA = coop_mat{s}x{s}<f16, A>;\nalias CoopB = coop_mat{s}x{s}<f16, B>;\n\
              alias CoopC = coop_mat{s}x{s}<f32, C>;\nconst CT: u32 = {s}u;\nconst ACC: u32 = {acc}u;\n"
         )
-    }
-
-    /// The forward and weight-gradient sources for this configuration, written once per
-    /// process and configuration (kernels are launched by `&'static str`).
-    fn sources(self) -> [&'static str; 2] {
-        static SOURCES: Mutex<Vec<(CoopTile, [&'static str; 2])>> = Mutex::new(Vec::new());
-        let mut known = SOURCES.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, s)) = known.iter().find(|(t, _)| *t == self) {
-            return *s;
-        }
-        let leak = |body: &str| -> &'static str { Box::leak((self.header() + body).into()) };
-        let s = [leak(FORWARD_COOP), leak(WEIGHT_GRAD_COOP)];
-        known.push((self, s));
-        s
     }
 }
 
@@ -187,15 +249,18 @@ impl ConvShape {
             k: 3,
         };
         let fits = |v: usize| u32::try_from(v).is_ok();
+        // The 64-row tile has the most column tiles; either tile may cut the weight gradient
+        // into more slices.
         let n_tiles = s.n().div_ceil(TILE);
-        let (slice, slices) = s.slices();
+        let sliced = |tile| {
+            let (slice, slices) = s.slices(tile);
+            slices <= MAX_GROUPS && fits(slices * c_out * (c_in * 9 + 1)) && fits(s.n() + slice)
+        };
         let ok = n_tiles <= MAX_GROUPS
             && c_in.max(c_out) * 9 <= MAX_LOOP
             && (c_in * 9 + 1).div_ceil(TILE) <= MAX_GROUPS
-            && slices <= MAX_GROUPS
-            && fits(s.n() * c_in.max(c_out))
-            && fits(slices * c_out * (c_in * 9 + 1))
-            && fits(s.n() + slice);
+            && Tile::SHAPES.into_iter().all(sliced)
+            && fits(s.n() * c_in.max(c_out));
         ok.then_some(s)
     }
 
@@ -204,9 +269,10 @@ impl ConvShape {
         self.batch * self.h * self.w
     }
 
-    /// Columns per weight-gradient slice (a multiple of the kernel's step) and the slice count.
-    fn slices(&self) -> (usize, usize) {
-        let tiles = (self.c_in * 9 + 1).div_ceil(TILE) * self.c_out.div_ceil(TILE);
+    /// Columns per weight-gradient slice (a multiple of the kernel's step) and the slice count,
+    /// on output `tile`.
+    fn slices(&self, tile: Tile) -> (usize, usize) {
+        let tiles = (self.c_in * 9 + 1).div_ceil(tile.cols()) * self.c_out.div_ceil(tile.rows);
         let n = self.n();
         let wanted = TARGET_WORKGROUPS
             .div_ceil(tiles)
@@ -359,10 +425,11 @@ fn launch_conv(
     let y = x.client.empty(s.n() * s.c_out * 4);
     let [b, ci, co, h, wd] = s.dims();
     let flags = flags | if operands.f16() { F16_OPERANDS } else { 0 };
+    let tile = operands.tile(s.c_out);
     launch(
         &x.client,
-        operands.kernels()[0],
-        grid(s.n().div_ceil(TILE), s.c_out.div_ceil(TILE), 1),
+        operands.kernels(tile)[0],
+        grid(s.n().div_ceil(tile.cols()), s.c_out.div_ceil(tile.rows), 1),
         &[&x.handle, &w.handle, &bias.handle, &y, &gate.handle],
         &[b, ci, co, h, wd, flags],
     );
@@ -380,14 +447,19 @@ fn launch_weight_grad(
     operands: Operands,
 ) -> (Handle, Handle) {
     let client = &x.client;
-    let (slice, slices) = s.slices();
+    let tile = operands.tile(s.c_out);
+    let (slice, slices) = s.slices(tile);
     let k = s.c_in * 9;
     let part = client.empty(slices * s.c_out * (k + 1) * 4);
     let [b, ci, co, h, wd] = s.dims();
     launch(
         &x.client,
-        operands.kernels()[1],
-        grid((k + 1).div_ceil(TILE), s.c_out.div_ceil(TILE), slices),
+        operands.kernels(tile)[1],
+        grid(
+            (k + 1).div_ceil(tile.cols()),
+            s.c_out.div_ceil(tile.rows),
+            slices,
+        ),
         &[&x.handle, &dy.handle, &gate.unwrap_or(dy).handle, &part],
         &[
             b,
@@ -433,10 +505,12 @@ mod tests {
         ] {
             let s = ConvShape::of([batch, c_in, hw, hw], [c_out, c_in, 3, 3], [c_out])
                 .expect("covered");
-            let (slice, slices) = s.slices();
-            assert_eq!(slice % STEP, 0);
-            assert!(slice * slices >= s.n());
-            assert!(slice / STEP <= 16_384, "{slice}");
+            for tile in Tile::SHAPES {
+                let (slice, slices) = s.slices(tile);
+                assert_eq!(slice % STEP, 0);
+                assert!(slice * slices >= s.n());
+                assert!(slice / STEP <= 16_384, "{slice}");
+            }
         }
     }
 
@@ -453,6 +527,11 @@ mod tests {
         assert_eq!(coop(&[16], 64, 65_536).map(|t| t.per_subgroup), Some(4));
         // 22 KiB of workgroup memory hold the scratch block for products of 8, not of 16.
         assert_eq!(coop(&[8, 16], 32, 22_528).map(|t| t.size), Some(8));
+        // A 32 x 128 tile's scratch block of 16 rows needs 29 KiB (NVIDIA has 48); with 24 KiB
+        // only 64-row tiles fit.
+        assert_eq!(coop(&[16], 32, 49_152).map(|t| t.shortest), Some(32));
+        assert_eq!(coop(&[16], 32, 29_696).map(|t| t.shortest), Some(32));
+        assert_eq!(coop(&[16], 32, 24_576).map(|t| t.shortest), Some(64));
         // One subgroup of 128 for 64 matrices of 8 would need 32 accumulators each.
         assert_eq!(coop(&[8], 128, 65_536), None);
         // Too little workgroup memory, or no size WGSL names.
@@ -473,12 +552,23 @@ mod tests {
         let caps = Capabilities::SHADER_FLOAT16
             | Capabilities::SUBGROUP
             | Capabilities::COOPERATIVE_MATRIX;
-        let mut sources = vec![FORWARD, WEIGHT_GRAD, SUM_SLICES];
-        for (size, per_subgroup) in [(8, 2), (8, 16), (16, 1), (16, 2), (16, 4)] {
-            sources.extend(CoopTile { size, per_subgroup }.sources());
+        let mut sources = vec![SUM_SLICES];
+        for tile in Tile::SHAPES {
+            sources.extend(super::sources(None, tile));
+            for (size, per_subgroup) in [(8, 2), (8, 16), (16, 1), (16, 2), (16, 4)] {
+                let coop = CoopTile {
+                    size,
+                    per_subgroup,
+                    shortest: tile.rows,
+                };
+                sources.extend(super::sources(Some(coop), tile));
+            }
         }
         for source in sources {
-            let name = source.lines().find(|l| l.starts_with("alias CoopC"));
+            let name = [
+                source.lines().find(|l| l.starts_with("alias CoopC")),
+                source.lines().find(|l| l.starts_with("const TILE_ROWS")),
+            ];
             let module = naga::front::wgsl::parse_str(source)
                 .unwrap_or_else(|e| panic!("{name:?}: {}", e.emit_to_string(source)));
             let info = Validator::new(ValidationFlags::all(), caps)
