@@ -116,7 +116,8 @@ impl Tile {
     const SHORT: usize = 32;
     const SHAPES: [Tile; 2] = [Tile { rows: Self::SHORT }, Tile { rows: TILE }];
 
-    /// The shortest tile that holds `m` rows, or is at least `shortest` rows.
+    /// The shortest tile that holds `m` rows (the 64-row one for more), never shorter than
+    /// `shortest`.
     fn for_rows(m: usize, shortest: usize) -> Self {
         let rows = if m <= Self::SHORT { Self::SHORT } else { TILE };
         Self {
