@@ -516,6 +516,30 @@ mod tests {
     }
 
     #[test]
+    fn gemms_of_at_most_32_rows_get_32_row_tiles_where_memory_allows() {
+        for operands in [Operands::F32, Operands::F16] {
+            assert_eq!(operands.tile(1), Tile { rows: 32 });
+            assert_eq!(operands.tile(32), Tile { rows: 32 });
+            assert_eq!(operands.tile(33), Tile { rows: 64 });
+            assert_eq!(operands.tile(1024), Tile { rows: 64 });
+        }
+        assert_eq!(Tile { rows: 32 }.cols(), 128);
+        assert_eq!(Tile { rows: 64 }.cols(), 64);
+        // An adapter whose workgroup memory holds only the 64-row scratch block.
+        let tall_only = CoopTile {
+            size: 16,
+            per_subgroup: 2,
+            shortest: 64,
+        };
+        assert_eq!(Operands::Coop(tall_only).tile(16), Tile { rows: 64 });
+        let both = CoopTile {
+            shortest: 32,
+            ..tall_only
+        };
+        assert_eq!(Operands::Coop(both).tile(16), Tile { rows: 32 });
+    }
+
+    #[test]
     fn cooperative_tiles_cover_the_output_tile_on_each_adapter() {
         let coop = |sizes: &[u32], subgroup: u32, bytes: u32| {
             CoopTile::choose(sizes, true, true, subgroup, bytes)
