@@ -443,34 +443,46 @@ fn lits_model() -> &'static LitsModel {
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("mkdir");
         let lits = lits_folder(&root, 2);
-        let ds = root.join("ds");
-        common::ok(common::ctseg(&[
-            "prepare",
-            "--input",
-            common::s(&lits),
-            "--out",
-            common::s(&ds),
-            "--size",
-            "32",
-            "--quiet",
-        ]));
-        let run = root.join("run");
-        common::ok(common::ctseg(&[
-            "train",
-            "--config",
-            common::TINY,
-            "--data",
-            common::s(&ds),
-            "--size",
-            "32",
-            "--max-steps",
-            "30",
-            "--quiet",
-            "--out",
-            common::s(&run),
-        ]));
+        let (_, run) = prepare_and_train(&root, &lits, &[], 30);
         LitsModel { lits, run, root }
     })
+}
+
+/// `ctseg prepare` of `lits` at 32² (with `options`) into `dir/ds`, then the tiny config
+/// trained on it for `steps` steps into `dir/run`: the dataset and the run.
+fn prepare_and_train(
+    dir: &Path,
+    lits: &Path,
+    options: &[&str],
+    steps: usize,
+) -> (PathBuf, PathBuf) {
+    let (ds, run) = (dir.join("ds"), dir.join("run"));
+    let mut prepare = vec![
+        "prepare",
+        "--input",
+        common::s(lits),
+        "--out",
+        common::s(&ds),
+    ];
+    prepare.extend(["--size", "32", "--quiet"]);
+    prepare.extend(options);
+    common::ok(common::ctseg(&prepare));
+    let steps = steps.to_string();
+    common::ok(common::ctseg(&[
+        "train",
+        "--config",
+        common::TINY,
+        "--data",
+        common::s(&ds),
+        "--size",
+        "32",
+        "--max-steps",
+        &steps,
+        "--quiet",
+        "--out",
+        common::s(&run),
+    ]));
+    (ds, run)
 }
 
 #[test]
@@ -1148,36 +1160,9 @@ fn a_csv_listing_one_image_twice_is_refused_with_both_rows() {
 fn area_resized_training_data_makes_prediction_resize_by_area() {
     let d = tempfile::tempdir().expect("tmp");
     let lits = lits_folder(d.path(), 2);
-    let ds = d.path().join("ds");
-    common::ok(common::ctseg(&[
-        "prepare",
-        "--input",
-        common::s(&lits),
-        "--out",
-        common::s(&ds),
-        "--size",
-        "32",
-        "--resize",
-        "area",
-        "--quiet",
-    ]));
+    let (ds, run) = prepare_and_train(d.path(), &lits, &["--resize", "area"], 2);
     let manifest = std::fs::read_to_string(ds.join("dataset.json")).expect("manifest");
     assert!(manifest.contains("\"resize\": \"area\""), "{manifest}");
-    let run = d.path().join("run");
-    common::ok(common::ctseg(&[
-        "train",
-        "--config",
-        common::TINY,
-        "--data",
-        common::s(&ds),
-        "--size",
-        "32",
-        "--max-steps",
-        "2",
-        "--quiet",
-        "--out",
-        common::s(&run),
-    ]));
     let trained =
         ctseg::train::Trained::open(&run, ctseg::rundir::CheckpointKind::Last).expect("checkpoint");
     assert_eq!(
