@@ -5,8 +5,8 @@
 // gradient (x here), zeroed where a gate (the forward's ReLU output) is not positive, by the
 // kernel with its channel axes swapped and taps mirrored (read in place: flag 8).
 // M = c_out rows, N = batch*h*w columns, K = c_in*9. Each workgroup computes a TM x TN tile of
-// y (the header's TILE_ROWS x TILE_COLS, 4,096 values); each of its 256 invocations a 4 x 4
-// block in registers (gemm_tile.wgsl), or its subgroups cooperative matrices
+// y (the header's TILE_ROWS x TILE_COLS); each of its 256 invocations a BLOCK x BLOCK block in
+// registers (gemm_tile.wgsl), or its subgroups cooperative matrices
 // (gemm_tile_coop.wgsl). K is walked 16 at a time through workgroup
 // memory, so no loop runs longer than K/16 iterations (adapters that cap shader loops, such as
 // lavapipe at 65,535, are safe up to c_in = 116,000).
@@ -49,8 +49,6 @@ fn main(
     let k_total = c_in * 9u;
     let n0 = wg.x * TN;
     let m0 = wg.y * TM;
-    let tx = lid % LANES_X;
-    let ty = lid / LANES_X;
     // The invocation's column of the staged image tile is the same in all its loads (nn = lid %
     // TN, as 256 is a multiple of TN), so its pixel's image, row and column are divided out once
     // here: runtime-divisor divisions in the loop cost more than the tile's products.
@@ -112,13 +110,13 @@ fn main(
     }
     end_tile(lanes);
 
-    for (var r = 0u; r < 4u; r++) {
-        let m = m0 + ty * 4u + r;
+    for (var r = 0u; r < BLOCK; r++) {
+        let m = m0 + tile_row(lanes, r);
         if (m >= c_out) {
             continue;
         }
-        for (var q = 0u; q < 4u; q++) {
-            let n = n0 + tx * 4u + q;
+        for (var q = 0u; q < BLOCK; q++) {
+            let n = n0 + tile_col(lanes, q);
             if (n >= n_total) {
                 continue;
             }

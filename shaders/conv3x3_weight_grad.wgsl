@@ -5,8 +5,8 @@
 // M = c_out rows, K = c_in*9 + 1 columns, the reduction over N = batch*h*w columns of dy is cut
 // into slices of `slice` columns (a multiple of 16), one slice per workgroup z index; the
 // caller sums the slices. Each workgroup computes a TM x TK tile of one slice's M x K result
-// (the header's TILE_ROWS x TILE_COLS, 4,096 values),
-// each of its 256 invocations a 4 x 4 block in registers (gemm_tile.wgsl), or its subgroups
+// (the header's TILE_ROWS x TILE_COLS), each of its 256 invocations a BLOCK x BLOCK block in
+// registers (gemm_tile.wgsl), or its subgroups
 // cooperative matrices (gemm_tile_coop.wgsl); N is walked 16 at a time through workgroup
 // memory, so no loop runs longer than slice/16 iterations.
 //
@@ -50,8 +50,6 @@ fn main(
     let m0 = wg.y * TM;
     let n_begin = wg.z * slice;
     let n_end = min(n_begin + slice, n_total);
-    let tx = lid % LANES_X;
-    let ty = lid / LANES_X;
     // The invocation's column of each staged step is the same in all its loads (nn = lid % TN,
     // as 256 is a multiple of TN) and advances by TN columns a step, so its pixel (image b, row
     // i, column j) is divided out once here and then carried: runtime-divisor divisions in the
@@ -123,13 +121,13 @@ fn main(
     end_tile(lanes);
 
     let base = wg.z * c_out * k_total;
-    for (var r = 0u; r < 4u; r++) {
-        let m = m0 + ty * 4u + r;
+    for (var r = 0u; r < BLOCK; r++) {
+        let m = m0 + tile_row(lanes, r);
         if (m >= c_out) {
             continue;
         }
-        for (var q = 0u; q < 4u; q++) {
-            let k = k0 + tx * 4u + q;
+        for (var q = 0u; q < BLOCK; q++) {
+            let k = k0 + tile_col(lanes, q);
             if (k < k_total) {
                 part[base + m * k_total + k] = tile_value(lanes, r, q);
             }

@@ -6,8 +6,8 @@
 // enable wgpu_cooperative_matrix;`, the aliases CoopA / CoopB / CoopC (CT x CT matrices, f16
 // A and B, f32 C) and the constants CT (8 or 16) and ACC (accumulators per subgroup).
 //
-// The TILE_ROWS x TILE_COLS tile (4,096 values) is cut into MATRICES matrices of CT x CT;
-// subgroup g accumulates matrices g, g + num_subgroups, ... (ACC at most; the caller sizes ACC for the adapter's
+// The TILE_ROWS x TILE_COLS tile (4,096 values; BLOCK is 4) is cut into MATRICES matrices of
+// CT x CT; subgroup g accumulates matrices g, g + num_subgroups, ... (ACC at most; the caller sizes ACC for the adapter's
 // largest subgroup, and tile_value gives NaN if the subgroups could not cover the tile).
 // Cooperative operations need control flow uniform across the workgroup, so no branch depends
 // on the subgroup: an accumulator beyond the last matrix repeats one and is stored to a
@@ -40,8 +40,18 @@ fn begin_tile(lanes: Lanes) {
 // Matrices per row of the tile, and in all.
 const PER_ROW: u32 = TILE_COLS / CT;
 const MATRICES: u32 = (TILE_ROWS / CT) * PER_ROW;
-// Invocations per row of 4 x 4 blocks in tile_value, as in gemm_tile.wgsl.
-const LANES_X: u32 = TILE_COLS / 4u;
+// Invocations per row and column of the blocks tile_value hands out, as in gemm_tile.wgsl.
+const LANES_X: u32 = TILE_COLS / BLOCK;
+const LANES_Y: u32 = TILE_ROWS / BLOCK;
+
+// As in gemm_tile.wgsl: the invocation's share of the tile is strided.
+fn tile_row(lanes: Lanes, r: u32) -> u32 {
+    return lanes.lid / LANES_X + r * LANES_Y;
+}
+
+fn tile_col(lanes: Lanes, q: u32) -> u32 {
+    return lanes.lid % LANES_X + q * LANES_X;
+}
 
 // Accumulator i's matrix: its index among the tile's MATRICES (a repeat past the last).
 fn matrix(lanes: Lanes, i: u32) -> u32 {
@@ -72,7 +82,7 @@ fn end_tile(lanes: Lanes) {
 }
 
 fn tile_value(lanes: Lanes, r: u32, q: u32) -> f32 {
-    let v = c_tile[((lanes.lid / LANES_X) * 4u + r) * TILE_COLS + (lanes.lid % LANES_X) * 4u + q];
+    let v = c_tile[tile_row(lanes, r) * TILE_COLS + tile_col(lanes, q)];
     // More matrices than the subgroups hold: never silently leave part of the tile out.
     let covered = lanes.nsg * ACC >= MATRICES;
     return select(bitcast<f32>(0x7fc00000u), v, covered);

@@ -707,8 +707,10 @@ fn own_3x3_convolution_gradients_match_the_cpu() {
     // every direction, one input channel, a weight-gradient reduction cut into many slices
     // (57,600 columns), a deep layer with few pixels and more channels than a tile, images
     // smaller than one staged step of 16 columns (which then spans several images and, at
-    // width 1, 16 rows), and a full 32-row tile (the input gradient's 32 channels) beside a
-    // 64-row one with one row used past 32 (33 output channels).
+    // width 1, 16 rows), a full 32-row tile (the input gradient's 32 channels) beside a
+    // 64-row one with one row used past 32 (33 output channels), and partial 128 x 128 tiles of
+    // 8 x 8 blocks in all three GEMMs (65 and 66 channels, 32,761 pixels: 256 column tiles, the
+    // fewest that get them).
     for (shape, c_out, relu) in [
         ([2, 3, 17, 19], 5, false),
         ([2, 3, 17, 19], 5, true),
@@ -719,6 +721,7 @@ fn own_3x3_convolution_gradients_match_the_cpu() {
         ([5, 4, 3, 2], 7, true),
         ([3, 2, 7, 1], 3, false),
         ([2, 32, 9, 11], 33, true),
+        ([1, 65, 181, 181], 66, true),
     ] {
         let cpu = conv_and_grads(
             &Device::flex(),

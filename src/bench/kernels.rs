@@ -67,14 +67,15 @@ impl std::str::FromStr for KernelCase {
 }
 
 /// The livermask U-Net's layers the default run measures: width 32's first level and its third
-/// level, the bottleneck's input, and width 64's first level, at batch 4; width 64's first level
-/// at the study's batch 30.
-pub const LIVERMASK_CASES: [KernelCase; 5] = [
+/// level, the bottleneck's input, and width 64's first level, at batch 4; width 64's first and
+/// second levels at the study's batch 30 (the second on ctseg's 128 × 128 tiles).
+pub const LIVERMASK_CASES: [KernelCase; 6] = [
     KernelCase::new([4, 32, 240, 240], 32),
     KernelCase::new([4, 64, 120, 120], 64),
     KernelCase::new([4, 256, 30, 30], 256),
     KernelCase::new([4, 64, 240, 240], 64),
     KernelCase::new([30, 64, 240, 240], 64),
+    KernelCase::new([30, 128, 120, 120], 128),
 ];
 
 impl KernelCase {

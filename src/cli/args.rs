@@ -454,8 +454,8 @@ pub struct BenchKernelsArgs {
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
     /// Layers as B,C,H,W (a convolution C → C) or B,C,H,W,CO; repeatable. Default: livermask's
-    /// (width 32 at 240², 120² and its bottleneck's input, width 64 at 240², batch 4, and at the
-    /// study's batch 30).
+    /// (width 32 at 240², 120² and its bottleneck's input, width 64 at 240², batch 4; width 64 at
+    /// 240² and 120² at the study's batch 30).
     #[arg(long = "case", value_name = "B,C,H,W[,CO]")]
     pub cases: Vec<ctseg::bench::kernels::KernelCase>,
     /// Only the first N default layers.

@@ -43,10 +43,7 @@ const WEIGHT_GRAD: &str = shader!("gemm_tile.wgsl", "conv3x3_weight_grad.wgsl");
 const FORWARD_COOP: &str = shader!("gemm_tile_coop.wgsl", "conv3x3_forward.wgsl");
 const WEIGHT_GRAD_COOP: &str = shader!("gemm_tile_coop.wgsl", "conv3x3_weight_grad.wgsl");
 const SUM_SLICES: &str = shader!("sum_slices.wgsl");
-/// The values of one workgroup's output tile in both GEMM kernels (256 invocations' 4×4
-/// blocks), its tallest shape's side, and the kernels' K (forward) or N (weight gradient) step.
-const TILE_VALUES: usize = 4096;
-const TILE: usize = 64;
+/// The kernels' K (forward) or N (weight gradient) step.
 const STEP: usize = 16;
 /// The weight-gradient kernel's slices: enough workgroups to fill a large GPU.
 const TARGET_WORKGROUPS: usize = 1024;
@@ -80,13 +77,21 @@ impl Operands {
         self != Operands::F32
     }
 
-    /// The tile for a GEMM of `m` rows with these operands.
-    fn tile(self, m: usize) -> Tile {
-        let shortest = match self {
-            Operands::Coop(t) => t.shortest,
-            Operands::F32 | Operands::F16 => Tile::SHORT,
-        };
-        Tile::for_rows(m, shortest)
+    /// The tile for a GEMM of `m` rows with these operands, which would launch
+    /// `workgroups(tile)` workgroups on `tile`.
+    fn tile(self, m: usize, workgroups: impl Fn(Tile) -> usize) -> Tile {
+        match self {
+            Operands::Coop(t) => Tile::for_rows(m, t.shortest),
+            Operands::F32 | Operands::F16 => {
+                let large =
+                    m > Tile::SQUARE.rows && workgroups(Tile::LARGE) >= LARGE_TILE_WORKGROUPS;
+                if large {
+                    Tile::LARGE
+                } else {
+                    Tile::for_rows(m, Tile::SHORT.rows)
+                }
+            }
+        }
     }
 
     /// The forward and weight-gradient kernels with output `tile` (source, profile name).
@@ -103,38 +108,51 @@ impl Operands {
     }
 }
 
-/// A workgroup's output tile in both GEMM kernels: `rows` × 4,096 / `rows` values. The GEMM's
-/// rows are the convolution's output channels (its input channels for the input gradient), so
-/// a layer of 32 channels (livermask's first level at width 32) would leave half of a 64-row
-/// tile empty: such GEMMs get a 32 × 128 tile.
+/// A workgroup's output tile in both GEMM kernels: `rows` × `cols`, `block` × `block` values
+/// per invocation (256 of them). The GEMM's rows are the convolution's output channels (its
+/// input channels for the input gradient), so a layer of 32 channels (livermask's first level
+/// at width 32) would leave half of a 64-row tile empty: such GEMMs get a 32 × 128 tile. Tall
+/// GEMMs get 128 × 128 tiles of 8 × 8 blocks, which load half as many staged values per product
+/// as 4 × 4 blocks (on a GPU, workgroup-memory bandwidth bounds a 4 × 4 block), where that still
+/// leaves enough workgroups to fill a large GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Tile {
     rows: usize,
+    cols: usize,
+    block: usize,
 }
 
-impl Tile {
-    const SHORT: usize = 32;
-    const SHAPES: [Tile; 2] = [Tile { rows: Self::SHORT }, Tile { rows: TILE }];
+/// Workgroups below which a GEMM keeps 64 × 64 tiles rather than 128 × 128 ones: two per
+/// streaming multiprocessor of the largest GPUs (the H200 has 132).
+const LARGE_TILE_WORKGROUPS: usize = 256;
 
-    /// The shortest tile that holds `m` rows (the 64-row one for more), never shorter than
-    /// `shortest`.
-    fn for_rows(m: usize, shortest: usize) -> Self {
-        let rows = if m <= Self::SHORT { Self::SHORT } else { TILE };
-        Self {
-            rows: rows.max(shortest),
-        }
+impl Tile {
+    const SHORT: Tile = Tile::new(32, 128, 4);
+    const SQUARE: Tile = Tile::new(64, 64, 4);
+    const LARGE: Tile = Tile::new(128, 128, 8);
+    const SHAPES: [Tile; 3] = [Self::SHORT, Self::SQUARE, Self::LARGE];
+    /// The tiles of 4,096 values shaders/gemm_tile_coop.wgsl covers, shortest first.
+    const COOP_SHAPES: [Tile; 2] = [Self::SHORT, Self::SQUARE];
+
+    const fn new(rows: usize, cols: usize, block: usize) -> Self {
+        Self { rows, cols, block }
     }
 
-    fn cols(self) -> usize {
-        TILE_VALUES / self.rows
+    /// The shortest tile of 4,096 values that holds `m` rows (the 64-row one for more), never
+    /// shorter than `shortest` rows.
+    fn for_rows(m: usize, shortest: usize) -> Self {
+        if m <= Self::SHORT.rows && shortest <= Self::SHORT.rows {
+            Self::SHORT
+        } else {
+            Self::SQUARE
+        }
     }
 
     /// The WGSL constants the GEMM kernels read (shaders/gemm_tile.wgsl).
     fn header(self) -> String {
         format!(
-            "const TILE_ROWS: u32 = {}u;\nconst TILE_COLS: u32 = {}u;\n",
-            self.rows,
-            self.cols()
+            "const TILE_ROWS: u32 = {}u;\nconst TILE_COLS: u32 = {}u;\nconst BLOCK: u32 = {}u;\n",
+            self.rows, self.cols, self.block
         )
     }
 }
@@ -178,8 +196,8 @@ impl CoopTile {
     /// f16 A and B blocks (16 rows and columns of the tile), the f32 result tile (16 KiB) and a
     /// scratch block of `size` of its rows.
     fn workgroup_bytes(size: u32, tile: Tile) -> u32 {
-        let (rows, cols) = (tile.rows as u32, tile.cols() as u32);
-        16 * (rows + cols) * 2 + (TILE_VALUES as u32 + size * cols) * 4
+        let (rows, cols) = (tile.rows as u32, tile.cols as u32);
+        16 * (rows + cols) * 2 + (rows * cols + size * cols) * 4
     }
 
     /// The configuration for an adapter offering square f16 × f16 → f32 products of the sizes
@@ -200,9 +218,9 @@ impl CoopTile {
         let fits = |size: u32, tile: Tile| Self::workgroup_bytes(size, tile) <= workgroup_bytes;
         let size = [16, 8]
             .into_iter()
-            .find(|s| f16_to_f32.contains(s) && fits(*s, Tile { rows: TILE }))?;
-        let shortest = Tile::SHAPES.into_iter().find(|t| fits(size, *t))?.rows;
-        let matrices = TILE_VALUES as u32 / size.pow(2);
+            .find(|s| f16_to_f32.contains(s) && fits(*s, Tile::SQUARE))?;
+        let shortest = Tile::COOP_SHAPES.into_iter().find(|t| fits(size, *t))?.rows;
+        let matrices = (Tile::SQUARE.rows * Tile::SQUARE.cols) as u32 / size.pow(2);
         let fewest_subgroups = (WORKGROUP / max_subgroup.min(WORKGROUP)).max(1);
         let per_subgroup = matrices.div_ceil(fewest_subgroups);
         // More accumulators than this would spill registers on any GPU.
@@ -250,17 +268,19 @@ impl ConvShape {
             k: 3,
         };
         let fits = |v: usize| u32::try_from(v).is_ok();
-        // The 64-row tile has the most column tiles; either tile may cut the weight gradient
-        // into more slices.
-        let n_tiles = s.n().div_ceil(TILE);
-        let sliced = |tile| {
-            let (slice, slices) = s.slices(tile);
-            slices <= MAX_GROUPS && fits(slices * c_out * (c_in * 9 + 1)) && fits(s.n() + slice)
+        // Every tile's grids within the dispatch limit; each may cut the weight gradient into
+        // its own number of slices.
+        let launchable = |tile| {
+            let (slice, _) = s.slices(tile);
+            let (f, w) = (s.forward_grid(tile), s.weight_grad_grid(tile));
+            [f.0, f.1, w.0, w.1, w.2]
+                .into_iter()
+                .all(|g| g <= MAX_GROUPS)
+                && fits(w.2 * c_out * (c_in * 9 + 1))
+                && fits(s.n() + slice)
         };
-        let ok = n_tiles <= MAX_GROUPS
-            && c_in.max(c_out) * 9 <= MAX_LOOP
-            && (c_in * 9 + 1).div_ceil(TILE) <= MAX_GROUPS
-            && Tile::SHAPES.into_iter().all(sliced)
+        let ok = c_in.max(c_out) * 9 <= MAX_LOOP
+            && Tile::SHAPES.into_iter().all(launchable)
             && fits(s.n() * c_in.max(c_out));
         ok.then_some(s)
     }
@@ -273,7 +293,7 @@ impl ConvShape {
     /// Columns per weight-gradient slice (a multiple of the kernel's step) and the slice count,
     /// on output `tile`.
     fn slices(&self, tile: Tile) -> (usize, usize) {
-        let tiles = (self.c_in * 9 + 1).div_ceil(tile.cols()) * self.c_out.div_ceil(tile.rows);
+        let tiles = (self.c_in * 9 + 1).div_ceil(tile.cols) * self.c_out.div_ceil(tile.rows);
         let n = self.n();
         let wanted = TARGET_WORKGROUPS
             .div_ceil(tiles)
@@ -281,6 +301,21 @@ impl ConvShape {
             .max(n.div_ceil(MAX_LOOP));
         let slice = n.div_ceil(wanted).div_ceil(STEP) * STEP;
         (slice, n.div_ceil(slice))
+    }
+
+    /// The forward kernel's workgroups on `tile`: column tiles × row tiles.
+    fn forward_grid(&self, tile: Tile) -> (usize, usize) {
+        (self.n().div_ceil(tile.cols), self.c_out.div_ceil(tile.rows))
+    }
+
+    /// The weight-gradient kernel's workgroups on `tile`: K tiles × row tiles × slices.
+    fn weight_grad_grid(&self, tile: Tile) -> (usize, usize, usize) {
+        let k = self.c_in * 9 + 1;
+        (
+            k.div_ceil(tile.cols),
+            self.c_out.div_ceil(tile.rows),
+            self.slices(tile).1,
+        )
     }
 
     /// The `info` prefix both GEMM kernels read.
@@ -426,11 +461,15 @@ fn launch_conv(
     let y = x.client.empty(s.n() * s.c_out * 4);
     let [b, ci, co, h, wd] = s.dims();
     let flags = flags | if operands.f16() { F16_OPERANDS } else { 0 };
-    let tile = operands.tile(s.c_out);
+    let tile = operands.tile(s.c_out, |t| {
+        let (x, y) = s.forward_grid(t);
+        x * y
+    });
+    let (gx, gy) = s.forward_grid(tile);
     launch(
         &x.client,
         operands.kernels(tile)[0],
-        grid(s.n().div_ceil(tile.cols()), s.c_out.div_ceil(tile.rows), 1),
+        grid(gx, gy, 1),
         &[&x.handle, &w.handle, &bias.handle, &y, &gate.handle],
         &[b, ci, co, h, wd, flags],
     );
@@ -448,19 +487,19 @@ fn launch_weight_grad(
     operands: Operands,
 ) -> (Handle, Handle) {
     let client = &x.client;
-    let tile = operands.tile(s.c_out);
-    let (slice, slices) = s.slices(tile);
+    let tile = operands.tile(s.c_out, |t| {
+        let (x, y, z) = s.weight_grad_grid(t);
+        x * y * z
+    });
+    let (slice, _) = s.slices(tile);
+    let (gx, gy, slices) = s.weight_grad_grid(tile);
     let k = s.c_in * 9;
     let part = client.empty(slices * s.c_out * (k + 1) * 4);
     let [b, ci, co, h, wd] = s.dims();
     launch(
         &x.client,
         operands.kernels(tile)[1],
-        grid(
-            (k + 1).div_ceil(tile.cols()),
-            s.c_out.div_ceil(tile.rows),
-            slices,
-        ),
+        grid(gx, gy, slices),
         &[&x.handle, &dy.handle, &gate.unwrap_or(dy).handle, &part],
         &[
             b,
@@ -517,26 +556,55 @@ mod tests {
 
     #[test]
     fn gemms_of_at_most_32_rows_get_32_row_tiles_where_memory_allows() {
+        let few = |_| 1;
         for operands in [Operands::F32, Operands::F16] {
-            assert_eq!(operands.tile(1), Tile { rows: 32 });
-            assert_eq!(operands.tile(32), Tile { rows: 32 });
-            assert_eq!(operands.tile(33), Tile { rows: 64 });
-            assert_eq!(operands.tile(1024), Tile { rows: 64 });
+            assert_eq!(operands.tile(1, few), Tile::SHORT);
+            assert_eq!(operands.tile(32, few), Tile::SHORT);
+            assert_eq!(operands.tile(33, few), Tile::SQUARE);
+            assert_eq!(operands.tile(1024, few), Tile::SQUARE);
         }
-        assert_eq!(Tile { rows: 32 }.cols(), 128);
-        assert_eq!(Tile { rows: 64 }.cols(), 64);
+        for tile in Tile::SHAPES {
+            // 256 invocations' blocks make the tile.
+            assert_eq!(tile.rows * tile.cols, 256 * tile.block * tile.block);
+        }
         // An adapter whose workgroup memory holds only the 64-row scratch block.
         let tall_only = CoopTile {
             size: 16,
             per_subgroup: 2,
             shortest: 64,
         };
-        assert_eq!(Operands::Coop(tall_only).tile(16), Tile { rows: 64 });
+        assert_eq!(Operands::Coop(tall_only).tile(16, few), Tile::SQUARE);
         let both = CoopTile {
             shortest: 32,
             ..tall_only
         };
-        assert_eq!(Operands::Coop(both).tile(16), Tile { rows: 32 });
+        assert_eq!(Operands::Coop(both).tile(16, few), Tile::SHORT);
+    }
+
+    #[test]
+    fn gemms_of_more_than_64_rows_get_128_row_tiles_when_those_fill_the_gpu() {
+        let enough = |t: Tile| if t == Tile::LARGE { 256 } else { 4096 };
+        let too_few = |t: Tile| if t == Tile::LARGE { 255 } else { 4096 };
+        for operands in [Operands::F32, Operands::F16] {
+            assert_eq!(operands.tile(65, enough), Tile::LARGE);
+            assert_eq!(operands.tile(1024, enough), Tile::LARGE);
+            assert_eq!(operands.tile(64, enough), Tile::SQUARE);
+            assert_eq!(operands.tile(1024, too_few), Tile::SQUARE);
+        }
+        // Cooperative matrices cover tiles of 4,096 values only.
+        let coop = Operands::Coop(CoopTile {
+            size: 16,
+            per_subgroup: 2,
+            shortest: 32,
+        });
+        assert_eq!(coop.tile(1024, enough), Tile::SQUARE);
+        // livermask at width 64, batch 30: the 128-channel level at 120² fills 128 x 128 tiles
+        // in all three GEMMs; the bottleneck at 15², batch 4, launches too few of them.
+        let s = ConvShape::of([30, 128, 120, 120], [128, 128, 3, 3], [128]).expect("covered");
+        assert_eq!(s.forward_grid(Tile::LARGE), (3375, 1));
+        assert_eq!(s.weight_grad_grid(Tile::LARGE), (10, 1, 103));
+        let s = ConvShape::of([4, 512, 15, 15], [1024, 512, 3, 3], [1024]).expect("covered");
+        assert_eq!(s.forward_grid(Tile::LARGE), (8, 8));
     }
 
     #[test]
@@ -580,6 +648,8 @@ mod tests {
         let mut sources = vec![SUM_SLICES];
         for tile in Tile::SHAPES {
             sources.extend(super::sources(None, tile));
+        }
+        for tile in Tile::COOP_SHAPES {
             for (size, per_subgroup) in [(8, 2), (8, 16), (16, 1), (16, 2), (16, 4)] {
                 let coop = CoopTile {
                     size,
