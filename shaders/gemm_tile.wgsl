@@ -47,14 +47,12 @@ fn begin_tile(lanes: Lanes) {
 
 // acc[r * BLOCK + q] += sum over the 16 staged steps of a[tile_row(r)] * b[tile_col(q)].
 fn accumulate_tile(lanes: Lanes) {
-    let ty = lanes.lid / LANES_X;
-    let tx = lanes.lid % LANES_X;
     for (var s = 0u; s < 16u; s++) {
         var a: array<f32, BLOCK>;
         var b: array<f32, BLOCK>;
         for (var q = 0u; q < BLOCK; q++) {
-            a[q] = a_tile[s * TILE_ROWS + ty + q * LANES_Y];
-            b[q] = b_tile[s * TILE_COLS + tx + q * LANES_X];
+            a[q] = a_tile[s * TILE_ROWS + tile_row(lanes, q)];
+            b[q] = b_tile[s * TILE_COLS + tile_col(lanes, q)];
         }
         for (var r = 0u; r < BLOCK; r++) {
             for (var q = 0u; q < BLOCK; q++) {
