@@ -71,6 +71,16 @@ pub enum Error {
         run_dir: PathBuf,
     },
 
+    /// A file other than a config, dataset file or checkpoint is malformed: a run directory's
+    /// `summary.json` or `metrics.jsonl` given to `report`, `bench model` or `--resume`.
+    #[error("{path}: {message}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it, naming the field.
+        message: String,
+    },
+
     /// No usable compute device.
     #[error("{0}")]
     Device(String),
@@ -79,7 +89,8 @@ pub enum Error {
     #[error("{0}")]
     Argument(String),
 
-    /// Anything else that is the caller's fault, with an explanation.
+    /// Anything else, with an explanation: a failed peer or launch, an internal
+    /// inconsistency. Input the user gave has one of the variants above.
     #[error("{0}")]
     Invalid(String),
 }
@@ -96,6 +107,14 @@ impl Error {
     /// A dataset error for `path`.
     pub fn dataset(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Self::Dataset {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A malformed-file error for `path`.
+    pub fn malformed(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Self::Malformed {
             path: path.into(),
             message: message.into(),
         }

@@ -14,6 +14,7 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
             | ctseg::Error::ConfigValue { .. }
             | ctseg::Error::Dataset { .. }
             | ctseg::Error::Checkpoint { .. }
+            | ctseg::Error::Malformed { .. }
             | ctseg::Error::Argument(_),
         ) => 2,
         Some(ctseg::Error::Diverged { .. }) => 3,

@@ -919,3 +919,79 @@ fn mixed_precision_on_the_cpu_rounds_operands_and_scales_the_loss() {
         );
     }
 }
+
+#[test]
+fn bench_step_never_writes_its_profile_over_the_config() {
+    let d = tempfile::tempdir().expect("tmp");
+    let config = write_config(d.path(), "c.toml", |t| t);
+    let before = std::fs::read(&config).expect("read");
+    fails_with(
+        ctseg(&[
+            "bench",
+            "step",
+            "--config",
+            s(&config),
+            "--profile",
+            "1",
+            "--profile-json",
+            s(&config),
+        ]),
+        2,
+        &["--profile-json", "c.toml"],
+    );
+    assert!(
+        std::fs::read(&config).expect("read") == before,
+        "config untouched"
+    );
+}
+
+#[test]
+fn bench_scaling_refuses_a_timeout_that_is_not_a_positive_number() {
+    // `--timeout-s -1` panicked in Duration::from_secs_f64 after `--out` was made.
+    let d = tempfile::tempdir().expect("tmp");
+    let out = d.path().join("series");
+    for bad in ["-1", "0", "nan"] {
+        fails_with(
+            ctseg(&[
+                "bench",
+                "scaling",
+                "--config",
+                TINY,
+                "--out",
+                s(&out),
+                &format!("--timeout-s={bad}"),
+            ]),
+            2,
+            &["--timeout-s", "positive number of seconds"],
+        );
+        assert!(!out.exists(), "{bad}: nothing written");
+    }
+}
+
+#[test]
+fn report_of_a_path_that_does_not_exist_is_bad_input() {
+    let d = tempfile::tempdir().expect("tmp");
+    let missing = d.path().join("no-such-run");
+    let out = d.path().join("report");
+    fails_with(
+        ctseg(&["report", s(&missing), "--out", s(&out)]),
+        2,
+        &["no-such-run", "not a run directory"],
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn report_of_a_damaged_summary_is_bad_input_naming_the_file_and_field() {
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    std::fs::create_dir(&run).expect("mkdir");
+    std::fs::write(run.join("summary.json"), "{\"world_size\": \"two\"}").expect("write");
+    let out = d.path().join("report");
+    fails_with(
+        ctseg(&["report", s(&run), "--out", s(&out)]),
+        2,
+        &["summary.json", "world_size"],
+    );
+    assert!(!out.exists());
+}

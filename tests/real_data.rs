@@ -1246,3 +1246,112 @@ fn predict_and_export_never_write_over_their_inputs() {
         "the checkpoint is untouched"
     );
 }
+
+#[test]
+fn a_voxel_size_that_is_not_finite_is_refused_naming_pixdim() {
+    // A NaN pixdim reached `evaluate`'s surface distances, which failed after the case's
+    // mask was written, naming neither the file nor the field.
+    let d = tempfile::tempdir().expect("tmp");
+    let f = edited(d.path(), "nan.nii.gz", &ct(), |b| set_f32(b, 80, f32::NAN));
+    prepare_fails_cleanly(&f, &liver(), &["pixdim[1] = NaN", "finite voxel size"]);
+    let f = edited(d.path(), "inf.nii", &ct(), |b| {
+        set_f32(b, 88, f32::INFINITY)
+    });
+    prepare_fails_cleanly(&f, &liver(), &["pixdim[3] = inf"]);
+}
+
+#[test]
+fn predict_refuses_two_inputs_that_would_share_a_mask_before_any_work() {
+    // `a.nii` and `a.nii.gz` both map to `a-pred.nii.gz`: the second mask replaced the first.
+    // Refused before the checkpoint is even opened (it does not exist here).
+    let d = tempfile::tempdir().expect("tmp");
+    let input = d.path().join("in");
+    std::fs::create_dir(&input).expect("mkdir");
+    std::fs::copy(ct(), input.join("a.nii.gz")).expect("copy");
+    std::fs::write(input.join("a.nii"), gunzip_file(&ct())).expect("write");
+    let out = d.path().join("out");
+    common::fails_with(
+        common::ctseg(&[
+            "predict",
+            "--checkpoint",
+            common::s(&d.path().join("no-run")),
+            "--input",
+            common::s(&input),
+            "--output",
+            common::s(&out),
+        ]),
+        2,
+        &["--output", "a-pred.nii.gz", "a.nii ", "a.nii.gz"],
+    );
+    assert!(!out.exists(), "nothing written");
+}
+
+#[test]
+fn evaluate_refuses_two_cases_that_would_share_a_saved_mask_before_any_work() {
+    // Two cases named `ct.nii.gz` in different folders: `--save-masks` wrote both to
+    // `ct-pred.nii.gz`.
+    let d = tempfile::tempdir().expect("tmp");
+    for case in ["one", "two"] {
+        std::fs::create_dir(d.path().join(case)).expect("mkdir");
+        std::fs::copy(ct(), d.path().join(case).join("ct.nii.gz")).expect("copy");
+        std::fs::copy(liver(), d.path().join(case).join("seg.nii.gz")).expect("copy");
+    }
+    let csv = d.path().join("cases.csv");
+    std::fs::write(
+        &csv,
+        "image,label\none/ct.nii.gz,one/seg.nii.gz\ntwo/ct.nii.gz,two/seg.nii.gz\n",
+    )
+    .expect("csv");
+    let out = d.path().join("eval");
+    common::fails_with(
+        common::ctseg(&[
+            "evaluate",
+            "--checkpoint",
+            common::s(&d.path().join("no-run")),
+            "--input",
+            common::s(&csv),
+            "--out",
+            common::s(&out),
+            "--save-masks",
+        ]),
+        2,
+        &["--out", "ct-pred.nii.gz", "one/ct.nii.gz", "two/ct.nii.gz"],
+    );
+    assert!(!out.exists(), "nothing written");
+}
+
+#[test]
+fn predict_refuses_a_model_without_a_tumour_channel_naming_the_checkpoint() {
+    // A 2-class model (background, liver) trains, but predict needs the tumour channel; it
+    // used to fail after the first batch with exit status 1.
+    let d = tempfile::tempdir().expect("tmp");
+    let config = common::write_config(d.path(), "two.toml", |t| {
+        t.replace("classes = 3", "classes = 2")
+    });
+    let run = d.path().join("run");
+    common::ok(common::ctseg(&[
+        "train",
+        "--config",
+        common::s(&config),
+        "--max-steps",
+        "1",
+        "--quiet",
+        "--out",
+        common::s(&run),
+    ]));
+    let out = d.path().join("mask.nii.gz");
+    common::fails_with(
+        common::ctseg(&[
+            "predict",
+            "--checkpoint",
+            common::s(&run),
+            "--input",
+            common::s(&ct()),
+            "--output",
+            common::s(&out),
+        ]),
+        2,
+        &["run/best.ctck", "model.classes = 2"],
+    );
+    assert!(!out.exists(), "nothing written");
+}

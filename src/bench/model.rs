@@ -114,22 +114,40 @@ pub const DEFAULT_COPY_GBS: f64 = 1.0;
 /// The measured inputs from a run directory (its `summary.json`, `metrics.jsonl` and config).
 /// `copy_gbs` estimates the gradient copy of a 1-rank run (see [`DEFAULT_COPY_GBS`]).
 pub fn measured_from_run(run_dir: &Path, copy_gbs: f64) -> Result<Measured> {
+    let run = crate::rundir::RunDir::new(run_dir);
     let s = super::scaling::read_summary(run_dir)?;
+    let per_step_images = s
+        .batch_size
+        .max(1)
+        .checked_mul(s.accumulate.max(1))
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| {
+            Error::malformed(
+                run.summary(),
+                format!(
+                    "batch_size {} × accumulate {} overflows; expected the images of one step on one rank",
+                    s.batch_size, s.accumulate
+                ),
+            )
+        })?;
     let [compute, copy, comm, _wait] = super::scaling::step_split(run_dir)?;
-    let per_step_images = (s.batch_size.max(1) * s.accumulate.max(1)) as usize;
     if !(compute.is_finite() && s.median_step_s.is_finite() && s.median_step_s > 0.0) {
-        return Err(Error::Invalid(format!(
-            "{}: the run has no timed steps (summary.json median_step_s = {}); run more steps",
-            run_dir.display(),
-            s.median_step_s
-        )));
+        return Err(Error::malformed(
+            run.summary(),
+            format!(
+                "median_step_s = {}: the run has no timed steps; run more steps",
+                s.median_step_s
+            ),
+        ));
     }
     // Only the wire format of the gradients is read from the run's config, leniently: runs of
     // older versions (other optimiser keys) still feed the model.
-    let cfg_path = crate::rundir::RunDir::new(run_dir).config();
+    let cfg_path = run.config();
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let value: toml::Value = toml::from_str(&text)
-        .map_err(|e| Error::Invalid(format!("{}: {e}", cfg_path.display())))?;
+    let value: toml::Value = toml::from_str(&text).map_err(|e| Error::ConfigParse {
+        path: cfg_path.clone(),
+        message: e.to_string(),
+    })?;
     let fp16 = value
         .get("distributed")
         .and_then(|d| d.get("grad_compression"))
@@ -182,7 +200,8 @@ pub fn predict(
     ranks: &[usize],
     steps_to_target: &[(f64, f64)],
 ) -> Vec<Prediction> {
-    let per_step = m.batch * m.accumulate;
+    // Saturating: the rank counts come from the command line and may be absurd.
+    let per_step = m.batch.saturating_mul(m.accumulate);
     let step_at = |n: usize| {
         let compute = per_step as f64 * m.compute_per_image_s;
         let ar = allreduce_s(net, n, m.grad_bytes);
@@ -190,7 +209,10 @@ pub fn predict(
         (compute, ar, compute + m.other_s + copy + ar)
     };
     let epoch_at = |n: usize| {
-        let spe = (m.train_slices / (per_step * n)) as u64;
+        let spe = per_step
+            .checked_mul(n)
+            .filter(|&g| g > 0)
+            .map_or(0, |g| m.train_slices / g) as u64;
         (spe, spe as f64 * step_at(n).2)
     };
     let throughput1 = per_step as f64 / step_at(1).2;
@@ -199,7 +221,7 @@ pub fn predict(
         .map(|&n| {
             let (compute_s, allreduce_s, step_s) = step_at(n);
             let (steps_per_epoch, epoch_s) = epoch_at(n);
-            let global_batch = per_step * n;
+            let global_batch = per_step.saturating_mul(n);
             let steps = interpolate_steps(steps_to_target, global_batch as f64);
             Prediction {
                 ranks: n,
@@ -423,6 +445,42 @@ mod tests {
         // 1000 ranks × 2 images > 1000 slices: no step fits.
         assert_eq!(p[2].steps_per_epoch, 0);
         assert_eq!(p[2].steps_to_target, None);
+    }
+
+    #[test]
+    fn absurd_rank_counts_predict_no_step_instead_of_panicking() {
+        // `--max-ranks` near usize::MAX gave 2^61 ranks × 8 images, which wrapped to a global
+        // batch of 0 and divided the training set by it.
+        let m = Measured {
+            compute_per_image_s: 0.5,
+            other_s: 0.1,
+            copy_s: 0.2,
+            grad_bytes: 125e6,
+            batch: 8,
+            accumulate: 1,
+            train_slices: 1000,
+            source: String::new(),
+        };
+        let p = predict(&m, &net(Algorithm::Ring), &[1 << 61, 1 << 63], &[]);
+        assert!(p.iter().all(|p| p.steps_per_epoch == 0), "{p:?}");
+        assert!(p.iter().all(|p| p.global_batch == usize::MAX), "{p:?}");
+    }
+
+    #[test]
+    fn a_summarys_overflowing_batch_is_refused_naming_the_file_and_fields() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join(crate::rundir::SUMMARY),
+            "{\"batch_size\":4294967296,\"accumulate\":4294967296,\"median_step_s\":1.0}",
+        )
+        .expect("write summary");
+        let e = measured_from_run(dir.path(), DEFAULT_COPY_GBS)
+            .expect_err("overflowing batch")
+            .to_string();
+        assert!(
+            e.contains("summary.json") && e.contains("batch_size 4294967296 × accumulate"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -270,6 +270,15 @@ pub fn run_scaling(
     o: &ScalingOptions,
     mut on_row: impl FnMut(&ScalingRow),
 ) -> Result<Vec<ScalingRow>> {
+    let timeout = Duration::try_from_secs_f64(o.timeout_s)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .ok_or_else(|| {
+            Error::Argument(format!(
+                "--timeout-s {}: expected a positive number of seconds",
+                o.timeout_s
+            ))
+        })?;
     std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
     let mut rows = Vec::new();
     for kind in &o.backends {
@@ -289,7 +298,7 @@ pub fn run_scaling(
             }
             let argv = launch_argv(o, backend, n, &run_dir)?;
             let log = o.out.join(format!("{backend}-n{n}.log"));
-            let result = run_one(&argv, &log, Duration::from_secs_f64(o.timeout_s));
+            let result = run_one(&argv, &log, timeout);
             let launch_s = match result {
                 Ok(t) => t,
                 Err(e) => {

@@ -293,7 +293,7 @@ pub struct EvaluateArgs {
     #[arg(long)]
     pub save_masks: bool,
     /// Also draw each case's slices with the most tumour and liver, truth and prediction
-    /// outlined, as `<case>-overlay.png` in the output folder.
+    /// outlined, as `<case>-pred-overlay.png` in the output folder.
     #[arg(long)]
     pub overlays: bool,
 }

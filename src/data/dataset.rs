@@ -570,7 +570,7 @@ impl Dataset {
         ids.sort_unstable();
         ids.dedup();
         if ids.len() < 2 {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Argument(format!(
                 "dataset {} has {} volume(s); a split by volume needs at least 2",
                 self.origin,
                 ids.len()

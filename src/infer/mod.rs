@@ -74,6 +74,15 @@ impl Predictor {
 
     /// The model of the trained run `trained` on `be`'s device.
     pub fn new(trained: &Trained, be: &Backend) -> Result<Self> {
+        let classes = trained.cfg.model.classes;
+        if classes < 3 {
+            return Err(Error::checkpoint(
+                &trained.file,
+                format!(
+                    "model.classes = {classes}; predict and evaluate need background, liver and tumour (3 output channels)"
+                ),
+            ));
+        }
         Ok(Self {
             cfg: trained.cfg.clone(),
             resize: Self::input_resize(trained),
@@ -121,12 +130,8 @@ impl Predictor {
             let x =
                 Tensor::<4>::from_data(TensorData::new(inputs, [b, channels, s, s]), &self.device);
             let probs = to_f32(self.model.forward(x, Mode::Eval))?;
+            // At least 3 ([`Predictor::new`]).
             let classes = self.cfg.model.classes;
-            if classes < 3 {
-                return Err(Error::Invalid(format!(
-                    "the model has {classes} output channels; predict needs background, liver and tumour (3)"
-                )));
-            }
             for k in 0..b {
                 let p = |c: usize| &probs[(k * classes + c) * px..(k * classes + c + 1) * px];
                 let (liver, tumour) = (p(1), p(2));
@@ -415,7 +420,7 @@ pub fn global(cases: &[CaseResult]) -> Global {
 }
 
 /// The mask file `evaluate --save-masks` writes for `pair`.
-fn mask_path(out: &Path, pair: &Pair) -> PathBuf {
+pub fn mask_path(out: &Path, pair: &Pair) -> PathBuf {
     let name = pair
         .image
         .file_name()

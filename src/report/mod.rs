@@ -56,7 +56,7 @@ pub struct ReportOutput {
 pub fn report(run_dirs: &[PathBuf], out_dir: &Path, o: &ReportOptions) -> Result<ReportOutput> {
     check_options(o)?;
     if run_dirs.is_empty() {
-        return Err(Error::Invalid(
+        return Err(Error::Argument(
             "report: no run directories given".to_string(),
         ));
     }
@@ -162,13 +162,13 @@ pub fn report(run_dirs: &[PathBuf], out_dir: &Path, o: &ReportOptions) -> Result
 
 fn check_options(o: &ReportOptions) -> Result<()> {
     if let Some(t) = o.loss_targets.iter().find(|t| !t.is_finite()) {
-        return Err(Error::Invalid(format!(
-            "report options: loss_targets: {t} is not a finite number"
+        return Err(Error::Argument(format!(
+            "--loss-targets: {t} is not a finite number"
         )));
     }
     if !(o.dice_target.is_finite() && (0.0..=1.0).contains(&o.dice_target)) {
-        return Err(Error::Invalid(format!(
-            "report options: dice_target: {} is not a number in [0, 1]",
+        return Err(Error::Argument(format!(
+            "--dice-target: {} is not a number in [0, 1]",
             o.dice_target
         )));
     }

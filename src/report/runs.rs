@@ -81,7 +81,7 @@ pub(crate) struct Run {
 /// error naming it.
 pub(crate) fn load_run(dir: &Path) -> Result<Run> {
     if !dir.is_dir() {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Argument(format!(
             "{}: not a run directory (it does not exist or is not a directory)",
             dir.display()
         )));
@@ -91,7 +91,7 @@ pub(crate) fn load_run(dir: &Path) -> Result<Run> {
     let has_summary = summary_path.is_file();
     let has_metrics = metrics_path.is_file();
     if !has_summary && !has_metrics {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Argument(format!(
             "{}: not a run directory: it has neither {} nor {}",
             dir.display(),
             crate::rundir::SUMMARY,
@@ -152,10 +152,14 @@ fn derive(
     };
     let ranks = if summary.world_size > 0 {
         summary.world_size
-    } else if cfg_batch > 0 && global_batch > 0 && global_batch % (cfg_batch * accumulate) == 0 {
-        global_batch / (cfg_batch * accumulate)
     } else {
-        0
+        // Values from a damaged config may overflow: then the rank count is unknown.
+        match cfg_batch.checked_mul(accumulate) {
+            Some(per_rank) if per_rank > 0 && global_batch > 0 && global_batch % per_rank == 0 => {
+                global_batch / per_rank
+            }
+            _ => 0,
+        }
     };
     let median_step_s = if summary.median_step_s > 0.0 {
         summary.median_step_s
@@ -326,7 +330,10 @@ fn estimate_global_batch(steps: &[Step]) -> u64 {
 /// Reads the keys the report uses from `config.resolved.toml` (others are ignored).
 pub(crate) fn read_config(path: &Path) -> Result<ConfigInfo> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    toml::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+    toml::from_str(&text).map_err(|e| Error::ConfigParse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -369,6 +376,26 @@ mod tests {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         );
+    }
+
+    #[test]
+    fn a_damaged_configs_batch_leaves_the_rank_count_unknown() {
+        // 2^32 × 2^32 wrapped to 0 in `global_batch % (batch × accumulate)`, a division by
+        // zero that panicked `ctseg report`.
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(
+            dir.path(),
+            "metrics.jsonl",
+            "{\"kind\":\"step\",\"step\":1,\"epoch\":1,\"wall_s\":1.0,\"loss\":-0.5,\"images_per_s\":8.0}\n",
+        );
+        write(dir.path(), "summary.json", "{\"global_batch\":8}");
+        write(
+            dir.path(),
+            "config.resolved.toml",
+            "[train]\nbatch_size = 4294967296\naccumulate = 4294967296\n",
+        );
+        let run = load_run(dir.path()).expect("run");
+        assert_eq!(run.ranks, 0);
     }
 
     #[test]

@@ -160,7 +160,7 @@ fn parse_lines<'a>(text: &'a str, path: &Path) -> Result<(Vec<Line<'a>>, bool)> 
         .collect();
     let mut out = Vec::with_capacity(lines.len());
     let bad = |number: usize, message: String| {
-        Error::Invalid(format!("{}: line {number}: {message}", path.display()))
+        Error::malformed(path, format!("line {number}: {message}"))
     };
     for (k, &(i, line)) in lines.iter().enumerate() {
         let number = i + 1;

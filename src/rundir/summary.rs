@@ -107,7 +107,7 @@ impl Summary {
     /// Reads `path`: lenient across versions, strict on types (the error names the field).
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let bad = |m: String| Error::Invalid(format!("{}: {m}", path.display()));
+        let bad = |m: String| Error::malformed(path, m);
         let value: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         if !value.is_object() {

@@ -1,8 +1,10 @@
 //! File output, in one place: every file ctseg writes goes through an atomic writer (a temporary
 //! sibling, fsync, rename), so a crash, a full disk or a second signal never leaves a
-//! half-written file in place of a good one; and every command checks its outputs against its
-//! inputs with [`refuse_overwriting_inputs`] before it writes, so no command replaces what it
-//! reads.
+//! half-written file in place of a good one (streams aside: `metrics.jsonl` is appended, its
+//! torn last line dropped on reading, and `bench scaling` streams its runs' logs); and every
+//! command checks its outputs against its inputs with [`refuse_overwriting_inputs`] (and against
+//! each other with [`refuse_shared_outputs`]) before it writes, so no command replaces what it
+//! reads or what it wrote a moment before.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -126,6 +128,26 @@ pub fn refuse_overwriting_inputs(flag: &str, output: &Path, inputs: &[&Path]) ->
             return Err(Error::Argument(format!(
                 "{flag} {}: is the input {} itself; refusing to overwrite an input (choose another output)",
                 output.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses (exit 2, naming both inputs) when two of `jobs`' (input, output) pairs would write
+/// the same output, before any work starts: the second would silently replace the first.
+pub fn refuse_shared_outputs<'a>(
+    flag: &str,
+    jobs: impl IntoIterator<Item = (&'a Path, &'a Path)>,
+) -> Result<()> {
+    let mut seen: std::collections::HashMap<&Path, &Path> = std::collections::HashMap::new();
+    for (input, output) in jobs {
+        if let Some(first) = seen.insert(output, input) {
+            return Err(Error::Argument(format!(
+                "{flag} {}: both {} and {} would be written there; refusing to let one replace the other (rename one input)",
+                output.display(),
+                first.display(),
                 input.display()
             )));
         }

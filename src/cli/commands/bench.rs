@@ -13,6 +13,16 @@ use crate::cli::args::{
 
 /// `ctseg bench step`: the trainer's step, timed (collective under mpirun).
 pub fn step(a: BenchStepArgs) -> Result<()> {
+    // Before any rank starts: the profile's file may be none of the inputs.
+    if let Some(path) = &a.profile_json {
+        let inputs: Vec<&std::path::Path> = a
+            .config
+            .iter()
+            .chain(&a.peer)
+            .map(|p| p.as_path())
+            .collect();
+        ctseg::util::fs::refuse_overwriting_inputs("--profile-json", path, &inputs)?;
+    }
     with_comm(|comm| {
         // 1. Config and this rank's device.
         let cfg = load_config(a.config.as_deref(), &a.overrides)?;

@@ -12,7 +12,7 @@ use ctseg::infer::{Predictor, overlay};
 use ctseg::rundir::RunDir;
 use ctseg::train::Trained;
 use ctseg::train::precision::Precision;
-use ctseg::util::fs::refuse_overwriting_inputs;
+use ctseg::util::fs::{refuse_overwriting_inputs, refuse_shared_outputs};
 
 use super::open_backend;
 use crate::cli::args::{EvaluateArgs, ExportArgs, ExportFormat, InferArgs, PredictArgs};
@@ -84,9 +84,13 @@ fn predict_jobs(input: &Path, output: &Path) -> Result<Vec<(PathBuf, PathBuf)>> 
 
 /// `ctseg predict`.
 pub fn predict(a: PredictArgs) -> Result<()> {
-    // 1. What to read and write; nothing written may be something read.
+    // 1. What to read and write; nothing written may be something read, or written twice.
     let jobs = predict_jobs(&a.input, &a.output)?;
     let inputs: Vec<&Path> = jobs.iter().map(|(i, _)| i.as_path()).collect();
+    refuse_shared_outputs(
+        "--output",
+        jobs.iter().map(|(i, o)| (i.as_path(), o.as_path())),
+    )?;
     for (_, out) in &jobs {
         refuse_overwriting_inputs("--output", out, &inputs)?;
         if a.overlay {
@@ -125,7 +129,7 @@ pub fn predict(a: PredictArgs) -> Result<()> {
 
 /// `ctseg evaluate`.
 pub fn evaluate(a: EvaluateArgs) -> Result<()> {
-    // 1. The cases; no output may be one of them (or the case list).
+    // 1. The cases; no output may be one of them (or the case list), or another case's.
     let pairs = ctseg::data::prepare::find_pairs(&a.input)?;
     let mut inputs: Vec<&Path> = vec![a.input.as_path()];
     for p in &pairs {
@@ -134,6 +138,14 @@ pub fn evaluate(a: EvaluateArgs) -> Result<()> {
     }
     for out in ctseg::infer::evaluation_outputs(&a.out, &pairs, a.save_masks, a.overlays) {
         refuse_overwriting_inputs("--out", &out, &inputs)?;
+    }
+    if a.save_masks || a.overlays {
+        let masks: Vec<PathBuf> = pairs
+            .iter()
+            .map(|p| ctseg::infer::mask_path(&a.out, p))
+            .collect();
+        let images = pairs.iter().map(|p| p.image.as_path());
+        refuse_shared_outputs("--out", images.zip(masks.iter().map(PathBuf::as_path)))?;
     }
     // 2. Predict and score every case.
     let predictor = predictor(&a.infer)?;

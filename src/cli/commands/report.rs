@@ -20,6 +20,13 @@ pub fn report(a: ReportArgs) -> Result<()> {
             dirs.push(d.clone());
             continue;
         }
+        if !d.is_dir() {
+            return Err(Error::Argument(format!(
+                "{}: not a run directory (it does not exist or is not a directory)",
+                d.display()
+            ))
+            .into());
+        }
         let entries = std::fs::read_dir(d).map_err(|e| Error::io(d, e))?;
         let mut inner: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
