@@ -651,7 +651,7 @@ mod tests {
         let e = report(&[empty], &tmp.path().join("out"), &o)
             .expect_err("bad target")
             .to_string();
-        assert!(e.contains("dice_target"), "{e}");
+        assert!(e.contains("--dice-target"), "{e}");
     }
 
     #[test]
