@@ -1248,16 +1248,51 @@ fn predict_and_export_never_write_over_their_inputs() {
 }
 
 #[test]
-fn a_voxel_size_that_is_not_finite_is_refused_naming_pixdim() {
-    // A NaN pixdim reached `evaluate`'s surface distances, which failed after the case's
-    // mask was written, naming neither the file nor the field.
+fn evaluate_refuses_a_voxel_size_that_is_not_finite_naming_pixdim_and_writes_no_mask() {
+    // A NaN pixdim reached `evaluate`'s surface distances, which failed with exit 1 after
+    // the case's mask was written, naming neither the file nor the field.
+    let model = lits_model();
     let d = tempfile::tempdir().expect("tmp");
-    let f = edited(d.path(), "nan.nii.gz", &ct(), |b| set_f32(b, 80, f32::NAN));
-    prepare_fails_cleanly(&f, &liver(), &["pixdim[1] = NaN", "finite voxel size"]);
-    let f = edited(d.path(), "inf.nii", &ct(), |b| {
+    let image = edited(d.path(), "nan.nii.gz", &ct(), |b| set_f32(b, 80, f32::NAN));
+    let csv = d.path().join("cases.csv");
+    std::fs::write(&csv, format!("{},{}\n", image.display(), liver().display())).expect("csv");
+    let out = d.path().join("eval");
+    common::fails_with(
+        common::ctseg(&[
+            "evaluate",
+            "--checkpoint",
+            common::s(&model.run),
+            "--input",
+            common::s(&csv),
+            "--out",
+            common::s(&out),
+            "--save-masks",
+        ]),
+        2,
+        &["nan.nii.gz", "pixdim[1] = NaN", "finite voxel size"],
+    );
+    assert!(!out.join("nan-pred.nii.gz").exists(), "no mask written");
+}
+
+#[test]
+fn predict_needs_only_the_affine_so_a_non_finite_pixdim_still_predicts() {
+    // nibabel loads such a file (its sform gives the grid); predicting never uses pixdim.
+    let model = lits_model();
+    let d = tempfile::tempdir().expect("tmp");
+    let image = edited(d.path(), "inf.nii", &ct(), |b| {
         set_f32(b, 88, f32::INFINITY)
     });
-    prepare_fails_cleanly(&f, &liver(), &["pixdim[3] = inf"]);
+    let mask = d.path().join("mask.nii.gz");
+    common::ok(common::ctseg(&[
+        "predict",
+        "--checkpoint",
+        common::s(&model.run),
+        "--input",
+        common::s(&image),
+        "--output",
+        common::s(&mask),
+    ]));
+    assert!(mask.is_file());
 }
 
 #[test]

@@ -200,7 +200,8 @@ pub fn predict(
     ranks: &[usize],
     steps_to_target: &[(f64, f64)],
 ) -> Vec<Prediction> {
-    // Saturating: the rank counts come from the command line and may be absurd.
+    // Saturating, as the products with the rank counts below: those come from the command
+    // line and may be absurd.
     let per_step = m.batch.saturating_mul(m.accumulate);
     let step_at = |n: usize| {
         let compute = per_step as f64 * m.compute_per_image_s;

@@ -138,26 +138,14 @@ fn parse_header(path: &Path, h: &[u8; 348]) -> Result<Header> {
             format!("header field vox_offset = {vox_offset}; expected at least 348"),
         ));
     }
-    // 4. Voxel sizes the surface metrics can measure with (nibabel would load a NaN or an
-    // infinity here and hand it on).
-    let pixdim: [f32; 8] = std::array::from_fn(|k| f.f32_at(76 + 4 * k));
-    if let Some(k) = (1..=3).find(|&k| !pixdim[k].is_finite()) {
-        return Err(err(
-            path,
-            format!(
-                "header field pixdim[{k}] = {}; expected a finite voxel size (mm)",
-                pixdim[k]
-            ),
-        ));
-    }
-    // 5. The rest as stored: scaling and the two orientations.
+    // 4. The rest as stored: voxel sizes, scaling and the two orientations.
     Ok(Header {
         big_endian,
         ndim,
         dims,
         data_bytes: voxels * element as u64,
         datatype,
-        pixdim,
+        pixdim: std::array::from_fn(|k| f.f32_at(76 + 4 * k)),
         // Finite and at least 348: the cast truncates a fraction and saturates beyond u64.
         vox_offset: vox_offset as u64,
         vox_offset_field: vox_offset,

@@ -482,6 +482,19 @@ pub fn evaluate(
     let mut cases = Vec::new();
     for (k, pair) in pairs.iter().enumerate() {
         let image = prepare::read_volume(&pair.image)?;
+        // Surface distances need finite voxel sizes. Only a NIfTI pixdim can hold anything
+        // else (nibabel loads a NaN there), and predicting needs only the affine, so only
+        // `evaluate` refuses it, before any work on the case.
+        if let Some(k) = (0..3).find(|&k| !image.spacing[k].is_finite()) {
+            return Err(Error::dataset(
+                &pair.image,
+                format!(
+                    "header field pixdim[{}] = {}; evaluate's surface distances need a finite voxel size (mm)",
+                    k + 1,
+                    image.spacing[k]
+                ),
+            ));
+        }
         let label = nifti::read(&pair.label)?;
         prepare::check_same_grid(&image, &label)?;
         let truth = prepare::label_values(&label)?;
@@ -492,6 +505,13 @@ pub fn evaluate(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // Scored before anything of the case is written, so a case that cannot be scored
+        // leaves no mask behind.
+        let grid = Grid {
+            dims: image.dims,
+            spacing: image.spacing,
+        };
+        let r = score_case(&name, &truth, &pred, &grid, voxel_ml(&image.affine))?;
         if save_masks {
             nifti::write_u8(&mask_path(out, pair), image.dims, &image.affine, &pred)?;
         }
@@ -499,11 +519,6 @@ pub fn evaluate(
             let path = overlay::path_beside(&mask_path(out, pair));
             overlay::write(&path, &image, &pred, Some(&truth))?;
         }
-        let grid = Grid {
-            dims: image.dims,
-            spacing: image.spacing,
-        };
-        let r = score_case(&name, &truth, &pred, &grid, voxel_ml(&image.affine))?;
         progress(&r, k + 1, pairs.len());
         cases.push(r);
     }

@@ -137,6 +137,7 @@ pub fn refuse_overwriting_inputs(flag: &str, output: &Path, inputs: &[&Path]) ->
 
 /// Refuses (exit 2, naming both inputs) when two of `jobs`' (input, output) pairs would write
 /// the same output, before any work starts: the second would silently replace the first.
+/// Paths are compared as given: the callers' outputs are names generated in one folder.
 pub fn refuse_shared_outputs<'a>(
     flag: &str,
     jobs: impl IntoIterator<Item = (&'a Path, &'a Path)>,
@@ -145,7 +146,7 @@ pub fn refuse_shared_outputs<'a>(
     for (input, output) in jobs {
         if let Some(first) = seen.insert(output, input) {
             return Err(Error::Argument(format!(
-                "{flag} {}: both {} and {} would be written there; refusing to let one replace the other (rename one input)",
+                "{flag} {}: the outputs of both {} and {} would be written there; refusing to let one replace the other (rename one input)",
                 output.display(),
                 first.display(),
                 input.display()
