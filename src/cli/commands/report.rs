@@ -16,16 +16,10 @@ pub fn report(a: ReportArgs) -> Result<()> {
     // A directory that is not a run but holds run directories stands for them.
     let mut dirs = Vec::new();
     for d in &a.runs {
-        if RunDir::is_run(d) {
+        // A run, or a path that is no directory at all: the report's reader names it.
+        if RunDir::is_run(d) || !d.is_dir() {
             dirs.push(d.clone());
             continue;
-        }
-        if !d.is_dir() {
-            return Err(Error::Argument(format!(
-                "{}: not a run directory (it does not exist or is not a directory)",
-                d.display()
-            ))
-            .into());
         }
         let entries = std::fs::read_dir(d).map_err(|e| Error::io(d, e))?;
         let mut inner: Vec<PathBuf> = entries
