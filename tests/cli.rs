@@ -969,6 +969,28 @@ fn bench_scaling_refuses_a_timeout_that_is_not_a_positive_number() {
 }
 
 #[test]
+fn bench_scaling_refuses_a_rank_count_given_twice_before_running_any() {
+    // The series used to run `cpu-n1` and `cpu-n2`, then fail on the second `cpu-n2`.
+    let d = tempfile::tempdir().expect("tmp");
+    let out = d.path().join("series");
+    fails_with(
+        ctseg(&[
+            "bench",
+            "scaling",
+            "--config",
+            TINY,
+            "--out",
+            s(&out),
+            "--ranks",
+            "1,2,2",
+        ]),
+        2,
+        &["--ranks", "2 twice"],
+    );
+    assert!(!out.exists(), "nothing written, nothing run");
+}
+
+#[test]
 fn report_of_a_path_that_does_not_exist_is_bad_input() {
     let d = tempfile::tempdir().expect("tmp");
     let missing = d.path().join("no-such-run");

@@ -264,54 +264,96 @@ pub fn fill_speedups(rows: &mut [ScalingRow]) {
     }
 }
 
+/// One launch of the series, planned before any starts.
+struct Launch {
+    backend: &'static str,
+    ranks: usize,
+    run_dir: PathBuf,
+    argv: Vec<String>,
+}
+
+impl ScalingOptions {
+    fn timeout(&self) -> Result<Duration> {
+        Duration::try_from_secs_f64(self.timeout_s)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .ok_or_else(|| {
+                Error::Argument(format!(
+                    "--timeout-s {}: expected a positive number of seconds",
+                    self.timeout_s
+                ))
+            })
+    }
+
+    /// Every launch, checked before the first starts: a rank count of 0 or one given twice, a
+    /// count the launcher cannot start and a run directory left by an earlier series are refused
+    /// here, so that a series never fails halfway through on its own arguments.
+    fn plan(&self) -> Result<Vec<Launch>> {
+        let mut plan = Vec::new();
+        for kind in &self.backends {
+            let backend = kind.name();
+            let (flag, counts) = if *kind == crate::backend::BackendKind::Gpu {
+                ("--gpu-ranks", &self.gpu_ranks)
+            } else {
+                ("--ranks", &self.ranks)
+            };
+            for (i, &n) in counts.iter().enumerate() {
+                if n == 0 {
+                    return Err(Error::Argument(format!(
+                        "{flag} 0: expected rank counts of at least 1"
+                    )));
+                }
+                if counts[..i].contains(&n) {
+                    return Err(Error::Argument(format!(
+                        "{flag} lists {n} twice: each rank count is one run directory"
+                    )));
+                }
+                let run_dir = self.out.join(format!("{backend}-n{n}"));
+                if run_dir.exists() {
+                    return Err(Error::Argument(format!(
+                        "{} exists: bench scaling writes fresh run directories (remove it or pick another --out)",
+                        run_dir.display()
+                    )));
+                }
+                let argv = launch_argv(self, backend, n, &run_dir)?;
+                plan.push(Launch {
+                    backend,
+                    ranks: n,
+                    run_dir,
+                    argv,
+                });
+            }
+        }
+        Ok(plan)
+    }
+}
+
 /// Runs the series; each run's output goes to `<run dir>.log`. A failed or timed-out run is an
 /// error that names its command and log (the rows finished before it are kept in the results).
 pub fn run_scaling(
     o: &ScalingOptions,
     mut on_row: impl FnMut(&ScalingRow),
 ) -> Result<Vec<ScalingRow>> {
-    let timeout = Duration::try_from_secs_f64(o.timeout_s)
-        .ok()
-        .filter(|t| !t.is_zero())
-        .ok_or_else(|| {
-            Error::Argument(format!(
-                "--timeout-s {}: expected a positive number of seconds",
-                o.timeout_s
-            ))
-        })?;
+    // 1. Check every argument and plan every launch before anything is written.
+    let timeout = o.timeout()?;
+    let plan = o.plan()?;
     std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
+    // 2. Launch them in turn, keeping the results written after each.
     let mut rows = Vec::new();
-    for kind in &o.backends {
-        let backend = kind.name();
-        let counts = if *kind == crate::backend::BackendKind::Gpu {
-            &o.gpu_ranks
-        } else {
-            &o.ranks
-        };
-        for &n in counts {
-            let run_dir = o.out.join(format!("{backend}-n{n}"));
-            if run_dir.exists() {
-                return Err(Error::Argument(format!(
-                    "{} exists: bench scaling writes fresh run directories (remove it or pick another --out)",
-                    run_dir.display()
-                )));
+    for l in plan {
+        let log = o.out.join(format!("{}-n{}.log", l.backend, l.ranks));
+        let launch_s = match run_one(&l.argv, &log, timeout) {
+            Ok(t) => t,
+            Err(e) => {
+                write_results(&o.out, &rows)?;
+                return Err(e);
             }
-            let argv = launch_argv(o, backend, n, &run_dir)?;
-            let log = o.out.join(format!("{backend}-n{n}.log"));
-            let result = run_one(&argv, &log, timeout);
-            let launch_s = match result {
-                Ok(t) => t,
-                Err(e) => {
-                    write_results(&o.out, &rows)?;
-                    return Err(e);
-                }
-            };
-            let row = row_from_run(backend, n, &run_dir, argv.join(" "), launch_s)?;
-            on_row(&row);
-            rows.push(row);
-            fill_speedups(&mut rows);
-            write_results(&o.out, &rows)?;
-        }
+        };
+        let row = row_from_run(l.backend, l.ranks, &l.run_dir, l.argv.join(" "), launch_s)?;
+        on_row(&row);
+        rows.push(row);
+        fill_speedups(&mut rows);
+        write_results(&o.out, &rows)?;
     }
     Ok(rows)
 }
@@ -427,6 +469,44 @@ mod tests {
         assert!(e.is_some_and(|e| e.to_string().contains("launcher")));
         let e = launch_argv(&opts("mpirun -np 2"), "cpu", 2, Path::new("r")).err();
         assert!(e.is_some_and(|e| e.to_string().contains("{n}")));
+    }
+
+    #[test]
+    fn a_series_is_planned_whole_before_its_first_launch() {
+        let plan = opts("mpirun -np {n}").plan().expect("plan");
+        let dirs: Vec<_> = plan.iter().map(|l| l.run_dir.clone()).collect();
+        assert_eq!(
+            dirs,
+            [PathBuf::from("/tmp/x/cpu-n1"), "/tmp/x/cpu-n2".into()]
+        );
+    }
+
+    #[test]
+    fn a_rank_count_of_zero_or_given_twice_is_refused_by_its_flag() {
+        let refused = |ranks: Vec<usize>, gpu_ranks: Vec<usize>, needles: &[&str]| {
+            let mut o = opts("mpirun -np {n}");
+            o.ranks = ranks;
+            o.gpu_ranks = gpu_ranks;
+            o.backends = vec![
+                crate::backend::BackendKind::Cpu,
+                crate::backend::BackendKind::Gpu,
+            ];
+            let e = o.plan().err().expect("refused");
+            assert!(matches!(e, Error::Argument(_)), "{e}");
+            for n in needles {
+                assert!(e.to_string().contains(n), "{e} lacks {n}");
+            }
+        };
+        refused(vec![1, 0], vec![1], &["--ranks 0"]);
+        refused(vec![1, 2, 2], vec![1], &["--ranks", "2 twice"]);
+        refused(vec![1], vec![0], &["--gpu-ranks 0"]);
+    }
+
+    #[test]
+    fn a_launcher_that_cannot_start_a_later_count_is_refused_before_the_first_run() {
+        // The 1-rank run needs no launcher, the 2-rank one does: refused while planning.
+        let e = opts("").plan().err().expect("refused");
+        assert!(e.to_string().contains("2 ranks need a launcher"), "{e}");
     }
 
     #[test]
