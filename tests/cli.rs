@@ -991,6 +991,18 @@ fn bench_scaling_refuses_a_rank_count_given_twice_before_running_any() {
 }
 
 #[test]
+fn bench_model_of_a_run_that_does_not_exist_is_bad_input() {
+    // It was an I/O error on summary.json, exit 1.
+    let d = tempfile::tempdir().expect("tmp");
+    let missing = d.path().join("no-such-run");
+    fails_with(
+        ctseg(&["bench", "model", "--run", s(&missing)]),
+        2,
+        &["no-such-run", "not a run directory"],
+    );
+}
+
+#[test]
 fn report_of_a_path_that_does_not_exist_is_bad_input() {
     let d = tempfile::tempdir().expect("tmp");
     let missing = d.path().join("no-such-run");

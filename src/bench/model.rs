@@ -114,7 +114,7 @@ pub const DEFAULT_COPY_GBS: f64 = 1.0;
 /// The measured inputs from a run directory (its `summary.json`, `metrics.jsonl` and config).
 /// `copy_gbs` estimates the gradient copy of a 1-rank run (see [`DEFAULT_COPY_GBS`]).
 pub fn measured_from_run(run_dir: &Path, copy_gbs: f64) -> Result<Measured> {
-    let run = crate::rundir::RunDir::new(run_dir);
+    let run = crate::rundir::RunDir::finished(run_dir)?;
     let s = super::scaling::read_summary(run_dir)?;
     let per_step_images = s
         .batch_size
@@ -131,13 +131,20 @@ pub fn measured_from_run(run_dir: &Path, copy_gbs: f64) -> Result<Measured> {
             )
         })?;
     let [compute, copy, comm, _wait] = super::scaling::step_split(run_dir)?;
-    if !(compute.is_finite() && s.median_step_s.is_finite() && s.median_step_s > 0.0) {
+    if !(s.median_step_s.is_finite() && s.median_step_s > 0.0) {
         return Err(Error::malformed(
             run.summary(),
             format!(
                 "median_step_s = {}: the run has no timed steps; run more steps",
                 s.median_step_s
             ),
+        ));
+    }
+    if !compute.is_finite() {
+        return Err(Error::malformed(
+            run.metrics(),
+            "no step record has compute_s past the warm-up: expected the timed steps of the run \
+             that wrote summary.json; run more steps",
         ));
     }
     // Only the wire format of the gradients is read from the run's config, leniently: runs of
@@ -480,6 +487,33 @@ mod tests {
             .to_string();
         assert!(
             e.contains("summary.json") && e.contains("batch_size 4294967296 × accumulate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_run_without_a_summary_is_refused_as_unfinished() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = measured_from_run(dir.path(), DEFAULT_COPY_GBS).expect_err("no summary");
+        assert!(matches!(e, Error::Argument(_)), "{e}");
+        assert!(e.to_string().contains("has no summary.json"), "{e}");
+    }
+
+    #[test]
+    fn a_summary_whose_metrics_hold_no_timed_step_names_the_metrics() {
+        // summary.json has a median step, metrics.jsonl no step record: the file at fault is
+        // the metrics log.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join(crate::rundir::SUMMARY),
+            "{\"batch_size\":4,\"median_step_s\":1.0}",
+        )
+        .expect("write summary");
+        std::fs::write(dir.path().join(crate::rundir::METRICS), "").expect("write metrics");
+        let e = measured_from_run(dir.path(), DEFAULT_COPY_GBS).expect_err("no compute_s");
+        assert!(matches!(e, Error::Malformed { .. }), "{e}");
+        assert!(
+            e.to_string().contains("metrics.jsonl") && e.to_string().contains("compute_s"),
             "{e}"
         );
     }

@@ -80,13 +80,7 @@ pub(crate) struct Run {
 /// Reads the run in `dir`. A directory with neither `summary.json` nor `metrics.jsonl` is an
 /// error naming it.
 pub(crate) fn load_run(dir: &Path) -> Result<Run> {
-    if !dir.is_dir() {
-        return Err(Error::Argument(format!(
-            "{}: not a run directory (it does not exist or is not a directory)",
-            dir.display()
-        )));
-    }
-    let run = RunDir::new(dir);
+    let run = RunDir::existing(dir)?;
     let (summary_path, metrics_path, config_path) = (run.summary(), run.metrics(), run.config());
     let has_summary = summary_path.is_file();
     let has_metrics = metrics_path.is_file();

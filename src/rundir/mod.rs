@@ -48,6 +48,31 @@ impl RunDir {
         Self { root: root.into() }
     }
 
+    /// The run directory at `root`, refused, naming it, when it is no directory.
+    pub fn existing(root: impl Into<PathBuf>) -> crate::error::Result<Self> {
+        let run = Self::new(root);
+        if !run.root.is_dir() {
+            return Err(crate::error::Error::Argument(format!(
+                "{}: not a run directory (it does not exist or is not a directory)",
+                run.root.display()
+            )));
+        }
+        Ok(run)
+    }
+
+    /// The finished run at `root`: refused, naming it, when it is no directory or holds no
+    /// `summary.json` (a run writes that last, so a run still going or killed has none).
+    pub fn finished(root: impl Into<PathBuf>) -> crate::error::Result<Self> {
+        let run = Self::existing(root)?;
+        if !run.summary().is_file() {
+            return Err(crate::error::Error::Argument(format!(
+                "{}: has no {SUMMARY}: expected a finished run (a run writes it when it ends)",
+                run.root.display()
+            )));
+        }
+        Ok(run)
+    }
+
     /// The directory itself.
     pub fn root(&self) -> &Path {
         &self.root
