@@ -1356,6 +1356,30 @@ fn evaluate_refuses_two_cases_that_would_share_a_saved_mask_before_any_work() {
 }
 
 #[test]
+fn predict_of_a_folder_creates_no_output_folder_when_the_checkpoint_is_refused() {
+    // The output folder used to be made before the checkpoint was opened.
+    let d = tempfile::tempdir().expect("tmp");
+    let input = d.path().join("cts");
+    std::fs::create_dir(&input).expect("mkdir");
+    std::fs::copy(ct(), input.join("a.nii.gz")).expect("copy");
+    let out = d.path().join("masks");
+    common::fails_with(
+        common::ctseg(&[
+            "predict",
+            "--checkpoint",
+            common::s(&d.path().join("no-such-run")),
+            "--input",
+            common::s(&input),
+            "--output",
+            common::s(&out),
+        ]),
+        2,
+        &["no-such-run", "not found"],
+    );
+    assert!(!out.exists(), "no output folder");
+}
+
+#[test]
 fn predict_refuses_a_model_without_a_tumour_channel_naming_the_checkpoint() {
     // A 2-class model (background, liver) trains, but predict needs the tumour channel; it
     // used to fail after the first batch with exit status 1.

@@ -72,8 +72,9 @@ impl Predictor {
         trained.ck.meta.provenance.resize
     }
 
-    /// The model of the trained run `trained` on `be`'s device.
-    pub fn new(trained: &Trained, be: &Backend) -> Result<Self> {
+    /// Refuses, naming the checkpoint, a trained run that cannot segment liver and tumour; free
+    /// to call before a device is opened.
+    pub fn check(trained: &Trained) -> Result<()> {
         let classes = trained.cfg.model.classes;
         if classes < 3 {
             return Err(Error::checkpoint(
@@ -83,6 +84,12 @@ impl Predictor {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// The model of the trained run `trained` on `be`'s device.
+    pub fn new(trained: &Trained, be: &Backend) -> Result<Self> {
+        Self::check(trained)?;
         Ok(Self {
             cfg: trained.cfg.clone(),
             resize: Self::input_resize(trained),

@@ -23,6 +23,7 @@ fn predictor(a: &InferArgs) -> Result<Predictor> {
     if let Some(note) = &trained.note {
         eprintln!("{note}");
     }
+    Predictor::check(&trained)?;
     // Inference runs in f32 whatever the run trained in.
     let be = open_backend(
         &a.backend,
@@ -97,11 +98,12 @@ pub fn predict(a: PredictArgs) -> Result<()> {
             refuse_overwriting_inputs("--overlay", &overlay::path_beside(out), &inputs)?;
         }
     }
+    // 2. The model, before anything is written: a refused checkpoint leaves no output folder.
+    let predictor = predictor(&a.infer)?;
     if jobs.len() > 1 || a.input.is_dir() && jobs[0].1 != a.output {
         std::fs::create_dir_all(&a.output).map_err(|e| Error::io(&a.output, e))?;
     }
-    // 2. Each volume: read, segment, write the mask on its grid.
-    let predictor = predictor(&a.infer)?;
+    // 3. Each volume: read, segment, write the mask on its grid.
     let opts = a.infer.options();
     for (input, output) in jobs {
         let t = std::time::Instant::now();
