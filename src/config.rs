@@ -141,7 +141,18 @@ impl RunConfig {
                 source_name: e.source_name,
                 field: e.field,
                 message: e.message,
-            })
+            })?;
+        // A run writes its resolved config; a value TOML cannot hold (an integer above
+        // i64::MAX, only reachable from the command line) is refused here by its field.
+        let mut text = String::new();
+        serde_path_to_error::serialize(self, toml::Serializer::new(&mut text)).map_err(|e| {
+            Error::ConfigValue {
+                source_name: source.to_string(),
+                field: e.path().to_string(),
+                message: format!("{}; TOML integers are at most {}", e.inner(), i64::MAX),
+            }
+        })?;
+        Ok(())
     }
 
     /// The resolved config as TOML (written to `config.resolved.toml` in the run directory).

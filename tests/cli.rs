@@ -811,6 +811,75 @@ fn a_training_set_smaller_than_one_batch_is_bad_input() {
     assert!(!run.exists(), "nothing written");
 }
 
+#[test]
+fn an_accumulate_beyond_the_training_set_is_refused_before_it_is_allocated() {
+    // tiny.toml's training set has at most 20 slices; one sampler per micro-batch stream was
+    // built first, so 10^12 streams exhausted memory instead of being refused.
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    fails_with(
+        ctseg(&[
+            "train",
+            "--config",
+            TINY,
+            "--accumulate",
+            "1000000000000",
+            "--out",
+            s(&run),
+            "--quiet",
+        ]),
+        2,
+        &[
+            "1000000000000 micro-batch stream(s)",
+            "lower train.accumulate",
+        ],
+    );
+    assert!(!run.exists(), "nothing written");
+}
+
+#[test]
+fn an_epoch_count_the_run_config_cannot_hold_is_refused_by_its_field() {
+    // u64::MAX parses on the command line, but the resolved config's TOML holds signed 64-bit
+    // integers: it failed with exit 1 "serialising the config".
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    fails_with(
+        ctseg(&[
+            "train",
+            "--config",
+            TINY,
+            "--epochs",
+            "18446744073709551615",
+            "--out",
+            s(&run),
+            "--quiet",
+        ]),
+        2,
+        &["train.epochs", "9223372036854775807"],
+    );
+    assert!(!run.exists(), "nothing written");
+}
+
+#[test]
+fn the_largest_epoch_count_toml_holds_trains_until_max_steps() {
+    // epochs × steps per epoch saturates instead of wrapping around u64.
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    ok(ctseg(&[
+        "train",
+        "--config",
+        TINY,
+        "--epochs",
+        "9223372036854775807",
+        "--max-steps",
+        "2",
+        "--out",
+        s(&run),
+        "--quiet",
+    ]));
+    assert_eq!(summary(&run).steps, 2);
+}
+
 /// The one JSON line of `bench step --json` output whose `bench` field is `kind`.
 fn bench_line(out: &str, kind: &str) -> serde_json::Value {
     let mut lines = bench_lines(out, kind);

@@ -15,20 +15,21 @@ use crate::rng::{Rng, keys};
 /// Which slices one rank trains on, epoch by epoch.
 #[derive(Clone, Debug)]
 pub struct Sampler {
-    pool: Vec<usize>,
+    /// Shared by the samplers of one rank's micro-batch streams.
+    pool: Arc<[usize]>,
     batch: usize,
     rank: usize,
     world: usize,
     seed: u64,
     sampling: Sampling,
     /// Slices that hold the rare class, and the share of every batch taken from them.
-    oversample: Option<(Vec<usize>, f64)>,
+    oversample: Option<(Arc<[usize]>, f64)>,
 }
 
 impl Sampler {
     /// Sampler over `pool` (the training slice indices) for `rank` of `world`.
     pub fn new(
-        pool: Vec<usize>,
+        pool: impl Into<Arc<[usize]>>,
         batch: usize,
         rank: usize,
         world: usize,
@@ -36,7 +37,7 @@ impl Sampler {
         sampling: Sampling,
     ) -> Self {
         Self {
-            pool,
+            pool: pool.into(),
             batch: batch.max(1),
             rank,
             world: world.max(1),
@@ -50,7 +51,8 @@ impl Sampler {
     /// ⌈`fraction` × batch⌉ places (the last ones) hold a slice drawn from `rare` (e.g. the
     /// training slices with tumour) unless they already do. The draws are seeded by (seed,
     /// epoch, this rank's stream, batch), so resumed runs draw the same.
-    pub fn with_oversampling(mut self, rare: Vec<usize>, fraction: f64) -> Self {
+    pub fn with_oversampling(mut self, rare: impl Into<Arc<[usize]>>, fraction: f64) -> Self {
+        let rare = rare.into();
         if fraction > 0.0 && !rare.is_empty() {
             self.oversample = Some((rare, fraction));
         }
@@ -75,7 +77,7 @@ impl Sampler {
     pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
         match self.sampling {
             Sampling::Sharded => {
-                let mut perm = self.pool.clone();
+                let mut perm = self.pool.to_vec();
                 Rng::stream(self.seed, &[keys::SAMPLER, epoch]).shuffle(&mut perm);
                 let total = self.per_rank() * self.world;
                 let mut k = 0;
@@ -89,7 +91,7 @@ impl Sampler {
                     .collect()
             }
             Sampling::Independent => {
-                let mut perm = self.pool.clone();
+                let mut perm = self.pool.to_vec();
                 Rng::stream(self.seed, &[keys::SAMPLER, epoch, self.rank as u64 + 1])
                     .shuffle(&mut perm);
                 perm

@@ -317,20 +317,30 @@ impl Plan {
         // of a world of ranks·K: the same images, dropout streams and learning-rate scaling as
         // a run on ranks·K processes, one micro-batch each.
         let accumulate = cfg.train.accumulate.max(1);
-        let virtual_world = world * accumulate;
-        let with_tumour: Vec<usize> = if cfg.data.oversample_tumour > 0.0 {
+        let virtual_world = world.saturating_mul(accumulate);
+        // Every micro-batch stream needs a slice of its own (a sharded epoch pads the rest):
+        // checked before a sampler per stream is built, so an absurd `accumulate` is refused,
+        // not allocated.
+        if virtual_world > train_idx.len() {
+            return Err(Error::Argument(format!(
+                "the training set has {} slices: fewer than the {world} rank(s) × {accumulate} micro-batch stream(s), each of which needs one; lower train.accumulate or the rank count, or add data",
+                train_idx.len(),
+            )));
+        }
+        let with_tumour: Arc<[usize]> = if cfg.data.oversample_tumour > 0.0 {
             train_idx
                 .iter()
                 .copied()
                 .filter(|&i| ds.has_label(i, 2))
                 .collect()
         } else {
-            Vec::new()
+            Arc::from([])
         };
+        let pool: Arc<[usize]> = train_idx.as_slice().into();
         let samplers: Vec<Sampler> = (0..accumulate)
             .map(|k| {
                 Sampler::new(
-                    train_idx.clone(),
+                    pool.clone(),
                     cfg.train.batch_size,
                     rank * accumulate + k,
                     virtual_world,
@@ -348,7 +358,8 @@ impl Plan {
                 cfg.train.batch_size,
             )));
         }
-        let mut total_steps = cfg.train.epochs * steps_per_epoch;
+        // An absurd `train.epochs` saturates (train until `max_steps`) instead of wrapping.
+        let mut total_steps = cfg.train.epochs.saturating_mul(steps_per_epoch);
         if cfg.train.max_steps > 0 {
             total_steps = total_steps.min(cfg.train.max_steps);
         }
@@ -368,7 +379,7 @@ impl Plan {
             steps_per_epoch,
             total_steps,
             schedule,
-            global_batch: cfg.train.batch_size * virtual_world,
+            global_batch: cfg.train.batch_size.saturating_mul(virtual_world),
             provenance,
         })
     }
