@@ -53,6 +53,9 @@ pub struct Volume {
     pub datatype: i16,
 }
 
+/// Voxels per axis a NIfTI-1 header holds (its `dim` fields are i16).
+pub const MAX_DIM: usize = i16::MAX as usize;
+
 fn err(path: &Path, msg: impl Into<String>) -> Error {
     Error::dataset(path, msg.into())
 }
@@ -709,11 +712,10 @@ pub fn write_u8(path: &Path, dims: [usize; 3], affine: &[[f64; 4]; 3], data: &[u
             data.len()
         )));
     }
-    if dims.iter().any(|&d| d == 0 || d > i16::MAX as usize) {
+    if dims.iter().any(|&d| d == 0 || d > MAX_DIM) {
         return Err(Error::Invalid(format!(
-            "{}: a NIfTI-1 volume has 1 to {} voxels per axis, not {dims:?}",
+            "{}: a NIfTI-1 volume has 1 to {MAX_DIM} voxels per axis, not {dims:?}",
             path.display(),
-            i16::MAX
         )));
     }
     let mut h = [0u8; 352];

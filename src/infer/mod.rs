@@ -104,6 +104,7 @@ impl Predictor {
     /// the shards), segmented in batches and resized back (nearest). Tumour where channel 2
     /// fires inside the liver (channel 1).
     pub fn predict(&self, vol: &Volume, opts: &PredictOptions) -> Result<Vec<u8>> {
+        check_mask_writable(vol)?;
         let (axes, n) = nifti::canonical_axes(vol)?;
         let (cols, rows, nz) = (n[0], n[1], n[2]);
         let s = self.cfg.model.input_size;
@@ -398,6 +399,22 @@ pub fn score_case(
     })
 }
 
+/// Masks are written as NIfTI-1, which holds at most [`nifti::MAX_DIM`] voxels per axis; a
+/// longer volume (only a DICOM series can be one) is refused before it is predicted, not after.
+fn check_mask_writable(vol: &Volume) -> Result<()> {
+    if vol.dims.iter().any(|&d| d > nifti::MAX_DIM) {
+        return Err(Error::dataset(
+            &vol.path,
+            format!(
+                "{:?} voxels: its mask would be a NIfTI-1 volume, which holds at most {} per axis; split the series",
+                vol.dims,
+                nifti::MAX_DIM
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Volume of one voxel in mL: |det| of the affine's 3×3 part, mm³ → mL.
 pub fn voxel_ml(affine: &[[f64; 4]; 3]) -> f64 {
     let a = affine;
@@ -665,6 +682,34 @@ mod tests {
         let up = resize_nearest(&src, 2, 3, 4, 6);
         assert_eq!(&up[..6], &[0, 0, 1, 1, 2, 2]);
         assert_eq!(resize_nearest(&up, 4, 6, 2, 3), src);
+    }
+
+    #[test]
+    fn a_volume_longer_than_nifti_holds_is_refused_before_prediction() {
+        // 32,768 slices: one more than a NIfTI-1 dim field holds. The data is never read.
+        let vol = Volume {
+            path: "series".into(),
+            dims: [512, 512, nifti::MAX_DIM + 1],
+            spacing: [1.0; 3],
+            affine: [
+                [1.0, 0.0, 0.0, 0.0],
+                [0.0, 1.0, 0.0, 0.0],
+                [0.0, 0.0, 1.0, 0.0],
+            ],
+            data: Vec::new(),
+            datatype: 4,
+        };
+        let e = check_mask_writable(&vol).expect_err("refused");
+        assert!(matches!(e, Error::Dataset { .. }), "{e}");
+        assert!(
+            e.to_string().contains("series") && e.to_string().contains("32767"),
+            "{e}"
+        );
+        let fits = Volume {
+            dims: [512, 512, nifti::MAX_DIM],
+            ..vol
+        };
+        assert!(check_mask_writable(&fits).is_ok());
     }
 
     #[test]
