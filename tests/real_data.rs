@@ -1322,6 +1322,41 @@ fn predict_refuses_two_inputs_that_would_share_a_mask_before_any_work() {
 }
 
 #[test]
+fn evaluate_names_each_case_by_its_path_under_the_case_list() {
+    // Two cases named `ct.nii.gz` in two folders were both `ct.nii.gz` in the results.
+    let model = lits_model();
+    let d = tempfile::tempdir().expect("tmp");
+    for case in ["one", "two"] {
+        std::fs::create_dir(d.path().join(case)).expect("mkdir");
+        std::fs::copy(ct(), d.path().join(case).join("ct.nii.gz")).expect("copy");
+        std::fs::copy(liver(), d.path().join(case).join("seg.nii.gz")).expect("copy");
+    }
+    let csv = d.path().join("cases.csv");
+    std::fs::write(
+        &csv,
+        "image,label\none/ct.nii.gz,one/seg.nii.gz\ntwo/ct.nii.gz,two/seg.nii.gz\n",
+    )
+    .expect("csv");
+    let out = d.path().join("eval");
+    common::ok(common::ctseg(&[
+        "evaluate",
+        "--checkpoint",
+        common::s(&model.run),
+        "--input",
+        common::s(&csv),
+        "--out",
+        common::s(&out),
+    ]));
+    let table = std::fs::read_to_string(out.join("evaluation.csv")).expect("csv");
+    let cases: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').next())
+        .collect();
+    assert_eq!(cases, ["one/ct.nii.gz", "two/ct.nii.gz"], "{table}");
+}
+
+#[test]
 fn evaluate_refuses_two_cases_that_would_share_a_saved_mask_before_any_work() {
     // Two cases named `ct.nii.gz` in different folders: `--save-masks` wrote both to
     // `ct-pred.nii.gz`.

@@ -236,7 +236,7 @@ pub fn counts_of(truth: &[u8], pred: &[u8], is: impl Fn(u8) -> bool) -> DiceCoun
 /// One case of an evaluation.
 #[derive(Clone, Debug, Serialize)]
 pub struct CaseResult {
-    /// The image file's name.
+    /// The image's path under the input folder ([`case_name`]).
     pub case: String,
     /// Liver (label ≥ 1) Dice.
     pub dice_liver: f64,
@@ -443,6 +443,20 @@ pub fn global(cases: &[CaseResult]) -> Global {
     }
 }
 
+/// The case's name in `evaluate`'s results: its image's path under the input folder (or the
+/// case list's folder), so that two cases named `ct.nii.gz` in two folders stay apart.
+pub fn case_name(input: &Path, pair: &Pair) -> String {
+    let base = if input.is_dir() {
+        Some(input)
+    } else {
+        input.parent()
+    };
+    base.and_then(|b| pair.image.strip_prefix(b).ok())
+        .unwrap_or(&pair.image)
+        .display()
+        .to_string()
+}
+
 /// The mask file `evaluate --save-masks` writes for `pair`.
 pub fn mask_path(out: &Path, pair: &Pair) -> PathBuf {
     let name = pair
@@ -524,11 +538,7 @@ pub fn evaluate(
         let truth = prepare::label_values(&label)?;
         drop(label);
         let pred = predictor.predict(&image, opts)?;
-        let name = pair
-            .image
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = case_name(job.input, pair);
         // Scored before anything of the case is written, so a case that cannot be scored
         // leaves no mask behind.
         let grid = Grid {
@@ -568,7 +578,7 @@ pub fn evaluate(
     for c in &eval.cases {
         csv.push_str(&format!(
             "{},{:.6},{:.6},{:.3},{:.3},{},{:.3},{:.3},{}",
-            c.case,
+            crate::util::csv_field(&c.case),
             c.dice_liver,
             c.dice_tumour,
             c.liver_ml_true,

@@ -171,7 +171,7 @@ impl Table {
     pub fn to_csv(&self) -> String {
         let mut out = String::new();
         let line = |cells: &mut dyn Iterator<Item = &str>, out: &mut String| {
-            let row: Vec<String> = cells.map(csv_field).collect();
+            let row: Vec<String> = cells.map(crate::util::csv_field).collect();
             out.push_str(&row.join(","));
             out.push('\n');
         };
@@ -238,14 +238,6 @@ impl Table {
         }
         out.push_str("</tbody>\n</table>\n");
         out
-    }
-}
-
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
     }
 }
 
@@ -788,8 +780,8 @@ mod tests {
         assert_eq!(sig(12.34), "12.3");
         assert_eq!(sig(1234.4), "1234");
         assert_eq!(sig(-0.75), "−0.750");
-        assert_eq!(csv_field("a,b"), "\"a,b\"");
-        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(crate::util::csv_field("a,b"), "\"a,b\"");
+        assert_eq!(crate::util::csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(html_escape("<a&b>"), "&lt;a&amp;b&gt;");
         assert_eq!(target_text(-0.75), "−0.75");
     }

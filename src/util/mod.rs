@@ -1,10 +1,20 @@
 //! Small utilities every other module may use and that use nothing of ctseg but its error type:
-//! statistics of timings, atomic file output with the one output-safety policy, and process
+//! statistics of timings, CSV fields, atomic file output with the one output-safety policy, and process
 //! facts. Kept here so that `train`, `bench` and `report` do not depend on each other for them.
 
 pub mod fs;
 pub mod stats;
 pub mod sys;
+
+/// `s` as one CSV field (RFC 4180): quoted, inner quotes doubled, when it holds a comma, a
+/// quote or a line break (a run label, a case's path).
+pub fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
 
 /// FNV-1a 64 of `bytes`: a cheap fingerprint (of weights, manifests, configs) that is the same
 /// on every machine, used to check that ranks and runs agree, never for security.
