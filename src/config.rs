@@ -143,13 +143,22 @@ impl RunConfig {
                 message: e.message,
             })?;
         // A run writes its resolved config; a value TOML cannot hold (an integer above
-        // i64::MAX, only reachable from the command line) is refused here by its field.
+        // i64::MAX, which only a command-line flag can give) is refused here by its field.
         let mut text = String::new();
         serde_path_to_error::serialize(self, toml::Serializer::new(&mut text)).map_err(|e| {
+            let inner = e.inner().to_string();
+            let message = if inner.contains("out-of-range") {
+                format!(
+                    "is above {}, the largest integer the run's TOML config holds (was it given on the command line?)",
+                    i64::MAX
+                )
+            } else {
+                inner
+            };
             Error::ConfigValue {
                 source_name: source.to_string(),
                 field: e.path().to_string(),
-                message: format!("{}; TOML integers are at most {}", e.inner(), i64::MAX),
+                message,
             }
         })?;
         Ok(())

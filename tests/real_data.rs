@@ -1357,6 +1357,30 @@ fn evaluate_names_each_case_by_its_path_under_the_case_list() {
 }
 
 #[test]
+fn evaluate_quotes_a_case_path_holding_a_comma_in_its_csv() {
+    // A LiTS folder in a sub-folder named `batch,1`: unquoted, the name split into two columns.
+    let model = lits_model();
+    let d = tempfile::tempdir().expect("tmp");
+    let sub = d.path().join("batch,1");
+    std::fs::create_dir(&sub).expect("mkdir");
+    std::fs::copy(ct(), sub.join("volume-0.nii.gz")).expect("copy");
+    std::fs::copy(liver(), sub.join("segmentation-0.nii.gz")).expect("copy");
+    let out = d.path().join("eval");
+    common::ok(common::ctseg(&[
+        "evaluate",
+        "--checkpoint",
+        common::s(&model.run),
+        "--input",
+        common::s(d.path()),
+        "--out",
+        common::s(&out),
+    ]));
+    let table = std::fs::read_to_string(out.join("evaluation.csv")).expect("csv");
+    let row = table.lines().nth(1).expect("one case");
+    assert!(row.starts_with("\"batch,1/volume-0.nii.gz\","), "{table}");
+}
+
+#[test]
 fn evaluate_refuses_two_cases_that_would_share_a_saved_mask_before_any_work() {
     // Two cases named `ct.nii.gz` in different folders: `--save-masks` wrote both to
     // `ct-pred.nii.gz`.

@@ -290,8 +290,13 @@ impl ScalingOptions {
     /// here, so that a series never fails halfway through on its own arguments.
     fn plan(&self) -> Result<Vec<Launch>> {
         let mut plan = Vec::new();
-        for kind in &self.backends {
+        for (i, kind) in self.backends.iter().enumerate() {
             let backend = kind.name();
+            if self.backends[..i].contains(kind) {
+                return Err(Error::Argument(format!(
+                    "--backends lists {backend} twice: each backend is one series"
+                )));
+            }
             let (flag, counts) = if *kind == crate::backend::BackendKind::Gpu {
                 ("--gpu-ranks", &self.gpu_ranks)
             } else {
@@ -473,12 +478,24 @@ mod tests {
 
     #[test]
     fn a_series_is_planned_whole_before_its_first_launch() {
-        let plan = opts("mpirun -np {n}").plan().expect("plan");
+        let d = tempfile::tempdir().expect("tmp");
+        let mut o = opts("mpirun -np {n}");
+        o.out = d.path().to_path_buf();
+        let plan = o.plan().expect("plan");
         let dirs: Vec<_> = plan.iter().map(|l| l.run_dir.clone()).collect();
-        assert_eq!(
-            dirs,
-            [PathBuf::from("/tmp/x/cpu-n1"), "/tmp/x/cpu-n2".into()]
-        );
+        assert_eq!(dirs, [d.path().join("cpu-n1"), d.path().join("cpu-n2")]);
+    }
+
+    #[test]
+    fn a_backend_given_twice_is_refused() {
+        // Its second series would have found the first one's run directories.
+        let mut o = opts("mpirun -np {n}");
+        o.backends = vec![
+            crate::backend::BackendKind::Cpu,
+            crate::backend::BackendKind::Cpu,
+        ];
+        let e = o.plan().err().expect("refused");
+        assert!(e.to_string().contains("--backends lists cpu twice"), "{e}");
     }
 
     #[test]

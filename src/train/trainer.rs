@@ -318,12 +318,12 @@ impl Plan {
         // a run on ranks·K processes, one micro-batch each.
         let accumulate = cfg.train.accumulate.max(1);
         let virtual_world = world.saturating_mul(accumulate);
-        // Every micro-batch stream needs a slice of its own (a sharded epoch pads the rest):
-        // checked before a sampler per stream is built, so an absurd `accumulate` is refused,
-        // not allocated.
+        // More micro-batch streams than training slices would train some streams on padding
+        // alone (a sharded epoch repeats slices to fill every stream): refused, and before a
+        // sampler per stream is built, so an absurd `accumulate` is not allocated.
         if virtual_world > train_idx.len() {
             return Err(Error::Argument(format!(
-                "the training set has {} slices: fewer than the {world} rank(s) × {accumulate} micro-batch stream(s), each of which needs one; lower train.accumulate or the rank count, or add data",
+                "the training set has {} slices: fewer than the {world} rank(s) × {accumulate} micro-batch stream(s), which would leave streams with no slice of their own; lower train.accumulate or the rank count, or add data",
                 train_idx.len(),
             )));
         }
