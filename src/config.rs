@@ -40,6 +40,10 @@ pub struct RunConfig {
     pub augment: crate::data::augment::AugmentConfig,
 }
 
+/// The most values (voxels or input pixels) a config may size one allocation by: 2^32, 4 to 16
+/// GiB depending on the type; a real run is orders of magnitude below.
+pub const MAX_VALUES: usize = 1 << 32;
+
 /// Command-line overrides; `None` keeps the config's value.
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
@@ -142,6 +146,7 @@ impl RunConfig {
                 field: e.field,
                 message: e.message,
             })?;
+        self.check_sizes(source)?;
         // A run writes its resolved config; a value TOML cannot hold (an integer above
         // i64::MAX, which only a command-line flag can give) is refused here by its field.
         let mut text = String::new();
@@ -161,6 +166,46 @@ impl RunConfig {
                 message,
             }
         })?;
+        Ok(())
+    }
+
+    /// Products of fields that are each in range but together would size an allocation no node
+    /// has: one step's input images and the phantom dataset, both checked without overflow.
+    fn check_sizes(&self, source: &str) -> Result<()> {
+        let px = self.model.input_size.checked_mul(self.model.input_size);
+        let bad = |field: &str, what: String| Error::ConfigValue {
+            source_name: source.to_string(),
+            field: field.to_string(),
+            message: format!("{what} is above {MAX_VALUES} values; lower it"),
+        };
+        let step = px
+            .and_then(|p| p.checked_mul(self.train.batch_size))
+            .and_then(|p| p.checked_mul(self.train.accumulate))
+            .and_then(|p| p.checked_mul(self.data.in_channels()));
+        if step.is_none_or(|n| n > MAX_VALUES) {
+            return Err(bad(
+                "train.batch_size",
+                format!(
+                    "one step's input (batch_size {} × accumulate {} × {} channel(s) × {}²)",
+                    self.train.batch_size,
+                    self.train.accumulate,
+                    self.data.in_channels(),
+                    self.model.input_size
+                ),
+            ));
+        }
+        let phantom = px
+            .and_then(|p| p.checked_mul(self.data.phantom_volumes))
+            .and_then(|p| p.checked_mul(self.data.phantom_slices));
+        if phantom.is_none_or(|n| n > MAX_VALUES) {
+            return Err(bad(
+                "data.phantom_volumes",
+                format!(
+                    "the phantom dataset (phantom_volumes {} × phantom_slices {} × {}²)",
+                    self.data.phantom_volumes, self.data.phantom_slices, self.model.input_size
+                ),
+            ));
+        }
         Ok(())
     }
 

@@ -812,9 +812,8 @@ fn a_training_set_smaller_than_one_batch_is_bad_input() {
 }
 
 #[test]
-fn an_accumulate_beyond_the_training_set_is_refused_before_it_is_allocated() {
-    // tiny.toml's training set has at most 20 slices; one sampler per micro-batch stream was
-    // built first, so 10^12 streams exhausted memory instead of being refused.
+fn an_accumulate_beyond_the_training_set_is_refused() {
+    // tiny.toml's training set has 20 slices: 100 streams would train 80 on padding alone.
     let d = tempfile::tempdir().expect("tmp");
     let run = d.path().join("run");
     fails_with(
@@ -823,18 +822,105 @@ fn an_accumulate_beyond_the_training_set_is_refused_before_it_is_allocated() {
             "--config",
             TINY,
             "--accumulate",
-            "1000000000000",
+            "100",
             "--out",
             s(&run),
             "--quiet",
         ]),
         2,
-        &[
-            "1000000000000 micro-batch stream(s)",
-            "lower train.accumulate",
-        ],
+        &["100 micro-batch stream(s)", "lower train.accumulate"],
     );
     assert!(!run.exists(), "nothing written");
+}
+
+#[test]
+fn sizes_that_would_exhaust_memory_are_refused_by_their_field_before_anything_is_written() {
+    // Each aborted in an allocation (or panicked on an overflowed chunk size) after the run
+    // directory was made; the limits are in src/model/unet.rs, src/train/mod.rs and
+    // src/config.rs. 128 × 8192² is in range field by field, not as one step's input.
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    let cases: [(&[&str], &str); 5] = [
+        (&["--width", "4294967296"], "model.width"),
+        (&["--size", "4294967296"], "model.input_size"),
+        (&["--batch-size", "4294967296"], "train.batch_size"),
+        (&["--accumulate", "1000000000000"], "train.accumulate"),
+        (
+            &["--size", "8192", "--batch-size", "128"],
+            "one step's input",
+        ),
+    ];
+    for (flags, field) in cases {
+        let mut train = vec!["train", "--config", TINY, "--out", s(&run)];
+        train.extend(flags);
+        fails_with(ctseg(&train), 2, &[field]);
+        assert!(!run.exists(), "train {flags:?}: nothing written");
+        let mut bench = vec!["bench", "step", "--config", TINY];
+        bench.extend(flags);
+        fails_with(ctseg(&bench), 2, &[field]);
+    }
+}
+
+#[test]
+fn a_count_flag_out_of_its_range_is_refused_by_name() {
+    // `--threads 100000` tried to start 100000 threads; `bench step --steps 2^64-1` panicked
+    // on a capacity overflow; `phantom --size 2^32` on a zero chunk size.
+    let d = tempfile::tempdir().expect("tmp");
+    let out = d.path().join("out");
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "train",
+                "--config",
+                TINY,
+                "--threads",
+                "100000",
+                "--out",
+                s(&out),
+            ],
+            "--threads",
+        ),
+        (
+            &[
+                "bench",
+                "step",
+                "--config",
+                TINY,
+                "--steps",
+                "18446744073709551615",
+            ],
+            "--steps",
+        ),
+        (&["bench", "kernels", "--reps", "4294967296"], "--reps"),
+        (
+            &[
+                "phantom",
+                "--count",
+                "8",
+                "--size",
+                "4294967296",
+                "--out",
+                s(&out),
+            ],
+            "--size",
+        ),
+        (
+            &[
+                "phantom",
+                "--count",
+                "100000",
+                "--size",
+                "8192",
+                "--out",
+                s(&out),
+            ],
+            "--count",
+        ),
+    ];
+    for (args, flag) in cases {
+        fails_with(ctseg(args), 2, &[flag]);
+        assert!(!out.exists(), "{args:?}: nothing written");
+    }
 }
 
 #[test]
@@ -1066,6 +1152,35 @@ fn bench_model_of_a_run_that_does_not_exist_is_bad_input() {
     let missing = d.path().join("no-such-run");
     fails_with(
         ctseg(&["bench", "model", "--run", s(&missing)]),
+        2,
+        &["no-such-run", "not a run directory"],
+    );
+}
+
+#[test]
+fn bench_model_validating_against_a_run_that_does_not_exist_is_bad_input() {
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    ok(ctseg(&[
+        "train",
+        "--config",
+        TINY,
+        "--max-steps",
+        "8",
+        "--quiet",
+        "--out",
+        s(&run),
+    ]));
+    let missing = d.path().join("no-such-run");
+    fails_with(
+        ctseg(&[
+            "bench",
+            "model",
+            "--run",
+            s(&run),
+            "--validate",
+            s(&missing),
+        ]),
         2,
         &["no-such-run", "not a run directory"],
     );

@@ -306,8 +306,9 @@ pub fn validate(
 ) -> Result<Vec<Validation>> {
     dirs.iter()
         .map(|d| {
-            let s = super::scaling::read_summary(d)?;
+            // First, so that a missing or unfinished run is refused by name (exit 2).
             let own = measured_from_run(d, copy_gbs)?;
+            let s = super::scaling::read_summary(d)?;
             let n = s.world_size as usize;
             let predicted = predict(base, net, &[n], &[]);
             let p = predicted.first().map_or(f64::NAN, |p| p.step_s);

@@ -12,6 +12,18 @@ use ctseg::error::Error;
 use ctseg::model::GpuConv;
 use ctseg::rundir::CheckpointKind;
 
+/// Parser of a count flag that must lie in `LO..=HI`: clap refuses anything else (exit 2,
+/// naming the flag) before the value sizes an allocation, a thread pool or a loop. The upper
+/// limits are far above any real use and far below what would exhaust a node.
+fn count<const LO: usize, const HI: usize>(s: &str) -> Result<usize, String> {
+    let v: usize = s.trim().parse().map_err(|e| format!("{e}"))?;
+    if (LO..=HI).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("expected {LO} to {HI}"))
+    }
+}
+
 /// ctseg: train CT segmentation U-Nets on a CPU or a GPU, alone or over MPI.
 #[derive(Parser, Debug)]
 #[command(name = "ctseg", version, about)]
@@ -54,7 +66,7 @@ pub struct BackendArgs {
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendKind,
     /// CPU threads (0: all cores; under mpirun, the node's cores split between its ranks).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = count::<0, 1024>)]
     pub threads: usize,
     /// GPU adapter index (see `ctseg adapters`).
     #[arg(long)]
@@ -244,7 +256,7 @@ pub struct InferArgs {
     #[arg(long, value_enum, default_value = "best")]
     pub checkpoint_kind: CheckpointKind,
     /// Slices per forward pass.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = count::<1, 4096>)]
     pub batch_size: usize,
     /// Keep only the largest connected liver component (and the tumour inside it).
     #[arg(long)]
@@ -336,19 +348,19 @@ pub struct PrepareArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Slice size after resizing.
-    #[arg(long, default_value_t = 240)]
+    #[arg(long, default_value_t = 240, value_parser = count::<1, 8192>)]
     pub size: usize,
     /// Cross-validation folds, assigned by volume (1: none).
     #[arg(long, default_value_t = 1)]
     pub folds: usize,
     /// Slices kept above and below the liver's z-range.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = count::<0, 100_000>)]
     pub margin: usize,
     /// Image resizing (labels always take the nearest voxel).
     #[arg(long, value_enum, default_value_t = ctseg::data::prepare::Resize::Nearest)]
     pub resize: ctseg::data::prepare::Resize,
     /// Slices per shard file.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = count::<1, 1_000_000>)]
     pub shard_slices: usize,
     /// Seed of the fold assignment.
     #[arg(long, default_value_t = 1)]
@@ -361,28 +373,28 @@ pub struct PrepareArgs {
 #[derive(Args, Debug)]
 pub struct PhantomArgs {
     /// Number of slices.
-    #[arg(long)]
+    #[arg(long, value_parser = count::<1, 100_000>)]
     pub count: usize,
     /// Slice size in pixels.
-    #[arg(long, default_value_t = 240)]
+    #[arg(long, default_value_t = 240, value_parser = count::<1, 8192>)]
     pub size: usize,
     /// Output dataset directory (must not exist).
     #[arg(long)]
     pub out: PathBuf,
     /// Slices per phantom volume (patient).
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = 24, value_parser = count::<1, 32767>)]
     pub slices_per_volume: usize,
     /// Seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Slices per shard file.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = count::<1, 1_000_000>)]
     pub shard_slices: usize,
     /// Also write a contact sheet of (up to 24) slices to this PNG.
     #[arg(long)]
     pub preview: Option<PathBuf>,
     /// Threads for generation (0: all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = count::<0, 1024>)]
     pub threads: usize,
 }
 
@@ -411,10 +423,10 @@ pub struct BenchStepArgs {
     #[command(flatten)]
     pub overrides: OverrideArgs,
     /// Untimed warm-up steps.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = count::<0, 1_000_000>)]
     pub warmup: usize,
     /// Timed steps.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = count::<1, 1_000_000>)]
     pub steps: usize,
     /// Print one JSON line.
     #[arg(long)]
@@ -435,7 +447,7 @@ pub struct BenchStepArgs {
     pub peer_precision: Vec<ctseg::bench::PeerPrecision>,
     /// Then profile this many more steps: each phase's wall and host-issue time with the device
     /// synchronised between phases, and on the GPU every kernel launch counted and timed.
-    #[arg(long, value_name = "STEPS", num_args = 0..=1, default_missing_value = "3")]
+    #[arg(long, value_name = "STEPS", num_args = 0..=1, default_missing_value = "3", value_parser = count::<1, 10_000>)]
     pub profile: Option<usize>,
     /// Kernels listed per phase in the profile table (all are in the JSON).
     #[arg(long, default_value_t = 8)]
@@ -451,7 +463,7 @@ pub struct BenchKernelsArgs {
     #[arg(long)]
     pub adapter: Option<usize>,
     /// Timed repetitions of each path (after one untimed).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = count::<1, 10_000>)]
     pub reps: usize,
     /// Layers as B,C,H,W (a convolution C → C) or B,C,H,W,CO; repeatable. Default: livermask's
     /// (width 32 at 240², 120² and its bottleneck's input, width 64 at 240², batch 4; width 64 at
@@ -459,7 +471,7 @@ pub struct BenchKernelsArgs {
     #[arg(long = "case", value_name = "B,C,H,W[,CO]")]
     pub cases: Vec<ctseg::bench::kernels::KernelCase>,
     /// Only the first N default layers.
-    #[arg(long, conflicts_with = "cases")]
+    #[arg(long, conflicts_with = "cases", value_parser = count::<1, 64>)]
     pub first: Option<usize>,
     /// Print JSON lines.
     #[arg(long)]
@@ -469,10 +481,10 @@ pub struct BenchKernelsArgs {
 #[derive(Args, Debug)]
 pub struct BenchAllreduceArgs {
     /// Smallest message, bytes.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = count::<4, { 1 << 34 }>)]
     pub min_bytes: usize,
     /// Largest message, bytes (sizes double).
-    #[arg(long, default_value_t = 128 * 1024 * 1024)]
+    #[arg(long, default_value_t = 128 * 1024 * 1024, value_parser = count::<4, { 1 << 34 }>)]
     pub max_bytes: usize,
     /// Link rate in Gbit/s: adds the ring-allreduce bound 2(p−1)/p·S/rate to each row.
     #[arg(long)]
@@ -537,7 +549,7 @@ pub struct BenchModelArgs {
     #[arg(long, value_enum, default_value = "ring")]
     pub algorithm: ctseg::bench::model::Algorithm,
     /// Largest rank count (powers of two from 1).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = count::<1, { 1 << 20 }>)]
     pub max_ranks: usize,
     /// Steps to the target at given global batches, from the large-batch study:
     /// GLOBAL_BATCH=STEPS,… (log-log interpolated, never extrapolated).

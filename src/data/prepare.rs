@@ -374,7 +374,10 @@ pub fn liver_range(
     };
     let lo = (0..slices).find(|&z| has(z))?;
     let hi = (0..slices).rev().find(|&z| has(z))?;
-    Some((lo.saturating_sub(margin), (hi + margin).min(slices - 1)))
+    Some((
+        lo.saturating_sub(margin),
+        hi.saturating_add(margin).min(slices - 1),
+    ))
 }
 
 /// Runs `prepare`.

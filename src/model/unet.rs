@@ -61,6 +61,12 @@ pub struct UNetConfig {
     pub bn_epsilon: f64,
 }
 
+/// The widest first level a config may ask for (livermask: 64); far above real use, and low
+/// enough that an absurd width is refused instead of exhausting memory building the model.
+pub const MAX_WIDTH: usize = 1024;
+/// The largest input side (CT slices are 512 or 1024 pixels), for the same reason.
+pub const MAX_INPUT_SIZE: usize = 8192;
+
 impl UNetConfig {
     /// Checks the values; `source` names the config file for the message.
     pub fn validate(&self, source: &str) -> Result<()> {
@@ -69,18 +75,24 @@ impl UNetConfig {
             field: format!("model.{field}"),
             message,
         };
-        if self.width == 0 {
-            return Err(bad("width", "must be at least 1".into()));
+        if !(1..=MAX_WIDTH).contains(&self.width) {
+            return Err(bad(
+                "width",
+                format!("must be 1 to {MAX_WIDTH}, got {}", self.width),
+            ));
         }
         if self.depth == 0 || self.depth > 8 {
             return Err(bad("depth", format!("must be 1..=8, got {}", self.depth)));
         }
         let f = 1usize << self.depth;
-        if self.input_size == 0 || !self.input_size.is_multiple_of(f) {
+        if self.input_size == 0
+            || self.input_size > MAX_INPUT_SIZE
+            || !self.input_size.is_multiple_of(f)
+        {
             return Err(bad(
                 "input_size",
                 format!(
-                    "must be a positive multiple of 2^depth = {f} (depth {}), got {}",
+                    "must be a positive multiple of 2^depth = {f} (depth {}) up to {MAX_INPUT_SIZE}, got {}",
                     self.depth, self.input_size
                 ),
             ));

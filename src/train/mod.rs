@@ -61,6 +61,13 @@ fn one() -> usize {
     1
 }
 
+/// The largest per-rank micro-batch and micro-batch count a config may ask for: far above real
+/// use (livermask: 4 × 1), low enough that an absurd value is refused instead of sizing an
+/// allocation (`bench step` builds its batches without a training set to bound them).
+pub const MAX_BATCH: usize = 4096;
+/// See [`MAX_BATCH`].
+pub const MAX_ACCUMULATE: usize = 65_536;
+
 impl TrainConfig {
     /// Checks the values.
     pub fn validate(&self, source: &str) -> Result<()> {
@@ -72,11 +79,17 @@ impl TrainConfig {
         if self.epochs == 0 {
             return Err(bad("epochs", "must be at least 1".into()));
         }
-        if self.batch_size == 0 {
-            return Err(bad("batch_size", "must be at least 1".into()));
+        if !(1..=MAX_BATCH).contains(&self.batch_size) {
+            return Err(bad(
+                "batch_size",
+                format!("must be 1 to {MAX_BATCH}, got {}", self.batch_size),
+            ));
         }
-        if self.accumulate == 0 {
-            return Err(bad("accumulate", "must be at least 1".into()));
+        if !(1..=MAX_ACCUMULATE).contains(&self.accumulate) {
+            return Err(bad(
+                "accumulate",
+                format!("must be 1 to {MAX_ACCUMULATE}, got {}", self.accumulate),
+            ));
         }
         if !(self.loss_smooth >= 0.0 && self.loss_smooth.is_finite()) {
             return Err(bad(

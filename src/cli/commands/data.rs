@@ -68,8 +68,19 @@ pub fn phantom(a: PhantomArgs) -> Result<()> {
     if a.slices_per_volume == 0 {
         return Err(bad("--slices-per-volume must be at least 1".into()));
     }
-    let threads = backend::init_cpu_threads(a.threads);
     let per = a.slices_per_volume;
+    if a.count
+        .checked_mul(a.size * a.size)
+        .is_none_or(|n| n > ctseg::config::MAX_VALUES)
+    {
+        return Err(bad(format!(
+            "--count {} × --size {}² is above {} voxels; generate fewer or smaller slices",
+            a.count,
+            a.size,
+            ctseg::config::MAX_VALUES
+        )));
+    }
+    let threads = backend::init_cpu_threads(a.threads);
     let mut ds = Dataset::phantom(a.seed, a.count.div_ceil(per), per, a.size, threads);
     ds.truncate(a.count);
     let source = format!(
