@@ -924,6 +924,30 @@ fn a_count_flag_out_of_its_range_is_refused_by_name() {
 }
 
 #[test]
+fn bench_allreduce_refuses_an_empty_size_range_and_a_link_speed_that_is_not_positive() {
+    // Both printed nothing or NaN rows and exited 0.
+    fails_with(
+        ctseg(&[
+            "bench",
+            "allreduce",
+            "--min-bytes",
+            "8192",
+            "--max-bytes",
+            "1024",
+        ]),
+        2,
+        &["--min-bytes 8192", "--max-bytes 1024"],
+    );
+    for bad in ["0", "nan", "-1"] {
+        fails_with(
+            ctseg(&["bench", "allreduce", &format!("--link-gbps={bad}")]),
+            2,
+            &["--link-gbps"],
+        );
+    }
+}
+
+#[test]
 fn an_epoch_count_the_run_config_cannot_hold_is_refused_by_its_field() {
     // u64::MAX parses on the command line, but the resolved config's TOML holds signed 64-bit
     // integers: it failed with exit 1 "serialising the config".

@@ -62,6 +62,23 @@ impl std::str::FromStr for KernelCase {
         if shape.contains(&0) || c_out == 0 {
             return Err(format!("`{s}`: every size must be at least 1"));
         }
+        // Input, output and weights must each be allocatable (and indexable by the kernels).
+        let [b, c, h, w] = shape;
+        let elements = |dims: &[usize]| dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let largest = [
+            elements(&[b, c, h, w]),
+            elements(&[b, c_out, h, w]),
+            elements(&[c_out, c, 9]),
+        ];
+        if largest
+            .iter()
+            .any(|n| n.is_none_or(|n| n > crate::config::MAX_VALUES))
+        {
+            return Err(format!(
+                "`{s}`: a tensor of this case holds more than {} values",
+                crate::config::MAX_VALUES
+            ));
+        }
         Ok(Self { shape, c_out })
     }
 }
@@ -532,6 +549,19 @@ mod tests {
                 e.contains("B,C,H,W") || e.contains("at least 1"),
                 "{bad}: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn a_case_too_large_to_allocate_is_refused() {
+        // 2^64 − 1 batches used to overflow a capacity and panic; 2^32 × 4 × 8 × 8 to abort.
+        for bad in [
+            "18446744073709551615,1,1,1",
+            "4294967296,4,8,8",
+            "1,4,8,8,4294967296",
+        ] {
+            let e = bad.parse::<KernelCase>().expect_err(bad);
+            assert!(e.contains("more than 4294967296 values"), "{bad}: {e}");
         }
     }
 }

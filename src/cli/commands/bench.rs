@@ -165,6 +165,20 @@ pub fn kernels(a: BenchKernelsArgs) -> Result<()> {
 
 /// `ctseg bench allreduce` (collective under mpirun).
 pub fn allreduce(a: BenchAllreduceArgs) -> Result<()> {
+    if let Some(g) = a.link_gbps
+        && !(g > 0.0 && g.is_finite())
+    {
+        return Err(
+            Error::Argument(format!("--link-gbps {g}: expected a positive link speed")).into(),
+        );
+    }
+    if a.min_bytes > a.max_bytes {
+        return Err(Error::Argument(format!(
+            "--min-bytes {} is above --max-bytes {}: no message size to time",
+            a.min_bytes, a.max_bytes
+        ))
+        .into());
+    }
     with_comm(|comm| {
         let rows = bench::bench_allreduce(comm, a.min_bytes, a.max_bytes, a.link_gbps)?;
         if comm.rank() == 0 {
