@@ -1182,6 +1182,23 @@ fn bench_model_of_a_run_that_does_not_exist_is_bad_input() {
 }
 
 #[test]
+fn bench_model_refuses_network_figures_that_would_give_infinite_rows() {
+    // 1e-320 Gbit/s and an infinite latency printed rows of inf.
+    let d = tempfile::tempdir().expect("tmp");
+    for flag in [
+        "--link-gbps=1e-320",
+        "--latency-us=inf",
+        "--copy-gbs=1e-320",
+    ] {
+        fails_with(
+            ctseg(&["bench", "model", "--run", s(d.path()), flag]),
+            2,
+            &["--link-gbps and --copy-gbs must be"],
+        );
+    }
+}
+
+#[test]
 fn bench_model_validating_against_a_run_that_does_not_exist_is_bad_input() {
     let d = tempfile::tempdir().expect("tmp");
     let run = d.path().join("run");

@@ -253,24 +253,40 @@ pub fn predict(
 
 /// Parses `GLOBAL_BATCH=STEPS,…` (e.g. `30=400,960=60`).
 pub fn parse_steps_to_target(text: &str) -> Result<Vec<(f64, f64)>> {
-    text.split(',')
+    let points = text
+        .split(',')
         .filter(|p| !p.trim().is_empty())
         .map(|p| {
             let bad = || {
                 Error::Argument(format!(
-                    "--steps-to-target: `{p}` is not GLOBAL_BATCH=STEPS (e.g. 30=400,960=60)"
+                    "--steps-to-target: `{p}` is not GLOBAL_BATCH=STEPS with positive finite numbers (e.g. 30=400,960=60)"
                 ))
             };
             let (b, s) = p.split_once('=').ok_or_else(bad)?;
             let b: f64 = b.trim().parse().map_err(|_| bad())?;
             let s: f64 = s.trim().parse().map_err(|_| bad())?;
-            if b > 0.0 && s > 0.0 {
+            let fine = |v: f64| v > 0.0 && v.is_finite();
+            if fine(b) && fine(s) {
                 Ok((b, s))
             } else {
                 Err(bad())
             }
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    if points.is_empty() {
+        return Err(Error::Argument(
+            "--steps-to-target: no GLOBAL_BATCH=STEPS point (e.g. 30=400,960=60)".into(),
+        ));
+    }
+    // Interpolation needs one step count per global batch.
+    for (i, (b, _)) in points.iter().enumerate() {
+        if points[..i].iter().any(|(o, _)| o == b) {
+            return Err(Error::Argument(format!(
+                "--steps-to-target gives global batch {b} twice"
+            )));
+        }
+    }
+    Ok(points)
 }
 
 /// A measured run set against the model's prediction for it.
@@ -525,7 +541,7 @@ mod tests {
             parse_steps_to_target("30=400, 960=60").ok(),
             Some(vec![(30.0, 400.0), (960.0, 60.0)])
         );
-        for bad in ["30", "x=1", "30=-1"] {
+        for bad in ["30", "x=1", "30=-1", "4=inf", "nan=4", "", " , ", "4=5,4=6"] {
             assert!(parse_steps_to_target(bad).is_err(), "{bad}");
         }
     }

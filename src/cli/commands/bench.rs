@@ -246,9 +246,13 @@ pub fn scaling(a: BenchScalingArgs) -> Result<()> {
 /// `ctseg bench model`: the performance model from a measured run.
 pub fn model(a: BenchModelArgs) -> Result<()> {
     use ctseg::bench::model;
-    if !(a.link_gbps > 0.0 && a.latency_us >= 0.0 && a.copy_gbs > 0.0) {
+    // Rates below 1 bit/s or a latency above an hour are typos, and give inf rows.
+    if !((1e-9..=1e9).contains(&a.link_gbps)
+        && (0.0..=3.6e9).contains(&a.latency_us)
+        && (1e-9..=1e9).contains(&a.copy_gbs))
+    {
         return Err(Error::Argument(format!(
-            "--link-gbps and --copy-gbs must be > 0 and --latency-us >= 0 (got {}, {} and {})",
+            "--link-gbps and --copy-gbs must be 1e-9 to 1e9 and --latency-us 0 to 3.6e9 (got {}, {} and {})",
             a.link_gbps, a.copy_gbs, a.latency_us
         ))
         .into());
