@@ -289,6 +289,24 @@ impl ScalingOptions {
     /// count the launcher cannot start and a run directory left by an earlier series are refused
     /// here, so that a series never fails halfway through on its own arguments.
     fn plan(&self) -> Result<Vec<Launch>> {
+        // `launch_argv` passes these itself; given again after `--`, every run would fail.
+        const OWN: [&str; 6] = [
+            "--config",
+            "--out",
+            "--backend",
+            "--label",
+            "--quiet",
+            "--data",
+        ];
+        if let Some(a) = self.train_args.iter().find(|a| {
+            let flag = a.split('=').next().unwrap_or(a);
+            OWN.contains(&flag)
+        }) {
+            return Err(Error::Argument(format!(
+                "`{a}` after `--`: bench scaling passes {} to every run itself",
+                OWN.join(", ")
+            )));
+        }
         let mut plan = Vec::new();
         for (i, kind) in self.backends.iter().enumerate() {
             let backend = kind.name();
@@ -484,6 +502,19 @@ mod tests {
         let plan = o.plan().expect("plan");
         let dirs: Vec<_> = plan.iter().map(|l| l.run_dir.clone()).collect();
         assert_eq!(dirs, [d.path().join("cpu-n1"), d.path().join("cpu-n2")]);
+    }
+
+    #[test]
+    fn a_train_flag_the_series_sets_itself_is_refused() {
+        for own in ["--quiet", "--out=x", "--config"] {
+            let mut o = opts("mpirun -np {n}");
+            o.train_args = vec![own.into()];
+            let e = o.plan().err().expect("refused");
+            assert!(
+                e.to_string().contains(&format!("`{own}` after `--`")),
+                "{e}"
+            );
+        }
     }
 
     #[test]
