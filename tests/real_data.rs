@@ -1321,22 +1321,28 @@ fn predict_refuses_two_inputs_that_would_share_a_mask_before_any_work() {
     assert!(!out.exists(), "nothing written");
 }
 
-#[test]
-fn evaluate_names_each_case_by_its_path_under_the_case_list() {
-    // Two cases named `ct.nii.gz` in two folders were both `ct.nii.gz` in the results.
-    let model = lits_model();
-    let d = tempfile::tempdir().expect("tmp");
+/// A case list in `root` of two cases named `ct.nii.gz`, in folders `one` and `two`.
+fn two_cases_named_alike(root: &Path) -> PathBuf {
     for case in ["one", "two"] {
-        std::fs::create_dir(d.path().join(case)).expect("mkdir");
-        std::fs::copy(ct(), d.path().join(case).join("ct.nii.gz")).expect("copy");
-        std::fs::copy(liver(), d.path().join(case).join("seg.nii.gz")).expect("copy");
+        std::fs::create_dir(root.join(case)).expect("mkdir");
+        std::fs::copy(ct(), root.join(case).join("ct.nii.gz")).expect("copy");
+        std::fs::copy(liver(), root.join(case).join("seg.nii.gz")).expect("copy");
     }
-    let csv = d.path().join("cases.csv");
+    let csv = root.join("cases.csv");
     std::fs::write(
         &csv,
         "image,label\none/ct.nii.gz,one/seg.nii.gz\ntwo/ct.nii.gz,two/seg.nii.gz\n",
     )
     .expect("csv");
+    csv
+}
+
+#[test]
+fn evaluate_names_each_case_by_its_path_under_the_case_list() {
+    // Two cases named `ct.nii.gz` in two folders were both `ct.nii.gz` in the results.
+    let model = lits_model();
+    let d = tempfile::tempdir().expect("tmp");
+    let csv = two_cases_named_alike(d.path());
     let out = d.path().join("eval");
     common::ok(common::ctseg(&[
         "evaluate",
@@ -1385,17 +1391,7 @@ fn evaluate_refuses_two_cases_that_would_share_a_saved_mask_before_any_work() {
     // Two cases named `ct.nii.gz` in different folders: `--save-masks` wrote both to
     // `ct-pred.nii.gz`.
     let d = tempfile::tempdir().expect("tmp");
-    for case in ["one", "two"] {
-        std::fs::create_dir(d.path().join(case)).expect("mkdir");
-        std::fs::copy(ct(), d.path().join(case).join("ct.nii.gz")).expect("copy");
-        std::fs::copy(liver(), d.path().join(case).join("seg.nii.gz")).expect("copy");
-    }
-    let csv = d.path().join("cases.csv");
-    std::fs::write(
-        &csv,
-        "image,label\none/ct.nii.gz,one/seg.nii.gz\ntwo/ct.nii.gz,two/seg.nii.gz\n",
-    )
-    .expect("csv");
+    let csv = two_cases_named_alike(d.path());
     let out = d.path().join("eval");
     common::fails_with(
         common::ctseg(&[
