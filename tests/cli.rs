@@ -1241,6 +1241,74 @@ fn report_of_a_path_that_does_not_exist_is_bad_input() {
 }
 
 #[test]
+fn report_refuses_a_run_given_twice_before_writing() {
+    // Given directly and again through its folder, the run was drawn and tabulated as two.
+    let d = tempfile::tempdir().expect("tmp");
+    let runs = d.path().join("runs");
+    let run = runs.join("a");
+    std::fs::create_dir_all(&run).expect("mkdir");
+    std::fs::write(run.join("metrics.jsonl"), "").expect("write");
+    let out = d.path().join("report");
+    for given in [[s(&run), s(&run)], [s(&runs), s(&run)]] {
+        fails_with(
+            ctseg(&["report", given[0], given[1], "--out", s(&out)]),
+            2,
+            &["same run directory", "give each run once"],
+        );
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn a_value_listed_twice_in_a_list_flag_is_refused_by_name() {
+    // Each was accepted: the same loss target tabulated twice, the peer run twice, the
+    // kernel case measured twice. The checks come before any run, adapter or peer starts.
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    std::fs::create_dir(&run).expect("mkdir");
+    std::fs::write(run.join("metrics.jsonl"), "").expect("write");
+    let out = d.path().join("report");
+    let cases: [(&[&str], &[&str]); 3] = [
+        (
+            &[
+                "report",
+                s(&run),
+                "--out",
+                s(&out),
+                "--loss-targets=-0.75,-0.75",
+            ],
+            &["--loss-targets", "-0.75 is given twice"],
+        ),
+        (
+            &[
+                "bench",
+                "step",
+                "--config",
+                TINY,
+                "--peer-precision",
+                "f32,amp,f32",
+            ],
+            &["--peer-precision", "f32 is given twice"],
+        ),
+        (
+            &[
+                "bench",
+                "kernels",
+                "--case",
+                "1,2,8,8",
+                "--case",
+                "1,2,8,8,2",
+            ],
+            &["--case", "1,2,8,8,2 is given twice"],
+        ),
+    ];
+    for (args, needles) in cases {
+        fails_with(ctseg(args), 2, needles);
+    }
+    assert!(!out.exists());
+}
+
+#[test]
 fn report_of_a_damaged_summary_is_bad_input_naming_the_file_and_field() {
     let d = tempfile::tempdir().expect("tmp");
     let run = d.path().join("run");

@@ -83,6 +83,14 @@ impl std::str::FromStr for KernelCase {
     }
 }
 
+impl std::fmt::Display for KernelCase {
+    /// As `--case` takes it: `B,C,H,W,CO`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [b, c, h, w] = self.shape;
+        write!(f, "{b},{c},{h},{w},{}", self.c_out)
+    }
+}
+
 /// The livermask U-Net's layers the default run measures: width 32's first level and its third
 /// level, the bottleneck's input, and width 64's first level, at batch 4; width 64's first and
 /// second levels at the study's batch 30 (the second on ctseg's 128 × 128 tiles).
@@ -533,6 +541,13 @@ mod tests {
         assert_eq!(same.c_out, 32);
         let other: KernelCase = "1, 3, 16, 16, 8".parse().expect("five sizes");
         assert_eq!((other.shape, other.c_out), ([1, 3, 16, 16], 8));
+    }
+
+    #[test]
+    fn a_case_prints_as_the_five_sizes_it_parses_from() {
+        let c: KernelCase = "4,32,240,240".parse().expect("four sizes");
+        assert_eq!(c.to_string(), "4,32,240,240,32");
+        assert_eq!(c.to_string().parse::<KernelCase>(), Ok(c));
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub fn report(run_dirs: &[PathBuf], out_dir: &Path, o: &ReportOptions) -> Result
             "report: no run directories given".to_string(),
         ));
     }
+    refuse_repeated_runs(run_dirs)?;
     let mut runs = run_dirs
         .iter()
         .map(|d| runs::load_run(d))
@@ -166,11 +167,35 @@ fn check_options(o: &ReportOptions) -> Result<()> {
             "--loss-targets: {t} is not a finite number"
         )));
     }
+    if let Some(t) = crate::util::first_repeat(&o.loss_targets) {
+        return Err(Error::Argument(format!(
+            "--loss-targets: {t} is given twice; give each target once"
+        )));
+    }
     if !(o.dice_target.is_finite() && (0.0..=1.0).contains(&o.dice_target)) {
         return Err(Error::Argument(format!(
             "--dice-target: {} is not a number in [0, 1]",
             o.dice_target
         )));
+    }
+    Ok(())
+}
+
+/// A run directory given twice (directly, or also through a folder of runs) would be drawn and
+/// tabulated twice as two runs; directories are compared as the file system resolves them. One
+/// that cannot be resolved is left to the reader, which names it.
+fn refuse_repeated_runs(run_dirs: &[PathBuf]) -> Result<()> {
+    let mut seen: Vec<(PathBuf, &PathBuf)> = Vec::new();
+    for d in run_dirs {
+        let Ok(real) = d.canonicalize() else { continue };
+        if let Some((_, first)) = seen.iter().find(|(r, _)| *r == real) {
+            return Err(Error::Argument(format!(
+                "report: {} and {} are the same run directory; give each run once (a folder of runs stands for all of them)",
+                first.display(),
+                d.display()
+            )));
+        }
+        seen.push((real, d));
     }
     Ok(())
 }

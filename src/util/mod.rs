@@ -16,6 +16,16 @@ pub fn csv_field(s: &str) -> String {
     }
 }
 
+/// The first item of `items` equal to an earlier one: a flag's list that names a value twice
+/// (a run, a target, a case) is refused rather than measured or drawn twice.
+pub fn first_repeat<T: PartialEq>(items: &[T]) -> Option<&T> {
+    items
+        .iter()
+        .enumerate()
+        .find(|(i, x)| items[..*i].contains(x))
+        .map(|(_, x)| x)
+}
+
 /// FNV-1a 64 of `bytes`: a cheap fingerprint (of weights, manifests, configs) that is the same
 /// on every machine, used to check that ranks and runs agree, never for security.
 pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
@@ -25,4 +35,17 @@ pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_repeat_finds_the_second_occurrence_of_the_earliest_repeated_value() {
+        assert_eq!(first_repeat(&[1, 2, 3]), None);
+        assert_eq!(first_repeat::<u8>(&[]), None);
+        // 3 repeats before 2 does: the first repeat met, reading left to right.
+        assert_eq!(first_repeat(&[2, 3, 3, 2]), Some(&3));
+    }
 }

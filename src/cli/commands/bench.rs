@@ -13,7 +13,15 @@ use crate::cli::args::{
 
 /// `ctseg bench step`: the trainer's step, timed (collective under mpirun).
 pub fn step(a: BenchStepArgs) -> Result<()> {
-    // Before any rank starts: the profile's file may be none of the inputs.
+    // Before any rank starts: each peer precision runs once, and the profile's file may be
+    // none of the inputs.
+    if let Some(p) = ctseg::util::first_repeat(&a.peer_precision) {
+        return Err(Error::Argument(format!(
+            "--peer-precision: {} is given twice; give each precision once",
+            p.name()
+        ))
+        .into());
+    }
     if let Some(path) = &a.profile_json {
         let inputs: Vec<&std::path::Path> = a
             .config
@@ -123,6 +131,12 @@ fn print_peer(r: &bench::StepBench, p: &bench::PeerResult, json: bool) -> Result
 pub fn kernels(a: BenchKernelsArgs) -> Result<()> {
     use ctseg::backend::{BackendKind, DeviceRequest};
     use ctseg::bench::kernels::{self, KernelBenchOptions, LIVERMASK_CASES};
+    // 0. Each case once: a repeated one would only be measured again, as a second row.
+    if let Some(c) = ctseg::util::first_repeat(&a.cases) {
+        return Err(
+            Error::Argument(format!("--case: {c} is given twice; give each case once")).into(),
+        );
+    }
     // 1. The adapter, with burn's convolutions and cooperative matrices where it has them (each
     // comparison sets the path it times).
     let be = ctseg::backend::open(&DeviceRequest {
