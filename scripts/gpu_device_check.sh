@@ -5,7 +5,9 @@
 #   adapters            `ctseg adapters`: the paths and precisions each adapter gets;
 #   step-f32-WxB        `bench step --backend gpu` at width W, batch B, 240², beside the PyTorch
 #                       peer in f32 (TF32 convolutions, PyTorch's default) and AMP, then the
-#                       step's phase and kernel profile (profile-wW-bB.json);
+#                       step's phase and kernel profile (profile-wW-bB.json); its convolutions
+#                       on the kernels `--gpu-conv auto` times faster for the model (the device
+#                       line gives both paths' times);
 #   step-mixed-WxB      the same in mixed precision (f16 operands on ctseg's WGSL kernels, on
 #                       cooperative matrices where `adapters` lists them; profile-mixed-…);
 #   spirv-{mixed,f32}-WxB  the same with the `spirv` build (kernels compiled to SPIR-V; mixed

@@ -8,6 +8,7 @@ use std::fmt::Write;
 use burn::tensor::{Device, DeviceKind};
 use serde::{Deserialize, Serialize};
 
+use crate::bench::conv_choice::ConvChoice;
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::model::gpu_conv::CoopTile;
@@ -150,7 +151,7 @@ impl AdapterCaps {
             }
         };
         format!(
-            "convolutions: burn's kernels (default) or --gpu-conv wgsl (ctseg's); --precision mixed: ctseg's kernels with {mixed}"
+            "convolutions in f32: burn's kernels or ctseg's, whichever runs the model faster, timed at start-up (--gpu-conv auto, the default), or as --gpu-conv burn|wgsl says; --precision mixed: ctseg's kernels with {mixed}"
         )
     }
 
@@ -358,6 +359,21 @@ pub struct Backend {
     /// The precision it computes in (f32 unless [`crate::train::precision::apply`] says
     /// otherwise; `caps.f16_operands` follows it).
     pub precision: PrecisionUsed,
+    /// How `--gpu-conv auto` chose `caps.gpu_conv` (`None`: it did not choose).
+    pub conv_choice: Option<ConvChoice>,
+}
+
+impl Backend {
+    /// The backend with its 3×3 convolutions on the kernels `choice` chose, its measurement
+    /// added to the description beside the kernels it names.
+    pub fn with_conv_choice(mut self, choice: ConvChoice) -> Self {
+        let old = conv_description(&self.caps);
+        self.caps.gpu_conv = choice.chosen;
+        let new = format!("{}, {}", conv_description(&self.caps), choice.describe());
+        self.description = self.description.replacen(&old, &new, 1);
+        self.conv_choice = Some(choice);
+        self
+    }
 }
 
 /// The shader-loop cap of Mesa's lavapipe (Mesa 22.3, measured): loops stop after 65,535
@@ -411,6 +427,7 @@ fn open_cpu(threads: usize) -> Backend {
         kind: BackendKind::Cpu,
         caps: DeviceCaps::default(),
         precision: PrecisionUsed::default(),
+        conv_choice: None,
     }
 }
 
@@ -452,11 +469,6 @@ fn open_gpu(req: &DeviceRequest) -> Result<Backend> {
             .filter(|_| req.cooperative_matrices && !spirv),
     };
     // 4. Its description for the log and the summary.
-    let capped = match (caps.shader_loop_cap, caps.gpu_conv) {
-        (Some(_), GpuConv::Burn) => ", loop-capped: convolutions split into exact chunks",
-        (Some(_), GpuConv::Wgsl) => ", loop-capped",
-        (None, _) => "",
-    };
     let compiled = if spirv {
         ", kernels compiled to SPIR-V by cubecl"
     } else {
@@ -464,18 +476,29 @@ fn open_gpu(req: &DeviceRequest) -> Result<Backend> {
     };
     Ok(Backend {
         description: format!(
-            "gpu (burn wgpu, adapter [{}] {}, {}, {}{compiled}{capped}; {})",
+            "gpu (burn wgpu, adapter [{}] {}, {}, {}{compiled}{})",
             chosen.index,
             chosen.name,
             chosen.device_type,
             chosen.backend,
-            caps.gpu_conv.describe()
+            conv_description(&caps)
         ),
         device,
         kind: BackendKind::Gpu,
         caps,
         precision: PrecisionUsed::default(),
+        conv_choice: None,
     })
+}
+
+/// The part of a GPU backend's description that says how its convolutions run.
+fn conv_description(caps: &DeviceCaps) -> String {
+    let capped = match (caps.shader_loop_cap, caps.gpu_conv) {
+        (Some(_), GpuConv::Burn) => ", loop-capped: convolutions split into exact chunks",
+        (Some(_), GpuConv::Wgsl) => ", loop-capped",
+        (None, _) => "",
+    };
+    format!("{capped}; {}", caps.gpu_conv.describe())
 }
 
 /// Adapter `index` of `adapters`, or without one the first hardware adapter, else the first.

@@ -892,6 +892,89 @@ fn own_convolutions_replace_burns_in_the_training_step() {
 }
 
 #[test]
+fn auto_chooses_the_convolution_kernels_that_ran_the_models_layers_faster() {
+    let Some(be) = gpu() else { return };
+    use ctseg::bench::conv_choice::{self, ConvWorkload};
+    // Which path wins depends on the adapter (on lavapipe at the quick config's shape burn's,
+    // docs/gpu-notes.md), so this checks the rule, not a winner: both paths timed on every
+    // layer, the smaller total chosen, and the backend switched to it and saying so.
+    let model = narrow_unet_240();
+    let model = UNetConfig {
+        input_size: 32,
+        ..model
+    };
+    let work = ConvWorkload {
+        batch: 2,
+        train: true,
+    };
+    let c = conv_choice::choose(&be, &model, 1, work, &ctseg::comm::Local)
+        .expect("timed")
+        .expect("an f32 WGSL backend offers the choice");
+    assert_eq!(c.layers, conv_choice::layers(&model, 1, 2).len());
+    assert!(c.burn_s > 0.0 && c.wgsl_s > 0.0, "{c:?}");
+    let faster = if c.wgsl_s < c.burn_s {
+        GpuConv::Wgsl
+    } else {
+        GpuConv::Burn
+    };
+    assert_eq!(c.chosen, faster, "{c:?}");
+    let chosen = be.clone().with_conv_choice(c.clone());
+    assert_eq!(chosen.caps.gpu_conv, faster);
+    assert!(
+        chosen.description.contains(&c.describe()),
+        "{}",
+        chosen.description
+    );
+    assert!(
+        chosen.description.contains(faster.describe()),
+        "{}",
+        chosen.description
+    );
+    // Mixed precision runs every 3×3 convolution on ctseg's kernels: nothing to choose.
+    let mixed = ctseg::train::precision::apply(ctseg::train::precision::Precision::Mixed, be);
+    let none = conv_choice::choose(&mixed, &model, 1, work, &ctseg::comm::Local).expect("no work");
+    assert_eq!(none, None);
+}
+
+#[test]
+fn a_training_run_records_how_its_convolution_kernels_were_chosen() {
+    if gpu().is_none() {
+        return;
+    }
+    // `--gpu-conv auto` (the default) records its measurement in summary.json and the device
+    // line; a path given by name is used as given, without one.
+    let d = tempfile::tempdir().expect("tmp");
+    for (conv, recorded) in [("auto", true), ("burn", false)] {
+        let run = d.path().join(conv);
+        let args = [
+            "train",
+            "--config",
+            common::TINY,
+            "--backend",
+            "gpu",
+            "--gpu-conv",
+            conv,
+            "--max-steps",
+            "1",
+            "--out",
+            common::s(&run),
+        ];
+        common::ok(common::ctseg(&args));
+        let sm = common::summary(&run);
+        assert_eq!(sm.gpu_conv.is_some(), recorded, "{conv}: {}", sm.device);
+        assert_eq!(
+            sm.device.contains("chosen by --gpu-conv auto"),
+            recorded,
+            "{}",
+            sm.device
+        );
+        if let Some(c) = sm.gpu_conv {
+            assert!(sm.device.contains(c.chosen.describe()), "{}", sm.device);
+        }
+    }
+}
+
+#[test]
 fn mixed_precision_unscales_each_gradient_tensor_in_one_launch() {
     if gpu().is_none() {
         return;

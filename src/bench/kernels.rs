@@ -321,6 +321,28 @@ impl Conv<'_> {
     }
 }
 
+/// The median seconds of one convolution + ReLU layer in f32 on burn's kernels and on
+/// ctseg's: its forward, or with `train` its forward and both gradients
+/// ([`super::conv_choice`]).
+pub fn time_conv_paths(
+    be: &Backend,
+    case: KernelCase,
+    train: bool,
+    reps: usize,
+) -> Result<[f64; 2]> {
+    let data = CaseData::new(case);
+    let conv = Conv {
+        be,
+        reps,
+        operands: ConvOperands::new(&be.device, train, &data),
+        pass: if train { "fwd+bwd" } else { "forward" },
+        flop: data.forward_flop() * if train { 3.0 } else { 1.0 },
+    };
+    let burn = conv.time(GpuConv::Burn, false, None)?.0;
+    let own = conv.time(GpuConv::Wgsl, false, None)?.0;
+    Ok([burn, own])
+}
+
 /// A path's median seconds and its last outputs.
 type Timed = (f64, Vec<Vec<f32>>);
 

@@ -3,6 +3,7 @@
 //! optionally the PyTorch peer run with the same shapes in the same invocation, reported as a
 //! ratio; and `bench allreduce`. The step's phase and kernel profile is in [`profile`]. Rank-count series are in [`scaling`], the performance model in [`model`], ctseg's GPU kernels against burn's in [`kernels`].
 
+pub mod conv_choice;
 pub mod kernels;
 pub mod model;
 pub mod profile;

@@ -71,10 +71,11 @@ pub struct BackendArgs {
     /// GPU adapter index (see `ctseg adapters`).
     #[arg(long)]
     pub adapter: Option<usize>,
-    /// The 3×3 convolutions' kernels on a GPU: burn's, or ctseg's WGSL implicit GEMM
+    /// The 3×3 convolutions' kernels on a GPU in f32: whichever runs the model's layers faster
+    /// on this adapter, timed at start-up (auto); burn's; or ctseg's WGSL implicit GEMM
     /// (docs/gpu-notes.md compares them).
-    #[arg(long, value_enum, default_value = "burn")]
-    pub gpu_conv: GpuConv,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub gpu_conv: GpuConvArg,
     /// Keep mixed precision's convolutions off the adapter's cooperative matrices (tensor
     /// cores), on ctseg's register kernels (`ctseg adapters` says which an adapter gets).
     #[arg(long)]
@@ -84,6 +85,17 @@ pub struct BackendArgs {
     pub skip_gpu_check: bool,
 }
 
+/// `--gpu-conv`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GpuConvArg {
+    /// Timed at start-up on the model's own layers ([`ctseg::bench::conv_choice`]).
+    Auto,
+    /// burn's kernels.
+    Burn,
+    /// ctseg's WGSL kernels.
+    Wgsl,
+}
+
 impl BackendArgs {
     /// The device request these flags make.
     pub fn request(&self) -> DeviceRequest {
@@ -91,7 +103,11 @@ impl BackendArgs {
             kind: self.backend,
             threads: self.threads,
             adapter: self.adapter,
-            gpu_conv: self.gpu_conv,
+            gpu_conv: match self.gpu_conv {
+                GpuConvArg::Wgsl => GpuConv::Wgsl,
+                // `auto` opens on burn's and may switch once the model is known (open_backend).
+                GpuConvArg::Auto | GpuConvArg::Burn => GpuConv::Burn,
+            },
             cooperative_matrices: !self.no_cooperative_matrices,
         }
     }

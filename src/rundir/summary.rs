@@ -95,6 +95,10 @@ pub struct Summary {
     pub loss_scale: Option<f64>,
     /// Steps skipped for non-finite gradients (mixed precision; never silently applied).
     pub skipped_steps: u64,
+    /// How `--gpu-conv auto` chose the 3×3 convolutions' kernels, with the times it measured
+    /// (absent where it did not choose: CPU, mixed precision, a path given by name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_conv: Option<crate::bench::conv_choice::ConvChoice>,
     /// Micro-batches per optimiser step on each rank.
     pub accumulate: u64,
     /// Images per micro-batch on each rank.

@@ -879,6 +879,7 @@ impl<'a> Trainer<'a> {
             precision_note: self.opts.backend.precision.note.clone(),
             loss_scale: state.loss_scale.map(|s| s.scale),
             skipped_steps: state.loss_scale.map_or(0, |s| s.skipped),
+            gpu_conv: self.opts.backend.conv_choice.clone(),
             accumulate: p.accumulate as u64,
             batch_size: self.cfg.train.batch_size as u64,
             label: self.opts.label.clone(),

@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 
+use ctseg::bench::conv_choice::ConvWorkload;
 use ctseg::bench::{self, StepBenchOptions};
 use ctseg::error::Error;
 
@@ -35,7 +36,11 @@ pub fn step(a: BenchStepArgs) -> Result<()> {
         // 1. Config and this rank's device.
         let cfg = load_config(a.config.as_deref(), &a.overrides)?;
         let quiet = a.json || comm.rank() != 0;
-        let be = open_backend(&a.backend, &cfg.model, cfg.train.precision, comm, quiet)?;
+        let work = ConvWorkload {
+            batch: cfg.train.batch_size,
+            train: true,
+        };
+        let be = open_backend(&a.backend, &cfg, cfg.train.precision, work, comm, quiet)?;
         let o = StepBenchOptions {
             warmup: a.warmup,
             steps: a.steps.max(1),

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 
 use ctseg::backend::{self, BackendKind, DeviceRequest};
+use ctseg::bench::conv_choice::ConvWorkload;
 use ctseg::comm::Local;
 use ctseg::error::Error;
 use ctseg::infer::{Predictor, overlay};
@@ -25,10 +26,15 @@ fn predictor(a: &InferArgs) -> Result<Predictor> {
     }
     Predictor::check(&trained)?;
     // Inference runs in f32 whatever the run trained in.
+    let work = ConvWorkload {
+        batch: a.batch_size,
+        train: false,
+    };
     let be = open_backend(
         &a.backend,
-        &trained.cfg.model,
+        &trained.cfg,
         Precision::F32,
+        work,
         &Local,
         false,
     )?;

@@ -11,11 +11,12 @@ pub mod train;
 use anyhow::Result;
 
 use ctseg::backend::{self, Backend, BackendKind};
+use ctseg::bench::conv_choice::{self, ConvWorkload};
 use ctseg::comm::{Communicator, Local};
-use ctseg::model::UNetConfig;
+use ctseg::config::RunConfig;
 use ctseg::train::precision::Precision;
 
-use super::args::BackendArgs;
+use super::args::{BackendArgs, GpuConvArg};
 
 /// Runs `f` on this process's communicator: MPI when an MPI launcher started it (and ctseg was
 /// built with the `mpi` feature), else a single process. Every command that opens a
@@ -47,19 +48,30 @@ fn open_comm() -> Result<Box<dyn Communicator>> {
 }
 
 /// Opens this rank's share of the backend `args` ask for ([`backend::DeviceRequest::for_rank`])
-/// and, for a GPU, first checks that it computes `model`'s gradients like the CPU in the
-/// `precision` the command will compute in.
+/// and, for a GPU, picks its convolution kernels for `cfg`'s model and `work` (`--gpu-conv
+/// auto`), then checks that it computes the model's gradients like the CPU in the `precision`
+/// the command will compute in.
 pub fn open_backend(
     args: &BackendArgs,
-    model: &UNetConfig,
+    cfg: &RunConfig,
     precision: Precision,
+    work: ConvWorkload,
     comm: &dyn Communicator,
     quiet: bool,
 ) -> Result<Backend> {
+    // 1. The device, in the precision asked (or the one it can do).
     let be = backend::open(&args.request().for_rank(comm))?;
-    let be = ctseg::train::precision::apply(precision, be);
+    let mut be = ctseg::train::precision::apply(precision, be);
+    // 2. `--gpu-conv auto`: the convolution kernels that run this model faster here.
+    if args.gpu_conv == GpuConvArg::Auto
+        && let Some(choice) =
+            conv_choice::choose(&be, &cfg.model, cfg.data.in_channels(), work, comm)?
+    {
+        be = be.with_conv_choice(choice);
+    }
+    // 3. The start-up check, on the kernels the run will use.
     if be.kind == BackendKind::Gpu && !args.skip_gpu_check {
-        let v = ctseg::verify::require_gpu_agrees(model, &be)?;
+        let v = ctseg::verify::require_gpu_agrees(&cfg.model, &be)?;
         if !quiet {
             let worst = v.worst().map_or(0.0, |(_, t)| t.error);
             eprintln!(

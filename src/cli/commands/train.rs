@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
+use ctseg::bench::conv_choice::ConvWorkload;
 use ctseg::comm::Communicator;
 use ctseg::config::RunConfig;
 use ctseg::rundir::{Checkpoint, CheckpointKind, RunDir};
@@ -45,7 +46,11 @@ pub fn train(a: TrainArgs) -> Result<u8> {
         };
         // 2. This rank's device.
         let quiet = a.quiet || comm.rank() != 0;
-        let backend = open_backend(&a.backend, &cfg.model, cfg.train.precision, comm, quiet)?;
+        let work = ConvWorkload {
+            batch: cfg.train.batch_size,
+            train: true,
+        };
+        let backend = open_backend(&a.backend, &cfg, cfg.train.precision, work, comm, quiet)?;
         // 3. Training.
         let opts = TrainOptions {
             run_dir: run_dir.clone(),
@@ -166,7 +171,11 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
         }
         let quiet = a.json || !rank0;
         // Validation runs in f32 whatever the run trained in.
-        let be = open_backend(&a.backend, &trained.cfg.model, Precision::F32, comm, quiet)?;
+        let work = ConvWorkload {
+            batch: trained.cfg.train.batch_size,
+            train: false,
+        };
+        let be = open_backend(&a.backend, &trained.cfg, Precision::F32, work, comm, quiet)?;
         let cfg = &trained.cfg;
         let recorded = &trained.ck.meta.provenance;
         let data_dir = a
