@@ -5,9 +5,9 @@
 #   adapters            `ctseg adapters`: the paths and precisions each adapter gets;
 #   step-f32-WxB        `bench step --backend gpu` at width W, batch B, 240², beside the PyTorch
 #                       peer in f32 (TF32 convolutions, PyTorch's default) and AMP, then the
-#                       step's phase and kernel profile (profile-wW-bB.json); its convolutions
-#                       on the kernels `--gpu-conv auto` times faster for the model (the device
-#                       line gives both paths' times);
+#                       step's phase and kernel profile (profile-wW-bB.json); on burn's
+#                       convolution kernels (--gpu-conv burn: the baseline step-wgsl compares
+#                       with; `quick` runs the default --gpu-conv auto and records its choice);
 #   step-mixed-WxB      the same in mixed precision (f16 operands on ctseg's WGSL kernels, on
 #                       cooperative matrices where `adapters` lists them; profile-mixed-…);
 #   spirv-{mixed,f32}-WxB  the same with the `spirv` build (kernels compiled to SPIR-V; mixed
@@ -100,7 +100,7 @@ run_stage() {
     ;;
   step-f32-*)
     log "$stage: bench step width $w batch $b ${SIZE}² (ctseg wgpu against PyTorch f32 and AMP on $PEER_DEVICE), then its phase/kernel profile"
-    step "$stage" ./.devbin/ctseg "$w" "$b" "w$w-b$b" 240 --peer tests/reference/livermask_torch.py \
+    step "$stage" ./.devbin/ctseg "$w" "$b" "w$w-b$b" 240 --gpu-conv burn --peer tests/reference/livermask_torch.py \
       --peer-device "$PEER_DEVICE" --python "${PYTHON:-python3}" --peer-precision f32,amp
     ;;
   step-mixed-*)

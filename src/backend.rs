@@ -370,7 +370,13 @@ impl Backend {
         let old = conv_description(&self.caps);
         self.caps.gpu_conv = choice.chosen;
         let new = format!("{}, {}", conv_description(&self.caps), choice.describe());
-        self.description = self.description.replacen(&old, &new, 1);
+        // open_gpu wrote `old` into the description; should a later change move it, the
+        // choice is still said, at the end.
+        if self.description.contains(&old) {
+            self.description = self.description.replacen(&old, &new, 1);
+        } else {
+            self.description.push_str(&format!(" ({new})"));
+        }
         self.conv_choice = Some(choice);
         self
     }

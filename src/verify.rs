@@ -525,7 +525,7 @@ fn agree(model: &UNetConfig, backend: &Backend, caps: DeviceCaps) -> Result<Verd
             },
         ));
         return Err(Error::Device(format!(
-            "{}: the GPU computes this model's gradients{} differently from the CPU reference (loss relative error {:.1e}; parameter tensor {k} off by {:.1e}, accepted {:.1e}: {TOLERANCE:.0e} or {NOISE_FACTOR}x the CPU's own rounding noise {:.1e}). Training there would silently go wrong: use --backend cpu, another --adapter, or --skip-gpu-check if you know better.\n{}",
+            "{}: the GPU computes this model's gradients{} differently from the CPU reference (loss relative error {:.1e}; parameter tensor {k} off by {:.1e}, accepted {:.1e}: {TOLERANCE:.0e} or {NOISE_FACTOR}x the CPU's own rounding noise {:.1e}). Training there would silently go wrong: use {}--backend cpu, another --adapter, or --skip-gpu-check if you know better.\n{}",
             backend.description,
             if caps.f16_operands {
                 " with f16 operands (mixed precision)"
@@ -536,6 +536,11 @@ fn agree(model: &UNetConfig, backend: &Backend, caps: DeviceCaps) -> Result<Verd
             t.error,
             t.limit(),
             t.floor,
+            if caps.gpu_conv == crate::model::GpuConv::Wgsl && !caps.f16_operands {
+                "--gpu-conv burn (these were ctseg's convolution kernels), "
+            } else {
+                ""
+            },
             v.table()
         )));
     }

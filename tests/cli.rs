@@ -1260,52 +1260,50 @@ fn report_refuses_a_run_given_twice_before_writing() {
 }
 
 #[test]
-fn a_value_listed_twice_in_a_list_flag_is_refused_by_name() {
-    // Each was accepted: the same loss target tabulated twice, the peer run twice, the
-    // kernel case measured twice. The checks come before any run, adapter or peer starts.
+fn report_refuses_a_loss_target_given_twice_before_writing() {
+    // It was tabulated and drawn twice.
     let d = tempfile::tempdir().expect("tmp");
     let run = d.path().join("run");
     std::fs::create_dir(&run).expect("mkdir");
     std::fs::write(run.join("metrics.jsonl"), "").expect("write");
     let out = d.path().join("report");
-    let cases: [(&[&str], &[&str]); 3] = [
-        (
-            &[
-                "report",
-                s(&run),
-                "--out",
-                s(&out),
-                "--loss-targets=-0.75,-0.75",
-            ],
-            &["--loss-targets", "-0.75 is given twice"],
-        ),
-        (
-            &[
-                "bench",
-                "step",
-                "--config",
-                TINY,
-                "--peer-precision",
-                "f32,amp,f32",
-            ],
-            &["--peer-precision", "f32 is given twice"],
-        ),
-        (
-            &[
-                "bench",
-                "kernels",
-                "--case",
-                "1,2,8,8",
-                "--case",
-                "1,2,8,8,2",
-            ],
-            &["--case", "1,2,8,8,2 is given twice"],
-        ),
+    let args = [
+        "report",
+        s(&run),
+        "--out",
+        s(&out),
+        "--loss-targets=-0.75,-0.75",
     ];
-    for (args, needles) in cases {
-        fails_with(ctseg(args), 2, needles);
-    }
+    fails_with(ctseg(&args), 2, &["--loss-targets", "-0.75 is given twice"]);
     assert!(!out.exists());
+}
+
+#[test]
+fn bench_step_refuses_a_peer_precision_given_twice_before_any_step() {
+    // The peer ran twice; the refusal comes before the model or the peer starts.
+    let args = [
+        "bench",
+        "step",
+        "--config",
+        TINY,
+        "--peer-precision",
+        "f32,amp,f32",
+    ];
+    fails_with(ctseg(&args), 2, &["--peer-precision", "f32 is given twice"]);
+}
+
+#[test]
+fn bench_kernels_refuses_a_case_given_twice_before_opening_an_adapter() {
+    // `B,C,H,W` is `B,C,H,W,C`: the same layer, measured twice.
+    let args = [
+        "bench",
+        "kernels",
+        "--case",
+        "1,2,8,8",
+        "--case",
+        "1,2,8,8,2",
+    ];
+    fails_with(ctseg(&args), 2, &["--case", "1,2,8,8,2 is given twice"]);
 }
 
 #[test]

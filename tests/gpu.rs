@@ -891,48 +891,76 @@ fn own_convolutions_replace_burns_in_the_training_step() {
     assert_eq!(burn_backward, 2.0, "{p}");
 }
 
-#[test]
-fn auto_chooses_the_convolution_kernels_that_ran_the_models_layers_faster() {
-    let Some(be) = gpu() else { return };
-    use ctseg::bench::conv_choice::{self, ConvWorkload};
-    // Which path wins depends on the adapter (on lavapipe at the quick config's shape burn's,
-    // docs/gpu-notes.md), so this checks the rule, not a winner: both paths timed on every
-    // layer, the smaller total chosen, and the backend switched to it and saying so.
-    let model = narrow_unet_240();
+/// A U-Net of 32² at batch 2 and the training workload, for `--gpu-conv auto`'s tests.
+fn small_conv_workload() -> (UNetConfig, ctseg::bench::conv_choice::ConvWorkload) {
     let model = UNetConfig {
         input_size: 32,
-        ..model
+        ..narrow_unet_240()
     };
-    let work = ConvWorkload {
+    let work = ctseg::bench::conv_choice::ConvWorkload {
         batch: 2,
         train: true,
     };
+    (model, work)
+}
+
+#[test]
+fn auto_times_every_layer_on_both_paths_and_decides_by_the_rule() {
+    let Some(be) = gpu() else { return };
+    use ctseg::bench::conv_choice;
+    // Which path wins depends on the adapter (on lavapipe burn's, docs/gpu-notes.md): this
+    // checks what was timed and that the rule (`decide`, unit-tested) made the choice.
+    let (model, work) = small_conv_workload();
     let c = conv_choice::choose(&be, &model, 1, work, &ctseg::comm::Local)
         .expect("timed")
         .expect("an f32 WGSL backend offers the choice");
     assert_eq!(c.layers, conv_choice::layers(&model, 1, 2).len());
+    assert_eq!(c.ranks, 1);
     assert!(c.burn_s > 0.0 && c.wgsl_s > 0.0, "{c:?}");
-    let faster = if c.wgsl_s < c.burn_s {
-        GpuConv::Wgsl
-    } else {
-        GpuConv::Burn
-    };
-    assert_eq!(c.chosen, faster, "{c:?}");
-    let chosen = be.clone().with_conv_choice(c.clone());
-    assert_eq!(chosen.caps.gpu_conv, faster);
-    assert!(
-        chosen.description.contains(&c.describe()),
-        "{}",
-        chosen.description
-    );
-    assert!(
-        chosen.description.contains(faster.describe()),
-        "{}",
-        chosen.description
-    );
-    // Mixed precision runs every 3×3 convolution on ctseg's kernels: nothing to choose.
+    assert_eq!(c.chosen, conv_choice::decide(c.burn_s, c.wgsl_s), "{c:?}");
+}
+
+#[test]
+fn a_backend_switched_by_the_choice_runs_and_names_the_chosen_kernels() {
+    let Some(be) = gpu() else { return };
+    // Whatever was measured, the backend then carries the chosen path and says why; a
+    // loop-capped adapter's note about burn's chunks goes with burn's kernels.
+    for chosen in [GpuConv::Wgsl, GpuConv::Burn] {
+        let c = ctseg::bench::conv_choice::ConvChoice {
+            chosen,
+            burn_s: 2.0,
+            wgsl_s: 1.0,
+            layers: 3,
+            ranks: 1,
+        };
+        let switched = be.clone().with_conv_choice(c.clone());
+        let d = &switched.description;
+        assert_eq!(switched.caps.gpu_conv, chosen);
+        assert_eq!(switched.conv_choice.as_ref(), Some(&c));
+        assert!(d.contains(&c.describe()), "{d}");
+        assert!(d.contains(chosen.describe()), "{d}");
+        assert_eq!(
+            d.contains(GpuConv::Burn.describe()),
+            chosen == GpuConv::Burn,
+            "{d}"
+        );
+        let chunked = d.contains("split into exact chunks");
+        assert_eq!(
+            chunked,
+            be.caps.shader_loop_cap.is_some() && chosen == GpuConv::Burn,
+            "{d}"
+        );
+    }
+}
+
+#[test]
+fn mixed_precision_leaves_nothing_to_choose() {
+    let Some(be) = gpu() else { return };
+    // Mixed precision runs every 3×3 convolution on ctseg's kernels whatever --gpu-conv says.
+    let (model, work) = small_conv_workload();
     let mixed = ctseg::train::precision::apply(ctseg::train::precision::Precision::Mixed, be);
-    let none = conv_choice::choose(&mixed, &model, 1, work, &ctseg::comm::Local).expect("no work");
+    let none = ctseg::bench::conv_choice::choose(&mixed, &model, 1, work, &ctseg::comm::Local)
+        .expect("nothing to time");
     assert_eq!(none, None);
 }
 

@@ -223,15 +223,10 @@ pub fn bench_kernels(
     };
     for case in &o.cases {
         let data = CaseData::new(*case);
-        for (train, pass) in [(false, "forward"), (true, "fwd+bwd")] {
+        for train in [false, true] {
             // 1. The convolution, on the paths the route offers.
-            let conv = Conv {
-                be,
-                reps: o.reps,
-                operands: ConvOperands::new(&be.device, train, &data),
-                pass,
-                flop: data.forward_flop() * if train { 3.0 } else { 1.0 },
-            };
+            let conv = Conv::new(be, o.reps, &data, train);
+            let pass = conv.pass;
             match route {
                 Route::Wgsl => conv.wgsl_rows()?.into_iter().for_each(&mut push),
                 Route::SpirV(shapes) => push(conv.spirv_row(shapes)?),
@@ -259,17 +254,39 @@ struct Conv<'a> {
     flop: f64,
 }
 
-impl Conv<'_> {
-    /// The median seconds and outputs of the convolution with these choices of the device's
-    /// paths (the rest as the backend found them).
-    fn time(&self, gpu_conv: GpuConv, f16_operands: bool, coop: Option<CoopTile>) -> Result<Timed> {
-        let caps = DeviceCaps {
+impl<'a> Conv<'a> {
+    /// `data`'s layer on `be`: its forward, or with `train` its forward and both gradients.
+    fn new(be: &'a Backend, reps: usize, data: &CaseData, train: bool) -> Self {
+        Self {
+            be,
+            reps,
+            operands: ConvOperands::new(&be.device, train, data),
+            pass: if train { "fwd+bwd" } else { "forward" },
+            flop: data.forward_flop() * if train { 3.0 } else { 1.0 },
+        }
+    }
+
+    /// The device's caps with these choices of its paths (the rest as the backend found them).
+    fn caps(&self, gpu_conv: GpuConv, f16_operands: bool, coop: Option<CoopTile>) -> DeviceCaps {
+        DeviceCaps {
             gpu_conv,
             f16_operands,
             coop,
             ..self.be.caps
-        };
+        }
+    }
+
+    /// The median seconds and outputs of the convolution on these paths.
+    fn time(&self, gpu_conv: GpuConv, f16_operands: bool, coop: Option<CoopTile>) -> Result<Timed> {
+        let caps = self.caps(gpu_conv, f16_operands, coop);
         time(self.be, self.reps, &|| self.operands.run(caps))
+    }
+
+    /// The median seconds of the convolution in f32 on `gpu_conv`, its outputs left on the
+    /// device.
+    fn seconds(&self, gpu_conv: GpuConv) -> Result<f64> {
+        let caps = self.caps(gpu_conv, false, None);
+        Ok(median_seconds(self.be, self.reps, &|| self.operands.run(caps))?.0)
     }
 
     /// The row comparing `baseline` with `candidate`.
@@ -330,17 +347,8 @@ pub fn time_conv_paths(
     train: bool,
     reps: usize,
 ) -> Result<[f64; 2]> {
-    let data = CaseData::new(case);
-    let conv = Conv {
-        be,
-        reps,
-        operands: ConvOperands::new(&be.device, train, &data),
-        pass: if train { "fwd+bwd" } else { "forward" },
-        flop: data.forward_flop() * if train { 3.0 } else { 1.0 },
-    };
-    let burn = conv.time(GpuConv::Burn, false, None)?.0;
-    let own = conv.time(GpuConv::Wgsl, false, None)?.0;
-    Ok([burn, own])
+    let conv = Conv::new(be, reps, &CaseData::new(case), train);
+    Ok([conv.seconds(GpuConv::Burn)?, conv.seconds(GpuConv::Wgsl)?])
 }
 
 /// A path's median seconds and its last outputs.
@@ -372,6 +380,18 @@ fn row(
 
 /// Median seconds of `f` over `reps` warm repetitions (one untimed first), and its last output.
 fn time(be: &Backend, reps: usize, f: &dyn Fn() -> Vec<Tensor<4>>) -> Result<Timed> {
+    let (median, out) = median_seconds(be, reps, f)?;
+    let out = out.into_iter().map(to_f32).collect::<Result<_>>()?;
+    Ok((median, out))
+}
+
+/// The median seconds of `f` over `reps` runs after one untimed, the device waited for around
+/// each, and the last run's outputs (still on the device).
+fn median_seconds(
+    be: &Backend,
+    reps: usize,
+    f: &dyn Fn() -> Vec<Tensor<4>>,
+) -> Result<(f64, Vec<Tensor<4>>)> {
     let sync = || {
         be.device
             .sync()
@@ -389,7 +409,6 @@ fn time(be: &Backend, reps: usize, f: &dyn Fn() -> Vec<Tensor<4>>) -> Result<Tim
         }
         out = ys;
     }
-    let out = out.into_iter().map(to_f32).collect::<Result<_>>()?;
     Ok((spread(&times).median, out))
 }
 

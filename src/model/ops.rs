@@ -31,7 +31,8 @@ use super::gpu_norm;
 #[serde(rename_all = "lowercase")]
 pub enum GpuConv {
     /// burn's (direct convolution forward, im2col or direct gradients; split into row chunks
-    /// on loop-capped adapters). The default: faster on lavapipe (docs/gpu-notes.md).
+    /// on loop-capped adapters). The library's default; the command line's, `--gpu-conv auto`,
+    /// times both for the model (`crate::bench::conv_choice`).
     #[default]
     Burn,
     /// ctseg's WGSL implicit-GEMM kernels for the forward and all three gradients

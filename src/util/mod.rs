@@ -42,7 +42,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn first_repeat_finds_the_second_occurrence_of_the_earliest_repeated_value() {
+    fn first_repeat_is_the_value_whose_repeat_comes_first() {
         assert_eq!(first_repeat(&[1, 2, 3]), None);
         assert_eq!(first_repeat::<u8>(&[]), None);
         // 3 repeats before 2 does: the first repeat met, reading left to right.
