@@ -915,7 +915,7 @@ fn auto_times_every_layer_on_both_paths_and_decides_by_the_rule() {
         .expect("timed")
         .expect("an f32 WGSL backend offers the choice");
     assert_eq!(c.layers, conv_choice::layers(&model, 1, 2).len());
-    assert_eq!(c.ranks, 1);
+    assert_eq!((c.ranks, c.batch), (1, 2));
     assert!(c.burn_s > 0.0 && c.wgsl_s > 0.0, "{c:?}");
     assert_eq!(c.chosen, conv_choice::decide(c.burn_s, c.wgsl_s), "{c:?}");
 }
@@ -932,6 +932,7 @@ fn a_backend_switched_by_the_choice_runs_and_names_the_chosen_kernels() {
             wgsl_s: 1.0,
             layers: 3,
             ranks: 1,
+            batch: 2,
         };
         let switched = be.clone().with_conv_choice(c.clone());
         let d = &switched.description;

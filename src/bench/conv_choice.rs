@@ -24,6 +24,12 @@ const REPS: usize = 3;
 /// resumed run, `predict` after `train`) on the timing's noise.
 pub const MARGIN: f64 = 0.9;
 
+/// The most values one timed layer's input or output may hold (2 GiB in f32): the timing keeps
+/// a layer's input, output and their gradients on the device and two such arrays on the host,
+/// and `predict --batch-size` may be far larger than any volume it meets. livermask's widest
+/// layer at width 64 fits 48 images (a training batch of 30 is timed whole).
+pub const MAX_TIMED_VALUES: usize = 1 << 29;
+
 /// What a run does with its convolutions: forward only (inference) or forward and both
 /// gradients (training), on `batch` images.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +54,9 @@ pub struct ConvChoice {
     pub layers: usize,
     /// Ranks whose times were averaged (1 without MPI).
     pub ranks: usize,
+    /// Images per timed pass: the run's batch, or fewer where its layers would exceed
+    /// [`MAX_TIMED_VALUES`] ([`timed_batch`]).
+    pub batch: usize,
 }
 
 impl ConvChoice {
@@ -59,8 +68,8 @@ impl ConvChoice {
             String::new()
         };
         format!(
-            "chosen by --gpu-conv auto: the model's convolutions took {:.4} s on burn's kernels and {:.4} s on ctseg's ({} layer shapes{over})",
-            self.burn_s, self.wgsl_s, self.layers
+            "chosen by --gpu-conv auto: the model's convolutions took {:.4} s on burn's kernels and {:.4} s on ctseg's ({} layer shapes, batch {}{over})",
+            self.burn_s, self.wgsl_s, self.layers, self.batch
         )
     }
 }
@@ -79,6 +88,21 @@ pub fn decide(burn_s: f64, wgsl_s: f64) -> GpuConv {
 /// runs it)` weighted by its count.
 pub fn model_seconds(layers: impl IntoIterator<Item = (f64, usize)>) -> f64 {
     layers.into_iter().map(|(s, n)| s * n as f64).sum()
+}
+
+/// The batch to time `cases` at (each case's shape holding one image): `batch`, or the largest
+/// smaller one (at least 1) at which no layer's input or output exceeds [`MAX_TIMED_VALUES`].
+pub fn timed_batch(cases: &[(KernelCase, usize)], batch: usize) -> usize {
+    let per_image = cases
+        .iter()
+        .map(|(c, _)| {
+            let [_, c_in, h, w] = c.shape;
+            c_in.max(c.c_out).saturating_mul(h).saturating_mul(w)
+        })
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    batch.min(MAX_TIMED_VALUES / per_image).max(1)
 }
 
 /// Whether `be` offers the choice: a GPU computing its convolutions in f32 with kernels
@@ -133,7 +157,8 @@ pub fn choose(
         _ => {}
     }
     // 2. Each distinct layer on each path, weighted by how often the model runs it.
-    let cases = layers(model, in_channels, work.batch);
+    let batch = timed_batch(&layers(model, in_channels, 1), work.batch);
+    let cases = layers(model, in_channels, batch);
     let mut burn = Vec::with_capacity(cases.len());
     let mut own = Vec::with_capacity(cases.len());
     for (case, count) in &cases {
@@ -151,6 +176,7 @@ pub fn choose(
         wgsl_s,
         layers: cases.len(),
         ranks,
+        batch,
     }))
 }
 
@@ -190,6 +216,25 @@ mod tests {
         let burn = model_seconds([(1.0, 1), (0.3, 4)]);
         let own = model_seconds([(1.2, 1), (0.1, 4)]);
         assert_eq!(decide(burn, own), GpuConv::Wgsl);
+    }
+
+    #[test]
+    fn a_batch_whose_layers_would_not_fit_is_timed_smaller() {
+        // livermask at width 64, 240²: its widest layer is the last decoder level's input,
+        // cat(64, 128) = 192 channels at 240², 11,059,200 values an image, so 48 images fit in
+        // 2^29 values (48.5).
+        let model = UNetConfig {
+            width: 64,
+            depth: 4,
+            input_size: 240,
+            ..depth_one_width_four()
+        };
+        let one = layers(&model, 1, 1);
+        assert_eq!(timed_batch(&one, 30), 30);
+        assert_eq!(timed_batch(&one, 4096), 48);
+        // A layer wider than the bound on its own is still timed, at one image.
+        let huge = [(KernelCase::new([1, 1 << 15, 128, 256], 1 << 15), 1)];
+        assert_eq!(timed_batch(&huge, 8), 1);
     }
 
     #[test]

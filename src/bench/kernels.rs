@@ -412,35 +412,35 @@ fn median_seconds(
     Ok((spread(&times).median, out))
 }
 
+/// `n` fixed values in [-0.5, 0.5), the same in every run.
+fn pattern(n: usize, step: usize, period: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * step) % period) as f32 / period as f32 - 0.5)
+        .collect()
+}
+
 /// A case's values on the host: input, kernel, and the loss weights of the convolution's
-/// output and of the normalisation's (`sum(y · r)` gives every output its own gradient).
+/// output (`sum(y · r)` gives every output its own gradient; the normalisation makes its own,
+/// [`NormOperands::new`]).
 struct CaseData {
     case: KernelCase,
     x: Vec<f32>,
     w: Vec<f32>,
     r_conv: Vec<f32>,
-    r_norm: Vec<f32>,
 }
 
 impl CaseData {
-    /// Fixed values in [-0.5, 0.5) (the kernel's in [-0.05, 0.05)), the same in every run.
+    /// [`pattern`]s (the kernel's scaled to [-0.05, 0.05)).
     fn new(case: KernelCase) -> Self {
         let [b, c, h, w] = case.shape;
-        let pattern = |n: usize, step: usize, period: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| ((i * step) % period) as f32 / period as f32 - 0.5)
-                .collect()
-        };
-        let n = b * c * h * w;
         Self {
             case,
-            x: pattern(n, 7919, 97),
+            x: pattern(b * c * h * w, 7919, 97),
             w: pattern(case.c_out * c * 9, 104_729, 89)
                 .into_iter()
                 .map(|v| v / 10.0)
                 .collect(),
             r_conv: pattern(b * case.c_out * h * w, 31, 17),
-            r_norm: pattern(n, 31, 17),
         }
     }
 
@@ -530,7 +530,7 @@ impl NormOperands {
             x: tracked(x, train),
             gamma: param((0..c).map(|i| 0.5 + (i % 7) as f32 / 7.0).collect()),
             beta: param((0..c).map(|i| (i % 5) as f32 / 10.0 - 0.2).collect()),
-            r: Tensor::from_data(TensorData::new(d.r_norm.clone(), shape), &device),
+            r: Tensor::from_data(TensorData::new(pattern(d.x.len(), 31, 17), shape), &device),
             mask: (0..shape[0] * c)
                 .map(|p| if p % 5 == 0 { 0.0 } else { 1.25 })
                 .collect(),
