@@ -933,6 +933,7 @@ fn a_backend_switched_by_the_choice_runs_and_names_the_chosen_kernels() {
             layers: 3,
             ranks: 1,
             batch: 2,
+            fallback: None,
         };
         let switched = be.clone().with_conv_choice(c.clone());
         let d = &switched.description;

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::model::{GpuConv, UNetConfig, arch};
 use crate::wgsl::{self, Compiler};
 
-use super::kernels::{KernelCase, time_conv_paths};
+use super::kernels::{ConvTimer, KernelCase};
 
 /// Timed repetitions per layer and path (the median is kept, after one untimed).
 const REPS: usize = 3;
@@ -57,6 +57,10 @@ pub struct ConvChoice {
     /// Images per timed pass: the run's batch, or fewer where its layers would exceed
     /// [`MAX_TIMED_VALUES`] ([`timed_batch`]).
     pub batch: usize,
+    /// Why ctseg's kernels run nowhere although they may have been timed faster: they failed
+    /// while timed or in the start-up check, on this rank or another ([`ConvChoice::fall_back`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
 }
 
 impl ConvChoice {
@@ -67,10 +71,23 @@ impl ConvChoice {
         } else {
             String::new()
         };
+        let fallback = match &self.fallback {
+            Some(why) => format!("; burn's, as {why}"),
+            None => String::new(),
+        };
         format!(
-            "chosen by --gpu-conv auto: the model's convolutions took {:.4} s on burn's kernels and {:.4} s on ctseg's ({} layer shapes, batch {}{over})",
+            "chosen by --gpu-conv auto: the model's convolutions took {:.4} s on burn's kernels and {:.4} s on ctseg's ({} layer shapes, batch {}{over}){fallback}",
             self.burn_s, self.wgsl_s, self.layers, self.batch
         )
+    }
+
+    /// The choice moved to burn's kernels because ctseg's failed (`why`).
+    pub fn fall_back(self, why: String) -> Self {
+        Self {
+            chosen: GpuConv::Burn,
+            fallback: Some(why),
+            ..self
+        }
     }
 }
 
@@ -82,12 +99,6 @@ pub fn decide(burn_s: f64, wgsl_s: f64) -> GpuConv {
     } else {
         GpuConv::Burn
     }
-}
-
-/// Seconds of the whole model from per-layer times: each `(layer's seconds, how often the model
-/// runs it)` weighted by its count.
-pub fn model_seconds(layers: impl IntoIterator<Item = (f64, usize)>) -> f64 {
-    layers.into_iter().map(|(s, n)| s * n as f64).sum()
 }
 
 /// The batch to time `cases` at (each case's shape holding one image): `batch`, or the largest
@@ -156,33 +167,121 @@ pub fn choose(
         }
         _ => {}
     }
-    // 2. Each distinct layer on each path, weighted by how often the model runs it.
+    // 2. Each distinct layer on each path.
     let batch = timed_batch(&layers(model, in_channels, 1), work.batch);
     let cases = layers(model, in_channels, batch);
-    let mut burn = Vec::with_capacity(cases.len());
-    let mut own = Vec::with_capacity(cases.len());
-    for (case, count) in &cases {
-        let [b, o] = time_conv_paths(be, *case, work.train, REPS)?;
-        burn.push((b, *count));
-        own.push((o, *count));
+    // One layer's tensors at a time: both paths time it before the next is uploaded.
+    let current: std::cell::RefCell<Option<(KernelCase, ConvTimer)>> = Default::default();
+    let seconds = |case: &KernelCase, path| {
+        let mut current = current.borrow_mut();
+        if current.as_ref().is_some_and(|(c, _)| c != case) {
+            // The previous layer's tensors are freed before the next one's are uploaded.
+            *current = None;
+        }
+        let (_, timer) =
+            current.get_or_insert_with(|| (*case, ConvTimer::new(be, *case, work.train, REPS)));
+        timer.seconds(path)
+    };
+    // 3. One decision for all ranks.
+    let mut c = decide_on_ranks(&cases, seconds, comm)?;
+    c.batch = batch;
+    Ok(Some(c))
+}
+
+/// Times each `(layer, count)` of `layers` on both paths with `seconds`, weights them by their
+/// counts and decides on the ranks' mean totals ([`decide`]). ctseg's
+/// kernels are tried within `catch_unwind`, as the start-up check tries any kernel: a kernel
+/// that fails on this adapter (or on another rank's) leaves the run on burn's with the
+/// reason, not failed. Collective; `batch` is left 0 for the caller.
+pub fn decide_on_ranks<L>(
+    layers: &[(L, usize)],
+    seconds: impl Fn(&L, GpuConv) -> Result<f64>,
+    comm: &dyn Communicator,
+) -> Result<ConvChoice> {
+    let (mut burn, mut own) = (0.0, 0.0);
+    let mut failure: Option<String> = None;
+    for (layer, count) in layers {
+        burn += seconds(layer, GpuConv::Burn)? * *count as f64;
+        if failure.is_none() {
+            let tried = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                seconds(layer, GpuConv::Wgsl)
+            }));
+            match tried {
+                Ok(Ok(s)) => own += s * *count as f64,
+                Ok(Err(e)) => failure = Some(e.to_string()),
+                Err(panic) => failure = Some(panic_text(panic.as_ref())),
+            }
+        }
     }
-    // 3. One decision for all ranks, on their mean times.
-    let mut totals = [model_seconds(burn), model_seconds(own)];
+    let ranks = comm.size();
+    let mut totals = [burn, own, f64::from(u8::from(failure.is_some()))];
     comm.allreduce_sum_f64(&mut totals)?;
-    let [burn_s, wgsl_s] = totals.map(|t| t / ranks as f64);
-    Ok(Some(ConvChoice {
+    let [burn_s, wgsl_s, failed] = totals;
+    let (burn_s, wgsl_s) = (burn_s / ranks as f64, wgsl_s / ranks as f64);
+    let choice = ConvChoice {
         chosen: decide(burn_s, wgsl_s),
         burn_s,
         wgsl_s,
-        layers: cases.len(),
+        layers: layers.len(),
         ranks,
-        batch,
-    }))
+        batch: 0,
+        fallback: None,
+    };
+    Ok(match (failed > 0.0, failure) {
+        (false, _) => choice,
+        (true, Some(e)) => choice.fall_back(format!("ctseg's kernels failed while timed: {e}")),
+        (true, None) => {
+            choice.fall_back("ctseg's kernels failed while timed on another rank".into())
+        }
+    })
+}
+
+/// `plain` on the kernels `choice` chose, with the start-up `check` run on them. Where ctseg's
+/// were chosen and fail the check on any rank, every rank falls back to burn's, says why and
+/// runs the check again: `--gpu-conv auto` never fails a run that burn's kernels would pass.
+/// Collective where ctseg's were chosen.
+pub fn apply_checked<V>(
+    plain: Backend,
+    choice: ConvChoice,
+    comm: &dyn Communicator,
+    check: impl Fn(&Backend) -> Result<V>,
+) -> Result<(Backend, V)> {
+    let chosen = plain.clone().with_conv_choice(choice.clone());
+    let checked = check(&chosen);
+    if choice.chosen != GpuConv::Wgsl {
+        return checked.map(|v| (chosen, v));
+    }
+    let mut failed = [f64::from(u8::from(checked.is_err()))];
+    comm.allreduce_sum_f64(&mut failed)?;
+    if failed[0] == 0.0 {
+        return checked.map(|v| (chosen, v));
+    }
+    let why = match checked {
+        // The check's first line says what failed; its table stays out of the description.
+        Err(e) => format!(
+            "ctseg's kernels failed the start-up check: {}",
+            e.to_string().lines().next().unwrap_or_default()
+        ),
+        Ok(_) => "ctseg's kernels failed the start-up check on another rank".into(),
+    };
+    let fallen = plain.with_conv_choice(choice.fall_back(why));
+    let v = check(&fallen)?;
+    Ok((fallen, v))
+}
+
+/// A caught panic's message.
+pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::comm::Local;
 
     /// Depth 1, width 4, 16² (arch.rs's own test model).
     fn depth_one_width_four() -> UNetConfig {
@@ -209,16 +308,6 @@ mod tests {
     }
 
     #[test]
-    fn a_layer_run_twice_counts_twice() {
-        // 0.5 s once and 0.25 s four times: 0.5 + 1.0.
-        assert_eq!(model_seconds([(0.5, 1), (0.25, 4)]), 1.5);
-        // So a path slower on the one large layer but faster on a repeated small one can win.
-        let burn = model_seconds([(1.0, 1), (0.3, 4)]);
-        let own = model_seconds([(1.2, 1), (0.1, 4)]);
-        assert_eq!(decide(burn, own), GpuConv::Wgsl);
-    }
-
-    #[test]
     fn a_batch_whose_layers_would_not_fit_is_timed_smaller() {
         // livermask at width 64, 240²: its widest layer is the last decoder level's input,
         // cat(64, 128) = 192 channels at 240², 11,059,200 values an image, so 48 images fit in
@@ -238,22 +327,123 @@ mod tests {
     }
 
     #[test]
-    fn the_cpu_offers_no_choice() {
-        let cpu = crate::backend::open(&crate::backend::DeviceRequest {
+    fn a_failing_ctseg_kernel_leaves_the_run_on_burns_with_the_reason() {
+        // The second layer's ctseg timing panics (as a kernel the adapter cannot build
+        // would): the choice falls back, says why, and times nothing more of ctseg's.
+        let layers = [(1usize, 1usize), (2, 3), (3, 1)];
+        let calls = std::cell::Cell::new(0);
+        let c = decide_on_ranks(
+            &layers,
+            |&l, path| {
+                if path == GpuConv::Wgsl {
+                    calls.set(calls.get() + 1);
+                    assert!(l != 2, "shader failed to build");
+                }
+                Ok(1.0)
+            },
+            &Local,
+        )
+        .expect("falls back");
+        assert_eq!(c.chosen, GpuConv::Burn);
+        assert_eq!(calls.get(), 2);
+        let why = c.fallback.clone().expect("a reason");
+        assert!(why.contains("shader failed to build"), "{why}");
+        assert!(c.describe().contains(&why));
+        assert_eq!(c.burn_s, 5.0);
+    }
+
+    #[test]
+    fn faster_ctseg_kernels_are_chosen_from_weighted_layer_times() {
+        // burn 1 + 3·1 = 4 s, ctseg 1 + 3·0.5 = 2.5 s: ctseg's, under 0.9 × 4.
+        let layers = [(1usize, 1usize), (2, 3)];
+        let c = decide_on_ranks(
+            &layers,
+            |&l, path| {
+                Ok(if path == GpuConv::Wgsl && l == 2 {
+                    0.5
+                } else {
+                    1.0
+                })
+            },
+            &Local,
+        )
+        .expect("timed");
+        assert_eq!((c.chosen, c.burn_s, c.wgsl_s), (GpuConv::Wgsl, 4.0, 2.5));
+        assert_eq!((c.ranks, c.fallback), (1, None));
+    }
+
+    /// A CPU backend to carry a choice in the tests of [`apply_checked`].
+    fn cpu() -> Backend {
+        crate::backend::open(&crate::backend::DeviceRequest {
             kind: BackendKind::Cpu,
             threads: 0,
             adapter: None,
             gpu_conv: GpuConv::Burn,
             cooperative_matrices: true,
         })
-        .expect("cpu");
+        .expect("cpu")
+    }
+
+    /// A measurement that chose `chosen`.
+    fn measured(chosen: GpuConv) -> ConvChoice {
+        ConvChoice {
+            chosen,
+            burn_s: 2.0,
+            wgsl_s: 1.0,
+            layers: 1,
+            ranks: 1,
+            batch: 1,
+            fallback: None,
+        }
+    }
+
+    /// The start-up check as it fails on ctseg's kernels: a first line, then a table.
+    fn refusing_ctsegs(b: &Backend) -> Result<u8> {
+        if b.caps.gpu_conv == GpuConv::Wgsl {
+            Err(Error::Device("gradients differ\ntensor 3 | 0.5".into()))
+        } else {
+            Ok(7)
+        }
+    }
+
+    #[test]
+    fn ctsegs_kernels_failing_the_check_leave_the_run_on_burns() {
+        let (be, v) = apply_checked(cpu(), measured(GpuConv::Wgsl), &Local, refusing_ctsegs)
+            .expect("burn's pass");
+        assert_eq!((be.caps.gpu_conv, v), (GpuConv::Burn, 7));
+        let why = be.conv_choice.and_then(|c| c.fallback).expect("a reason");
+        assert_eq!(
+            why,
+            "ctseg's kernels failed the start-up check: gradients differ"
+        );
+    }
+
+    #[test]
+    fn ctsegs_kernels_passing_the_check_are_kept() {
+        let (be, _) =
+            apply_checked(cpu(), measured(GpuConv::Wgsl), &Local, |_| Ok(())).expect("passes");
+        assert_eq!(be.caps.gpu_conv, GpuConv::Wgsl);
+        assert_eq!(be.conv_choice, Some(measured(GpuConv::Wgsl)));
+    }
+
+    #[test]
+    fn burns_kernels_failing_the_check_fail_the_run() {
+        let refused = apply_checked(cpu(), measured(GpuConv::Burn), &Local, |_| {
+            Err::<(), _>(Error::Device("gradients differ".into()))
+        });
+        assert!(refused.is_err());
+    }
+
+    #[test]
+    fn the_cpu_offers_no_choice() {
+        let cpu = cpu();
         assert!(!applies(&cpu));
         let model = depth_one_width_four();
         let work = ConvWorkload {
             batch: 1,
             train: true,
         };
-        let none = choose(&cpu, &model, 1, work, &crate::comm::Local).expect("nothing to do");
+        let none = choose(&cpu, &model, 1, work, &Local).expect("nothing to do");
         assert_eq!(none, None);
     }
 

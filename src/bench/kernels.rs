@@ -338,17 +338,20 @@ impl<'a> Conv<'a> {
     }
 }
 
-/// The median seconds of one convolution + ReLU layer in f32 on burn's kernels and on
-/// ctseg's: its forward, or with `train` its forward and both gradients
-/// ([`super::conv_choice`]).
-pub fn time_conv_paths(
-    be: &Backend,
-    case: KernelCase,
-    train: bool,
-    reps: usize,
-) -> Result<[f64; 2]> {
-    let conv = Conv::new(be, reps, &CaseData::new(case), train);
-    Ok([conv.seconds(GpuConv::Burn)?, conv.seconds(GpuConv::Wgsl)?])
+/// One convolution + ReLU layer's tensors on a device, to time in f32 on either path: its
+/// forward, or with `train` its forward and both gradients ([`super::conv_choice`]).
+pub struct ConvTimer<'a>(Conv<'a>);
+
+impl<'a> ConvTimer<'a> {
+    /// `case` on `be`, uploaded now; each timing is the median of `reps` after one untimed.
+    pub fn new(be: &'a Backend, case: KernelCase, train: bool, reps: usize) -> Self {
+        Self(Conv::new(be, reps, &CaseData::new(case), train))
+    }
+
+    /// The median seconds on `gpu_conv`'s kernels.
+    pub fn seconds(&self, gpu_conv: GpuConv) -> Result<f64> {
+        self.0.seconds(gpu_conv)
+    }
 }
 
 /// A path's median seconds and its last outputs.

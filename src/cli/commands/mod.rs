@@ -61,24 +61,36 @@ pub fn open_backend(
 ) -> Result<Backend> {
     // 1. The device, in the precision asked (or the one it can do).
     let be = backend::open(&args.request().for_rank(comm))?;
-    let mut be = ctseg::train::precision::apply(precision, be);
+    let be = ctseg::train::precision::apply(precision, be);
     // 2. `--gpu-conv auto`: the convolution kernels that run this model faster here.
-    if args.gpu_conv == GpuConvArg::Auto
-        && let Some(choice) =
+    let choice = match args.gpu_conv {
+        GpuConvArg::Auto => {
             conv_choice::choose(&be, &cfg.model, cfg.data.in_channels(), work, comm)?
-    {
-        be = be.with_conv_choice(choice);
-    }
-    // 3. The start-up check, on the kernels the run will use.
-    if be.kind == BackendKind::Gpu && !args.skip_gpu_check {
-        let v = ctseg::verify::require_gpu_agrees(&cfg.model, &be)?;
-        if !quiet {
-            let worst = v.worst().map_or(0.0, |(_, t)| t.error);
-            eprintln!(
-                "gpu check: loss and gradients of {} parameter tensors agree with the CPU (largest relative error {worst:.1e}, each within its limit)",
-                v.tensors.len()
-            );
         }
+        _ => None,
+    };
+    // 3. The start-up check, on the kernels the run will use (auto falls back to burn's where
+    // ctseg's fail it).
+    let check = |b: &Backend| -> ctseg::error::Result<Option<ctseg::verify::Verdict>> {
+        if b.kind == BackendKind::Gpu && !args.skip_gpu_check {
+            ctseg::verify::require_gpu_agrees(&cfg.model, b).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    let (be, verdict) = match choice {
+        Some(c) => conv_choice::apply_checked(be, c, comm, check)?,
+        None => {
+            let v = check(&be)?;
+            (be, v)
+        }
+    };
+    if let (Some(v), false) = (verdict, quiet) {
+        let worst = v.worst().map_or(0.0, |(_, t)| t.error);
+        eprintln!(
+            "gpu check: loss and gradients of {} parameter tensors agree with the CPU (largest relative error {worst:.1e}, each within its limit)",
+            v.tensors.len()
+        );
     }
     Ok(be)
 }
