@@ -444,7 +444,7 @@ fn open_gpu(req: &DeviceRequest) -> Result<Backend> {
     let chosen = choose_adapter(&adapters, req.adapter)?;
     // 2. The device, brought up now, so that a broken driver fails here with the list.
     let device = Device::wgpu(chosen.kind.clone());
-    let probe = std::panic::catch_unwind(|| {
+    let probe = crate::comm::catch_panic(|| {
         let t = burn::tensor::Tensor::<1>::from_floats([1.0, 2.0], &device);
         t.sum().into_data()
     });

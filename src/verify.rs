@@ -495,7 +495,7 @@ fn require_reordered(
     reference: &str,
     advice: &str,
 ) -> Result<()> {
-    let diff = std::panic::catch_unwind(difference)
+    let diff = crate::comm::catch_panic(difference)
         .unwrap_or_else(|_| Err(Error::Device(format!("{kernels} failed on this adapter"))));
     let refuse = |why: String| {
         Error::Device(format!(

@@ -48,7 +48,8 @@ pub struct ConvChoice {
     /// Seconds of all the model's 3×3 convolutions on burn's kernels: each distinct layer's
     /// median times how often the model runs it, summed; under MPI the mean over the ranks.
     pub burn_s: f64,
-    /// The same on ctseg's WGSL kernels.
+    /// The same on ctseg's WGSL kernels (over the layers timed before they failed, where they
+    /// failed while timed: see `fallback`).
     pub wgsl_s: f64,
     /// Distinct layer shapes timed.
     pub layers: usize,
@@ -190,7 +191,7 @@ pub fn choose(
 
 /// Times each `(layer, count)` of `layers` on both paths with `seconds`, weights them by their
 /// counts and decides on the ranks' mean totals ([`decide`]). ctseg's
-/// kernels are tried within `catch_unwind`, as the start-up check tries any kernel: a kernel
+/// kernels are tried within [`crate::comm::catch_panic`], as the start-up check tries any kernel: a kernel
 /// that fails on this adapter (or on another rank's) leaves the run on burn's with the
 /// reason, not failed. Collective; `batch` is left 0 for the caller.
 pub fn decide_on_ranks<L>(
@@ -203,13 +204,10 @@ pub fn decide_on_ranks<L>(
     for (layer, count) in layers {
         burn += seconds(layer, GpuConv::Burn)? * *count as f64;
         if failure.is_none() {
-            let tried = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                seconds(layer, GpuConv::Wgsl)
-            }));
-            match tried {
+            match crate::comm::catch_panic(|| seconds(layer, GpuConv::Wgsl)) {
                 Ok(Ok(s)) => own += s * *count as f64,
-                Ok(Err(e)) => failure = Some(e.to_string()),
-                Err(panic) => failure = Some(panic_text(panic.as_ref())),
+                Ok(Err(e)) => failure = Some(brief(&e.to_string())),
+                Err(panic) => failure = Some(brief(&panic)),
             }
         }
     }
@@ -218,8 +216,16 @@ pub fn decide_on_ranks<L>(
     comm.allreduce_sum_f64(&mut totals)?;
     let [burn_s, wgsl_s, failed] = totals;
     let (burn_s, wgsl_s) = (burn_s / ranks as f64, wgsl_s / ranks as f64);
+    // The ranks' sums are the same numbers on every rank, but a decision that enters a
+    // collective ([`apply_checked`]) must not rest on that: ctseg's only if every rank says so.
+    let mut ctsegs = [f64::from(u8::from(decide(burn_s, wgsl_s) == GpuConv::Wgsl))];
+    comm.allreduce_sum_f64(&mut ctsegs)?;
     let choice = ConvChoice {
-        chosen: decide(burn_s, wgsl_s),
+        chosen: if ctsegs[0] as usize == ranks {
+            GpuConv::Wgsl
+        } else {
+            GpuConv::Burn
+        },
         burn_s,
         wgsl_s,
         layers: layers.len(),
@@ -247,21 +253,27 @@ pub fn apply_checked<V>(
     check: impl Fn(&Backend) -> Result<V>,
 ) -> Result<(Backend, V)> {
     let chosen = plain.clone().with_conv_choice(choice.clone());
-    let checked = check(&chosen);
     if choice.chosen != GpuConv::Wgsl {
-        return checked.map(|v| (chosen, v));
+        return check(&chosen).map(|v| (chosen, v));
     }
+    // ctseg's backward kernels may first run here (inference times the forward only).
+    let checked = crate::comm::catch_panic(|| check(&chosen))
+        .unwrap_or_else(|panic| Err(Error::Device(panic)));
     let mut failed = [f64::from(u8::from(checked.is_err()))];
     comm.allreduce_sum_f64(&mut failed)?;
     if failed[0] == 0.0 {
         return checked.map(|v| (chosen, v));
     }
     let why = match checked {
-        // The check's first line says what failed; its table stays out of the description.
-        Err(e) => format!(
-            "ctseg's kernels failed the start-up check: {}",
-            e.to_string().lines().next().unwrap_or_default()
-        ),
+        // What failed, without the backend's description or the advice that open a refusal.
+        Err(e) => {
+            let text = e.to_string();
+            let text = text
+                .strip_prefix(&format!("{}: ", chosen.description))
+                .unwrap_or(&text);
+            let text = text.split(". Training there would").next().unwrap_or(text);
+            format!("ctseg's kernels failed the start-up check: {}", brief(text))
+        }
         Ok(_) => "ctseg's kernels failed the start-up check on another rank".into(),
     };
     let fallen = plain.with_conv_choice(choice.fall_back(why));
@@ -269,13 +281,14 @@ pub fn apply_checked<V>(
     Ok((fallen, v))
 }
 
-/// A caught panic's message.
-pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
+/// A failure's message as a reason in one line: its first line, at most 200 characters (a
+/// driver's shader error can run to its source).
+fn brief(text: &str) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    match line.char_indices().nth(200) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -397,10 +410,14 @@ mod tests {
         }
     }
 
-    /// The start-up check as it fails on ctseg's kernels: a first line, then a table.
+    /// The start-up check as it refuses ctseg's kernels (src/verify.rs): the description, what
+    /// differs, advice, then a table.
     fn refusing_ctsegs(b: &Backend) -> Result<u8> {
         if b.caps.gpu_conv == GpuConv::Wgsl {
-            Err(Error::Device("gradients differ\ntensor 3 | 0.5".into()))
+            Err(Error::Device(format!(
+                "{}: gradients differ. Training there would silently go wrong: use --backend cpu.\ntensor 3 | 0.5",
+                b.description
+            )))
         } else {
             Ok(7)
         }
@@ -416,6 +433,19 @@ mod tests {
             why,
             "ctseg's kernels failed the start-up check: gradients differ"
         );
+    }
+
+    #[test]
+    fn ctsegs_kernels_panicking_in_the_check_leave_the_run_on_burns() {
+        let check = |b: &Backend| -> Result<u8> {
+            assert!(b.caps.gpu_conv == GpuConv::Burn, "backward shader failed");
+            Ok(7)
+        };
+        let (be, v) =
+            apply_checked(cpu(), measured(GpuConv::Wgsl), &Local, check).expect("burn's pass");
+        assert_eq!((be.caps.gpu_conv, v), (GpuConv::Burn, 7));
+        let why = be.conv_choice.and_then(|c| c.fallback).expect("a reason");
+        assert!(why.contains("backward shader failed"), "{why}");
     }
 
     #[test]

@@ -12,6 +12,32 @@ use crate::error::Result;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 
+thread_local! {
+    /// How many [`catch_panic`] calls this thread is inside.
+    static CATCHING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f` and returns a panic in it as its message. While it runs, a panic on this thread
+/// does not abort an MPI job ([`catching_panics`]; the MPI panic hook would otherwise end every
+/// rank before the panic could be caught): for trying kernels an adapter may not build.
+pub fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    CATCHING.with(|c| c.set(c.get() + 1));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(c.get() - 1));
+    r.map_err(|panic| {
+        panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into())
+    })
+}
+
+/// Whether this thread is inside [`catch_panic`].
+pub fn catching_panics() -> bool {
+    CATCHING.with(|c| c.get() > 0)
+}
+
 /// Whether this process was started by an MPI launcher (mpirun/mpiexec/srun), from the
 /// environment variables the common launchers set; `CTSEG_MPI=1` forces MPI (a singleton).
 /// A Slurm step of several tasks counts too, whatever its `--mpi` plugin: see
@@ -120,5 +146,21 @@ impl Communicator for Local {
     }
     fn describe(&self) -> String {
         "single process".into()
+    }
+}
+
+#[cfg(test)]
+mod catch_tests {
+    use super::*;
+
+    #[test]
+    fn a_caught_panic_is_its_message_and_the_thread_stops_catching_after() {
+        assert_eq!(catch_panic(|| 3), Ok(3));
+        let caught = catch_panic(|| {
+            assert!(catching_panics());
+            panic!("shader failed to build")
+        });
+        assert_eq!(caught, Err::<(), _>("shader failed to build".into()));
+        assert!(!catching_panics());
     }
 }

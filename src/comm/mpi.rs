@@ -94,6 +94,9 @@ impl Mpi {
             let previous = std::panic::take_hook();
             std::panic::set_hook(Box::new(move |info| {
                 previous(info);
+                if super::catching_panics() {
+                    return;
+                }
                 eprintln!("ctseg: a rank panicked; aborting the MPI job");
                 // SAFETY: MPI is initialised (the hook is installed after init) and MPI_Abort
                 // may be called from any thread.
