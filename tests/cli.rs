@@ -1240,14 +1240,20 @@ fn report_of_a_path_that_does_not_exist_is_bad_input() {
     assert!(!out.exists());
 }
 
+/// A directory `report` takes for a run (an empty `metrics.jsonl`): enough for refusals made
+/// before any run is read.
+fn run_stub(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    std::fs::write(dir.join("metrics.jsonl"), "").expect("write");
+}
+
 #[test]
 fn report_refuses_a_run_given_twice_before_writing() {
     // Given directly and again through its folder, the run was drawn and tabulated as two.
     let d = tempfile::tempdir().expect("tmp");
     let runs = d.path().join("runs");
     let run = runs.join("a");
-    std::fs::create_dir_all(&run).expect("mkdir");
-    std::fs::write(run.join("metrics.jsonl"), "").expect("write");
+    run_stub(&run);
     let out = d.path().join("report");
     for given in [[s(&run), s(&run)], [s(&runs), s(&run)]] {
         fails_with(
@@ -1264,8 +1270,7 @@ fn report_refuses_a_loss_target_given_twice_before_writing() {
     // It was tabulated and drawn twice.
     let d = tempfile::tempdir().expect("tmp");
     let run = d.path().join("run");
-    std::fs::create_dir(&run).expect("mkdir");
-    std::fs::write(run.join("metrics.jsonl"), "").expect("write");
+    run_stub(&run);
     let out = d.path().join("report");
     let args = [
         "report",
