@@ -361,6 +361,9 @@ pub struct Backend {
     pub precision: PrecisionUsed,
     /// How `--gpu-conv auto` chose `caps.gpu_conv` (`None`: it did not choose).
     pub conv_choice: Option<ConvChoice>,
+    /// The adapter as wgpu names it (name, driver and version, type, graphics API); `None` on
+    /// the CPU. Keys what is measured on it and kept across runs ([`crate::bench::conv_cache`]).
+    pub adapter: Option<String>,
 }
 
 impl Backend {
@@ -434,6 +437,7 @@ fn open_cpu(threads: usize) -> Backend {
         caps: DeviceCaps::default(),
         precision: PrecisionUsed::default(),
         conv_choice: None,
+        adapter: None,
     }
 }
 
@@ -494,6 +498,10 @@ fn open_gpu(req: &DeviceRequest) -> Result<Backend> {
         caps,
         precision: PrecisionUsed::default(),
         conv_choice: None,
+        adapter: Some(format!(
+            "{} | {} | {} | {}",
+            chosen.name, chosen.driver, chosen.device_type, chosen.backend
+        )),
     })
 }
 

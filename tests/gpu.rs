@@ -911,13 +911,52 @@ fn auto_times_every_layer_on_both_paths_and_decides_by_the_rule() {
     // Which path wins depends on the adapter (on lavapipe burn's, docs/gpu-notes.md): this
     // checks what was timed and that the rule (`decide`, unit-tested) made the choice.
     let (model, work) = small_conv_workload();
-    let c = conv_choice::choose(&be, &model, 1, work, &ctseg::comm::Local)
+    let c = conv_choice::choose(&be, &model, 1, work, &ctseg::comm::Local, None)
         .expect("timed")
         .expect("an f32 WGSL backend offers the choice");
     assert_eq!(c.layers, conv_choice::layers(&model, 1, 2).len());
     assert_eq!((c.ranks, c.batch), (1, 2));
     assert!(c.burn_s > 0.0 && c.wgsl_s > 0.0, "{c:?}");
     assert_eq!(c.chosen, conv_choice::decide(c.burn_s, c.wgsl_s), "{c:?}");
+}
+
+#[test]
+fn a_second_choice_on_the_same_adapter_reads_the_first_ones_timing() {
+    let Some(be) = gpu() else { return };
+    use ctseg::bench::conv_cache::Kept;
+    use ctseg::bench::conv_choice;
+    // The first choice times and keeps its totals; the second, on the same adapter, build and
+    // workload, decides on the kept totals without timing (the same numbers, to the bit); a
+    // forward-only workload is another measurement.
+    let (model, work) = small_conv_workload();
+    let d = tempfile::tempdir().expect("tmp");
+    let choose = |work| {
+        conv_choice::choose(&be, &model, 1, work, &ctseg::comm::Local, Some(d.path()))
+            .expect("chosen")
+            .expect("an f32 WGSL backend offers the choice")
+    };
+    let first = choose(work);
+    let Some(Kept::Written { file }) = first.kept.clone() else {
+        panic!("not kept: {first:?}")
+    };
+    let second = choose(work);
+    assert_eq!(second.kept, Some(Kept::Read { file: file.clone() }));
+    assert_eq!(
+        (second.chosen, second.burn_s, second.wgsl_s),
+        (first.chosen, first.burn_s, first.wgsl_s)
+    );
+    assert!(
+        second.describe().contains("timed by an earlier run"),
+        "{second:?}"
+    );
+    let inference = choose(conv_choice::ConvWorkload {
+        train: false,
+        ..work
+    });
+    assert!(
+        matches!(&inference.kept, Some(Kept::Written { file: f }) if *f != file),
+        "{inference:?}"
+    );
 }
 
 #[test]
@@ -934,6 +973,7 @@ fn a_backend_switched_by_the_choice_runs_and_names_the_chosen_kernels() {
             ranks: 1,
             batch: 2,
             fallback: None,
+            kept: None,
         };
         let switched = be.clone().with_conv_choice(c.clone());
         let d = &switched.description;
@@ -961,8 +1001,9 @@ fn mixed_precision_leaves_nothing_to_choose() {
     // Mixed precision runs every 3×3 convolution on ctseg's kernels whatever --gpu-conv says.
     let (model, work) = small_conv_workload();
     let mixed = ctseg::train::precision::apply(ctseg::train::precision::Precision::Mixed, be);
-    let none = ctseg::bench::conv_choice::choose(&mixed, &model, 1, work, &ctseg::comm::Local)
-        .expect("nothing to time");
+    let none =
+        ctseg::bench::conv_choice::choose(&mixed, &model, 1, work, &ctseg::comm::Local, None)
+            .expect("nothing to time");
     assert_eq!(none, None);
 }
 

@@ -4,7 +4,9 @@
 //! Which is faster depends on the adapter (on lavapipe burn's, docs/gpu-notes.md), so the
 //! choice is measured where the run is, not assumed. It applies only where both paths can run
 //! f32: in mixed precision every convolution is ctseg's anyway, and a `spirv` build cannot
-//! load ctseg's WGSL kernels.
+//! load ctseg's WGSL kernels. What was timed is kept for later runs ([`super::conv_cache`]).
+
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -14,14 +16,15 @@ use crate::error::{Error, Result};
 use crate::model::{GpuConv, UNetConfig, arch};
 use crate::wgsl::{self, Compiler};
 
+use super::conv_cache::{self, Kept};
 use super::kernels::{ConvTimer, KernelCase};
 
 /// Timed repetitions per layer and path (the median is kept, after one untimed).
 const REPS: usize = 3;
 
 /// How much faster ctseg's kernels must be to be chosen: burn's are the longer-tested path,
-/// and a model on which the two are this close would otherwise switch paths between runs (a
-/// resumed run, `predict` after `train`) on the timing's noise.
+/// and a model on which the two are this close would otherwise switch paths between runs that
+/// time anew (`predict` after `train`, any run after a rebuild) on the timing's noise.
 pub const MARGIN: f64 = 0.9;
 
 /// The most values one timed layer's input or output may hold (2 GiB in f32): the timing keeps
@@ -62,6 +65,25 @@ pub struct ConvChoice {
     /// while timed or in the start-up check, on this rank or another ([`ConvChoice::fall_back`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
+    /// Whether this rank's timing was read from an earlier run's or kept for later ones
+    /// ([`super::conv_cache`]); `None` where nothing was kept (no cache directory given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<Kept>,
+}
+
+/// What one rank measured: the model's convolutions in seconds on each path (each distinct
+/// layer's median times how often the model runs it, summed), and why ctseg's kernels failed
+/// if they did (`wgsl_s` then covers the layers timed before).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Timing {
+    /// On burn's kernels.
+    pub burn_s: f64,
+    /// On ctseg's WGSL kernels.
+    pub wgsl_s: f64,
+    /// Why ctseg's kernels cannot be used here, in one line: they failed while timed, or
+    /// afterwards in the start-up check ([`apply_checked`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 impl ConvChoice {
@@ -72,12 +94,16 @@ impl ConvChoice {
         } else {
             String::new()
         };
+        let kept = match &self.kept {
+            Some(k) => format!("; {}", k.describe()),
+            None => String::new(),
+        };
         let fallback = match &self.fallback {
             Some(why) => format!("; burn's, as {why}"),
             None => String::new(),
         };
         format!(
-            "chosen by --gpu-conv auto: the model's convolutions took {:.4} s on burn's kernels and {:.4} s on ctseg's ({} layer shapes, batch {}{over}){fallback}",
+            "chosen by --gpu-conv auto: the model's convolutions took {:.4} s on burn's kernels and {:.4} s on ctseg's ({} layer shapes, batch {}{over}{kept}){fallback}",
             self.burn_s, self.wgsl_s, self.layers, self.batch
         )
     }
@@ -144,12 +170,17 @@ pub fn layers(model: &UNetConfig, in_channels: usize, batch: usize) -> Vec<(Kern
 /// `spirv` build on adapters of two graphics APIs could differ), then average their times, so
 /// that every rank runs the same kernels. `None` where the choice does not apply ([`applies`]):
 /// the backend keeps the path it has.
+///
+/// With a `cache` directory, a timing kept there by an earlier run on the same adapter, build
+/// and workload is used instead of timing again, where every rank has one
+/// ([`super::conv_cache`]); a new timing is kept there.
 pub fn choose(
     be: &Backend,
     model: &UNetConfig,
     in_channels: usize,
     work: ConvWorkload,
     comm: &dyn Communicator,
+    cache: Option<&Path>,
 ) -> Result<Option<ConvChoice>> {
     if be.kind != BackendKind::Gpu {
         return Ok(None);
@@ -168,51 +199,80 @@ pub fn choose(
         }
         _ => {}
     }
-    // 2. Each distinct layer on each path.
+    // 2. The model's distinct layers at the batch that is timed.
     let batch = timed_batch(&layers(model, in_channels, 1), work.batch);
     let cases = layers(model, in_channels, batch);
-    // One layer's tensors at a time: both paths time it before the next is uploaded.
-    let current: std::cell::RefCell<Option<(KernelCase, ConvTimer)>> = Default::default();
-    let seconds = |case: &KernelCase, path| {
-        let mut current = current.borrow_mut();
-        if current.as_ref().is_some_and(|(c, _)| c != case) {
-            // The previous layer's tensors are freed before the next one's are uploaded.
-            *current = None;
+    // 3. This rank's timing: an earlier run's where every rank kept one, else timed now.
+    let key = match (cache, &be.adapter) {
+        (Some(dir), Some(adapter)) => {
+            conv_cache::Key::new(adapter, work.train, &cases).map(|k| (dir, k))
         }
-        let (_, timer) =
-            current.get_or_insert_with(|| (*case, ConvTimer::new(be, *case, work.train, REPS)));
-        timer.seconds(path)
+        _ => None,
     };
-    // 3. One decision for all ranks.
-    let mut c = decide_on_ranks(&cases, seconds, comm)?;
-    c.batch = batch;
-    Ok(Some(c))
+    let earlier = key.as_ref().and_then(|(dir, k)| conv_cache::read(dir, k));
+    let mut kept_on = [f64::from(u8::from(earlier.is_some()))];
+    comm.allreduce_sum_f64(&mut kept_on)?;
+    let (timing, kept) = match earlier {
+        Some((timing, file)) if kept_on[0] as usize == ranks => (timing, Some(Kept::Read { file })),
+        _ => {
+            // One layer's tensors at a time: both paths time it before the next is uploaded.
+            let current: std::cell::RefCell<Option<(KernelCase, ConvTimer)>> = Default::default();
+            let seconds = |case: &KernelCase, path| {
+                let mut current = current.borrow_mut();
+                if current.as_ref().is_some_and(|(c, _)| c != case) {
+                    // The previous layer's tensors are freed before the next one's are uploaded.
+                    *current = None;
+                }
+                let (_, timer) = current
+                    .get_or_insert_with(|| (*case, ConvTimer::new(be, *case, work.train, REPS)));
+                timer.seconds(path)
+            };
+            let timing = time_layers(&cases, seconds)?;
+            let kept = key.map(|(dir, k)| conv_cache::write(dir, &k, &timing));
+            (timing, kept)
+        }
+    };
+    // 4. One decision for all ranks.
+    let c = agree(&timing, cases.len(), comm)?;
+    Ok(Some(ConvChoice { batch, kept, ..c }))
 }
 
-/// Times each `(layer, count)` of `layers` on both paths with `seconds`, weights them by their
-/// counts and decides on the ranks' mean totals ([`decide`]). ctseg's
-/// kernels are tried within [`crate::comm::catch_panic`], as the start-up check tries any kernel: a kernel
-/// that fails on this adapter (or on another rank's) leaves the run on burn's with the
-/// reason, not failed. Collective; `batch` is left 0 for the caller.
-pub fn decide_on_ranks<L>(
+/// Times each `(layer, count)` of `layers` on both paths with `seconds`, weighted by the
+/// counts. ctseg's kernels are tried within [`crate::comm::catch_panic`], as the start-up check
+/// tries any kernel: a kernel that fails on this adapter is recorded (`failure`) and not tried
+/// on the next layers, so that the run can stay on burn's ([`agree`]).
+pub fn time_layers<L>(
     layers: &[(L, usize)],
     seconds: impl Fn(&L, GpuConv) -> Result<f64>,
-    comm: &dyn Communicator,
-) -> Result<ConvChoice> {
-    let (mut burn, mut own) = (0.0, 0.0);
-    let mut failure: Option<String> = None;
+) -> Result<Timing> {
+    let mut t = Timing {
+        burn_s: 0.0,
+        wgsl_s: 0.0,
+        failure: None,
+    };
     for (layer, count) in layers {
-        burn += seconds(layer, GpuConv::Burn)? * *count as f64;
-        if failure.is_none() {
+        t.burn_s += seconds(layer, GpuConv::Burn)? * *count as f64;
+        if t.failure.is_none() {
             match crate::comm::catch_panic(|| seconds(layer, GpuConv::Wgsl)) {
-                Ok(Ok(s)) => own += s * *count as f64,
-                Ok(Err(e)) => failure = Some(brief(&e.to_string())),
-                Err(panic) => failure = Some(brief(&panic)),
+                Ok(Ok(s)) => t.wgsl_s += s * *count as f64,
+                Ok(Err(e)) => t.failure = Some(failed_while_timed(&e.to_string())),
+                Err(panic) => t.failure = Some(failed_while_timed(&panic)),
             }
         }
     }
+    Ok(t)
+}
+
+/// One decision on every rank's `timing` of the same `layers` layer shapes: the ranks' mean
+/// totals decide ([`decide`]), and a failure of ctseg's kernels on any rank leaves every rank
+/// on burn's with the reason. Collective; `batch` is left 0 and `kept` `None` for the caller.
+pub fn agree(timing: &Timing, layers: usize, comm: &dyn Communicator) -> Result<ConvChoice> {
     let ranks = comm.size();
-    let mut totals = [burn, own, f64::from(u8::from(failure.is_some()))];
+    let mut totals = [
+        timing.burn_s,
+        timing.wgsl_s,
+        f64::from(u8::from(timing.failure.is_some())),
+    ];
     comm.allreduce_sum_f64(&mut totals)?;
     let [burn_s, wgsl_s, failed] = totals;
     let (burn_s, wgsl_s) = (burn_s / ranks as f64, wgsl_s / ranks as f64);
@@ -228,14 +288,15 @@ pub fn decide_on_ranks<L>(
         },
         burn_s,
         wgsl_s,
-        layers: layers.len(),
+        layers,
         ranks,
         batch: 0,
         fallback: None,
+        kept: None,
     };
-    Ok(match (failed > 0.0, failure) {
+    Ok(match (failed > 0.0, &timing.failure) {
         (false, _) => choice,
-        (true, Some(e)) => choice.fall_back(format!("ctseg's kernels failed while timed: {e}")),
+        (true, Some(why)) => choice.fall_back(why.clone()),
         (true, None) => {
             choice.fall_back("ctseg's kernels failed while timed on another rank".into())
         }
@@ -276,9 +337,18 @@ pub fn apply_checked<V>(
         }
         Ok(_) => "ctseg's kernels failed the start-up check on another rank".into(),
     };
+    // Later runs of this work decide on the kept timing: they stay on burn's without a retry.
+    if let Some(file) = choice.kept.as_ref().and_then(Kept::file) {
+        conv_cache::record_failure(file, &why);
+    }
     let fallen = plain.with_conv_choice(choice.fall_back(why));
     let v = check(&fallen)?;
     Ok((fallen, v))
+}
+
+/// The reason for a failure `text` of ctseg's kernels while timed.
+fn failed_while_timed(text: &str) -> String {
+    format!("ctseg's kernels failed while timed: {}", brief(text))
 }
 
 /// A failure's message as a reason in one line: its first line, at most 200 characters (a
@@ -337,6 +407,30 @@ mod tests {
         // A layer wider than the bound on its own is still timed, at one image.
         let huge = [(KernelCase::new([1, 1 << 15, 128, 256], 1 << 15), 1)];
         assert_eq!(timed_batch(&huge, 8), 1);
+    }
+
+    /// [`time_layers`], then [`agree`], on one process.
+    fn decide_on_ranks<L>(
+        layers: &[(L, usize)],
+        seconds: impl Fn(&L, GpuConv) -> Result<f64>,
+        comm: &dyn Communicator,
+    ) -> Result<ConvChoice> {
+        agree(&time_layers(layers, seconds)?, layers.len(), comm)
+    }
+
+    #[test]
+    fn a_kept_failure_leaves_the_run_on_burns_with_its_reason() {
+        // A timing read from an earlier run in which ctseg's kernels failed decides as it did
+        // then, without timing them again.
+        let kept = Timing {
+            burn_s: 4.0,
+            wgsl_s: 1.0,
+            failure: Some("shader failed to build".into()),
+        };
+        let c = agree(&kept, 2, &Local).expect("agreed");
+        assert_eq!(c.chosen, GpuConv::Burn);
+        let why = c.fallback.expect("a reason");
+        assert!(why.contains("shader failed to build"), "{why}");
     }
 
     #[test]
@@ -407,6 +501,7 @@ mod tests {
             ranks: 1,
             batch: 1,
             fallback: None,
+            kept: None,
         }
     }
 
@@ -432,6 +527,34 @@ mod tests {
         assert_eq!(
             why,
             "ctseg's kernels failed the start-up check: gradients differ"
+        );
+    }
+
+    #[test]
+    fn a_check_failure_is_kept_so_the_next_run_stays_on_burns() {
+        // ctseg's kernels timed faster and kept; the check refuses them; the kept timing now
+        // carries the refusal, and deciding on it again gives burn's without trying them.
+        let d = tempfile::tempdir().expect("tmp");
+        let cases = [(KernelCase::new([2, 4, 16, 16], 4), 1)];
+        let key = conv_cache::Key::new("gpu | driver 1", true, &cases).expect("key");
+        let timing = Timing {
+            burn_s: 2.0,
+            wgsl_s: 1.0,
+            failure: None,
+        };
+        let kept = conv_cache::write(d.path(), &key, &timing);
+        let choice = ConvChoice {
+            kept: Some(kept),
+            ..measured(GpuConv::Wgsl)
+        };
+        apply_checked(cpu(), choice, &Local, refusing_ctsegs).expect("burn's pass");
+        let (later, _) = conv_cache::read(d.path(), &key).expect("still kept");
+        let again = agree(&later, 1, &Local).expect("agreed");
+        assert_eq!(again.chosen, GpuConv::Burn);
+        let why = again.fallback.expect("a reason");
+        assert!(
+            why.contains("failed the start-up check: gradients differ"),
+            "{why}"
         );
     }
 
@@ -473,7 +596,7 @@ mod tests {
             batch: 1,
             train: true,
         };
-        let none = choose(&cpu, &model, 1, work, &Local).expect("nothing to do");
+        let none = choose(&cpu, &model, 1, work, &Local, None).expect("nothing to do");
         assert_eq!(none, None);
     }
 

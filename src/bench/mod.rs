@@ -1,8 +1,9 @@
 //! Benchmarks. Here `ctseg bench step` (the time of one training step: forward, loss, backward,
 //! optimiser step) over warm steps, with its spread, images/s, achieved GFLOP/s and peak memory;
 //! optionally the PyTorch peer run with the same shapes in the same invocation, reported as a
-//! ratio; and `bench allreduce`. The step's phase and kernel profile is in [`profile`]. Rank-count series are in [`scaling`], the performance model in [`model`], ctseg's GPU kernels against burn's in [`kernels`].
+//! ratio; and `bench allreduce`. The step's phase and kernel profile is in [`profile`]. Rank-count series are in [`scaling`], the performance model in [`model`], ctseg's GPU kernels against burn's in [`kernels`], `--gpu-conv auto`'s choice between them in [`conv_choice`] (kept across runs by [`conv_cache`]).
 
+pub mod conv_cache;
 pub mod conv_choice;
 pub mod kernels;
 pub mod model;

@@ -62,10 +62,13 @@ pub fn open_backend(
     // 1. The device, in the precision asked (or the one it can do).
     let be = backend::open(&args.request().for_rank(comm))?;
     let be = ctseg::train::precision::apply(precision, be);
-    // 2. `--gpu-conv auto`: the convolution kernels that run this model faster here.
+    // 2. `--gpu-conv auto`: the convolution kernels that run this model faster here (as an
+    // earlier run on this adapter measured them, where one did).
     let choice = match args.gpu_conv {
         GpuConvArg::Auto => {
-            conv_choice::choose(&be, &cfg.model, cfg.data.in_channels(), work, comm)?
+            let kept = backend::kernel_cache_dir().join("conv-choice");
+            let model = &cfg.model;
+            conv_choice::choose(&be, model, cfg.data.in_channels(), work, comm, Some(&kept))?
         }
         _ => None,
     };
