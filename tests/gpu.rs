@@ -1046,6 +1046,46 @@ fn a_training_run_records_how_its_convolution_kernels_were_chosen() {
 }
 
 #[test]
+fn a_second_training_run_decides_on_the_timing_the_first_kept() {
+    if gpu().is_none() {
+        return;
+    }
+    // The kernel cache directory is the environment's: the first run reads or writes the
+    // timing there, the second must read that file.
+    let d = tempfile::tempdir().expect("tmp");
+    let train = |name: &str| {
+        let run = d.path().join(name);
+        common::ok(common::ctseg(&[
+            "train",
+            "--config",
+            common::TINY,
+            "--backend",
+            "gpu",
+            "--max-steps",
+            "1",
+            "--out",
+            common::s(&run),
+        ]));
+        common::summary(&run)
+    };
+    let first = train("first").gpu_conv.and_then(|c| c.kept).expect("kept");
+    let file = first.file().expect("read or written").to_path_buf();
+    let second = train("second");
+    let kept = second.gpu_conv.and_then(|c| c.kept);
+    assert_eq!(
+        kept,
+        Some(ctseg::bench::conv_cache::Kept::Read { file }),
+        "{}",
+        second.device
+    );
+    assert!(
+        second.device.contains("timed by an earlier run"),
+        "{}",
+        second.device
+    );
+}
+
+#[test]
 fn mixed_precision_unscales_each_gradient_tensor_in_one_launch() {
     if gpu().is_none() {
         return;
