@@ -74,7 +74,9 @@ pub fn all_finite(t: Tensor<1>) -> Result<bool> {
             .map_err(|e| gpu_err("finiteness check", e))?;
         return Ok(one == 1);
     }
-    Ok(data_to_f32(t.into_data())?.iter().all(|v| v.is_finite()))
+    Ok(data_to_f32(crate::tensor_util::read(t)?)?
+        .iter()
+        .all(|v| v.is_finite()))
 }
 
 #[cfg(test)]

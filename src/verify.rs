@@ -512,8 +512,26 @@ fn require_reordered(
     }
 }
 
+/// The first of a refusal's choices where the refused kernels were ctseg's f32 convolutions.
+fn burn_advice(caps: DeviceCaps) -> &'static str {
+    if caps.gpu_conv == crate::model::GpuConv::Wgsl && !caps.f16_operands {
+        "--gpu-conv burn (these were ctseg's convolution kernels), "
+    } else {
+        ""
+    }
+}
+
 fn agree(model: &UNetConfig, backend: &Backend, caps: DeviceCaps) -> Result<Verdict> {
-    let v = check_against_cpu(model, backend, caps)?;
+    // A kernel that fails on the device (one the driver cannot build) fails the check too,
+    // with the same choices as a wrong result.
+    let v = check_against_cpu(model, backend, caps).map_err(|e| match e {
+        Error::Device(why) => Error::Device(format!(
+            "{}: the start-up check could not run this model on the GPU ({why}). Use {}--backend cpu or another --adapter.",
+            backend.description,
+            burn_advice(caps)
+        )),
+        e => e,
+    })?;
     if !v.passes() {
         let (k, t) = v.worst().unwrap_or((
             0,
@@ -536,11 +554,7 @@ fn agree(model: &UNetConfig, backend: &Backend, caps: DeviceCaps) -> Result<Verd
             t.error,
             t.limit(),
             t.floor,
-            if caps.gpu_conv == crate::model::GpuConv::Wgsl && !caps.f16_operands {
-                "--gpu-conv burn (these were ctseg's convolution kernels), "
-            } else {
-                ""
-            },
+            burn_advice(caps),
             v.table()
         )));
     }

@@ -930,8 +930,12 @@ fn a_second_choice_on_the_same_adapter_reads_the_first_ones_timing() {
     // forward-only workload is another measurement.
     let (model, work) = small_conv_workload();
     let d = tempfile::tempdir().expect("tmp");
+    let kept = conv_choice::KeptTimings {
+        dir: d.path(),
+        reuse: true,
+    };
     let choose = |work| {
-        conv_choice::choose(&be, &model, 1, work, &ctseg::comm::Local, Some(d.path()))
+        conv_choice::choose(&be, &model, 1, work, &ctseg::comm::Local, Some(kept))
             .expect("chosen")
             .expect("an f32 WGSL backend offers the choice")
     };
@@ -957,6 +961,101 @@ fn a_second_choice_on_the_same_adapter_reads_the_first_ones_timing() {
         matches!(&inference.kept, Some(Kept::Written { file: f }) if *f != file),
         "{inference:?}"
     );
+}
+
+#[test]
+fn retiming_replaces_the_kept_timing() {
+    let Some(be) = gpu() else { return };
+    use ctseg::bench::conv_cache::Kept;
+    use ctseg::bench::conv_choice::{self, KeptTimings};
+    // `--gpu-conv retime`: a timing is kept, yet the next choice times again and writes the
+    // same file.
+    let (model, work) = small_conv_workload();
+    let d = tempfile::tempdir().expect("tmp");
+    let choose = |reuse| {
+        let kept = KeptTimings {
+            dir: d.path(),
+            reuse,
+        };
+        conv_choice::choose(&be, &model, 1, work, &ctseg::comm::Local, Some(kept))
+            .expect("chosen")
+            .and_then(|c| c.kept)
+            .expect("kept")
+    };
+    let first = choose(true);
+    let file = first.file().expect("written").to_path_buf();
+    assert_eq!(choose(false), Kept::Written { file });
+}
+
+#[test]
+fn ctsegs_kernels_that_the_driver_cannot_build_leave_auto_on_burns() {
+    if gpu().is_none() {
+        return;
+    }
+    // CTSEG_FAULT_INJECT gives ctseg's convolution kernels a source the adapter's WGSL
+    // compiler rejects, as a driver that cannot build them would. cubecl then skips their
+    // launches and the device waits without complaint; the timing must still see the failure,
+    // keep the run on burn's kernels with the reason, and burn's must then train on the same
+    // device. `retime`: a timing kept by an earlier run would spare the kernels the trial.
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    let args = [
+        "train",
+        "--config",
+        common::TINY,
+        "--backend",
+        "gpu",
+        "--gpu-conv",
+        "retime",
+        "--max-steps",
+        "2",
+        "--out",
+        common::s(&run),
+    ];
+    let t = common::ok(common::ctseg_env(
+        &args,
+        &[("CTSEG_FAULT_INJECT", "wgsl-conv:0:0")],
+    ));
+    assert!(!t.contains("panicked"), "{t}");
+    let sm = common::summary(&run);
+    let c = sm.gpu_conv.expect("timed");
+    assert_eq!(c.chosen, GpuConv::Burn, "{}", sm.device);
+    let why = c.fallback.expect("a reason");
+    assert!(why.contains("failed while timed"), "{why}");
+    assert!(
+        why.contains("reading a tensor back from the device"),
+        "{why}"
+    );
+    let losses = common::losses(&run);
+    assert_eq!(losses.len(), 2, "{losses:?}");
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+}
+
+#[test]
+fn ctsegs_kernels_that_the_driver_cannot_build_fail_gpu_conv_wgsl_at_start_up() {
+    if gpu().is_none() {
+        return;
+    }
+    // Asked for by name, kernels that cannot run fail the start-up check with what to do
+    // instead, before the run directory is made.
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    let args = [
+        "train",
+        "--config",
+        common::TINY,
+        "--backend",
+        "gpu",
+        "--gpu-conv",
+        "wgsl",
+        "--max-steps",
+        "1",
+        "--out",
+        common::s(&run),
+    ];
+    let out = common::ctseg_env(&args, &[("CTSEG_FAULT_INJECT", "wgsl-conv:0:0")]);
+    common::fails_with(out, 1, &["start-up check could not run", "--gpu-conv burn"]);
+    assert!(!run.exists());
 }
 
 #[test]

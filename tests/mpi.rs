@@ -469,6 +469,52 @@ fn gpu_backend_under_mpirun() {
 }
 
 #[test]
+fn a_rank_that_cannot_build_ctsegs_kernels_keeps_every_rank_on_burns() {
+    if ctseg::backend::list_adapters().is_empty() {
+        assert!(!gpu_required(), "no adapter");
+        eprintln!("skipped: no GPU adapter");
+        return;
+    }
+    // Rank 1's driver rejects ctseg's convolution kernels (CTSEG_FAULT_INJECT), rank 0's
+    // runs them: `--gpu-conv auto` must agree on burn's kernels on both (ranks running
+    // different kernels would train different models), rank 0 saying the failure was another
+    // rank's. `retime`: a kept timing would spare the kernels the trial.
+    let d = tempfile::tempdir().expect("tmp");
+    let run = d.path().join("run");
+    let args = [
+        "train",
+        "--config",
+        TINY,
+        "--backend",
+        "gpu",
+        "--gpu-conv",
+        "retime",
+        "--out",
+        s(&run),
+        "--max-steps",
+        "2",
+        "--quiet",
+    ];
+    ok(mpirun(
+        2,
+        &args,
+        &[("CTSEG_FAULT_INJECT", "wgsl-conv:1:0")],
+        300,
+    ));
+    let sm = summary(&run);
+    let c = sm.gpu_conv.expect("timed");
+    assert_eq!(
+        (c.chosen, c.ranks),
+        (ctseg::model::GpuConv::Burn, 2),
+        "{}",
+        sm.device
+    );
+    let why = c.fallback.expect("a reason");
+    assert!(why.contains("on another rank"), "{why}");
+    assert_eq!(losses(&run).len(), 2);
+}
+
+#[test]
 fn fp16_compression_and_bucketing_keep_the_trajectory() {
     let d = tempfile::tempdir().expect("tmp");
     // Small buckets (0.01 MB: the tiny model's 7,653 gradients make 4 of them), overlap on.

@@ -104,15 +104,23 @@ struct Entry {
 }
 
 /// The executable's size and CRC-32, read once per process; `None` where it cannot be read.
+/// A test build whose convolution kernels are broken on purpose (`crate::faults`) is another
+/// build: what it times is kept apart from the real kernels' timings.
 pub fn build() -> Option<&'static str> {
     static BUILD: OnceLock<Option<String>> = OnceLock::new();
     BUILD
         .get_or_init(|| {
             let bytes = std::fs::read(std::env::current_exe().ok()?).ok()?;
+            let broken = crate::faults::fires("wgsl-conv", crate::faults::launcher_rank(), 0);
             Some(format!(
-                "{} bytes, crc32 {:08x}",
+                "{} bytes, crc32 {:08x}{}",
                 bytes.len(),
-                crc32fast::hash(&bytes)
+                crc32fast::hash(&bytes),
+                if broken {
+                    ", ctseg's convolutions broken by CTSEG_FAULT_INJECT"
+                } else {
+                    ""
+                }
             ))
         })
         .as_deref()

@@ -43,6 +43,16 @@ pub struct ConvWorkload {
     pub train: bool,
 }
 
+/// Where timings are kept across runs ([`super::conv_cache`]), and whether this run may decide
+/// on one (`--gpu-conv auto`) or times anew and replaces it (`--gpu-conv retime`).
+#[derive(Clone, Copy, Debug)]
+pub struct KeptTimings<'a> {
+    /// The directory.
+    pub dir: &'a Path,
+    /// Whether a kept timing is used.
+    pub reuse: bool,
+}
+
 /// The measurement behind a choice.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConvChoice {
@@ -171,16 +181,16 @@ pub fn layers(model: &UNetConfig, in_channels: usize, batch: usize) -> Vec<(Kern
 /// that every rank runs the same kernels. `None` where the choice does not apply ([`applies`]):
 /// the backend keeps the path it has.
 ///
-/// With a `cache` directory, a timing kept there by an earlier run on the same adapter, build
-/// and workload is used instead of timing again, where every rank has one
-/// ([`super::conv_cache`]); a new timing is kept there.
+/// With `kept` timings, one kept by an earlier run on the same adapter, build and workload is
+/// used instead of timing again, where every rank has one and `kept.reuse` allows; a new
+/// timing is kept there.
 pub fn choose(
     be: &Backend,
     model: &UNetConfig,
     in_channels: usize,
     work: ConvWorkload,
     comm: &dyn Communicator,
-    cache: Option<&Path>,
+    kept: Option<KeptTimings>,
 ) -> Result<Option<ConvChoice>> {
     if be.kind != BackendKind::Gpu {
         return Ok(None);
@@ -203,13 +213,16 @@ pub fn choose(
     let batch = timed_batch(&layers(model, in_channels, 1), work.batch);
     let cases = layers(model, in_channels, batch);
     // 3. This rank's timing: an earlier run's where every rank kept one, else timed now.
-    let key = match (cache, &be.adapter) {
-        (Some(dir), Some(adapter)) => {
-            conv_cache::Key::new(adapter, work.train, &cases).map(|k| (dir, k))
+    let key = match (kept, &be.adapter) {
+        (Some(kept), Some(adapter)) => {
+            conv_cache::Key::new(adapter, work.train, &cases).map(|k| (kept, k))
         }
         _ => None,
     };
-    let earlier = key.as_ref().and_then(|(dir, k)| conv_cache::read(dir, k));
+    let earlier = key
+        .as_ref()
+        .filter(|(kept, _)| kept.reuse)
+        .and_then(|(kept, k)| conv_cache::read(kept.dir, k));
     let mut kept_on = [f64::from(u8::from(earlier.is_some()))];
     comm.allreduce_sum_f64(&mut kept_on)?;
     let (timing, kept) = match earlier {
@@ -228,7 +241,7 @@ pub fn choose(
                 timer.seconds(path)
             };
             let timing = time_layers(&cases, seconds)?;
-            let kept = key.map(|(dir, k)| conv_cache::write(dir, &k, &timing));
+            let kept = key.map(|(kept, k)| conv_cache::write(kept.dir, &k, &timing));
             (timing, kept)
         }
     };
@@ -332,7 +345,9 @@ pub fn apply_checked<V>(
             let text = text
                 .strip_prefix(&format!("{}: ", chosen.description))
                 .unwrap_or(&text);
-            let text = text.split(". Training there would").next().unwrap_or(text);
+            let text = [". Training there would", ". Use "]
+                .iter()
+                .fold(text, |t, advice| t.split(advice).next().unwrap_or(t));
             format!("ctseg's kernels failed the start-up check: {}", brief(text))
         }
         Ok(_) => "ctseg's kernels failed the start-up check on another rank".into(),

@@ -282,11 +282,17 @@ impl<'a> Conv<'a> {
         time(self.be, self.reps, &|| self.operands.run(caps))
     }
 
-    /// The median seconds of the convolution in f32 on `gpu_conv`, its outputs left on the
-    /// device.
+    /// The median seconds of the convolution in f32 on `gpu_conv`. An error where its kernels
+    /// failed on the device: the device waits without complaint for kernels that did not
+    /// build (cubecl skips them and marks their outputs), so one value of each output is read
+    /// back, where such a failure shows.
     fn seconds(&self, gpu_conv: GpuConv) -> Result<f64> {
         let caps = self.caps(gpu_conv, false, None);
-        Ok(median_seconds(self.be, self.reps, &|| self.operands.run(caps))?.0)
+        let (median, outputs) = median_seconds(self.be, self.reps, &|| self.operands.run(caps))?;
+        for y in outputs {
+            to_f32(y.slice([0..1, 0..1, 0..1, 0..1]))?;
+        }
+        Ok(median)
     }
 
     /// The row comparing `baseline` with `candidate`.

@@ -72,8 +72,8 @@ pub struct BackendArgs {
     #[arg(long)]
     pub adapter: Option<usize>,
     /// The 3×3 convolutions' kernels on a GPU in f32: whichever runs the model's layers faster
-    /// on this adapter, timed at start-up (auto); burn's; or ctseg's WGSL implicit GEMM
-    /// (docs/gpu-notes.md compares them).
+    /// on this adapter, timed at start-up or by an earlier run of the same work (auto; retime:
+    /// timed now); burn's; or ctseg's WGSL implicit GEMM (docs/gpu-notes.md compares them).
     #[arg(long, value_enum, default_value = "auto")]
     pub gpu_conv: GpuConvArg,
     /// Keep mixed precision's convolutions off the adapter's cooperative matrices (tensor
@@ -88,8 +88,11 @@ pub struct BackendArgs {
 /// `--gpu-conv`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum GpuConvArg {
-    /// Timed at start-up on the model's own layers ([`ctseg::bench::conv_choice`]).
+    /// Timed at start-up on the model's own layers ([`ctseg::bench::conv_choice`]), or as an
+    /// earlier run of the same work on this adapter timed them.
     Auto,
+    /// As `auto`, timed now whatever an earlier run kept, replacing it.
+    Retime,
     /// burn's kernels.
     Burn,
     /// ctseg's WGSL kernels.
@@ -106,7 +109,7 @@ impl BackendArgs {
             gpu_conv: match self.gpu_conv {
                 GpuConvArg::Wgsl => GpuConv::Wgsl,
                 // `auto` opens on burn's and may switch once the model is known (open_backend).
-                GpuConvArg::Auto | GpuConvArg::Burn => GpuConv::Burn,
+                GpuConvArg::Auto | GpuConvArg::Retime | GpuConvArg::Burn => GpuConv::Burn,
             },
             cooperative_matrices: !self.no_cooperative_matrices,
         }

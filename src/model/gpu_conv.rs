@@ -167,7 +167,10 @@ fn sources(coop: Option<CoopTile>, tile: Tile) -> [&'static str; 2] {
     if let Some((_, s)) = known.iter().find(|(k, _)| *k == (coop, tile)) {
         return *s;
     }
-    let header = coop.map_or(String::new(), CoopTile::header) + &tile.header();
+    let mut header = coop.map_or(String::new(), CoopTile::header) + &tile.header();
+    if crate::faults::fires("wgsl-conv", crate::faults::launcher_rank(), 0) {
+        header.insert_str(0, "not WGSL: injected by CTSEG_FAULT_INJECT\n");
+    }
     let leak = |body: &str| -> &'static str { Box::leak((header.clone() + body).into()) };
     let s = match coop {
         None => [leak(FORWARD), leak(WEIGHT_GRAD)],

@@ -107,7 +107,7 @@ pub fn hard_counts(pred: Tensor<4>, target: Tensor<4>) -> Result<Vec<DiceCounts>
     let tp = per_image(p.clone() * y.clone());
     let ps = per_image(p);
     let ys = per_image(y);
-    let all = Tensor::cat(vec![tp, ps, ys], 0).into_data();
+    let all = crate::tensor_util::read(Tensor::cat(vec![tp, ps, ys], 0))?;
     let values = crate::tensor_util::data_to_f32(all)?;
     let mut out = vec![DiceCounts::default(); c];
     for i in 0..b {

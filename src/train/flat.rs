@@ -108,7 +108,7 @@ impl ModuleVisitor for Gather<'_> {
 fn gather_host(parts: Vec<Tensor<1>>) -> Result<Vec<f32>> {
     match gather_device(parts) {
         // One concatenation on the device, one copy to the host.
-        Some(t) => data_to_f32(t.into_data()),
+        Some(t) => data_to_f32(crate::tensor_util::read(t)?),
         None => Ok(Vec::new()),
     }
 }

@@ -237,7 +237,7 @@ impl<'a> Stepper<'a> {
         self.mark(Some(Phase::LossRead), step)?;
         let mut local = 0.0;
         for loss in losses {
-            local += data_to_f32(loss.into_data())?
+            local += data_to_f32(crate::tensor_util::read(loss)?)?
                 .first()
                 .copied()
                 .map_or(f64::NAN, f64::from);

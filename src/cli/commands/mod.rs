@@ -65,10 +65,14 @@ pub fn open_backend(
     // 2. `--gpu-conv auto`: the convolution kernels that run this model faster here (as an
     // earlier run on this adapter measured them, where one did).
     let choice = match args.gpu_conv {
-        GpuConvArg::Auto => {
-            let kept = backend::kernel_cache_dir().join("conv-choice");
+        GpuConvArg::Auto | GpuConvArg::Retime => {
+            let dir = backend::kernel_cache_dir().join("conv-choice");
+            let kept = conv_choice::KeptTimings {
+                dir: &dir,
+                reuse: args.gpu_conv == GpuConvArg::Auto,
+            };
             let model = &cfg.model;
-            conv_choice::choose(&be, model, cfg.data.in_channels(), work, comm, Some(&kept))?
+            conv_choice::choose(&be, model, cfg.data.in_channels(), work, comm, Some(kept))?
         }
         _ => None,
     };
