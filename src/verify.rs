@@ -512,9 +512,12 @@ fn require_reordered(
     }
 }
 
-/// The first of a refusal's choices where the refused kernels were ctseg's f32 convolutions.
-fn burn_advice(caps: DeviceCaps) -> &'static str {
-    if caps.gpu_conv == crate::model::GpuConv::Wgsl && !caps.f16_operands {
+/// The first of a refusal's choices, for a check of `caps` on `backend`: in a mixed-precision
+/// run (whose every convolution is ctseg's) f32; in f32 on ctseg's kernels, burn's.
+fn first_advice(backend: &Backend, caps: DeviceCaps) -> &'static str {
+    if backend.caps.f16_operands {
+        "--precision f32, "
+    } else if caps.gpu_conv == crate::model::GpuConv::Wgsl {
         "--gpu-conv burn (these were ctseg's convolution kernels), "
     } else {
         ""
@@ -528,7 +531,7 @@ fn agree(model: &UNetConfig, backend: &Backend, caps: DeviceCaps) -> Result<Verd
         Error::Device(why) => Error::Device(format!(
             "{}: the start-up check could not run this model on the GPU ({why}). Use {}--backend cpu or another --adapter.",
             backend.description,
-            burn_advice(caps)
+            first_advice(backend, caps)
         )),
         e => e,
     })?;
@@ -554,7 +557,7 @@ fn agree(model: &UNetConfig, backend: &Backend, caps: DeviceCaps) -> Result<Verd
             t.error,
             t.limit(),
             t.floor,
-            burn_advice(caps),
+            first_advice(backend, caps),
             v.table()
         )));
     }
@@ -564,6 +567,35 @@ fn agree(model: &UNetConfig, backend: &Backend, caps: DeviceCaps) -> Result<Verd
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_first_offers_what_replaces_the_refused_kernels() {
+        let cpu = crate::backend::open(&crate::backend::DeviceRequest {
+            kind: crate::backend::BackendKind::Cpu,
+            threads: 0,
+            adapter: None,
+            gpu_conv: crate::model::GpuConv::Burn,
+            cooperative_matrices: true,
+        })
+        .expect("cpu");
+        let ctsegs = DeviceCaps {
+            gpu_conv: crate::model::GpuConv::Wgsl,
+            ..cpu.caps
+        };
+        // f32 on ctseg's kernels: burn's; on burn's: nothing to switch.
+        assert!(first_advice(&cpu, ctsegs).starts_with("--gpu-conv burn"));
+        assert_eq!(first_advice(&cpu, cpu.caps), "");
+        // A mixed-precision run, whichever of its checks refused: every convolution there is
+        // ctseg's, so only f32 changes them.
+        let mixed = Backend {
+            caps: DeviceCaps {
+                f16_operands: true,
+                ..cpu.caps
+            },
+            ..cpu.clone()
+        };
+        assert_eq!(first_advice(&mixed, ctsegs), "--precision f32, ");
+    }
 
     #[test]
     fn paths_that_leave_values_out_do_not_agree() {
