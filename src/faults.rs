@@ -41,3 +41,9 @@ pub fn launcher_rank() -> usize {
         .find_map(|v| std::env::var(v).ok()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// Whether ctseg's 3×3 convolution kernels are to be broken on this rank (`wgsl-conv`): the
+/// kernels' source and the identity under which their timings are kept both ask here.
+pub fn wgsl_conv_broken() -> bool {
+    fires("wgsl-conv", launcher_rank(), 0)
+}

@@ -512,15 +512,16 @@ fn require_reordered(
     }
 }
 
-/// The first of a refusal's choices, for a check of `caps` on `backend`: in a mixed-precision
-/// run (whose every convolution is ctseg's) f32; in f32 on ctseg's kernels, burn's.
+/// The first of a refusal's choices, for a check of `caps` on `backend`: where the refused
+/// kernels were f16 operands or ctseg's, f32 in a mixed-precision run (whose convolutions
+/// `--gpu-conv` does not choose) and burn's in an f32 run; nothing where they were burn's in
+/// f32, which every other choice runs too.
 fn first_advice(backend: &Backend, caps: DeviceCaps) -> &'static str {
-    if backend.caps.f16_operands {
-        "--precision f32, "
-    } else if caps.gpu_conv == crate::model::GpuConv::Wgsl {
-        "--gpu-conv burn (these were ctseg's convolution kernels), "
-    } else {
-        ""
+    let ctsegs = caps.gpu_conv == crate::model::GpuConv::Wgsl;
+    match (backend.caps.f16_operands, caps.f16_operands || ctsegs) {
+        (_, false) => "",
+        (true, true) => "--precision f32, ",
+        (false, true) => "--gpu-conv burn (these were ctseg's convolution kernels), ",
     }
 }
 
@@ -585,8 +586,8 @@ mod tests {
         // f32 on ctseg's kernels: burn's; on burn's: nothing to switch.
         assert!(first_advice(&cpu, ctsegs).starts_with("--gpu-conv burn"));
         assert_eq!(first_advice(&cpu, cpu.caps), "");
-        // A mixed-precision run, whichever of its checks refused: every convolution there is
-        // ctseg's, so only f32 changes them.
+        // A mixed-precision run refused on ctseg's kernels: `--gpu-conv` does not choose its
+        // convolutions, only f32 changes them.
         let mixed = Backend {
             caps: DeviceCaps {
                 f16_operands: true,
@@ -595,6 +596,8 @@ mod tests {
             ..cpu.clone()
         };
         assert_eq!(first_advice(&mixed, ctsegs), "--precision f32, ");
+        // The `spirv` build's mixed check, step 1: burn's kernels in f32, what f32 would run.
+        assert_eq!(first_advice(&mixed, cpu.caps), "");
     }
 
     #[test]

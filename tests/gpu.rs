@@ -926,8 +926,8 @@ fn a_second_choice_on_the_same_adapter_reads_the_first_ones_timing() {
     use ctseg::bench::conv_cache::Kept;
     use ctseg::bench::conv_choice;
     // The first choice times and keeps its totals; the second, on the same adapter, build and
-    // workload, decides on the kept totals without timing (the same numbers, to the bit); a
-    // forward-only workload is another measurement.
+    // workload, decides on the kept totals without timing (the same numbers, to the bit; which
+    // keys differ is conv_cache's unit tests').
     let (model, work) = small_conv_workload();
     let d = tempfile::tempdir().expect("tmp");
     let kept = conv_choice::KeptTimings {
@@ -952,14 +952,6 @@ fn a_second_choice_on_the_same_adapter_reads_the_first_ones_timing() {
     assert!(
         second.describe().contains("timed by an earlier run"),
         "{second:?}"
-    );
-    let inference = choose(conv_choice::ConvWorkload {
-        train: false,
-        ..work
-    });
-    assert!(
-        matches!(&inference.kept, Some(Kept::Written { file: f }) if *f != file),
-        "{inference:?}"
     );
 }
 
@@ -988,6 +980,8 @@ fn retiming_replaces_the_kept_timing() {
 }
 
 #[test]
+// CTSEG_FAULT_INJECT acts only in builds with the `test-hooks` feature (src/faults.rs).
+#[cfg(feature = "test-hooks")]
 fn ctsegs_kernels_that_the_driver_cannot_build_leave_auto_on_burns() {
     if gpu().is_none() {
         return;
@@ -1032,6 +1026,8 @@ fn ctsegs_kernels_that_the_driver_cannot_build_leave_auto_on_burns() {
 }
 
 #[test]
+// CTSEG_FAULT_INJECT acts only in builds with the `test-hooks` feature (src/faults.rs).
+#[cfg(feature = "test-hooks")]
 fn ctsegs_kernels_that_the_driver_cannot_build_fail_gpu_conv_wgsl_at_start_up() {
     if gpu().is_none() {
         return;

@@ -90,8 +90,7 @@ pub struct Timing {
     pub burn_s: f64,
     /// On ctseg's WGSL kernels.
     pub wgsl_s: f64,
-    /// Why ctseg's kernels cannot be used here, in one line: they failed while timed, or
-    /// afterwards in the start-up check ([`apply_checked`]).
+    /// Why ctseg's kernels cannot be used here: how they failed while timed, in one line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
 }
@@ -196,10 +195,8 @@ pub fn choose(
         return Ok(None);
     }
     // 1. Whether every rank can run both paths.
-    let mut applying = [f64::from(u8::from(applies(be)))];
-    comm.allreduce_sum_f64(&mut applying)?;
     let ranks = comm.size();
-    match applying[0] as usize {
+    match ranks_where(comm, applies(be))? {
         0 => return Ok(None),
         n if n < ranks => {
             return Err(Error::Device(format!(
@@ -223,10 +220,9 @@ pub fn choose(
         .as_ref()
         .filter(|(kept, _)| kept.reuse)
         .and_then(|(kept, k)| conv_cache::read(kept.dir, k));
-    let mut kept_on = [f64::from(u8::from(earlier.is_some()))];
-    comm.allreduce_sum_f64(&mut kept_on)?;
+    let kept_on = ranks_where(comm, earlier.is_some())?;
     let (timing, kept) = match earlier {
-        Some((timing, file)) if kept_on[0] as usize == ranks => (timing, Some(Kept::Read { file })),
+        Some((timing, file)) if kept_on == ranks => (timing, Some(Kept::Read { file })),
         _ => {
             // One layer's tensors at a time: both paths time it before the next is uploaded.
             let current: std::cell::RefCell<Option<(KernelCase, ConvTimer)>> = Default::default();
@@ -291,10 +287,9 @@ pub fn agree(timing: &Timing, layers: usize, comm: &dyn Communicator) -> Result<
     let (burn_s, wgsl_s) = (burn_s / ranks as f64, wgsl_s / ranks as f64);
     // The ranks' sums are the same numbers on every rank, but a decision that enters a
     // collective ([`apply_checked`]) must not rest on that: ctseg's only if every rank says so.
-    let mut ctsegs = [f64::from(u8::from(decide(burn_s, wgsl_s) == GpuConv::Wgsl))];
-    comm.allreduce_sum_f64(&mut ctsegs)?;
+    let ctsegs = ranks_where(comm, decide(burn_s, wgsl_s) == GpuConv::Wgsl)?;
     let choice = ConvChoice {
-        chosen: if ctsegs[0] as usize == ranks {
+        chosen: if ctsegs == ranks {
             GpuConv::Wgsl
         } else {
             GpuConv::Burn
@@ -333,9 +328,7 @@ pub fn apply_checked<V>(
     // ctseg's backward kernels may first run here (inference times the forward only).
     let checked = crate::comm::catch_panic(|| check(&chosen))
         .unwrap_or_else(|panic| Err(Error::Device(panic)));
-    let mut failed = [f64::from(u8::from(checked.is_err()))];
-    comm.allreduce_sum_f64(&mut failed)?;
-    if failed[0] == 0.0 {
+    if ranks_where(comm, checked.is_err())? == 0 {
         return checked.map(|v| (chosen, v));
     }
     let why = match checked {
@@ -348,17 +341,24 @@ pub fn apply_checked<V>(
             let text = [". Training there would", ". Use "]
                 .iter()
                 .fold(text, |t, advice| t.split(advice).next().unwrap_or(t));
-            format!("ctseg's kernels failed the start-up check: {}", brief(text))
+            match text.strip_prefix("the start-up check ") {
+                // "could not run …": the check says what failed.
+                Some(rest) => format!("ctseg's kernels: the start-up check {}", brief(rest)),
+                None => format!("ctseg's kernels failed the start-up check: {}", brief(text)),
+            }
         }
         Ok(_) => "ctseg's kernels failed the start-up check on another rank".into(),
     };
-    // Later runs of this work decide on the kept timing: they stay on burn's without a retry.
-    if let Some(file) = choice.kept.as_ref().and_then(Kept::file) {
-        conv_cache::record_failure(file, &why);
-    }
     let fallen = plain.with_conv_choice(choice.fall_back(why));
     let v = check(&fallen)?;
     Ok((fallen, v))
+}
+
+/// How many ranks say `yes`. Collective.
+fn ranks_where(comm: &dyn Communicator, yes: bool) -> Result<usize> {
+    let mut n = [f64::from(u8::from(yes))];
+    comm.allreduce_sum_f64(&mut n)?;
+    Ok(n[0] as usize)
 }
 
 /// The reason for a failure `text` of ctseg's kernels while timed.
@@ -542,34 +542,6 @@ mod tests {
         assert_eq!(
             why,
             "ctseg's kernels failed the start-up check: gradients differ"
-        );
-    }
-
-    #[test]
-    fn a_check_failure_is_kept_so_the_next_run_stays_on_burns() {
-        // ctseg's kernels timed faster and kept; the check refuses them; the kept timing now
-        // carries the refusal, and deciding on it again gives burn's without trying them.
-        let d = tempfile::tempdir().expect("tmp");
-        let cases = [(KernelCase::new([2, 4, 16, 16], 4), 1)];
-        let key = conv_cache::Key::new("gpu | driver 1", true, &cases).expect("key");
-        let timing = Timing {
-            burn_s: 2.0,
-            wgsl_s: 1.0,
-            failure: None,
-        };
-        let kept = conv_cache::write(d.path(), &key, &timing);
-        let choice = ConvChoice {
-            kept: Some(kept),
-            ..measured(GpuConv::Wgsl)
-        };
-        apply_checked(cpu(), choice, &Local, refusing_ctsegs).expect("burn's pass");
-        let (later, _) = conv_cache::read(d.path(), &key).expect("still kept");
-        let again = agree(&later, 1, &Local).expect("agreed");
-        assert_eq!(again.chosen, GpuConv::Burn);
-        let why = again.fallback.expect("a reason");
-        assert!(
-            why.contains("failed the start-up check: gradients differ"),
-            "{why}"
         );
     }
 

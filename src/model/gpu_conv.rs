@@ -168,7 +168,7 @@ fn sources(coop: Option<CoopTile>, tile: Tile) -> [&'static str; 2] {
         return *s;
     }
     let mut header = coop.map_or(String::new(), CoopTile::header) + &tile.header();
-    if crate::faults::fires("wgsl-conv", crate::faults::launcher_rank(), 0) {
+    if crate::faults::wgsl_conv_broken() {
         header.insert_str(0, "not WGSL: injected by CTSEG_FAULT_INJECT\n");
     }
     let leak = |body: &str| -> &'static str { Box::leak((header.clone() + body).into()) };
