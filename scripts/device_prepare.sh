@@ -38,11 +38,13 @@ say "cargo build --release --features spirv"
 cargo build --release --features spirv
 pack ctseg-spirv "$release/ctseg"
 
-# 2. The default build (no mpi: the device machine has no MPI) and its GPU tests.
-say "cargo build --release"
-cargo build --release
+# 2. The default build (no mpi: the device machine has no MPI) and its GPU tests, with the
+#    test hooks (src/faults.rs: inert unless CTSEG_FAULT_INJECT is set), so that the parity
+#    stage also tries auto's fallback from ctseg's kernels on the real driver.
+say "cargo build --release --features test-hooks"
+cargo build --release --features test-hooks
 pack ctseg "$release/ctseg"
-pack gpu-tests "$(executable test --release --test gpu)"
+pack gpu-tests "$(executable test --release --features test-hooks --test gpu)"
 
 # 3. The Vulkan loader's packages for the device machine (amd64, Debian's).
 if ! ls .gl/libvulkan1_*.deb >/dev/null 2>&1; then

@@ -28,8 +28,8 @@
 # ones are written to $OUT/stages-left.txt: a second run with STAGES="$(cat stages-left.txt)"
 # measures the rest.
 # Expects what scripts/device_prepare.sh builds on the build machine and the device tool
-# carries: .devbin/ctseg and .devbin/gpu-tests (the default build without mpi and its GPU
-# tests), optionally .devbin/ctseg-spirv (`--features
+# carries: .devbin/ctseg and .devbin/gpu-tests (the default build without mpi, with the test
+# hooks, and its GPU tests), optionally .devbin/ctseg-spirv (`--features
 # spirv`), each possibly xz-compressed; .gl/*.deb (the Vulkan loader); python3 with torch.
 # For a trial on lavapipe: SIZE (default 240) and PEER_DEVICE (default cuda) shrink the work.
 set -u

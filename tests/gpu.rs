@@ -926,8 +926,9 @@ fn a_second_choice_on_the_same_adapter_reads_the_first_ones_timing() {
     use ctseg::bench::conv_cache::Kept;
     use ctseg::bench::conv_choice;
     // The first choice times and keeps its totals; the second, on the same adapter, build and
-    // workload, decides on the kept totals without timing (the same numbers, to the bit; which
-    // keys differ is conv_cache's unit tests').
+    // workload, decides on the kept totals without timing (the same numbers, within the last
+    // bit that serde_json's default float parser may round differently; which keys differ is
+    // conv_cache's unit tests').
     let (model, work) = small_conv_workload();
     let d = tempfile::tempdir().expect("tmp");
     let kept = conv_choice::KeptTimings {
@@ -945,10 +946,13 @@ fn a_second_choice_on_the_same_adapter_reads_the_first_ones_timing() {
     };
     let second = choose(work);
     assert_eq!(second.kept, Some(Kept::Read { file: file.clone() }));
-    assert_eq!(
-        (second.chosen, second.burn_s, second.wgsl_s),
-        (first.chosen, first.burn_s, first.wgsl_s)
-    );
+    assert_eq!(second.chosen, first.chosen);
+    for (kept, timed) in [(second.burn_s, first.burn_s), (second.wgsl_s, first.wgsl_s)] {
+        assert!(
+            (kept - timed).abs() <= 4.0 * f64::EPSILON * timed,
+            "{second:?} {first:?}"
+        );
+    }
     assert!(
         second.describe().contains("timed by an earlier run"),
         "{second:?}"
