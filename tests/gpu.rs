@@ -891,6 +891,29 @@ fn own_convolutions_replace_burns_in_the_training_step() {
     assert_eq!(burn_backward, 2.0, "{p}");
 }
 
+/// `ctseg train` on the tiny config on the GPU into `run` for `steps` steps, with `extra`
+/// arguments and `env` variables, for `--gpu-conv`'s tests.
+fn train_tiny_on_gpu(
+    run: &std::path::Path,
+    steps: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut args = vec![
+        "train",
+        "--config",
+        common::TINY,
+        "--backend",
+        "gpu",
+        "--max-steps",
+        steps,
+        "--out",
+        common::s(run),
+    ];
+    args.extend_from_slice(extra);
+    common::ctseg_env(&args, env)
+}
+
 /// A U-Net of 32² at batch 2 and the training workload, for `--gpu-conv auto`'s tests.
 fn small_conv_workload() -> (UNetConfig, ctseg::bench::conv_choice::ConvWorkload) {
     let model = UNetConfig {
@@ -997,22 +1020,12 @@ fn ctsegs_kernels_that_the_driver_cannot_build_leave_auto_on_burns() {
     // device. `retime`: a timing kept by an earlier run would spare the kernels the trial.
     let d = tempfile::tempdir().expect("tmp");
     let run = d.path().join("run");
-    let args = [
-        "train",
-        "--config",
-        common::TINY,
-        "--backend",
-        "gpu",
-        "--gpu-conv",
-        "retime",
-        "--max-steps",
+    let broken = [("CTSEG_FAULT_INJECT", "wgsl-conv:0:0")];
+    let t = common::ok(train_tiny_on_gpu(
+        &run,
         "2",
-        "--out",
-        common::s(&run),
-    ];
-    let t = common::ok(common::ctseg_env(
-        &args,
-        &[("CTSEG_FAULT_INJECT", "wgsl-conv:0:0")],
+        &["--gpu-conv", "retime"],
+        &broken,
     ));
     assert!(!t.contains("panicked"), "{t}");
     let sm = common::summary(&run);
@@ -1040,20 +1053,8 @@ fn ctsegs_kernels_that_the_driver_cannot_build_fail_gpu_conv_wgsl_at_start_up() 
     // instead, before the run directory is made.
     let d = tempfile::tempdir().expect("tmp");
     let run = d.path().join("run");
-    let args = [
-        "train",
-        "--config",
-        common::TINY,
-        "--backend",
-        "gpu",
-        "--gpu-conv",
-        "wgsl",
-        "--max-steps",
-        "1",
-        "--out",
-        common::s(&run),
-    ];
-    let out = common::ctseg_env(&args, &[("CTSEG_FAULT_INJECT", "wgsl-conv:0:0")]);
+    let broken = [("CTSEG_FAULT_INJECT", "wgsl-conv:0:0")];
+    let out = train_tiny_on_gpu(&run, "1", &["--gpu-conv", "wgsl"], &broken);
     common::fails_with(out, 1, &["start-up check could not run", "--gpu-conv burn"]);
     assert!(!run.exists());
 }
@@ -1116,20 +1117,7 @@ fn a_training_run_records_how_its_convolution_kernels_were_chosen() {
     let d = tempfile::tempdir().expect("tmp");
     for (conv, recorded) in [("auto", true), ("burn", false)] {
         let run = d.path().join(conv);
-        let args = [
-            "train",
-            "--config",
-            common::TINY,
-            "--backend",
-            "gpu",
-            "--gpu-conv",
-            conv,
-            "--max-steps",
-            "1",
-            "--out",
-            common::s(&run),
-        ];
-        common::ok(common::ctseg(&args));
+        common::ok(train_tiny_on_gpu(&run, "1", &["--gpu-conv", conv], &[]));
         let sm = common::summary(&run);
         assert_eq!(sm.gpu_conv.is_some(), recorded, "{conv}: {}", sm.device);
         assert_eq!(
@@ -1154,17 +1142,7 @@ fn a_second_training_run_decides_on_the_timing_the_first_kept() {
     let d = tempfile::tempdir().expect("tmp");
     let train = |name: &str| {
         let run = d.path().join(name);
-        common::ok(common::ctseg(&[
-            "train",
-            "--config",
-            common::TINY,
-            "--backend",
-            "gpu",
-            "--max-steps",
-            "1",
-            "--out",
-            common::s(&run),
-        ]));
+        common::ok(train_tiny_on_gpu(&run, "1", &[], &[]));
         common::summary(&run)
     };
     let first = train("first").gpu_conv.and_then(|c| c.kept).expect("kept");
